@@ -1,0 +1,35 @@
+"""Shared fixtures: the demo models committed under models/, loaded offline once per session."""
+
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO_MOE = ROOT / "models" / "demo-moe"
+DEMO_DENSE = ROOT / "models" / "demo-dense"
+
+
+def load_demo(directory: Path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(directory).eval(), AutoTokenizer.from_pretrained(directory)
+
+
+@pytest.fixture(scope="session")
+def demo_moe():
+    """(model, tokenizer) of models/demo-moe."""
+    return load_demo(DEMO_MOE)
+
+
+@pytest.fixture(scope="session")
+def demo_dense():
+    """(model, tokenizer) of models/demo-dense."""
+    return load_demo(DEMO_DENSE)
