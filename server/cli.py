@@ -74,6 +74,31 @@ def cmd_chat(args: argparse.Namespace) -> int:
             print(greedy_answers(model, tokenizer, [line.strip()], max_new_tokens=args.max_tokens)[0], flush=True)
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    """Write the variant of a selection as a standard transformers checkpoint (for vLLM, SGLang, ...)."""
+    from pattern_store.selection import Selection, SelectionError
+    from server.model.checkpoint import CheckpointError
+    from server.model.export import ExportError, export_variant
+    from server.model.families import UnsupportedModelError
+    from server.model.variant import VariantBuilder
+
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.force:
+        raise CliError(f"{out} exists and is not empty; pass --force to write into it")
+    try:
+        selection = Selection.load(args.selection)
+        builder = VariantBuilder(_model_dir(args.model), device="cpu", dtype=args.dtype)
+        export_variant(builder, selection, out)
+    except (SelectionError, CheckpointError, ExportError, UnsupportedModelError, ValueError) as error:
+        raise CliError(str(error)) from None
+    size = sum(p.stat().st_size for p in out.glob("*.safetensors"))
+    print(
+        f"wrote {out}: {size / 1e6:.1f} MB of weights (the full checkpoint holds "
+        f"{builder.reader.total_bytes / 1e6:.1f} MB); read {builder.reader.bytes_read / 1e6:.1f} MB from {args.model}"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="taskmoe", description="Task-specialised pruned-model inference server.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -91,6 +116,14 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--max-tokens", type=int, default=64)
     chat.add_argument("prompt", nargs="*", help="the prompt; without it, read prompts line by line")
     chat.set_defaults(func=cmd_chat)
+
+    export = commands.add_parser("export", help="write a pruned variant as a standard transformers checkpoint")
+    export.add_argument("--model", required=True, help="model directory (safetensors)")
+    export.add_argument("--selection", required=True, help='selection JSON: {"kind": "moe_experts", "layers": {...}}')
+    export.add_argument("--out", required=True, help="output directory")
+    export.add_argument("--dtype", default="auto", help="auto (the checkpoint's), float32, bfloat16 or float16")
+    export.add_argument("--force", action="store_true", help="write into a non-empty output directory")
+    export.set_defaults(func=cmd_export)
     return parser
 
 

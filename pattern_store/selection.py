@@ -1,0 +1,117 @@
+"""What a variant keeps: routed experts per MoE layer, or MLP channels per dense layer.
+
+A selection is the part of a task pattern that the variant builder needs. It lives here, beside the
+pattern, because both the store (which writes it) and the server (which builds from it) use it, and
+`pattern_store` must not import `server`. On disk it is a small JSON document:
+
+    {"kind": "moe_experts", "layers": {"0": [3, 7, 1], "1": [0, 2]}}
+    {"kind": "dense_channels", "layers": {"1": [0, 5, 9]}, "bias": {"1": [0.1, ...]}}
+
+Kept indices are stored sorted and without duplicates, so that the variant's expert (or channel) order
+is the checkpoint's order and two selections that keep the same things compare equal.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+SelectionKind = Literal["moe_experts", "dense_channels"]
+KINDS: tuple[str, ...] = ("moe_experts", "dense_channels")
+
+
+class SelectionError(ValueError):
+    """A selection document that cannot be used; the message says what is wrong with it."""
+
+
+def _indices(layer: int, values: Any) -> tuple[int, ...]:
+    if not isinstance(values, Sequence) or isinstance(values, str | bytes):
+        raise SelectionError(f"layer {layer}: kept indices must be a list of integers, got {type(values).__name__}")
+    out: set[int] = set()
+    for value in values:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise SelectionError(f"layer {layer}: kept index {value!r} is not a non-negative integer")
+        out.add(value)
+    if not out:
+        raise SelectionError(f"layer {layer}: a layer must keep at least one index")
+    return tuple(sorted(out))
+
+
+def _layer_number(key: Any) -> int:
+    try:
+        layer = int(key)
+    except (TypeError, ValueError):
+        raise SelectionError(f"layer key {key!r} is not an integer") from None
+    if layer < 0:
+        raise SelectionError(f"layer key {key!r} is negative")
+    return layer
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Kept indices per layer; layers not named keep everything.
+
+    `bias` (dense only) holds, per layer, the SEAP compensation added to `down_proj`'s output: the
+    mean contribution of the removed channels, `W_down[:, pruned] @ mean(a_pruned)`.
+    """
+
+    kind: SelectionKind
+    layers: Mapping[int, tuple[int, ...]]
+    bias: Mapping[int, tuple[float, ...]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise SelectionError(f"unknown selection kind {self.kind!r}; expected one of {', '.join(KINDS)}")
+        layers = {_layer_number(k): _indices(_layer_number(k), v) for k, v in self.layers.items()}
+        bias = {_layer_number(k): tuple(float(x) for x in v) for k, v in self.bias.items()}
+        if bias and self.kind != "dense_channels":
+            raise SelectionError("only dense_channels selections carry a bias compensation")
+        object.__setattr__(self, "layers", dict(sorted(layers.items())))
+        object.__setattr__(self, "bias", dict(sorted(bias.items())))
+
+    def kept(self, layer: int) -> tuple[int, ...] | None:
+        """Kept indices of `layer`, or None when the layer keeps everything."""
+        return self.layers.get(layer)
+
+    def to_json(self) -> dict[str, Any]:
+        document: dict[str, Any] = {
+            "kind": self.kind,
+            "layers": {str(k): list(v) for k, v in self.layers.items()},
+        }
+        if self.bias:
+            document["bias"] = {str(k): list(v) for k, v in self.bias.items()}
+        return document
+
+    @classmethod
+    def from_json(cls, document: Any) -> Selection:
+        if not isinstance(document, Mapping):
+            raise SelectionError("a selection is a JSON object with 'kind' and 'layers'")
+        missing = {"kind", "layers"} - set(document)
+        if missing:
+            raise SelectionError(f"selection lacks {', '.join(sorted(missing))}")
+        if not isinstance(document["layers"], Mapping):
+            raise SelectionError("'layers' must map layer numbers to lists of kept indices")
+        bias = document.get("bias") or {}
+        if not isinstance(bias, Mapping):
+            raise SelectionError("'bias' must map layer numbers to lists of floats")
+        return cls(kind=document["kind"], layers=dict(document["layers"]), bias=dict(bias))
+
+    @classmethod
+    def load(cls, path: str | Path) -> Selection:
+        """Read a selection file; every problem is a `SelectionError` that names the file."""
+        try:
+            document = json.loads(Path(path).read_text())
+        except OSError as error:
+            raise SelectionError(f"{path}: cannot read selection file ({error.strerror})") from None
+        except json.JSONDecodeError as error:
+            raise SelectionError(f"{path}: not JSON ({error.msg} at line {error.lineno})") from None
+        try:
+            return cls.from_json(document)
+        except SelectionError as error:
+            raise SelectionError(f"{path}: {error}") from None
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_json(), indent=1) + "\n")

@@ -1,0 +1,168 @@
+"""Reading tensors, and parts of tensors, from a safetensors checkpoint that stays on disk.
+
+The files are opened with `safe_open` (mmap): nothing is read until a tensor or a slice is asked for,
+and then only its bytes. Every read is counted, so tests and benchmarks can check the contract that
+building a variant reads the backbone and the kept experts and nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that cannot be read as safetensors, or a tensor it does not hold."""
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where a tensor lives and what it is, known without reading it."""
+
+    file: Path
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        count = 1
+        for size in self.shape:
+            count *= size
+        return count * torch.empty((), dtype=self.dtype).element_size()
+
+
+def contiguous_runs(indices: Sequence[int]) -> list[tuple[int, int]]:
+    """[start, stop) runs of consecutive indices, in the given order: [0, 1, 2, 5] -> [(0, 3), (5, 6)]."""
+    runs: list[tuple[int, int]] = []
+    for index in indices:
+        if runs and runs[-1][1] == index:
+            runs[-1] = (runs[-1][0], index + 1)
+        else:
+            runs.append((index, index + 1))
+    return runs
+
+
+class CheckpointReader:
+    """A safetensors checkpoint, single-file or sharded, read tensor by tensor through mmap.
+
+    Thread-safe: the byte counter is guarded, and `safe_open` handles are only read from.
+    """
+
+    def __init__(self, directory: str | Path) -> None:
+        self.directory = Path(directory)
+        self._lock = threading.Lock()
+        self._bytes_read = 0
+        self._files: dict[Path, Any] = {}
+        self._infos: dict[str, TensorInfo] = {}
+        for file in self._weight_files():
+            handle = safe_open(str(file), framework="pt")
+            self._files[file] = handle
+            for name in handle.keys():  # noqa: SIM118 (a safe_open handle is not a mapping)
+                sliced = handle.get_slice(name)
+                self._infos[name] = TensorInfo(file, tuple(sliced.get_shape()), _DTYPES[sliced.get_dtype()])
+
+    def _weight_files(self) -> list[Path]:
+        if not self.directory.is_dir():
+            raise CheckpointError(f"{self.directory}: no such checkpoint directory")
+        index = self.directory / INDEX_FILE
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as error:
+                raise CheckpointError(f"{index}: not a safetensors index ({error})") from None
+            files = sorted({self.directory / shard for shard in weight_map.values()})
+            missing = [f.name for f in files if not f.is_file()]
+            if missing:
+                raise CheckpointError(f"{index} names shards that are missing: {', '.join(missing)}")
+            return files
+        single = self.directory / SINGLE_FILE
+        if single.is_file():
+            return [single]
+        raise CheckpointError(f"{self.directory}: neither {SINGLE_FILE} nor {INDEX_FILE} (only safetensors is supported)")
+
+    # -- what is there -------------------------------------------------------------------------
+
+    @property
+    def names(self) -> Iterable[str]:
+        return self._infos.keys()
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._infos
+
+    def info(self, name: str) -> TensorInfo:
+        try:
+            return self._infos[name]
+        except KeyError:
+            raise CheckpointError(f"{self.directory}: the checkpoint has no tensor {name!r}") from None
+
+    @property
+    def total_bytes(self) -> int:
+        """Size of every tensor in the checkpoint: what a full load reads."""
+        return sum(info.nbytes for info in self._infos.values())
+
+    # -- reading -------------------------------------------------------------------------------
+
+    @property
+    def bytes_read(self) -> int:
+        """Tensor bytes copied out of the checkpoint so far by this reader."""
+        with self._lock:
+            return self._bytes_read
+
+    def _count(self, tensor: torch.Tensor) -> torch.Tensor:
+        with self._lock:
+            self._bytes_read += tensor.numel() * tensor.element_size()
+        return tensor
+
+    def read(self, name: str) -> torch.Tensor:
+        """The whole tensor, copied from the mmap into memory."""
+        info = self.info(name)
+        return self._count(self._files[info.file].get_tensor(name))
+
+    def read_index(self, name: str, index: int) -> torch.Tensor:
+        """`tensor[index]` along the first dimension (one expert of a fused expert tensor)."""
+        info = self.info(name)
+        if not 0 <= index < info.shape[0]:
+            raise CheckpointError(f"{name}: index {index} out of range for first dimension {info.shape[0]}")
+        return self._count(self._files[info.file].get_slice(name)[index : index + 1])[0]
+
+    def read_indices(self, name: str, indices: Sequence[int], dim: int = 0) -> torch.Tensor:
+        """`tensor.index_select(dim, indices)` for dim 0 or 1, reading only the selected rows or columns.
+
+        Consecutive indices are read as one slice; the result keeps the order of `indices`.
+        """
+        info = self.info(name)
+        if dim not in (0, 1) or dim >= len(info.shape):
+            raise CheckpointError(f"{name}: can only select along dimension 0 or 1 of a {len(info.shape)}-D tensor")
+        size = info.shape[dim]
+        bad = [i for i in indices if not 0 <= i < size]
+        if bad:
+            raise CheckpointError(f"{name}: indices {bad[:5]} out of range for dimension {dim} of size {size}")
+        sliced = self._files[info.file].get_slice(name)
+        parts = []
+        for start, stop in contiguous_runs(indices):
+            part = sliced[start:stop] if dim == 0 else sliced[:, start:stop]
+            parts.append(self._count(part))
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)

@@ -1,0 +1,325 @@
+"""Variant equivalence, bytes read and backbone sharing, for every supported family, on tiny random checkpoints.
+
+The reference for a pruned MoE variant is the full model whose router excludes the non-kept experts
+from its selection: a forward hook on each router recomputes the routing with those experts' logits
+(DeepSeek-V3: selection scores) set to -inf, written here from the architecture's routing rule.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tiny_models import dense_configs, moe_configs, save_random_model
+from transformers import AutoModelForCausalLM
+
+from pattern_store.selection import Selection, SelectionError
+from server.model.checkpoint import CheckpointReader
+from server.model.families import UnsupportedModelError, family_for
+from server.model.variant import VariantBuilder
+
+MOE = sorted(moe_configs())
+DENSE = sorted(dense_configs())
+_EXPERT = re.compile(r"\.experts\.(\d+)\.")
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tiny")
+    return {name: save_random_model(config, root / name) for name, config in {**moe_configs(), **dense_configs()}.items()}
+
+
+def _full(directory: Path):
+    return AutoModelForCausalLM.from_pretrained(directory).eval()
+
+
+def _inputs(seed: int = 1, batch: int = 3, length: int = 11) -> torch.Tensor:
+    return torch.randint(0, 64, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def _masked_routing(module: torch.nn.Module, hidden: torch.Tensor, kept: Sequence[int], model_type: str):
+    """The router's own rule, with the experts outside `kept` unselectable."""
+    hidden = hidden.reshape(-1, module.weight.shape[1])
+    excluded = torch.full((module.weight.shape[0],), float("-inf"))
+    excluded[list(kept)] = 0.0
+    if model_type == "deepseek_v3":
+        logits = F.linear(hidden.float(), module.weight.float())
+        scores = logits.sigmoid()
+        choice = scores + module.e_score_correction_bias + excluded
+        groups = choice.view(-1, module.num_group, module.num_experts // module.num_group)
+        group_scores = groups.topk(2, dim=-1).values.sum(-1)
+        picked = group_scores.topk(module.topk_group, dim=-1).indices
+        group_mask = torch.zeros_like(group_scores).scatter_(1, picked, 1.0).bool()
+        allowed = group_mask.unsqueeze(-1).expand_as(groups).reshape(choice.shape)
+        index = choice.masked_fill(~allowed, float("-inf")).topk(module.top_k, dim=-1).indices
+        weights = scores.gather(1, index)
+        weights = weights / (weights.sum(-1, keepdim=True) + 1e-20) * module.routed_scaling_factor
+        return logits, weights, index
+    logits = F.linear(hidden, module.weight)
+    probs = torch.softmax((logits + excluded).float(), dim=-1)
+    weights, index = probs.topk(module.top_k, dim=-1)
+    if getattr(module, "norm_topk_prob", True):  # Mixtral always normalises
+        weights = weights / weights.sum(-1, keepdim=True)
+    return logits, weights.to(logits.dtype), index
+
+
+@contextmanager
+def masked(model, selection: Selection) -> Iterator[None]:
+    model_type = model.config.model_type
+    handles = []
+    for layer, kept in selection.layers.items():
+        router = model.model.layers[layer].mlp.gate
+
+        def hook(module, args, output, kept=kept):
+            return _masked_routing(module, args[0], kept, model_type)
+
+        handles.append(router.register_forward_hook(hook))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _sparse(model_type: str) -> list[int]:
+    return {"qwen3_moe": [0, 2], "deepseek_v3": [1, 2]}.get(model_type, [0, 1, 2])
+
+
+def _selections(model_type: str) -> list[Selection]:
+    layers = _sparse(model_type)
+    if model_type == "deepseek_v3":  # two groups of four experts: keep the same number in each
+        shapes = [[2, 3, 4, 5], [0, 3, 6, 7], [0, 1, 2, 4, 5, 6]]
+    else:
+        shapes = [[6, 7], [0, 2, 3], [1, 2, 3, 4, 5, 6, 7]]  # highest-numbered only, top-k + 1, all but one
+    uneven = Selection("moe_experts", {layer: shapes[i % len(shapes)] for i, layer in enumerate(layers)})
+    same = Selection("moe_experts", {layer: shapes[0] for layer in layers})
+    return [uneven, same]
+
+
+@pytest.mark.parametrize("model_type", MOE + DENSE)
+def test_keep_all_reproduces_the_full_model(checkpoints, model_type) -> None:
+    full = _full(checkpoints[model_type])
+    variant = VariantBuilder(checkpoints[model_type]).build()
+    x = _inputs()
+    with torch.no_grad():
+        assert torch.equal(full(x).logits, variant(x).logits)
+
+
+@pytest.mark.parametrize("model_type", MOE)
+def test_pruned_variant_equals_masked_full_model(checkpoints, model_type) -> None:
+    full = _full(checkpoints[model_type])
+    builder = VariantBuilder(checkpoints[model_type])
+    x = _inputs()
+    for selection in _selections(model_type):
+        variant = builder.build(selection)
+        with torch.no_grad(), masked(full, selection):
+            reference = full(x).logits
+        with torch.no_grad():
+            unmasked = full(x).logits
+            logits = variant(x).logits
+        torch.testing.assert_close(logits, reference, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(logits, unmasked, atol=1e-4), "pruning should change something"
+        for layer, kept in selection.layers.items():
+            assert variant.model.layers[layer].mlp.experts.gate_up_proj.shape[0] == len(kept)
+
+
+@pytest.mark.parametrize("model_type", MOE)
+def test_expert_order_matters(checkpoints, model_type) -> None:
+    """A builder that put the wrong expert behind a router row would fail this: swap two kept experts' weights."""
+    builder = VariantBuilder(checkpoints[model_type])
+    selection = _selections(model_type)[1]
+    variant = builder.build(selection)
+    x = _inputs()
+    with torch.no_grad():
+        before = variant(x).logits
+        experts = variant.model.layers[_sparse(model_type)[-1]].mlp.experts
+        experts.gate_up_proj.data = experts.gate_up_proj.data[[1, 0, *range(2, experts.gate_up_proj.shape[0])]]
+        after = variant(x).logits
+    assert not torch.allclose(before, after, atol=1e-4)
+
+
+@pytest.mark.parametrize("model_type", MOE)
+def test_greedy_generation_with_kv_cache_matches(checkpoints, model_type) -> None:
+    full = _full(checkpoints[model_type])
+    selection = _selections(model_type)[0]
+    variant = VariantBuilder(checkpoints[model_type]).build(selection)
+    x = _inputs(seed=3, batch=1, length=6)
+    settings = dict(max_new_tokens=12, do_sample=False, pad_token_id=0, eos_token_id=None)
+    with torch.no_grad(), masked(full, selection):
+        reference = full.generate(x, **settings)
+    produced = variant.generate(x, **settings)
+    assert produced.shape[1] == x.shape[1] + 12
+    assert torch.equal(produced, reference)
+
+
+def _is_expert_tensor(name: str) -> bool:
+    return bool(_EXPERT.search(name)) or name.endswith(("experts.gate_up_proj", "experts.down_proj"))
+
+
+def _is_router_tensor(name: str) -> bool:
+    return name.endswith(("mlp.gate.weight", "block_sparse_moe.gate.weight", "gate.e_score_correction_bias"))
+
+
+def _expected_bytes(reader: CheckpointReader, selection: Selection) -> tuple[int, int]:
+    """(backbone bytes, bytes of the kept experts and their router rows) from the checkpoint's index."""
+    backbone = variant = 0
+    for name in reader.names:
+        info = reader.info(name)
+        match = _EXPERT.search(name)
+        layer = int(re.search(r"layers\.(\d+)\.", name).group(1)) if "layers." in name else -1
+        kept = selection.kept(layer)
+        if match:
+            if kept is None or int(match.group(1)) in kept:
+                variant += info.nbytes
+        elif _is_router_tensor(name):
+            variant += info.nbytes if kept is None else info.nbytes * len(kept) // info.shape[0]
+        else:
+            backbone += info.nbytes
+    return backbone, variant
+
+
+@pytest.mark.parametrize("model_type", MOE)
+def test_bytes_read_are_backbone_plus_kept_experts(checkpoints, model_type) -> None:
+    builder = VariantBuilder(checkpoints[model_type])
+    first, second = _selections(model_type)
+    backbone, first_experts = _expected_bytes(builder.reader, first)
+    builder.build(first)
+    assert builder.reader.bytes_read == backbone + first_experts
+    assert builder.reader.bytes_read < builder.reader.total_bytes
+    _, second_experts = _expected_bytes(builder.reader, second)
+    builder.build(second)
+    assert builder.reader.bytes_read == backbone + first_experts + second_experts
+
+
+@pytest.mark.parametrize("model_type", ["qwen2_moe", "llama"])
+def test_variants_share_backbone_storage(checkpoints, model_type) -> None:
+    builder = VariantBuilder(checkpoints[model_type])
+    if model_type == "qwen2_moe":
+        a, b = (builder.build(s) for s in _selections(model_type))
+    else:
+        a, b = builder.build(Selection("dense_channels", {0: [1, 2, 3]})), builder.build()
+    for name in ("model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight", "lm_head.weight"):
+        assert a.get_parameter(name).data_ptr() == b.get_parameter(name).data_ptr(), name
+    if model_type == "qwen2_moe":  # shared experts are backbone too; routed experts are not
+        shared = "model.layers.0.mlp.shared_expert.gate_proj.weight"
+        assert a.get_parameter(shared).data_ptr() == b.get_parameter(shared).data_ptr()
+        routed = "model.layers.0.mlp.experts.gate_up_proj"
+        assert a.get_parameter(routed).data_ptr() != b.get_parameter(routed).data_ptr()
+
+
+def test_tied_embeddings_stay_tied(tmp_path) -> None:
+    config = moe_configs()["qwen3_moe"]
+    config.tie_word_embeddings = True
+    directory = save_random_model(config, tmp_path / "tied")
+    builder = VariantBuilder(directory)
+    variant = builder.build(Selection("moe_experts", {0: [0, 1, 2]}))
+    assert variant.lm_head.weight is variant.model.embed_tokens.weight
+    assert "lm_head.weight" not in builder.reader
+    with torch.no_grad():
+        assert torch.equal(builder.build()(_inputs()).logits, _full(directory)(_inputs()).logits)
+
+
+def test_uniform_selection_reduces_the_config_expert_count(checkpoints) -> None:
+    builder = VariantBuilder(checkpoints["mixtral"])
+    variant = builder.build(Selection("moe_experts", {0: [0, 1, 2], 1: [3, 4, 5], 2: [5, 6, 7]}))
+    assert variant.config.num_local_experts == 3
+    assert builder.config.num_local_experts == 8, "the builder's own config is untouched"
+
+
+# -- dense channels ---------------------------------------------------------------------------------
+
+
+def _channel_selection() -> tuple[Selection, dict[int, torch.Tensor]]:
+    """Keep uneven channel sets; with a bias, also return the mean activations used for the compensation."""
+    kept = {0: list(range(0, 64, 2)), 2: [*range(40, 64), 3, 9]}
+    means = {layer: torch.linspace(-0.5, 0.7, 64) * (layer + 1) for layer in kept}
+    return Selection("dense_channels", kept), means
+
+
+@pytest.mark.parametrize("model_type", DENSE)
+def test_dense_bias_compensation_equals_mean_replacement(checkpoints, model_type) -> None:
+    """Pruned channels replaced by their mean activation in the full model == the variant with SEAP's bias."""
+    full = _full(checkpoints[model_type])
+    plain, means = _channel_selection()
+    bias = {}
+    for layer, kept in plain.layers.items():
+        pruned = sorted(set(range(64)) - set(kept))
+        down = full.model.layers[layer].mlp.down_proj.weight.detach()
+        bias[layer] = (down[:, pruned] @ means[layer][pruned]).tolist()
+    selection = Selection("dense_channels", plain.layers, bias)
+    handles = []
+    for layer, kept in plain.layers.items():
+        pruned = sorted(set(range(64)) - set(kept))
+
+        def replace(module, args, pruned=pruned, mean=means[layer]):
+            (activation,) = args
+            activation = activation.clone()
+            activation[..., pruned] = mean[pruned].to(activation.dtype)
+            return (activation,)
+
+        handles.append(full.model.layers[layer].mlp.down_proj.register_forward_pre_hook(replace))
+    x = _inputs()
+    with torch.no_grad():
+        reference = full(x).logits
+        for handle in handles:
+            handle.remove()
+        unpruned = full(x).logits
+    variant = VariantBuilder(checkpoints[model_type]).build(selection)
+    with torch.no_grad():
+        logits = variant(x).logits
+    torch.testing.assert_close(logits, reference, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(logits, unpruned, atol=1e-4)
+    assert variant.model.layers[0].mlp.gate_proj.weight.shape[0] == 32
+    assert variant.model.layers[2].mlp.down_proj.weight.shape[1] == 26
+
+
+@pytest.mark.parametrize("model_type", DENSE)
+def test_dense_pruning_reads_only_kept_channels(checkpoints, model_type) -> None:
+    builder = VariantBuilder(checkpoints[model_type])
+    selection, _ = _channel_selection()
+    builder.build(selection)
+    reader = builder.reader
+    saved = 0
+    for layer, kept in selection.layers.items():
+        for projection in ("gate_proj", "up_proj", "down_proj"):
+            info = reader.info(f"model.layers.{layer}.mlp.{projection}.weight")
+            saved += info.nbytes * (64 - len(kept)) // 64
+        if f"model.layers.{layer}.mlp.gate_proj.bias" in reader:  # Llama with mlp_bias: gate/up biases by channel
+            saved += 2 * reader.info(f"model.layers.{layer}.mlp.gate_proj.bias").nbytes * (64 - len(kept)) // 64
+    assert reader.bytes_read == reader.total_bytes - saved
+
+
+# -- errors -----------------------------------------------------------------------------------------
+
+
+def test_unknown_model_type_lists_supported_families() -> None:
+    with pytest.raises(UnsupportedModelError, match=r"Mixtral.*DeepSeek-V3.*Llama"):
+        family_for("gpt2")
+
+
+@pytest.mark.parametrize(
+    ("layers", "message"),
+    [
+        ({1: [0, 1, 2]}, "no routed experts"),  # qwen3_moe layer 1 is in mlp_only_layers
+        ({0: [3]}, "fewer than the top-2"),
+        ({0: [0, 8]}, "does not exist"),
+    ],
+)
+def test_bad_selections_are_clear_errors(checkpoints, layers, message) -> None:
+    with pytest.raises(SelectionError, match=message):
+        VariantBuilder(checkpoints["qwen3_moe"]).build(Selection("moe_experts", layers))
+
+
+def test_deepseek_unbalanced_groups_are_a_clear_error(checkpoints) -> None:
+    with pytest.raises(SelectionError, match="every group"):
+        VariantBuilder(checkpoints["deepseek_v3"]).build(Selection("moe_experts", {1: [0, 1, 2, 5]}))
+
+
+def test_wrong_selection_kind_is_a_clear_error(checkpoints) -> None:
+    with pytest.raises(SelectionError, match="dense_channels"):
+        VariantBuilder(checkpoints["llama"]).build(Selection("moe_experts", {0: [0, 1]}))
