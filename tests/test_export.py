@@ -100,6 +100,8 @@ def test_cli_export_bad_selection_is_one_line(tmp_path, capsys, document, messag
     source = save_random_model(moe_configs()["olmoe"], tmp_path / "full")
     selection_file = tmp_path / "selection.json"
     selection_file.write_text(document)
-    assert main(["export", "--model", str(source), "--selection", str(selection_file), "--out", str(tmp_path / "o")]) == 2
+    assert (
+        main(["export", "--model", str(source), "--selection", str(selection_file), "--out", str(tmp_path / "o")]) == 2
+    )
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err

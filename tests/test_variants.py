@@ -31,7 +31,9 @@ _EXPERT = re.compile(r"\.experts\.(\d+)\.")
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("tiny")
-    return {name: save_random_model(config, root / name) for name, config in {**moe_configs(), **dense_configs()}.items()}
+    return {
+        name: save_random_model(config, root / name) for name, config in {**moe_configs(), **dense_configs()}.items()
+    }
 
 
 def _full(directory: Path):

@@ -101,7 +101,9 @@ class CheckpointReader:
         single = self.directory / SINGLE_FILE
         if single.is_file():
             return [single]
-        raise CheckpointError(f"{self.directory}: neither {SINGLE_FILE} nor {INDEX_FILE} (only safetensors is supported)")
+        raise CheckpointError(
+            f"{self.directory}: neither {SINGLE_FILE} nor {INDEX_FILE} (only safetensors is supported)"
+        )
 
     # -- what is there -------------------------------------------------------------------------
 

@@ -75,15 +75,19 @@ def export_variant(builder: VariantBuilder, selection: Selection, out: str | Pat
     out = Path(out)
     model = builder.build(selection)
     if builder.family.kind == "moe":
-        counts = {int(model.get_submodule(layer.prefix).experts.num_experts) for layer in builder.sparse_layers.values()}
+        counts = {
+            int(model.get_submodule(layer.prefix).experts.num_experts) for layer in builder.sparse_layers.values()
+        }
         if len(counts) != 1:
             raise ExportError(
                 f"the selection keeps {sorted(counts)} experts in different layers; a {builder.family.name} config "
                 "has one expert count, so export needs the same number of kept experts in every sparse layer"
             )
         overrides = [
-            (getattr(model.get_submodule(f"{layer.prefix}.gate"), "num_group", None),
-             getattr(model.get_submodule(f"{layer.prefix}.gate"), "topk_group", None))
+            (
+                getattr(model.get_submodule(f"{layer.prefix}.gate"), "num_group", None),
+                getattr(model.get_submodule(f"{layer.prefix}.gate"), "topk_group", None),
+            )
             for layer in builder.sparse_layers.values()
         ]
         if len(set(overrides)) > 1:

@@ -108,7 +108,9 @@ def family_for(model_type: str) -> Family:
     for family in FAMILIES:
         if model_type in family.model_types:
             return family
-    raise UnsupportedModelError(f"model_type {model_type!r} is not supported; supported families: {supported_families()}")
+    raise UnsupportedModelError(
+        f"model_type {model_type!r} is not supported; supported families: {supported_families()}"
+    )
 
 
 def check_selection_kind(family: Family, selection: Selection) -> None:

@@ -216,7 +216,9 @@ class VariantBuilder:
     def _dense_plan(self, selection: Selection) -> dict[int, tuple[int, ...]]:
         unknown = sorted(set(selection.layers) - set(self.dense_layers))
         if unknown:
-            raise SelectionError(f"the selection names layers {unknown}; the model's MLP layers are {sorted(self.dense_layers)}")
+            raise SelectionError(
+                f"the selection names layers {unknown}; the model's MLP layers are {sorted(self.dense_layers)}"
+            )
         for index, kept in selection.layers.items():
             size = self.dense_layers[index].intermediate
             if kept[-1] >= size:
@@ -225,7 +227,9 @@ class VariantBuilder:
             if index not in self.dense_layers:
                 raise SelectionError(f"bias for layer {index}, which has no MLP")
             if len(bias) != self.config.hidden_size:
-                raise SelectionError(f"layer {index}: bias has {len(bias)} values, the hidden size is {self.config.hidden_size}")
+                raise SelectionError(
+                    f"layer {index}: bias has {len(bias)} values, the hidden size is {self.config.hidden_size}"
+                )
         return dict(selection.layers)
 
     def variant_config(self, selection: Selection) -> PretrainedConfig:
@@ -298,7 +302,9 @@ class VariantBuilder:
             for projection, dim in (("gate_proj", 0), ("up_proj", 0), ("down_proj", 1)):
                 linear = getattr(mlp, projection)
                 name = f"{layer.prefix}.{projection}.weight"
-                _set_tensor(model, name, self._to_target(self.reader.read_indices(self._required_name(name), kept, dim)))
+                _set_tensor(
+                    model, name, self._to_target(self.reader.read_indices(self._required_name(name), kept, dim))
+                )
                 assigned.add(name)
                 if dim == 0:
                     linear.out_features = len(kept)
