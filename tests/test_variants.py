@@ -325,3 +325,19 @@ def test_deepseek_unbalanced_groups_are_a_clear_error(checkpoints) -> None:
 def test_wrong_selection_kind_is_a_clear_error(checkpoints) -> None:
     with pytest.raises(SelectionError, match="dense_channels"):
         VariantBuilder(checkpoints["llama"]).build(Selection("moe_experts", {0: [0, 1]}))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_variant_built_straight_into_gpu_memory_in_bf16(checkpoints) -> None:
+    builder = VariantBuilder(checkpoints["qwen3_moe"], device="cuda", dtype="bfloat16")
+    selection = _selections("qwen3_moe")[0]
+    variant = builder.build(selection)
+    for name, tensor in [*variant.named_parameters(), *variant.named_buffers()]:
+        assert tensor.device.type == "cuda", name
+        if tensor.is_floating_point() and not name.endswith("inv_freq"):
+            assert tensor.dtype == torch.bfloat16, name
+    reference = VariantBuilder(checkpoints["qwen3_moe"], dtype="float32").build(selection)
+    x = _inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(variant(x.cuda()).logits.float().cpu(), reference(x).logits, rtol=0.05, atol=0.05)
