@@ -1,7 +1,7 @@
 """The synthetic demo tasks the demo models are trained and judged on.
 
 Each task is a seeded generator of natural-language requests with one exact answer, plus a scorer.
-The tasks are deliberately distinct (numbers, spelling, lists, case, counting, a made-up language)
+The tasks are deliberately distinct (numbers, spelling, lists, case, dashes, a made-up language)
 so that both the router and the experts of the demo MoE can tell them apart.
 """
 
@@ -140,13 +140,33 @@ def _pseudo_word(rng: random.Random, syllables: tuple[int, int] = (2, 3)) -> str
 
 
 def _make_arith(rng: random.Random) -> Example:
-    a, b = rng.randint(0, 99), rng.randint(0, 99)
+    a, b = rng.randint(0, 9), rng.randint(0, 9)
     if rng.random() < 0.5:
-        template = rng.choice(["What is {a} + {b}?", "Compute {a} + {b}.", "What's {a} plus {b}?", "Add {a} and {b}."])
+        template = rng.choice(
+            [
+                "What is {a} + {b}?",
+                "Compute {a} + {b}.",
+                "What's {a} plus {b}?",
+                "Add {a} and {b}.",
+                "How much is {a} plus {b}?",
+                "Calculate {a} + {b}.",
+                "What do you get when you add {a} and {b}?",
+                "Sum {a} and {b}.",
+            ]
+        )
         return Example("arith", template.format(a=a, b=b), str(a + b))
     a, b = max(a, b), min(a, b)
     template = rng.choice(
-        ["What is {a} - {b}?", "Compute {a} - {b}.", "What's {a} minus {b}?", "Subtract {b} from {a}."]
+        [
+            "What is {a} - {b}?",
+            "Compute {a} - {b}.",
+            "What's {a} minus {b}?",
+            "Subtract {b} from {a}.",
+            "How much is {a} minus {b}?",
+            "Calculate {a} - {b}.",
+            "What do you get when you take {b} from {a}?",
+            "Take {b} away from {a}.",
+        ]
     )
     return Example("arith", template.format(a=a, b=b), str(a - b))
 
@@ -186,18 +206,17 @@ def _make_upper(rng: random.Random) -> Example:
     return Example("upper", template.format(p=phrase), phrase.upper())
 
 
-def _make_count(rng: random.Random) -> Example:
+def _make_spell(rng: random.Random) -> Example:
     word = _pseudo_word(rng, (2, 4))
-    letter = rng.choice(word) if rng.random() < 0.85 else rng.choice(_CONSONANTS + _VOWELS)
     template = rng.choice(
         [
-            "How many times does the letter '{c}' appear in '{w}'?",
-            "Count the letter '{c}' in '{w}'.",
-            "How many '{c}' are in the word '{w}'?",
-            "In '{w}', how often does '{c}' occur?",
+            "Write '{w}' with dashes between the letters.",
+            "Put a dash between each letter of '{w}'.",
+            "Split '{w}' into letters joined by dashes.",
+            "Hyphenate every letter of '{w}'.",
         ]
     )
-    return Example("count", template.format(c=letter, w=word), str(word.count(letter)))
+    return Example("spell", template.format(w=word), "-".join(word))
 
 
 def _make_translate(rng: random.Random) -> Example:
@@ -223,11 +242,11 @@ def _make_translate(rng: random.Random) -> Example:
 
 
 TASKS: tuple[DemoTask, ...] = (
-    DemoTask("arith", "add or subtract two numbers below 100", _make_arith),
+    DemoTask("arith", "add or subtract two one-digit numbers", _make_arith),
     DemoTask("reverse", "spell a made-up word backwards", _make_reverse),
     DemoTask("sort", "sort three to six distinct digits", _make_sort),
     DemoTask("upper", "upper-case a short phrase", _make_upper),
-    DemoTask("count", "count a letter in a made-up word", _make_count),
+    DemoTask("spell", "write a made-up word with dashes between its letters", _make_spell),
     DemoTask("translate", "translate a short phrase into the made-up Zorbish language", _make_translate),
 )
 TASK_NAMES: tuple[str, ...] = tuple(task.name for task in TASKS)
