@@ -76,8 +76,7 @@ def channel_scores(stats: ChannelStatistics, down_weight: torch.Tensor, score: s
 def standardise(scores: torch.Tensor, clip: float = 3.0) -> torch.Tensor:
     """(s - median) / IQR, clipped to [-clip, clip]: comparable across layers, robust to outliers."""
     scores = scores.float()
-    median = scores.median()
-    q1, q3 = torch.quantile(scores, torch.tensor([0.25, 0.75]))
+    q1, median, q3 = torch.quantile(scores, torch.tensor([0.25, 0.5, 0.75]))  # torch.median takes the lower middle
     spread = (q3 - q1).clamp_min(1e-12)
     return ((scores - median) / spread).clamp(-clip, clip)
 
