@@ -1,0 +1,122 @@
+"""A task pattern: what a task keeps (experts or channels per layer), why (scores), and of which model.
+
+On disk a pattern is two files: `NAME.json`, a versioned JSON document, and the safetensors file it
+names, which holds the tensors (per-layer scores and the embeddings of the example prompts that
+routing matches queries against). The JSON is written last and atomically, so a reader sees either the
+old pattern or the new one (see `store.py`).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from pattern_store.selection import Selection, SelectionError
+
+FORMAT_VERSION = 1
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+class PatternError(ValueError):
+    """A pattern that is invalid, unreadable, or used with a model it was not calibrated on."""
+
+
+def validate_name(name: str) -> str:
+    """Pattern names become file names and appear in `MODEL@PATTERN`: letters, digits, `_ . -`, no path tricks."""
+    if not isinstance(name, str) or not NAME_PATTERN.match(name) or ".." in name:
+        raise PatternError(
+            f"invalid pattern name {name!r}: use 1-64 letters, digits, '_', '.' or '-', starting with a letter "
+            "or digit (no '/', '@' or '..')"
+        )
+    return name
+
+
+@dataclass
+class TaskPattern:
+    """One task's pattern. `scores[layer]` holds one score per expert (or channel) of that layer."""
+
+    name: str
+    selection: Selection
+    scores: dict[int, torch.Tensor]
+    method: str
+    parameters: dict[str, Any]
+    model_fingerprint: str
+    created: float
+    calibration_prompts: int
+    examples: list[str] = field(default_factory=list)
+    example_embeddings: torch.Tensor | None = None  # [len(examples), dim], L2-normalised
+
+    def __post_init__(self) -> None:
+        validate_name(self.name)
+        if self.example_embeddings is not None and self.example_embeddings.shape[0] != len(self.examples):
+            raise PatternError(
+                f"pattern {self.name}: {len(self.examples)} examples but {self.example_embeddings.shape[0]} embeddings"
+            )
+
+    @property
+    def kind(self) -> str:
+        return self.selection.kind
+
+    def check_model(self, fingerprint: str) -> None:
+        """A pattern belongs to one model; anything else is a clear error, not a silently wrong variant."""
+        if fingerprint != self.model_fingerprint:
+            raise PatternError(
+                f"pattern {self.name!r} was calibrated on model {self.model_fingerprint[:12]}, not on this model "
+                f"({fingerprint[:12]}); calibrate it again for this model"
+            )
+
+    # -- serialisation ---------------------------------------------------------------------------
+
+    def document(self, tensor_file: str) -> dict[str, Any]:
+        return {
+            "format": "taskmoe-pattern",
+            "version": FORMAT_VERSION,
+            "name": self.name,
+            "kind": self.kind,
+            "selection": self.selection.to_json(),
+            "method": self.method,
+            "parameters": self.parameters,
+            "model_fingerprint": self.model_fingerprint,
+            "created": self.created,
+            "calibration_prompts": self.calibration_prompts,
+            "examples": self.examples,
+            "tensors": tensor_file,
+        }
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = {f"scores.{layer}": scores.detach().float().cpu().contiguous() for layer, scores in self.scores.items()}
+        if self.example_embeddings is not None:
+            out["example_embeddings"] = self.example_embeddings.detach().float().cpu().contiguous()
+        return out
+
+    @classmethod
+    def from_parts(cls, document: Any, tensors: dict[str, torch.Tensor]) -> TaskPattern:
+        """Rebuild a pattern from its JSON document and tensors; every defect is a `PatternError`."""
+        if not isinstance(document, dict) or document.get("format") != "taskmoe-pattern":
+            raise PatternError("not a taskmoe pattern document")
+        if document.get("version") != FORMAT_VERSION:
+            raise PatternError(f"pattern format version {document.get('version')!r}; this taskmoe reads {FORMAT_VERSION}")
+        try:
+            selection = Selection.from_json(document["selection"])
+            scores = {
+                int(key.split(".", 1)[1]): value for key, value in tensors.items() if key.startswith("scores.")
+            }
+            return cls(
+                name=document["name"],
+                selection=selection,
+                scores=scores,
+                method=str(document["method"]),
+                parameters=dict(document.get("parameters") or {}),
+                model_fingerprint=str(document["model_fingerprint"]),
+                created=float(document["created"]),
+                calibration_prompts=int(document["calibration_prompts"]),
+                examples=[str(e) for e in document.get("examples") or []],
+                example_embeddings=tensors.get("example_embeddings"),
+            )
+        except KeyError as error:
+            raise PatternError(f"pattern document lacks {error.args[0]!r}") from None
+        except (SelectionError, TypeError, ValueError) as error:
+            raise PatternError(f"invalid pattern document: {error}") from None

@@ -1,0 +1,262 @@
+"""The on-disk pattern store and its FAISS index of example-prompt embeddings.
+
+Layout of a store directory:
+
+    patterns/NAME.json                  the pattern's JSON document (written last, atomically)
+    patterns/NAME.<token>.safetensors   its tensors, a fresh file per write, named by the document
+    index.faiss, index.json             a cache of the FAISS index and the pattern files it was built from
+
+Why it never tears: a write puts the tensors in a new file, fsyncs it, then renames a temporary JSON
+over `NAME.json` (atomic on POSIX) and only then deletes the previous tensor file. After a crash at any
+instant, `NAME.json` is the old document (whose tensor file still exists) or the new one (whose tensor
+file is complete). Tensor files that no document names are leftovers of such a crash and are removed
+when the store opens
+(once they are old enough not to be another process's write in progress). The index is derived data: when its manifest does not match the patterns on
+disk it is rebuilt from the embeddings the patterns carry.
+
+A corrupt or foreign file is reported in `problems` and skipped; it never takes the store down.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from pattern_store.pattern import PatternError, TaskPattern, validate_name
+
+
+@dataclass(frozen=True)
+class SearchHit:
+    """A pattern and how close the query came to its nearest example prompt (cosine similarity)."""
+
+    name: str
+    score: float
+    votes: int  # how many of the k nearest examples belong to this pattern
+
+
+def _fsync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so that readers see the old content or the new one, never a mix."""
+    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False) as tmp:
+        tmp.write(data)
+        tmp.flush()
+        os.fsync(tmp.fileno())
+    os.replace(tmp.name, path)
+    _fsync_directory(path.parent)
+
+
+class PatternStore:
+    """A directory of task patterns with a FAISS inner-product index over their example embeddings."""
+
+    def __init__(self, root: str | Path, create: bool = True) -> None:
+        self.root = Path(root)
+        self.pattern_dir = self.root / "patterns"
+        if not self.pattern_dir.is_dir():
+            if not create:
+                raise PatternError(f"{self.root}: not a pattern store (no patterns/ directory)")
+            self.pattern_dir.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()
+        self.problems: dict[str, str] = {}
+        self._documents: dict[str, dict[str, Any]] = {}
+        self._index: faiss.Index | None = None
+        self._owners: list[str] = []
+        self.refresh()
+
+    # -- reading ---------------------------------------------------------------------------------
+
+    def refresh(self) -> None:
+        """Re-read the pattern documents from disk (another process may have written) and the index."""
+        with self._lock:
+            documents: dict[str, dict[str, Any]] = {}
+            problems: dict[str, str] = {}
+            for path in sorted(self.pattern_dir.glob("*.json")):
+                try:
+                    document = json.loads(path.read_text())
+                    if not isinstance(document, dict) or document.get("format") != "taskmoe-pattern":
+                        raise PatternError("not a taskmoe pattern document")
+                    if document.get("name") != path.stem:
+                        raise PatternError(f"document names pattern {document.get('name')!r}, file is {path.name}")
+                    if not (self.pattern_dir / str(document.get("tensors"))).is_file():
+                        raise PatternError(f"its tensor file {document.get('tensors')!r} is missing")
+                    documents[path.stem] = document
+                except (OSError, json.JSONDecodeError, PatternError) as error:
+                    problems[path.name] = f"skipped: {error}"
+            self._documents = documents
+            self.problems = problems
+            self._remove_leftovers()
+            self._load_or_rebuild_index()
+
+    def _remove_leftovers(self, min_age_seconds: float = 600.0) -> None:
+        """Delete tensor files no document names: a crashed write's. Young ones may be another process's
+        write in progress, and files that a skipped (unreadable) document may name are kept."""
+        named = {str(d.get("tensors")) for d in self._documents.values()}
+        skipped = tuple(f"{Path(name).stem}." for name in self.problems)
+        now = time.time()
+        for path in [*self.pattern_dir.glob("*.safetensors"), *self.pattern_dir.glob(".*.tmp")]:
+            if path.name in named or (skipped and path.name.startswith(skipped)):
+                continue
+            try:
+                if now - path.stat().st_mtime >= min_age_seconds:
+                    path.unlink()
+            except FileNotFoundError:
+                pass
+
+    def names(self) -> list[str]:
+        with self._lock:
+            return sorted(self._documents)
+
+    def __contains__(self, name: str) -> bool:
+        with self._lock:
+            return name in self._documents
+
+    def summary(self, name: str) -> dict[str, Any]:
+        """The pattern's JSON document (no tensors): cheap, for listings."""
+        with self._lock:
+            if name not in self._documents:
+                raise KeyError(self._unknown(name))
+            return dict(self._documents[name])
+
+    def get(self, name: str) -> TaskPattern:
+        """The whole pattern, tensors included."""
+        with self._lock:
+            document = self._documents.get(name)
+            if document is None:
+                raise KeyError(self._unknown(name))
+            try:
+                tensors = load_file(str(self.pattern_dir / document["tensors"]))
+            except Exception as error:  # safetensors raises its own error types for corrupt files
+                raise PatternError(f"pattern {name!r}: its tensor file cannot be read ({error})") from None
+            return TaskPattern.from_parts(document, tensors)
+
+    def _unknown(self, name: str) -> str:
+        known = ", ".join(self.names()) or "none"
+        return f"no pattern named {name!r}; stored patterns: {known}"
+
+    # -- writing ---------------------------------------------------------------------------------
+
+    def add(self, pattern: TaskPattern, replace: bool = False) -> None:
+        """Store `pattern` (atomically); an existing one of the same name needs `replace=True`."""
+        validate_name(pattern.name)
+        with self._lock:
+            old = self._documents.get(pattern.name)
+            if old is not None and not replace:
+                raise PatternError(f"a pattern named {pattern.name!r} exists; remove it or replace it")
+            tensor_file = f"{pattern.name}.{secrets.token_hex(6)}.safetensors"
+            tensor_path = self.pattern_dir / tensor_file
+            save_file(pattern.tensors(), str(tensor_path))
+            with open(tensor_path, "rb") as handle:
+                os.fsync(handle.fileno())
+            document = pattern.document(tensor_file)
+            atomic_write_bytes(self.pattern_dir / f"{pattern.name}.json", json.dumps(document, indent=1).encode())
+            if old is not None:
+                (self.pattern_dir / old["tensors"]).unlink(missing_ok=True)
+            self._documents[pattern.name] = document
+            self.problems.pop(f"{pattern.name}.json", None)
+            self._rebuild_index()
+
+    def remove(self, name: str) -> None:
+        with self._lock:
+            document = self._documents.get(name)
+            if document is None:
+                raise KeyError(self._unknown(name))
+            (self.pattern_dir / f"{name}.json").unlink()
+            _fsync_directory(self.pattern_dir)
+            (self.pattern_dir / document["tensors"]).unlink(missing_ok=True)
+            del self._documents[name]
+            self._rebuild_index()
+
+    # -- the index -------------------------------------------------------------------------------
+
+    def _manifest(self) -> list[list[str]]:
+        return [[name, str(self._documents[name]["tensors"])] for name in sorted(self._documents)]
+
+    def _load_or_rebuild_index(self) -> None:
+        manifest_path, index_path = self.root / "index.json", self.root / "index.faiss"
+        try:
+            manifest = json.loads(manifest_path.read_text())
+            if manifest.get("patterns") == self._manifest():
+                self._index = faiss.read_index(str(index_path))
+                self._owners = list(manifest["owners"])
+                if self._index.ntotal == len(self._owners):
+                    return
+        except (OSError, ValueError, KeyError, RuntimeError, AttributeError):
+            pass  # a missing or stale cache is rebuilt below
+        self._rebuild_index()
+
+    def _rebuild_index(self) -> None:
+        vectors: list[np.ndarray] = []
+        owners: list[str] = []
+        for name in sorted(self._documents):
+            try:
+                embeddings = self.get(name).example_embeddings
+            except PatternError as error:
+                self.problems[f"{name}.json"] = f"not routable: {error}"
+                continue
+            if embeddings is None or embeddings.numel() == 0:
+                continue
+            vectors.append(embeddings.float().numpy())
+            owners.extend([name] * embeddings.shape[0])
+        dims = {v.shape[1] for v in vectors}
+        if len(dims) > 1:
+            raise PatternError(f"the patterns' example embeddings have different sizes {sorted(dims)}")
+        index = faiss.IndexFlatIP(dims.pop()) if dims else None
+        if index is not None:
+            index.add(np.ascontiguousarray(np.concatenate(vectors), dtype=np.float32))
+        self._index, self._owners = index, owners
+        self._write_index_cache()
+
+    def _write_index_cache(self) -> None:
+        manifest_path, index_path = self.root / "index.json", self.root / "index.faiss"
+        if self._index is None:
+            manifest_path.unlink(missing_ok=True)
+            index_path.unlink(missing_ok=True)
+            return
+        atomic_write_bytes(index_path, faiss.serialize_index(self._index).tobytes())
+        manifest = {"patterns": self._manifest(), "owners": self._owners}
+        atomic_write_bytes(manifest_path, json.dumps(manifest).encode())
+
+    @property
+    def dimension(self) -> int | None:
+        with self._lock:
+            return None if self._index is None else int(self._index.d)
+
+    def search(self, query: torch.Tensor | np.ndarray, k: int = 10) -> list[SearchHit]:
+        """Patterns ranked by their best similarity among the query's `k` nearest example prompts."""
+        with self._lock:
+            index, owners = self._index, self._owners
+        if index is None or index.ntotal == 0:
+            return []
+        vector = np.asarray(query, dtype=np.float32).reshape(1, -1)
+        if vector.shape[1] != index.d:
+            raise PatternError(f"query embedding has {vector.shape[1]} dimensions, the index {index.d}")
+        similarities, ids = index.search(np.ascontiguousarray(vector), min(k, index.ntotal))
+        best: dict[str, float] = {}
+        votes: dict[str, int] = {}
+        for similarity, vector_id in zip(similarities[0], ids[0], strict=True):
+            if vector_id < 0:
+                continue
+            name = owners[vector_id]
+            best[name] = max(best.get(name, -1.0), float(similarity))
+            votes[name] = votes.get(name, 0) + 1
+        return sorted(
+            (SearchHit(name, best[name], votes[name]) for name in best), key=lambda hit: (-hit.score, hit.name)
+        )
