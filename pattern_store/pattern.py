@@ -98,12 +98,12 @@ class TaskPattern:
         if not isinstance(document, dict) or document.get("format") != "taskmoe-pattern":
             raise PatternError("not a taskmoe pattern document")
         if document.get("version") != FORMAT_VERSION:
-            raise PatternError(f"pattern format version {document.get('version')!r}; this taskmoe reads {FORMAT_VERSION}")
+            raise PatternError(
+                f"pattern format version {document.get('version')!r}; this taskmoe reads {FORMAT_VERSION}"
+            )
         try:
             selection = Selection.from_json(document["selection"])
-            scores = {
-                int(key.split(".", 1)[1]): value for key, value in tensors.items() if key.startswith("scores.")
-            }
+            scores = {int(key.split(".", 1)[1]): value for key, value in tensors.items() if key.startswith("scores.")}
             return cls(
                 name=document["name"],
                 selection=selection,

@@ -10,9 +10,9 @@ Why it never tears: a write puts the tensors in a new file, fsyncs it, then rena
 over `NAME.json` (atomic on POSIX) and only then deletes the previous tensor file. After a crash at any
 instant, `NAME.json` is the old document (whose tensor file still exists) or the new one (whose tensor
 file is complete). Tensor files that no document names are leftovers of such a crash and are removed
-when the store opens
-(once they are old enough not to be another process's write in progress). The index is derived data: when its manifest does not match the patterns on
-disk it is rebuilt from the embeddings the patterns carry.
+when the store opens, once they are old enough not to be another process's write in progress. The
+index is derived data: when its manifest does not match the patterns on disk it is rebuilt from the
+embeddings the patterns carry.
 
 A corrupt or foreign file is reported in `problems` and skipped; it never takes the store down.
 """

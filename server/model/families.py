@@ -40,6 +40,8 @@ class Family:
     checkpoint_renames: tuple[tuple[str, str], ...] = ()
     #: router tensors besides `weight` that hold one value per expert (selection bias)
     router_expert_buffers: tuple[str, ...] = ()
+    #: how router logits become gating weights: "softmax" or "sigmoid"
+    router_activation: str = "softmax"
     #: checks a selection of one layer against the routing rule; returns config overrides the variant needs
     routing_overrides: Callable[[Any, int, Sequence[int]], dict[str, Any]] = field(default=_no_extra_check)
 
@@ -90,6 +92,7 @@ FAMILIES: tuple[Family, ...] = (
         "moe",
         experts_field="n_routed_experts",
         router_expert_buffers=("e_score_correction_bias",),
+        router_activation="sigmoid",
         routing_overrides=_deepseek_groups,
     ),
     Family("Llama", ("llama",), "dense"),

@@ -325,6 +325,47 @@ class VariantBuilder:
             assigned.add(name)
         return assigned
 
+    # -- one module at a time (layer-by-layer calibration) --------------------------------------
+
+    def skeleton(self) -> PreTrainedModel:
+        """The full model on the meta device: costs no memory; `materialise` fills one part of it."""
+        return _meta_model(self.config)
+
+    def materialise(self, model: PreTrainedModel, prefix: str) -> None:
+        """Read every tensor under `prefix` (all experts kept) into `model`, bypassing the backbone cache,
+        so that `release` gives the memory back."""
+        sparse = {layer.prefix: layer for layer in self.sparse_layers.values()}
+        persistent = {name for name, _ in model.named_parameters()} | {
+            name for name, _ in model.named_buffers() if name not in self._non_persistent(model)
+        }
+        for name in sorted(persistent):
+            if not name.startswith(f"{prefix}."):
+                continue
+            block_prefix = name.rsplit(".experts.", 1)[0]
+            if block_prefix in sparse and name.endswith(".experts.gate_up_proj"):
+                layer = sparse[block_prefix]
+                gate_up, down = self.read_experts(layer, range(layer.num_experts))
+                _set_tensor(model, name, gate_up)
+                _set_tensor(model, f"{block_prefix}.experts.down_proj", down)
+            elif block_prefix in sparse and name.endswith(".experts.down_proj"):
+                continue  # read with gate_up_proj
+            elif name in self._tied and self._checkpoint_name(name) is None:
+                continue
+            else:
+                _set_tensor(model, name, self._to_target(self.reader.read(self._required_name(name))))
+        owners = {n.rpartition(".")[0] for n in self._non_persistent(model) if n.startswith(f"{prefix}.")}
+        for owner in owners:
+            for buffer_name, buffer in list(model.get_submodule(owner).named_buffers(recurse=False)):
+                _set_tensor(model, f"{owner}.{buffer_name}", torch.empty_like(buffer, device=self.device))
+            model._init_weights(model.get_submodule(owner))
+
+    @staticmethod
+    def release(model: PreTrainedModel, prefix: str) -> None:
+        """Put every tensor under `prefix` back on the meta device, freeing its memory."""
+        module = model.get_submodule(prefix)
+        for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+            _set_tensor(module, name, torch.empty_like(tensor, device="meta"))
+
     @staticmethod
     def _non_persistent(model: PreTrainedModel) -> set[str]:
         return {name for name, _ in model.named_non_persistent_buffers()}
