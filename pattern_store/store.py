@@ -44,6 +44,7 @@ class SearchHit:
     name: str
     score: float
     votes: int  # how many of the k nearest examples belong to this pattern
+    total: float  # the sum of those examples' similarities: a similarity-weighted vote
 
 
 def _fsync_directory(directory: Path) -> None:
@@ -251,12 +252,13 @@ class PatternStore:
         similarities, ids = index.search(np.ascontiguousarray(vector), min(k, index.ntotal))
         best: dict[str, float] = {}
         votes: dict[str, int] = {}
+        total: dict[str, float] = {}
         for similarity, vector_id in zip(similarities[0], ids[0], strict=True):
             if vector_id < 0:
                 continue
             name = owners[vector_id]
             best[name] = max(best.get(name, -1.0), float(similarity))
             votes[name] = votes.get(name, 0) + 1
-        return sorted(
-            (SearchHit(name, best[name], votes[name]) for name in best), key=lambda hit: (-hit.score, hit.name)
-        )
+            total[name] = total.get(name, 0.0) + float(similarity)
+        hits = (SearchHit(name, best[name], votes[name], total[name]) for name in best)
+        return sorted(hits, key=lambda hit: (-hit.score, hit.name))

@@ -16,7 +16,10 @@ fresh subprocess so that no run inherits another's memory or allocator state:
 Times are taken with the page cache warm (after a run that fills it) and cold (every shard evicted with
 `posix_fadvise(DONTNEED)`, checked with `fincore` when it is installed). Resident memory is the growth of
 `RssAnon` (file-backed mmap pages do not count), set against the exact bytes of the backbone and the kept
-experts. Medians of `--repeats` runs are reported; every sample is kept in the JSON.
+experts. safetensors hands out tensors that point into its mmap when no copy is needed (same dtype, CPU),
+so both loaders keep some tensors zero-copy in the page cache; those bytes are counted apart ("mmap'd
+tensors"), and a second resident ratio adds them. Medians of `--repeats` runs are reported; every sample
+is kept in the JSON. Timings on a machine that is busy with other work are noisy: see `loadavg_*`.
 
 Targets (from the issue): a 50% variant builds in <= 0.6x the full load's time and <= 2x the copy floor
 of its bytes, and adds <= 1.1x (backbone + kept experts) of resident memory.
@@ -287,12 +290,23 @@ def variant_ranges(directory: Path, kept: Mapping[int, Sequence[int]], num_exper
 # -- measuring, in a worker subprocess ---------------------------------------------------------------
 
 
-def rss_anon() -> int:
-    """Anonymous resident memory of this process: what a copy costs, unlike file-backed mmap pages."""
+def rss(field: str = "RssAnon") -> int:
+    """A resident-memory field of this process: `RssAnon` is what copies cost, `RssFile` mapped file pages."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("RssAnon:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) * 1024
-    raise RuntimeError("no RssAnon in /proc/self/status")
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def mapped_ranges(directory: Path) -> list[tuple[int, int]]:
+    """Address ranges where this process maps files of `directory` (safetensors' mmap of the shards)."""
+    ranges = []
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[5].startswith(str(directory)):
+            low, high = (int(x, 16) for x in fields[0].split("-"))
+            ranges.append((low, high))
+    return ranges
 
 
 def cached_bytes(files: Sequence[Path]) -> int | None:
@@ -323,13 +337,21 @@ def evict(files: Sequence[Path]) -> dict[str, Any]:
     return {"cached_before_evict_bytes": before, "cached_after_evict_bytes": cached_bytes(files)}
 
 
-def storage_bytes(model: Any) -> int:
-    """Exact bytes of the model's tensors, each storage counted once (views and ties share one)."""
+def storage_bytes(model: Any, directory: Path) -> tuple[int, int]:
+    """Exact bytes of the model's tensors, each storage counted once (views and ties share one), and how many
+    of them point into the checkpoint's mmap (zero-copy: page cache, not anonymous memory)."""
     storages: dict[int, int] = {}
     for tensor in [*model.parameters(), *model.buffers()]:
         storage = tensor.untyped_storage()
         storages[storage.data_ptr()] = storage.nbytes()
-    return sum(storages.values())
+    mapped = mapped_ranges(directory)
+    in_file = sum(n for ptr, n in storages.items() if any(low <= ptr < high for low, high in mapped))
+    return sum(storages.values()), in_file
+
+
+def _storage(model: Any, directory: Path) -> dict[str, int]:
+    total, mapped = storage_bytes(model, directory)
+    return {"storage_bytes": total, "storage_mapped_bytes": mapped}
 
 
 def _measure_full(directory: Path) -> dict[str, Any]:
@@ -343,7 +365,7 @@ def _measure_full(directory: Path) -> dict[str, Any]:
     return {
         "time_s": elapsed,
         "bytes_read": sum(length for _, length in sizes),
-        "storage_bytes": storage_bytes(model),
+        **_storage(model, directory),
         "expected_bytes": sum(length for _, length in sizes),
         "loading_info": {key: sorted(map(str, value)) for key, value in info.items()},
         "_model": model,
@@ -369,7 +391,7 @@ def _measure_variant(directory: Path, keep: float, seed: int) -> dict[str, Any]:
         "init_s": initialised - started,
         "build_s": built - initialised,
         "bytes_read": builder.reader.bytes_read,
-        "storage_bytes": storage_bytes(model),
+        **_storage(model, directory),
         "expected_bytes": expected["total"],
         "expected_breakdown": expected,
         "kept_per_layer": len(kept[0]),
@@ -393,7 +415,13 @@ def _measure_floor(buffer: Any, ranges: list[tuple[Path, int, int]]) -> dict[str
     elapsed = time.perf_counter() - started
     for mapped in maps.values():
         mapped.close()
-    return {"time_s": elapsed, "bytes_read": position, "storage_bytes": buffer.nbytes, "expected_bytes": position}
+    return {
+        "time_s": elapsed,
+        "bytes_read": position,
+        "storage_bytes": buffer.nbytes,
+        "storage_mapped_bytes": 0,
+        "expected_bytes": position,
+    }
 
 
 def worker(spec: dict[str, Any]) -> dict[str, Any]:
@@ -418,7 +446,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         ranges = variant_ranges(directory, kept, SHAPE["num_experts"])
         buffer = np.empty(sum(length for _, _, length in ranges), dtype=np.uint8)  # allocated, not yet touched
     gc.collect()
-    rss_before = rss_anon()
+    rss_before = {field: rss(field) for field in ("RssAnon", "RssFile")}
     cache = evict(files) if spec["cold"] else {"cached_at_start_bytes": cached_bytes(files)}
     if spec["kind"] == "full":
         result = _measure_full(directory)
@@ -426,7 +454,9 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         result = _measure_variant(directory, spec["keep"], spec["seed"])
     else:
         result = _measure_floor(buffer, ranges)
-    result["rss_anon_added_bytes"] = rss_anon() - rss_before
+    result["rss_anon_added_bytes"] = rss("RssAnon") - rss_before["RssAnon"]
+    result["rss_file_added_bytes"] = rss("RssFile") - rss_before["RssFile"]
+    result["resident_added_bytes"] = result["rss_anon_added_bytes"] + result["storage_mapped_bytes"]
     result.pop("_model", None)
     import resource
 
@@ -531,54 +561,49 @@ def summarise(results: dict[str, dict[str, Any]], cold: bool) -> tuple[list[dict
         return block["median"].get(key) if block else None
 
     rows = [
-        "| measurement | bytes read | warm s (median) | cold s (median) | RssAnon added | tensor storage | expected |",
-        "|---|---|---|---|---|---|---|",
+        "| measurement | bytes read | warm s | cold s | RssAnon added | mmap'd tensors | tensor storage | expected |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name in results:
-        rows.append(
-            f"| {_label(name)} | {_gib(median(name, 'warm', 'bytes_read'))} | {_secs(median(name, 'warm', 'time_s'))}"
-            f" | {_secs(median(name, 'cold', 'time_s'))} | {_mib(median(name, 'warm', 'rss_anon_added_bytes'))}"
-            f" | {_mib(median(name, 'warm', 'storage_bytes'))} | {_mib(median(name, 'warm', 'expected_bytes'))} |"
-        )
+        cells = [_label(name), _gib(median(name, "warm", "bytes_read"))]
+        cells += [_secs(median(name, "warm", "time_s")), _secs(median(name, "cold", "time_s"))]
+        cells += [_mib(median(name, "warm", key)) for key in ("rss_anon_added_bytes", "storage_mapped_bytes")]
+        cells += [_mib(median(name, "warm", key)) for key in ("storage_bytes", "expected_bytes")]
+        rows.append(f"| {' | '.join(cells)} |")
 
     def ratio(a: float | None, b: float | None) -> float | None:
         return None if a is None or b is None or b == 0 else a / b
 
+    def target(label: str, value: float | None, limit: float | None) -> dict[str, Any]:
+        return {"ratio": label, "value": value, "limit": limit}
+
+    expected = median("variant-0.5", "warm", "expected_bytes")
     targets = []
     for mode in ("warm", "cold") if cold else ("warm",):
         build = median("variant-0.5", mode, "time_s")
-        targets.append(
-            {
-                "ratio": f"50% build / full load ({mode})",
-                "value": ratio(build, median("full", mode, "time_s")),
-                "limit": TARGET_BUILD_OVER_FULL,
-            }
-        )
-        targets.append(
-            {
-                "ratio": f"50% build / copy floor ({mode})",
-                "value": ratio(build, median("floor-0.5", mode, "time_s")),
-                "limit": TARGET_BUILD_OVER_FLOOR,
-            }
-        )
-    targets.append(
-        {
-            "ratio": "50% resident (RssAnon added) / expected",
-            "value": ratio(
-                median("variant-0.5", "warm", "rss_anon_added_bytes"), median("variant-0.5", "warm", "expected_bytes")
+        targets += [
+            target(
+                f"50% build / full load ({mode})", ratio(build, median("full", mode, "time_s")), TARGET_BUILD_OVER_FULL
             ),
-            "limit": TARGET_RESIDENT_OVER_EXPECTED,
-        }
-    )
-    targets.append(
-        {
-            "ratio": "50% tensor storage / expected",
-            "value": ratio(
-                median("variant-0.5", "warm", "storage_bytes"), median("variant-0.5", "warm", "expected_bytes")
+            target(
+                f"50% build / copy floor ({mode})",
+                ratio(build, median("floor-0.5", mode, "time_s")),
+                TARGET_BUILD_OVER_FLOOR,
             ),
-            "limit": None,
-        }
-    )
+        ]
+    targets += [
+        target(
+            "50% resident: RssAnon added / expected",
+            ratio(median("variant-0.5", "warm", "rss_anon_added_bytes"), expected),
+            TARGET_RESIDENT_OVER_EXPECTED,
+        ),
+        target(
+            "50% resident: (RssAnon added + mmap'd tensors) / expected",
+            ratio(median("variant-0.5", "warm", "resident_added_bytes"), expected),
+            TARGET_RESIDENT_OVER_EXPECTED,
+        ),
+        target("50% tensor storage / expected", ratio(median("variant-0.5", "warm", "storage_bytes"), expected), None),
+    ]
     for target in targets:
         value, limit = target["value"], target["limit"]
         target["result"] = (
@@ -679,7 +704,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{SHAPE['num_experts']} experts (top-{SHAPE['num_experts_per_tok']}), bf16; {machine['nproc']} CPUs, "
         f"torch {machine['torch']}; medians of {args.repeats}; cold = {cold_note}"
     )
-    print(f"{header}\n\n{table}")
+    legend = (
+        "bytes read: what the run copied or mapped (variant: `reader.bytes_read`); RssAnon added: anonymous memory the"
+        " run added; mmap'd tensors: model tensors that point into the checkpoint's mmap (page cache, zero-copy);"
+        " expected: backbone + kept experts + kept router rows. Times in seconds, sizes in GiB/MiB."
+    )
+    print(f"{header}\n\n{table}\n\n{legend}")
     document = {
         "settings": {
             "size_gb": args.size_gb,
@@ -699,6 +729,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "measurements": results,
         "targets": targets,
         "table": table,
+        "legend": legend,
     }
     out = args.out.resolve()
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -99,6 +99,131 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _open_store(path: str, create: bool = False):
+    from pattern_store.pattern import PatternError
+    from pattern_store.store import PatternStore
+
+    try:
+        return PatternStore(path, create=create)
+    except PatternError as error:
+        raise CliError(str(error)) from None
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    """Calibrate a task pattern from prompts and store it."""
+    from tqdm import tqdm
+
+    from pattern_store.embedder import Embedder
+    from pattern_store.pattern import PatternError, validate_name
+    from pattern_store.selection import SelectionError
+    from server.model.checkpoint import CheckpointError
+    from server.model.families import UnsupportedModelError
+    from server.model.variant import VariantBuilder
+    from server.patterns import (
+        PatternRecipe,
+        PromptFileError,
+        calibration_statistics,
+        load_tokenizer,
+        pattern_from_statistics,
+        read_prompts,
+    )
+
+    try:
+        validate_name(args.name)
+        prompts = read_prompts(args.prompts)
+        examples = read_prompts(args.examples) if args.examples else prompts
+        store = _open_store(args.store, create=True)
+        if args.name in store and not args.replace:
+            raise CliError(f"pattern {args.name!r} exists in {args.store}; pass --replace to overwrite it")
+        builder = VariantBuilder(_model_dir(args.model), device="cpu", dtype="float32")
+        moe = builder.family.kind == "moe"
+        method = args.method or ("tcess" if moe else "seap")
+        recipe = PatternRecipe(
+            method=method,
+            keep_ratio=None if args.keep_experts else args.keep,
+            keep_experts=args.keep_experts,
+            threshold=args.threshold,
+            sparsity=args.sparsity,
+            seed=args.seed,
+        )
+        layers = builder.config.num_hidden_layers
+        with tqdm(total=layers, desc=f"calibrating {args.name}", unit="layer", disable=args.quiet) as bar:
+            stats = calibration_statistics(
+                builder, load_tokenizer(args.model), prompts, args.threshold, progress=lambda n: bar.update(n - bar.n)
+            )
+        embedder = Embedder(args.embedder) if args.embedder else Embedder()
+        pattern = pattern_from_statistics(args.name, builder, stats, recipe, examples, embedder)
+        store.add(pattern, replace=args.replace)
+    except (PatternError, SelectionError, CheckpointError, UnsupportedModelError, PromptFileError, ValueError) as error:
+        raise CliError(str(error)) from None
+    kept = pattern.selection.layers
+    sizes = sorted({len(v) for v in kept.values()})
+    print(
+        f"stored pattern {args.name!r} in {args.store}: {pattern.kind}, method {method}, "
+        f"{stats.prompts} prompts ({stats.tokens} tokens), keeps {sizes} per pruned layer in {len(kept)} layers"
+    )
+    return 0
+
+
+def cmd_patterns(args: argparse.Namespace) -> int:
+    """List, show or remove stored patterns."""
+    store = _open_store(args.store)
+    if args.action == "list":
+        rows = [store.summary(name) for name in store.names()]
+        if args.json:
+            print(json.dumps([{k: v for k, v in row.items() if k != "examples"} for row in rows]))
+        else:
+            print(f"{'name':<20}{'kind':<16}{'method':<13}{'prompts':>8}{'examples':>9}")
+            for row in rows:
+                print(
+                    f"{row['name']:<20}{row['kind']:<16}{row['method']:<13}"
+                    f"{row['calibration_prompts']:>8}{len(row['examples']):>9}"
+                )
+        for file, problem in sorted(store.problems.items()):
+            print(f"warning: {file}: {problem}", file=sys.stderr)
+        return 0
+    if not args.name:
+        raise CliError(f"patterns {args.action} needs a pattern name")
+    try:
+        if args.action == "show":
+            summary = store.summary(args.name)
+            summary["examples"] = summary["examples"][:5] + (["..."] if len(summary["examples"]) > 5 else [])
+            print(json.dumps(summary, indent=1))
+        else:
+            store.remove(args.name)
+            print(f"removed pattern {args.name!r}")
+    except KeyError as error:
+        raise CliError(str(error.args[0])) from None
+    return 0
+
+
+def cmd_route(args: argparse.Namespace) -> int:
+    """Which stored pattern would serve a query."""
+    from pattern_store.embedder import Embedder
+    from server.patterns import PromptFileError, read_prompts
+    from server.routing import Router
+
+    if bool(args.text) == bool(args.file):
+        raise CliError("give a query text or --file queries.jsonl, not both")
+    store = _open_store(args.store)
+    router = Router(store, Embedder(args.embedder) if args.embedder else Embedder(), k=args.k, threshold=args.threshold)
+    if args.text:
+        decision = router.route(" ".join(args.text))
+        print(f"{'pattern':<20}{'similarity':>11}{'votes':>7}")
+        for hit in decision.hits:
+            print(f"{hit.name:<20}{hit.score:>11.3f}{hit.votes:>7}")
+        print(f"-> {decision.pattern or 'full model'} ({decision.reason})")
+        return 0
+    try:
+        queries = read_prompts(args.file)
+    except PromptFileError as error:
+        raise CliError(str(error)) from None
+    for query in queries:
+        decision = router.route(query)
+        print(json.dumps({"prompt": query, "pattern": decision.pattern, "score": round(decision.score, 4)}))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="taskmoe", description="Task-specialised pruned-model inference server.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -124,6 +249,40 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--dtype", default="auto", help="auto (the checkpoint's), float32, bfloat16 or float16")
     export.add_argument("--force", action="store_true", help="write into a non-empty output directory")
     export.set_defaults(func=cmd_export)
+
+    calibrate = commands.add_parser("calibrate", help="calibrate a task pattern from prompts and store it")
+    calibrate.add_argument("--model", required=True, help="model directory")
+    calibrate.add_argument("--store", required=True, help="pattern store directory (created if missing)")
+    calibrate.add_argument("--name", required=True, help="pattern name (letters, digits, _ . -)")
+    calibrate.add_argument("--prompts", required=True, help="JSONL with a 'prompt' field: drives the scores")
+    calibrate.add_argument("--examples", help="JSONL of prompts routing matches against (default: --prompts)")
+    keep = calibrate.add_mutually_exclusive_group()
+    keep.add_argument("--keep", type=float, default=0.5, help="MoE: share of experts kept per layer (default 0.5)")
+    keep.add_argument("--keep-experts", type=int, help="MoE: number of experts kept per layer")
+    calibrate.add_argument("--method", help="tcess (default), tcess-logit, frequency, random; dense: seap, ...")
+    calibrate.add_argument("--threshold", type=float, default=0.0, help="TCESS confidence threshold r (default 0)")
+    calibrate.add_argument("--sparsity", type=float, default=0.2, help="dense: global channel sparsity (default 0.2)")
+    calibrate.add_argument("--seed", type=int, default=0, help="seed of the random baseline")
+    calibrate.add_argument("--embedder", help="sentence-transformers model directory (default all-MiniLM-L6-v2)")
+    calibrate.add_argument("--replace", action="store_true", help="overwrite a pattern of the same name")
+    calibrate.add_argument("--quiet", action="store_true", help="no progress bar")
+    calibrate.set_defaults(func=cmd_calibrate)
+
+    patterns = commands.add_parser("patterns", help="list, show or remove stored patterns")
+    patterns.add_argument("action", choices=["list", "show", "remove"])
+    patterns.add_argument("name", nargs="?", help="the pattern (show, remove)")
+    patterns.add_argument("--store", required=True, help="pattern store directory")
+    patterns.add_argument("--json", action="store_true", help="list: one JSON array")
+    patterns.set_defaults(func=cmd_patterns)
+
+    route = commands.add_parser("route", help="which stored pattern would serve a query")
+    route.add_argument("text", nargs="*", help="the query")
+    route.add_argument("--store", required=True, help="pattern store directory")
+    route.add_argument("--file", help="JSONL of queries ('prompt' field): one JSON line per query")
+    route.add_argument("-k", type=int, default=10, help="nearest example prompts that vote (default 10)")
+    route.add_argument("--threshold", type=float, default=0.3, help="below this similarity: the full model")
+    route.add_argument("--embedder", help="sentence-transformers model directory (default all-MiniLM-L6-v2)")
+    route.set_defaults(func=cmd_route)
     return parser
 
 

@@ -1,0 +1,115 @@
+"""From calibration statistics to a selection: which experts (PreMoe) or channels (SEAP) a task keeps.
+
+The scoring math lives in `pattern_store.tcess` and `pattern_store.seap`; this module applies it to a
+model: it knows the layers, reads the `down_proj` columns that SEAP's scores and bias need, and offers
+the baselines (frequency, raw logit, random, weight magnitude) that every evaluation shows beside them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from pattern_store.seap import bias_compensation, channel_scores, logistic_schedule, prune_layer, standardise
+from pattern_store.selection import Selection
+from pattern_store.tcess import keep_top
+from server.model.calibrate import CalibrationStatistics
+from server.model.variant import VariantBuilder
+
+MOE_METHODS = ("tcess", "tcess-logit", "frequency", "random")
+DENSE_METHODS = ("seap", "seap-wifn", "magnitude", "random")
+
+
+def model_fingerprint(model_dir: str | Path) -> str:
+    """What makes a checkpoint this model: its config, every tensor's name, shape and dtype (the safetensors
+    headers) and a sample of the weights, which tells a retrained model of the same shapes apart. Reads
+    no more than a few kilobytes per file."""
+    directory = Path(model_dir)
+    digest = hashlib.sha256()
+    config = json.loads((directory / "config.json").read_text())
+    config.pop("transformers_version", None)
+    digest.update(json.dumps(config, sort_keys=True).encode())
+    for file in sorted(directory.glob("*.safetensors")):
+        with open(file, "rb") as handle:
+            size = int.from_bytes(handle.read(8), "little")
+            digest.update(handle.read(size))
+            digest.update(handle.read(4096))  # a sample of the weights: retrained models differ here
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class PrunedSelection:
+    selection: Selection
+    scores: dict[int, torch.Tensor]
+
+
+def moe_selection(stats: CalibrationStatistics, keep: int, method: str = "tcess", seed: int = 0) -> PrunedSelection:
+    """Keep the `keep` best experts of every sparse layer by `method`."""
+    if method not in MOE_METHODS:
+        raise ValueError(f"unknown expert scoring method {method!r}; expected one of {', '.join(MOE_METHODS)}")
+    scores = {layer: router.scores(method, seed=seed + layer) for layer, router in stats.router.items()}
+    kept = {layer: keep_top(layer_scores, keep) for layer, layer_scores in scores.items()}
+    return PrunedSelection(Selection("moe_experts", kept), scores)
+
+
+def keep_count(num_experts: int, top_k: int, keep_ratio: float | None = None, keep_experts: int | None = None) -> int:
+    """Experts to keep per layer from a ratio or a count; never fewer than the routing's top-k."""
+    if (keep_ratio is None) == (keep_experts is None):
+        raise ValueError("give exactly one of a keep ratio and a number of experts to keep")
+    if keep_experts is None:
+        assert keep_ratio is not None
+        if not 0.0 < keep_ratio <= 1.0:
+            raise ValueError(f"keep ratio must lie in (0, 1], got {keep_ratio}")
+        keep_experts = round(keep_ratio * num_experts)
+    if not top_k <= keep_experts <= num_experts:
+        raise ValueError(f"keep between {top_k} (the top-k routing) and {num_experts} experts, not {keep_experts}")
+    return keep_experts
+
+
+def dense_selection(
+    stats: CalibrationStatistics,
+    builder: VariantBuilder,
+    sparsity: float,
+    method: str = "seap",
+    compensate: bool = True,
+    skip_first: int = 1,
+    skip_last: int = 1,
+    seed: int = 0,
+) -> PrunedSelection:
+    """Prune the global share `sparsity` of MLP channels, spread over layers by SEAP's logistic schedule.
+
+    `skip_first`/`skip_last` layers are never pruned (the reference uses 2 and 2 on 32-layer models; the
+    defaults here suit the 4-layer demo). With `compensate`, SEAP turns the pruned channels' mean output
+    into a bias; the baselines prune plainly, as weight-magnitude and random pruning do.
+    """
+    if method not in DENSE_METHODS:
+        raise ValueError(f"unknown channel scoring method {method!r}; expected one of {', '.join(DENSE_METHODS)}")
+    layers = sorted(builder.dense_layers)
+    rho = logistic_schedule(len(layers), sparsity, skip_first=skip_first, skip_last=skip_last)
+    kept: dict[int, list[int]] = {}
+    bias: dict[int, list[float]] = {}
+    scores: dict[int, torch.Tensor] = {}
+    for position, layer in enumerate(layers):
+        prefix = builder.dense_layers[layer].prefix
+        down = builder.reader.read(builder._required_name(f"{prefix}.down_proj.weight")).float()
+        if method in ("seap", "seap-wifn"):
+            raw = channel_scores(stats.channels[layer], down, "wifv" if method == "seap" else "wifn")
+            layer_scores = standardise(raw)
+        elif method == "magnitude":
+            gate = builder.reader.read(builder._required_name(f"{prefix}.gate_proj.weight")).float()
+            up = builder.reader.read(builder._required_name(f"{prefix}.up_proj.weight")).float()
+            layer_scores = down.norm(dim=0) * gate.norm(dim=1) * up.norm(dim=1)
+        else:
+            layer_scores = torch.rand(down.shape[1], generator=torch.Generator().manual_seed(seed + layer))
+        scores[layer] = layer_scores
+        if rho[position] == 0.0:
+            continue
+        layer_kept, pruned = prune_layer(layer_scores, rho[position])
+        kept[layer] = layer_kept
+        if compensate and method.startswith("seap"):
+            bias[layer] = bias_compensation(down, stats.channels[layer].mean, pruned).tolist()
+    return PrunedSelection(Selection("dense_channels", kept, bias), scores)

@@ -1,0 +1,186 @@
+"""The pattern store: round trips, FAISS search, atomic writes under injected crashes, bad files and names."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import pytest
+import torch
+
+import pattern_store.store as store_module
+from pattern_store.pattern import PatternError, TaskPattern
+from pattern_store.selection import Selection
+from pattern_store.store import PatternStore
+
+DIM = 8
+
+
+def _unit(*rows: list[float]) -> torch.Tensor:
+    tensor = torch.tensor(rows, dtype=torch.float32)
+    return tensor / tensor.norm(dim=1, keepdim=True)
+
+
+def _basis(i: int, noise: float = 0.0) -> list[float]:
+    row = [noise] * DIM
+    row[i] = 1.0
+    return row
+
+
+def make_pattern(name: str, axis: int, version: int = 1, fingerprint: str = "f" * 64) -> TaskPattern:
+    return TaskPattern(
+        name=name,
+        selection=Selection("moe_experts", {0: [axis, axis + 1], 1: [0, version]}),
+        scores={0: torch.arange(8, dtype=torch.float32) * version, 1: torch.ones(8)},
+        method="tcess",
+        parameters={"keep": 2, "threshold": 0.0, "version": version},
+        model_fingerprint=fingerprint,
+        created=1_700_000_000.0 + version,
+        calibration_prompts=3,
+        examples=[f"{name} example {i}" for i in range(3)],
+        example_embeddings=_unit(_basis(axis), _basis(axis, 0.1), _basis(axis, 0.2)),
+    )
+
+
+def test_round_trip_and_listing(tmp_path) -> None:
+    store = PatternStore(tmp_path)
+    store.add(make_pattern("arith", 0))
+    store.add(make_pattern("sort.v2", 3))
+    again = PatternStore(tmp_path)
+    assert again.names() == ["arith", "sort.v2"]
+    pattern = again.get("arith")
+    assert pattern.selection == make_pattern("arith", 0).selection
+    assert torch.equal(pattern.scores[0], torch.arange(8, dtype=torch.float32))
+    assert pattern.examples == ["arith example 0", "arith example 1", "arith example 2"]
+    assert pattern.parameters["keep"] == 2 and pattern.calibration_prompts == 3
+    assert again.summary("sort.v2")["kind"] == "moe_experts"
+    assert again.problems == {}
+
+
+def test_search_ranks_the_nearest_pattern_first(tmp_path) -> None:
+    store = PatternStore(tmp_path)
+    for axis, name in enumerate(["a", "b", "c"]):
+        store.add(make_pattern(name, axis * 2))
+    hits = store.search(_unit(_basis(2, 0.05))[0], k=4)
+    assert hits[0].name == "b" and hits[0].score > 0.99 and hits[0].votes == 3
+    assert [h.name for h in hits] == ["b", "a"] or hits[1].score < hits[0].score
+    with pytest.raises(PatternError, match="dimensions"):
+        store.search(torch.ones(DIM + 1))
+    assert PatternStore(tmp_path / "empty").search(torch.ones(DIM)) == []
+
+
+def test_replace_needs_the_flag_and_leaves_one_tensor_file(tmp_path) -> None:
+    store = PatternStore(tmp_path)
+    store.add(make_pattern("arith", 0))
+    with pytest.raises(PatternError, match="exists"):
+        store.add(make_pattern("arith", 0, version=2))
+    store.add(make_pattern("arith", 4, version=2), replace=True)
+    assert store.get("arith").parameters["version"] == 2
+    assert len(list((tmp_path / "patterns").glob("arith.*.safetensors"))) == 1
+    assert store.search(_unit(_basis(4))[0])[0].name == "arith"
+
+
+def test_remove_drops_the_pattern_and_its_vectors(tmp_path) -> None:
+    store = PatternStore(tmp_path)
+    store.add(make_pattern("a", 0))
+    store.add(make_pattern("b", 4))
+    store.remove("a")
+    assert store.names() == ["b"]
+    assert {h.name for h in store.search(_unit(_basis(0))[0], k=6)} == {"b"}
+    assert not list((tmp_path / "patterns").glob("a.*"))
+    with pytest.raises(KeyError, match="stored patterns: b"):
+        store.remove("a")
+    assert PatternStore(tmp_path).names() == ["b"]
+
+
+@pytest.mark.parametrize("name", ["", "../escape", "a/b", "model@task", ".hidden", "a" * 65, "x..y", "tab\t"])
+def test_bad_names_are_refused(tmp_path, name) -> None:
+    with pytest.raises(PatternError, match="invalid pattern name"):
+        make_pattern(name, 0)
+
+
+def test_corrupt_and_foreign_files_are_skipped_not_fatal(tmp_path) -> None:
+    store = PatternStore(tmp_path)
+    store.add(make_pattern("good", 0))
+    store.add(make_pattern("broken", 2))
+    (tmp_path / "patterns" / "broken.json").write_text('{"format": "taskmoe-pattern", "na')
+    (tmp_path / "patterns" / "foreign.json").write_text(json.dumps({"hello": "world"}))
+    reopened = PatternStore(tmp_path)
+    assert reopened.names() == ["good"]
+    assert set(reopened.problems) == {"broken.json", "foreign.json"}
+    assert reopened.search(_unit(_basis(0))[0])[0].name == "good"
+    with pytest.raises(KeyError):
+        reopened.get("broken")
+    assert list((tmp_path / "patterns").glob("broken.*.safetensors")), "a skipped pattern's tensors are kept"
+
+
+def test_corrupt_tensor_file_is_a_clear_error(tmp_path) -> None:
+    store = PatternStore(tmp_path)
+    store.add(make_pattern("a", 0))
+    next((tmp_path / "patterns").glob("a.*.safetensors")).write_bytes(b"garbage")
+    with pytest.raises(PatternError, match="cannot be read"):
+        PatternStore(tmp_path).get("a")
+
+
+def test_fingerprint_mismatch_is_a_clear_error() -> None:
+    pattern = make_pattern("a", 0, fingerprint="a" * 64)
+    pattern.check_model("a" * 64)
+    with pytest.raises(PatternError, match="calibrated on model"):
+        pattern.check_model("b" * 64)
+
+
+class Crash(BaseException):
+    """Stands for the process dying: BaseException, so nothing on the way catches it."""
+
+
+@pytest.mark.parametrize("step", ["save_file", "atomic_write_bytes", "replace", "unlink"])
+def test_a_crash_at_any_step_reads_as_before_or_after(tmp_path, monkeypatch, step) -> None:
+    store = PatternStore(tmp_path)
+    store.add(make_pattern("arith", 0, version=1))
+    store.add(make_pattern("other", 4))
+
+    def crash(*args, **kwargs):
+        raise Crash
+
+    if step == "replace":
+        real_replace = os.replace
+        monkeypatch.setattr(
+            store_module.os, "replace", lambda a, b: crash() if str(b).endswith(".json") else real_replace(a, b)
+        )
+    elif step == "unlink":
+        monkeypatch.setattr(store_module.Path, "unlink", crash)
+    else:
+        monkeypatch.setattr(store_module, step, crash)
+    with pytest.raises(Crash):
+        store.add(make_pattern("arith", 2, version=2), replace=True)
+    monkeypatch.undo()
+
+    after = PatternStore(tmp_path)
+    assert after.names() == ["arith", "other"] and after.problems == {}
+    version = after.get("arith").parameters["version"]
+    assert version == (2 if step == "unlink" else 1)
+    assert after.search(_unit(_basis(2 if version == 2 else 0))[0])[0].name == "arith"
+
+
+def test_leftovers_of_a_crash_are_removed_once_old(tmp_path) -> None:
+    store = PatternStore(tmp_path)
+    store.add(make_pattern("a", 0))
+    orphan = tmp_path / "patterns" / "a.deadbeef0000.safetensors"
+    orphan.write_bytes(b"half written")
+    PatternStore(tmp_path)
+    assert orphan.exists(), "a young file may be another process's write in progress"
+    old = time.time() - 3600
+    os.utime(orphan, (old, old))
+    PatternStore(tmp_path)
+    assert not orphan.exists()
+    assert PatternStore(tmp_path).get("a").name == "a"
+
+
+def test_index_cache_is_used_and_rebuilt_when_stale(tmp_path) -> None:
+    store = PatternStore(tmp_path)
+    store.add(make_pattern("a", 0))
+    assert (tmp_path / "index.faiss").is_file()
+    (tmp_path / "index.faiss").write_bytes(b"not an index")
+    rebuilt = PatternStore(tmp_path)
+    assert rebuilt.search(_unit(_basis(0))[0])[0].name == "a"
