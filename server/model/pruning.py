@@ -76,19 +76,23 @@ def dense_selection(
     sparsity: float,
     method: str = "seap",
     compensate: bool = True,
-    skip_first: int = 1,
-    skip_last: int = 1,
+    skip_first: int | None = None,
+    skip_last: int | None = None,
     seed: int = 0,
 ) -> PrunedSelection:
     """Prune the global share `sparsity` of MLP channels, spread over layers by SEAP's logistic schedule.
 
-    `skip_first`/`skip_last` layers are never pruned (the reference uses 2 and 2 on 32-layer models; the
-    defaults here suit the 4-layer demo). With `compensate`, SEAP turns the pruned channels' mean output
+    The first `skip_first` and last `skip_last` layers are never pruned; by default the reference's 2 and 2
+    of a 32-layer model, scaled to the model's depth (at least the first layer: early layers are the most
+    sensitive), so a 4-layer model keeps its first layer whole. With `compensate`, SEAP turns the pruned channels' mean output
     into a bias; the baselines prune plainly, as weight-magnitude and random pruning do.
     """
     if method not in DENSE_METHODS:
         raise ValueError(f"unknown channel scoring method {method!r}; expected one of {', '.join(DENSE_METHODS)}")
     layers = sorted(builder.dense_layers)
+    depth_share = round(2 * len(layers) / 32)
+    skip_first = max(1, depth_share) if skip_first is None else skip_first
+    skip_last = depth_share if skip_last is None else skip_last
     rho = logistic_schedule(len(layers), sparsity, skip_first=skip_first, skip_last=skip_last)
     kept: dict[int, list[int]] = {}
     bias: dict[int, list[float]] = {}
