@@ -84,8 +84,8 @@ def dense_selection(
 
     The first `skip_first` and last `skip_last` layers are never pruned; by default the reference's 2 and 2
     of a 32-layer model, scaled to the model's depth (at least the first layer: early layers are the most
-    sensitive), so a 4-layer model keeps its first layer whole. With `compensate`, SEAP turns the pruned channels' mean output
-    into a bias; the baselines prune plainly, as weight-magnitude and random pruning do.
+    sensitive), so a 4-layer model keeps its first layer whole. With `compensate`, SEAP turns the pruned
+    channels' mean output into a bias; the baselines prune plainly, as weight-magnitude and random pruning do.
     """
     if method not in DENSE_METHODS:
         raise ValueError(f"unknown channel scoring method {method!r}; expected one of {', '.join(DENSE_METHODS)}")
