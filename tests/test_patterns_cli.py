@@ -1,0 +1,105 @@
+"""`taskmoe calibrate`, `patterns` and `route` on the demo MoE, with the real embedder and FAISS."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import DEMO_DENSE, DEMO_MOE
+
+from pattern_store.store import PatternStore
+from server.cli import main
+from server.demo.tasks import get_task
+from server.model.pruning import model_fingerprint
+
+
+def _write_prompts(path, task: str, n: int, seed: int) -> str:
+    path.write_text(
+        "".join(json.dumps({"prompt": e.prompt, "task": task}) + "\n" for e in get_task(task).examples(n, seed))
+    )
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def store_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli-store")
+    store = root / "store"
+    for task in ("arith", "upper", "translate"):
+        prompts = _write_prompts(root / f"{task}.jsonl", task, 24, seed=11)
+        args = ["calibrate", "--model", str(DEMO_MOE), "--store", str(store), "--name", task, "--prompts", prompts]
+        assert main([*args, "--keep-experts", "6", "--quiet"]) == 0
+    return store
+
+
+def test_calibrated_patterns_are_stored_with_their_model_fingerprint(store_dir) -> None:
+    store = PatternStore(store_dir)
+    assert store.names() == ["arith", "translate", "upper"]
+    pattern = store.get("upper")
+    assert pattern.method == "tcess" and pattern.calibration_prompts == 24 and len(pattern.examples) == 24
+    assert all(len(kept) == 6 for kept in pattern.selection.layers.values())
+    assert len(pattern.selection.layers) == 4
+    assert pattern.model_fingerprint == model_fingerprint(DEMO_MOE)
+    assert pattern.example_embeddings is not None and pattern.example_embeddings.shape == (24, 384)
+    assert store.get("arith").selection != pattern.selection, "different tasks keep different experts"
+
+
+def test_patterns_list_show_remove(store_dir, capsys, tmp_path) -> None:
+    assert main(["patterns", "list", "--store", str(store_dir), "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert [row["name"] for row in listed] == ["arith", "translate", "upper"]
+    assert main(["patterns", "show", "arith", "--store", str(store_dir)]) == 0
+    assert json.loads(capsys.readouterr().out)["kind"] == "moe_experts"
+    assert main(["patterns", "show", "poetry", "--store", str(store_dir)]) == 2
+    assert "stored patterns: arith, translate, upper" in capsys.readouterr().err
+    assert main(["patterns", "list", "--store", str(tmp_path / "nothing")]) == 2
+    assert "not a pattern store" in capsys.readouterr().err
+
+
+def test_route_text_and_file(store_dir, capsys, tmp_path) -> None:
+    assert main(["route", "--store", str(store_dir), "What is 4 + 3?"]) == 0
+    assert capsys.readouterr().out.strip().endswith("-> arith (nearest)")
+    queries = tmp_path / "queries.jsonl"
+    expected = []
+    lines = []
+    for task in ("arith", "upper", "translate"):
+        for example in get_task(task).examples(5, seed=99):
+            lines.append(json.dumps({"prompt": example.prompt}))
+            expected.append(task)
+    queries.write_text("\n".join(lines) + "\n")
+    assert main(["route", "--store", str(store_dir), "--file", str(queries)]) == 0
+    routed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["pattern"] for r in routed] == expected
+    assert all(0.3 < r["score"] <= 1.0001 for r in routed)
+    assert main(["route", "--store", str(store_dir), "--threshold", "0.99", "Tell me a joke about ships"]) == 0
+    assert "full model (below-threshold)" in capsys.readouterr().out
+
+
+def test_calibrate_errors_are_one_line(store_dir, tmp_path, capsys) -> None:
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "no prompt field"}\n')
+    base = ["calibrate", "--model", str(DEMO_MOE), "--store", str(store_dir), "--quiet"]
+    cases = [
+        ([*base, "--name", "x", "--prompts", str(bad)], "needs a non-empty string field 'prompt'"),
+        ([*base, "--name", "../evil", "--prompts", str(bad)], "invalid pattern name"),
+        ([*base, "--name", "arith", "--prompts", _write_prompts(tmp_path / "a.jsonl", "arith", 3, 1)], "--replace"),
+        ([*base, "--name", "y", "--prompts", str(tmp_path / "a.jsonl"), "--keep-experts", "1"], "top-k"),
+        ([*base, "--name", "y", "--prompts", str(tmp_path / "a.jsonl"), "--method", "magic"], "unknown"),
+    ]
+    for args, message in cases:
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, (args, err)
+    assert PatternStore(store_dir).names() == ["arith", "translate", "upper"], "no stored pattern was lost"
+
+
+def test_dense_calibration_stores_a_channel_pattern(tmp_path) -> None:
+    prompts = _write_prompts(tmp_path / "sort.jsonl", "sort", 16, seed=3)
+    args = ["calibrate", "--model", str(DEMO_DENSE), "--store", str(tmp_path / "s"), "--name", "sort"]
+    assert main([*args, "--prompts", prompts, "--sparsity", "0.3", "--quiet"]) == 0
+    pattern = PatternStore(tmp_path / "s").get("sort")
+    assert pattern.kind == "dense_channels" and pattern.method == "seap"
+    assert 0 not in pattern.selection.layers, "the first layer is never pruned"
+    assert pattern.selection.bias and set(pattern.selection.bias) == set(pattern.selection.layers)
+    width = 1024
+    kept = sum(len(v) for v in pattern.selection.layers.values()) + width * (4 - len(pattern.selection.layers))
+    assert kept / (4 * width) == pytest.approx(0.7, abs=0.01)
