@@ -9,12 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import dense_configs, moe_configs, save_random_model
 from transformers import AutoModelForCausalLM, Qwen3MoeConfig
 
 from pattern_store.tcess import tcess_sums
 from server.model.calibrate import collect_statistics
 from server.model.variant import VariantBuilder
+
+from tiny_models import dense_configs, moe_configs, save_random_model
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -6,13 +6,14 @@ import json
 
 import pytest
 import torch
-from tiny_models import dense_configs, moe_configs, save_random_model
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from pattern_store.selection import Selection
 from server.cli import main
 from server.model.export import ExportError, export_variant
 from server.model.variant import VariantBuilder
+
+from tiny_models import dense_configs, moe_configs, save_random_model
 
 X = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(0))
 

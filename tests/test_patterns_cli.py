@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import DEMO_DENSE, DEMO_MOE
 
 from pattern_store.store import PatternStore
 from server.cli import main
 from server.demo.tasks import get_task
 from server.model.pruning import model_fingerprint
+
+from conftest import DEMO_DENSE, DEMO_MOE
 
 
 def _write_prompts(path, task: str, n: int, seed: int) -> str:

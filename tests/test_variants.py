@@ -15,13 +15,14 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny_models import dense_configs, moe_configs, save_random_model
 from transformers import AutoModelForCausalLM
 
 from pattern_store.selection import Selection, SelectionError
 from server.model.checkpoint import CheckpointReader
 from server.model.families import UnsupportedModelError, family_for
 from server.model.variant import VariantBuilder
+
+from tiny_models import dense_configs, moe_configs, save_random_model
 
 MOE = sorted(moe_configs())
 DENSE = sorted(dense_configs())
