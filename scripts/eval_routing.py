@@ -1,0 +1,157 @@
+"""Routing accuracy on real benchmark prompts: how often a query reaches the pattern of its own task.
+
+    python scripts/eval_routing.py [--data ../shared/data/tasks] [--examples 64]
+
+For each task file, the first `--examples` prompts are the pattern's routing examples (stored in a real
+pattern store, searched with FAISS); the remaining prompts are the queries. Every candidate rule is
+measured on the same queries: k-nearest-neighbour voting at several k, nearest centroid, and a light
+classifier (multinomial logistic regression on the embeddings). Writes bench/results/routing.json
+and prints a table; the README quotes it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+
+from pattern_store.embedder import Embedder
+from pattern_store.pattern import TaskPattern
+from pattern_store.selection import Selection
+from pattern_store.store import PatternStore
+from server.routing import Router
+
+DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "tasks"
+
+
+def load_tasks(data: Path) -> dict[str, list[str]]:
+    tasks: dict[str, list[str]] = {}
+    for file in sorted(data.glob("*.jsonl")):
+        for line in file.read_text().splitlines():
+            if line.strip():
+                record = json.loads(line)
+                tasks.setdefault(record["task"], []).append(record["prompt"])
+    if not tasks:
+        raise SystemExit(f"{data}: no task files (*.jsonl)")
+    return tasks
+
+
+def routing_store(root: Path, examples: dict[str, torch.Tensor], texts: dict[str, list[str]]) -> PatternStore:
+    """A real store with one pattern per task; the selection is a placeholder of the right shape, since
+    routing is what is measured here (the patterns could share the demo model's scores)."""
+    store = PatternStore(root)
+    for task, vectors in examples.items():
+        store.add(
+            TaskPattern(
+                name=task,
+                selection=Selection("moe_experts", {0: [0, 1]}),
+                scores={0: torch.ones(2)},
+                method="routing-only",
+                parameters={},
+                model_fingerprint="routing-benchmark",
+                created=time.time(),
+                calibration_prompts=len(texts[task]),
+                examples=texts[task],
+                example_embeddings=vectors,
+            )
+        )
+    return store
+
+
+def logistic_regression(x: torch.Tensor, y: torch.Tensor, classes: int, l2: float = 1e-3) -> torch.nn.Linear:
+    """A softmax classifier on the embeddings, fitted with L-BFGS: the "light classifier" candidate."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(x.shape[1], classes)
+    optimizer = torch.optim.LBFGS(model.parameters(), max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(x), y) + l2 * model.weight.square().sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return model
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--examples", type=int, default=64, help="routing examples per task (the first N prompts)")
+    parser.add_argument("--out", type=Path, default=Path("bench/results/routing.json"))
+    args = parser.parse_args(argv)
+
+    tasks = load_tasks(args.data)
+    names = sorted(tasks)
+    embedder = Embedder()
+    started = time.perf_counter()
+    example_texts = {t: tasks[t][: args.examples] for t in names}
+    query_texts = {t: tasks[t][args.examples :] for t in names}
+    example_vectors = {t: embedder.embed(example_texts[t]) for t in names}
+    query_vectors = {t: embedder.embed(query_texts[t]) for t in names}
+    embed_seconds = time.perf_counter() - started
+
+    queries = [(t, v) for t in names for v in query_vectors[t]]
+    results: dict[str, dict[str, float]] = {}
+
+    def record(rule: str, predicted: list[str]) -> None:
+        per_task = {t: 0 for t in names}
+        for (truth, _), guess in zip(queries, predicted, strict=True):
+            per_task[truth] += guess == truth
+        results[rule] = {t: per_task[t] / len(query_texts[t]) for t in names}
+        results[rule]["overall"] = sum(per_task.values()) / len(queries)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        store = routing_store(Path(tmp), example_vectors, example_texts)
+        for k in (1, 5, 10, 20):
+            router = Router(store, embedder, k=k, threshold=-1.0)
+            record(f"knn-vote k={k}", [router.decide(store.search(v, k=k)).pattern or "" for _, v in queries])
+        router = Router(store, embedder, k=10, threshold=-1.0)
+        timings = []
+        for text in [q for t in names for q in query_texts[t][:20]]:
+            begin = time.perf_counter()
+            router.route(text)
+            timings.append(time.perf_counter() - begin)
+
+    centroids = torch.nn.functional.normalize(torch.stack([example_vectors[t].mean(0) for t in names]), dim=1)
+    record("nearest-centroid", [names[int((centroids @ v).argmax())] for _, v in queries])
+
+    x = torch.cat([example_vectors[t] for t in names])
+    y = torch.tensor([i for i, t in enumerate(names) for _ in example_texts[t]])
+    classifier = logistic_regression(x, y, len(names))
+    with torch.no_grad():
+        guesses = classifier(torch.stack([v for _, v in queries])).argmax(1).tolist()
+    record("logistic-regression", [names[i] for i in guesses])
+
+    best = max(results, key=lambda rule: results[rule]["overall"])
+    report = {
+        "settings": {"examples_per_task": args.examples, "queries": len(queries), "tasks": names},
+        "embedder": embedder.model_id,
+        "embed_seconds": round(embed_seconds, 1),
+        "route_ms_p50": round(1000 * statistics.median(timings), 2),
+        "results": results,
+        "best": best,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=1) + "\n")
+    print("| rule | " + " | ".join(names) + " | overall |")
+    print("|---|" + "---|" * (len(names) + 1))
+    for rule, values in results.items():
+        cells = " | ".join(f"{100 * values[t]:.1f}" for t in names)
+        print(f"| {rule} | {cells} | **{100 * values['overall']:.1f}** |")
+    print(f"\nbest: {best}; one routing decision (embed + search) p50 {report['route_ms_p50']} ms")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
