@@ -80,6 +80,7 @@ class PatternStore:
         self._documents: dict[str, dict[str, Any]] = {}
         self._index: faiss.Index | None = None
         self._owners: list[str] = []
+        self._version = 0
         self.refresh()
 
     # -- reading ---------------------------------------------------------------------------------
@@ -198,6 +199,7 @@ class PatternStore:
                 self._index = faiss.read_index(str(index_path))
                 self._owners = list(manifest["owners"])
                 if self._index.ntotal == len(self._owners):
+                    self._version += 1
                     return
         except (OSError, ValueError, KeyError, RuntimeError, AttributeError):
             pass  # a missing or stale cache is rebuilt below
@@ -223,6 +225,7 @@ class PatternStore:
         if index is not None:
             index.add(np.ascontiguousarray(np.concatenate(vectors), dtype=np.float32))
         self._index, self._owners = index, owners
+        self._version += 1
         self._write_index_cache()
 
     def _write_index_cache(self) -> None:
@@ -234,6 +237,14 @@ class PatternStore:
         atomic_write_bytes(index_path, faiss.serialize_index(self._index).tobytes())
         manifest = {"patterns": self._manifest(), "owners": self._owners}
         atomic_write_bytes(manifest_path, json.dumps(manifest).encode())
+
+    def examples(self) -> tuple[int, np.ndarray, list[str]]:
+        """(version, every example embedding [N, d], the pattern of each): what a routing classifier learns
+        from. The version changes whenever the index does, so a learnt rule knows when to learn again."""
+        with self._lock:
+            if self._index is None:
+                return self._version, np.zeros((0, 0), dtype=np.float32), []
+            return self._version, self._index.reconstruct_n(0, self._index.ntotal), list(self._owners)
 
     @property
     def dimension(self) -> int | None:

@@ -5,8 +5,9 @@
 For each task file, the first `--examples` prompts are the pattern's routing examples (stored in a real
 pattern store, searched with FAISS); the remaining prompts are the queries. Every candidate rule is
 measured on the same queries: k-nearest-neighbour voting at several k, nearest centroid, and a light
-classifier (multinomial logistic regression on the embeddings). Writes bench/results/routing.json
-and prints a table; the README quotes it.
+classifier (multinomial logistic regression on the embeddings, the server's default rule), all through
+`server.routing.Router`; also PreMoe's router-signature key. Writes bench/results/routing.json and
+prints a table; the README quotes it.
 """
 
 from __future__ import annotations
@@ -68,20 +69,24 @@ def routing_store(root: Path, examples: dict[str, torch.Tensor], texts: dict[str
     return store
 
 
-def logistic_regression(x: torch.Tensor, y: torch.Tensor, classes: int, l2: float = 1e-3) -> torch.nn.Linear:
-    """A softmax classifier on the embeddings, fitted with L-BFGS: the "light classifier" candidate."""
-    torch.manual_seed(0)
-    model = torch.nn.Linear(x.shape[1], classes)
-    optimizer = torch.optim.LBFGS(model.parameters(), max_iter=200, line_search_fn="strong_wolfe")
+class RouterSignature:
+    """PreMoe's own retrieval key: the mean routing distribution of the query at the first MoE layer."""
 
-    def closure():
-        optimizer.zero_grad()
-        loss = torch.nn.functional.cross_entropy(model(x), y) + l2 * model.weight.square().sum()
-        loss.backward()
-        return loss
+    def __init__(self, model_dir: Path) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    optimizer.step(closure)
-    return model
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+        self.max_length = int(self.model.config.max_position_embeddings)
+
+    @torch.inference_mode()
+    def embed(self, texts: list[str]) -> torch.Tensor:
+        rows = []
+        for text in texts:
+            ids = self.tokenizer.encode(text, add_special_tokens=False)[: self.max_length]
+            out = self.model(torch.tensor([ids]), output_router_logits=True)
+            rows.append(torch.softmax(out.router_logits[0].float(), dim=-1).mean(0))
+        return torch.nn.functional.normalize(torch.stack(rows), dim=1)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -89,6 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--examples", type=int, default=64, help="routing examples per task (the first N prompts)")
     parser.add_argument("--out", type=Path, default=Path("bench/results/routing.json"))
+    parser.add_argument(
+        "--signature-model", type=Path, default=Path("models/demo-moe"), help="MoE whose first router gives the key"
+    )
     args = parser.parse_args(argv)
 
     tasks = load_tasks(args.data)
@@ -113,10 +121,11 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         store = routing_store(Path(tmp), example_vectors, example_texts)
-        for k in (1, 5, 10, 20):
-            router = Router(store, embedder, k=k, threshold=-1.0)
-            record(f"knn-vote k={k}", [router.decide(store.search(v, k=k)).pattern or "" for _, v in queries])
-        router = Router(store, embedder, k=10, threshold=-1.0)
+        for rule, k in (("knn", 1), ("knn", 5), ("knn", 10), ("knn", 20), ("centroid", 10), ("classifier", 10)):
+            router = Router(store, embedder, rule=rule, k=k, threshold=-1.0)
+            label = f"knn-vote k={k}" if rule == "knn" else rule
+            record(label, [router.route_vector(v).pattern or "" for _, v in queries])
+        router = Router(store, embedder, threshold=-1.0)  # the default rule
         timings = []
         for text in [q for t in names for q in query_texts[t][:20]]:
             begin = time.perf_counter()
@@ -124,14 +133,29 @@ def main(argv: list[str] | None = None) -> int:
             timings.append(time.perf_counter() - begin)
 
     centroids = torch.nn.functional.normalize(torch.stack([example_vectors[t].mean(0) for t in names]), dim=1)
-    record("nearest-centroid", [names[int((centroids @ v).argmax())] for _, v in queries])
 
-    x = torch.cat([example_vectors[t] for t in names])
-    y = torch.tensor([i for i, t in enumerate(names) for _ in example_texts[t]])
-    classifier = logistic_regression(x, y, len(names))
-    with torch.no_grad():
-        guesses = classifier(torch.stack([v for _, v in queries])).argmax(1).tolist()
-    record("logistic-regression", [names[i] for i in guesses])
+    if args.signature_model.is_dir():
+        signature = RouterSignature(args.signature_model)
+        example_signatures = {t: signature.embed(example_texts[t]) for t in names}
+        signature_centroids = torch.nn.functional.normalize(
+            torch.stack([example_signatures[t].mean(0) for t in names]), dim=1
+        )
+        query_signatures = torch.cat([signature.embed(query_texts[t]) for t in names])
+        record(
+            "router-signature centroid", [names[int(i)] for i in (query_signatures @ signature_centroids.T).argmax(1)]
+        )
+
+    margins = {}
+    similarity = torch.stack([v for _, v in queries]) @ centroids.T
+    top2 = similarity.topk(2, dim=1).values
+    truth = torch.tensor([names.index(t) for t, _ in queries])
+    right = similarity.argmax(1) == truth
+    for margin in (0.0, 0.02, 0.05, 0.1):
+        answered = (top2[:, 0] - top2[:, 1]) >= margin
+        margins[str(margin)] = {
+            "coverage": float(answered.float().mean()),
+            "accuracy_answered": float(right[answered].float().mean()) if answered.any() else 0.0,
+        }
 
     best = max(results, key=lambda rule: results[rule]["overall"])
     report = {
@@ -141,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         "route_ms_p50": round(1000 * statistics.median(timings), 2),
         "results": results,
         "best": best,
+        "centroid_margin_rule": margins,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n")
@@ -150,6 +175,11 @@ def main(argv: list[str] | None = None) -> int:
         cells = " | ".join(f"{100 * values[t]:.1f}" for t in names)
         print(f"| {rule} | {cells} | **{100 * values['overall']:.1f}** |")
     print(f"\nbest: {best}; one routing decision (embed + search) p50 {report['route_ms_p50']} ms")
+    print("nearest-centroid with a margin rule (top-1 minus top-2 similarity >= m, else fall back):")
+    for margin, values in margins.items():
+        print(
+            f"  m={margin}: answers {100 * values['coverage']:.1f}%, right on {100 * values['accuracy_answered']:.1f}%"
+        )
     return 0
 
 

@@ -342,3 +342,40 @@ def test_variant_built_straight_into_gpu_memory_in_bf16(checkpoints) -> None:
     x = _inputs()
     with torch.no_grad():
         torch.testing.assert_close(variant(x.cuda()).logits.float().cpu(), reference(x).logits, rtol=0.05, atol=0.05)
+
+
+def test_fused_expert_checkpoints_read_only_kept_experts(checkpoints, tmp_path) -> None:
+    """Checkpoints that store experts as fused [E, ...] tensors (transformers v5's own layout) work too."""
+    from safetensors.torch import save_file
+
+    source = checkpoints["qwen2_moe"]
+    full = _full(source)
+    fused_dir = tmp_path / "fused"
+    fused_dir.mkdir()
+    full.config.save_pretrained(fused_dir)
+    state = {name: tensor.contiguous() for name, tensor in full.state_dict().items()}
+    save_file(state, str(fused_dir / "model.safetensors"))
+    reader = CheckpointReader(fused_dir)
+    assert "model.layers.0.mlp.experts.gate_up_proj" in reader
+    selection = Selection("moe_experts", {0: [0, 1, 2, 6], 1: [3, 5], 2: [7, 1]})
+    fused = VariantBuilder(fused_dir)
+    variant = fused.build(selection)
+    x = _inputs()
+    with torch.no_grad():
+        assert torch.equal(variant(x).logits, VariantBuilder(source).build(selection)(x).logits)
+    expert_bytes = 0
+    for layer, kept in selection.layers.items():
+        for name in ("gate_up_proj", "down_proj"):
+            info = reader.info(f"model.layers.{layer}.mlp.experts.{name}")
+            expert_bytes += info.nbytes * (info.shape[0] - len(kept)) // info.shape[0]
+        router = reader.info(f"model.layers.{layer}.mlp.gate.weight")
+        expert_bytes += router.nbytes * (router.shape[0] - len(kept)) // router.shape[0]
+    assert fused.reader.bytes_read == fused.reader.total_bytes - expert_bytes
+
+
+def test_variant_tensors_do_not_point_into_the_checkpoint_mmap(checkpoints) -> None:
+    builder = VariantBuilder(checkpoints["llama"])
+    variant = builder.build()
+    mapped = builder.reader.read("model.embed_tokens.weight")
+    owned = variant.model.embed_tokens.weight
+    assert torch.equal(mapped, owned) and mapped.data_ptr() != owned.data_ptr()

@@ -139,7 +139,8 @@ class CheckpointReader:
         return tensor
 
     def read(self, name: str) -> torch.Tensor:
-        """The whole tensor, copied from the mmap into memory."""
+        """The whole tensor. safetensors may return it as a view of the mmap (its pages are read when first
+        touched); callers that keep it make their own copy."""
         info = self.info(name)
         return self._count(self._files[info.file].get_tensor(name))
 
@@ -149,6 +150,13 @@ class CheckpointReader:
         if not 0 <= index < info.shape[0]:
             raise CheckpointError(f"{name}: index {index} out of range for first dimension {info.shape[0]}")
         return self._count(self._files[info.file].get_slice(name)[index : index + 1])[0]
+
+    def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """`tensor[start:stop]` along the first dimension (a run of experts of a fused expert tensor)."""
+        info = self.info(name)
+        if not 0 <= start < stop <= info.shape[0]:
+            raise CheckpointError(f"{name}: rows {start}:{stop} out of range for first dimension {info.shape[0]}")
+        return self._count(self._files[info.file].get_slice(name)[start:stop])
 
     def read_indices(self, name: str, indices: Sequence[int], dim: int = 0) -> torch.Tensor:
         """`tensor.index_select(dim, indices)` for dim 0 or 1, reading only the selected rows or columns.

@@ -22,7 +22,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PretrainedConfig, PreTrainedModel
 
 from pattern_store.selection import Selection, SelectionError
-from server.model.checkpoint import CheckpointError, CheckpointReader
+from server.model.checkpoint import CheckpointError, CheckpointReader, contiguous_runs
 from server.model.families import Family, check_selection_kind, family_for
 
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
@@ -138,8 +138,11 @@ class VariantBuilder:
     # -- reading -------------------------------------------------------------------------------
 
     def _to_target(self, tensor: torch.Tensor) -> torch.Tensor:
+        """An owning copy on the target device and dtype. safetensors may hand out tensors that point
+        into the file's mmap; a variant must not (a rewritten file would change or crash it)."""
         dtype = self.dtype if tensor.is_floating_point() else tensor.dtype
-        return tensor.to(device=self.device, dtype=dtype)
+        out = tensor.to(device=self.device, dtype=dtype)
+        return out.clone() if out.data_ptr() == tensor.data_ptr() else out
 
     def _checkpoint_name(self, module_name: str) -> str | None:
         for candidate in self.family.checkpoint_candidates(module_name):
@@ -175,10 +178,7 @@ class VariantBuilder:
         fused_gate_up = self._checkpoint_name(f"{layer.prefix}.experts.gate_up_proj")
         fused_down = self._checkpoint_name(f"{layer.prefix}.experts.down_proj")
         if fused_gate_up and fused_down:
-            return (
-                self._to_target(self.reader.read_indices(fused_gate_up, kept)),
-                self._to_target(self.reader.read_indices(fused_down, kept)),
-            )
+            return self._read_fused(fused_gate_up, kept), self._read_fused(fused_down, kept)
         size, hidden = layer.intermediate, self.config.hidden_size
         gate_up = torch.empty((len(kept), 2 * size, hidden), dtype=self.dtype, device=self.device)
         down = torch.empty((len(kept), hidden, size), dtype=self.dtype, device=self.device)
@@ -190,6 +190,17 @@ class VariantBuilder:
             gate_up[slot, size:].copy_(self.reader.read(names[1]))
             down[slot].copy_(self.reader.read(names[2]))
         return gate_up, down
+
+    def _read_fused(self, name: str, kept: Sequence[int]) -> torch.Tensor:
+        """Kept experts of a fused [E, ...] checkpoint tensor, each run of consecutive experts copied once,
+        straight into the preallocated result."""
+        shape = self.reader.info(name).shape
+        out = torch.empty((len(kept), *shape[1:]), dtype=self.dtype, device=self.device)
+        slot = 0
+        for start, stop in contiguous_runs(kept):
+            out[slot : slot + stop - start].copy_(self.reader.read_rows(name, start, stop))
+            slot += stop - start
+        return out
 
     # -- checking a selection ------------------------------------------------------------------
 
@@ -261,8 +272,9 @@ class VariantBuilder:
             variant_names = self._assign_experts(model, self._moe_plan(selection))
         else:
             variant_names = self._assign_channels(model, self._dense_plan(selection), selection)
+        non_persistent = self._non_persistent(model)
         for name, _ in list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers()):
-            if name in variant_names or name in self._non_persistent(model):
+            if name in variant_names or name in non_persistent:
                 continue
             if name in self._tied and self._checkpoint_name(name) is None:
                 continue  # tied to its source below
@@ -335,8 +347,9 @@ class VariantBuilder:
         """Read every tensor under `prefix` (all experts kept) into `model`, bypassing the backbone cache,
         so that `release` gives the memory back."""
         sparse = {layer.prefix: layer for layer in self.sparse_layers.values()}
+        non_persistent = self._non_persistent(model)
         persistent = {name for name, _ in model.named_parameters()} | {
-            name for name, _ in model.named_buffers() if name not in self._non_persistent(model)
+            name for name, _ in model.named_buffers() if name not in non_persistent
         }
         for name in sorted(persistent):
             if not name.startswith(f"{prefix}."):
@@ -353,7 +366,7 @@ class VariantBuilder:
                 continue
             else:
                 _set_tensor(model, name, self._to_target(self.reader.read(self._required_name(name))))
-        owners = {n.rpartition(".")[0] for n in self._non_persistent(model) if n.startswith(f"{prefix}.")}
+        owners = {n.rpartition(".")[0] for n in non_persistent if n.startswith(f"{prefix}.")}
         for owner in owners:
             for buffer_name, buffer in list(model.get_submodule(owner).named_buffers(recurse=False)):
                 _set_tensor(model, f"{owner}.{buffer_name}", torch.empty_like(buffer, device=self.device))
