@@ -2,9 +2,10 @@
 
     python scripts/build_demo_stores.py                  # models/demo-moe/patterns and models/demo-dense/patterns
 
-Each task pattern is calibrated on 64 generated prompts of its task (a seed that is neither the training
-stream's nor the held-out evaluation's) and routes on the same prompts. The general pattern is calibrated on
-all tasks' prompts together and has no routing examples: it is what a server can fall back to.
+Each task pattern is calibrated on 64 generated prompts of its task with their answers (a seed that is
+neither the training stream's nor the held-out evaluation's) and routes on the same prompts. The general
+pattern is calibrated on all tasks' prompts together and has no routing examples: it is what a server can
+fall back to.
 """
 
 from __future__ import annotations
@@ -25,7 +26,13 @@ from pattern_store.store import PatternStore
 from server.demo.tasks import TASKS
 from server.model.pruning import model_fingerprint
 from server.model.variant import VariantBuilder
-from server.patterns import PatternRecipe, calibration_statistics, load_tokenizer, pattern_from_statistics
+from server.patterns import (
+    CalibrationText,
+    PatternRecipe,
+    calibration_statistics,
+    load_tokenizer,
+    pattern_from_statistics,
+)
 
 CALIBRATION_SEED = 7_000
 GENERAL = "general"
@@ -41,8 +48,10 @@ def build_store(model_dir: Path, recipe: PatternRecipe, prompts_per_task: int, e
     fingerprint = model_fingerprint(model_dir)
     pooled = None
     for task in tqdm(TASKS, desc=f"{model_dir.name} patterns", unit="task"):
-        prompts = [e.prompt for e in task.examples(prompts_per_task, CALIBRATION_SEED)]
-        stats = calibration_statistics(builder, tokenizer, prompts, recipe.threshold)
+        examples = task.examples(prompts_per_task, CALIBRATION_SEED)
+        prompts = [e.prompt for e in examples]
+        texts = [CalibrationText(e.prompt, e.answer) for e in examples]
+        stats = calibration_statistics(builder, tokenizer, texts, recipe.threshold)
         pooled = stats if pooled is None else pooled.merge(stats)
         store.add(pattern_from_statistics(task.name, builder, stats, recipe, prompts, embedder, fingerprint))
     assert pooled is not None

@@ -30,11 +30,11 @@ from server.demo.tasks import TASK_NAMES, get_task
 from server.model.calibrate import CalibrationStatistics
 from server.model.pruning import dense_selection, keep_count, moe_selection
 from server.model.variant import VariantBuilder
-from server.patterns import calibration_statistics, load_tokenizer
+from server.patterns import CalibrationText, calibration_statistics, load_tokenizer
 
 CALIBRATION_SEED = 7_000  # the demo stores' seed: neither training's nor the held-out evaluation's
 MOE_KEEPS = (0.5, 0.25)
-DENSE_SPARSITIES = (0.2, 0.5)
+DENSE_SPARSITIES = (0.2, 0.5, 0.7)
 
 
 def _accuracy(model, tokenizer, task: str, n: int) -> float:
@@ -44,7 +44,9 @@ def _accuracy(model, tokenizer, task: str, n: int) -> float:
 def _statistics(builder: VariantBuilder, tokenizer, prompts_per_task: int) -> dict[str, CalibrationStatistics]:
     return {
         task: calibration_statistics(
-            builder, tokenizer, [e.prompt for e in get_task(task).examples(prompts_per_task, CALIBRATION_SEED)]
+            builder,
+            tokenizer,
+            [CalibrationText(e.prompt, e.answer) for e in get_task(task).examples(prompts_per_task, CALIBRATION_SEED)],
         )
         for task in TASK_NAMES
     }

@@ -125,13 +125,14 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         calibration_statistics,
         load_tokenizer,
         pattern_from_statistics,
+        read_calibration,
         read_prompts,
     )
 
     try:
         validate_name(args.name)
-        prompts = read_prompts(args.prompts)
-        examples = read_prompts(args.examples) if args.examples else prompts
+        texts = read_calibration(args.prompts)
+        examples = read_prompts(args.examples) if args.examples else [text.prompt for text in texts]
         store = _open_store(args.store, create=True)
         if args.name in store and not args.replace:
             raise CliError(f"pattern {args.name!r} exists in {args.store}; pass --replace to overwrite it")
@@ -149,7 +150,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         layers = builder.config.num_hidden_layers
         with tqdm(total=layers, desc=f"calibrating {args.name}", unit="layer", disable=args.quiet) as bar:
             stats = calibration_statistics(
-                builder, load_tokenizer(args.model), prompts, args.threshold, progress=lambda n: bar.update(n - bar.n)
+                builder, load_tokenizer(args.model), texts, args.threshold, progress=lambda n: bar.update(n - bar.n)
             )
         embedder = Embedder(args.embedder) if args.embedder else Embedder()
         pattern = pattern_from_statistics(args.name, builder, stats, recipe, examples, embedder)
@@ -254,7 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--model", required=True, help="model directory")
     calibrate.add_argument("--store", required=True, help="pattern store directory (created if missing)")
     calibrate.add_argument("--name", required=True, help="pattern name (letters, digits, _ . -)")
-    calibrate.add_argument("--prompts", required=True, help="JSONL with a 'prompt' field: drives the scores")
+    calibrate.add_argument(
+        "--prompts", required=True, help="JSONL with a 'prompt' (and optional 'response') field: drives the scores"
+    )
     calibrate.add_argument("--examples", help="JSONL of prompts routing matches against (default: --prompts)")
     keep = calibrate.add_mutually_exclusive_group()
     keep.add_argument("--keep", type=float, default=0.5, help="MoE: share of experts kept per layer (default 0.5)")

@@ -26,9 +26,21 @@ class PromptFileError(ValueError):
     """A prompts file that cannot be used; the message names the file and line."""
 
 
-def read_prompts(path: str | Path) -> list[str]:
-    """The `prompt` field of every line of a JSONL file (other fields are ignored)."""
-    prompts = []
+@dataclass(frozen=True)
+class CalibrationText:
+    """A prompt and, when the file gives one, the response that the task expects to it."""
+
+    prompt: str
+    response: str | None = None
+
+
+def read_calibration(path: str | Path) -> list[CalibrationText]:
+    """JSONL lines with a `prompt` field and an optional `response` field (other fields are ignored).
+
+    With responses, calibration sees the whole exchange, as serving does: the answer's tokens are routed
+    through the experts too, and a pattern calibrated on prompts alone can miss the experts that write it.
+    """
+    records = []
     try:
         lines = Path(path).read_text().splitlines()
     except OSError as error:
@@ -43,23 +55,37 @@ def read_prompts(path: str | Path) -> list[str]:
         prompt = record.get("prompt") if isinstance(record, dict) else None
         if not isinstance(prompt, str) or not prompt.strip():
             raise PromptFileError(f"{path}:{number}: each line needs a non-empty string field 'prompt'")
-        prompts.append(prompt)
-    if not prompts:
+        response = record.get("response")
+        if response is not None and not isinstance(response, str):
+            raise PromptFileError(f"{path}:{number}: 'response' must be a string")
+        records.append(CalibrationText(prompt, response))
+    if not records:
         raise PromptFileError(f"{path}: no prompts")
-    return prompts
+    return records
 
 
-def prompt_token_ids(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], max_length: int) -> list[list[int]]:
-    """Prompts as the server will see them: a one-turn chat when the tokenizer has a template."""
+def read_prompts(path: str | Path) -> list[str]:
+    """The `prompt` field of every line of a JSONL file."""
+    return [record.prompt for record in read_calibration(path)]
+
+
+def calibration_token_ids(
+    tokenizer: PreTrainedTokenizerBase, texts: Sequence[CalibrationText], max_length: int
+) -> list[list[int]]:
+    """Token ids as the server sees them: a one-turn chat (with the response as the assistant's turn when
+    there is one) when the tokenizer has a chat template, else the plain text."""
     out = []
-    for prompt in prompts:
+    for text in texts:
         if tokenizer.chat_template:
+            messages = [{"role": "user", "content": text.prompt}]
+            if text.response is not None:
+                messages.append({"role": "assistant", "content": text.response})
             encoded = tokenizer.apply_chat_template(
-                [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
+                messages, add_generation_prompt=text.response is None, tokenize=True
             )
             ids = list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
         else:
-            ids = tokenizer.encode(prompt)
+            ids = tokenizer.encode(text.prompt + (f" {text.response}" if text.response else ""))
         out.append(ids[:max_length])
     return out
 
@@ -84,13 +110,13 @@ class PatternRecipe:
 def calibration_statistics(
     builder: VariantBuilder,
     tokenizer: PreTrainedTokenizerBase,
-    prompts: Sequence[str],
+    texts: Sequence[CalibrationText],
     threshold: float = 0.0,
     progress: Callable[[int], None] | None = None,
 ) -> CalibrationStatistics:
     max_length = int(getattr(builder.config, "max_position_embeddings", 2048) or 2048)
     return collect_statistics(
-        builder, prompt_token_ids(tokenizer, prompts, max_length), threshold=threshold, progress=progress
+        builder, calibration_token_ids(tokenizer, texts, max_length), threshold=threshold, progress=progress
     )
 
 

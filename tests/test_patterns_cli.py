@@ -58,7 +58,7 @@ def test_patterns_list_show_remove(store_dir, capsys, tmp_path) -> None:
 
 def test_route_text_and_file(store_dir, capsys, tmp_path) -> None:
     assert main(["route", "--store", str(store_dir), "What is 4 + 3?"]) == 0
-    assert capsys.readouterr().out.strip().endswith("-> arith (nearest)")
+    assert capsys.readouterr().out.strip().endswith("-> arith (classifier)")
     queries = tmp_path / "queries.jsonl"
     expected = []
     lines = []
@@ -104,3 +104,22 @@ def test_dense_calibration_stores_a_channel_pattern(tmp_path) -> None:
     width = 1024
     kept = sum(len(v) for v in pattern.selection.layers.values()) + width * (4 - len(pattern.selection.layers))
     assert kept / (4 * width) == pytest.approx(0.7, abs=0.01)
+
+
+def test_responses_are_calibrated_as_the_assistant_turn(tmp_path) -> None:
+    from transformers import AutoTokenizer
+
+    from server.patterns import CalibrationText, calibration_token_ids, read_calibration
+
+    tokenizer = AutoTokenizer.from_pretrained(DEMO_MOE)
+    with_response, prompt_only = calibration_token_ids(
+        tokenizer, [CalibrationText("What is 1 + 2?", "3"), CalibrationText("What is 1 + 2?")], 256
+    )
+    assert tokenizer.decode(with_response) == "<|user|>What is 1 + 2?<|end|><|assistant|>3<|end|>"
+    assert tokenizer.decode(prompt_only) == "<|user|>What is 1 + 2?<|end|><|assistant|>"
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt": "a", "response": "b", "task": "x"}\n{"prompt": "c"}\n')
+    assert read_calibration(path) == [CalibrationText("a", "b"), CalibrationText("c", None)]
+    path.write_text('{"prompt": "a", "response": 3}\n')
+    with pytest.raises(ValueError, match="'response' must be a string"):
+        read_calibration(path)
