@@ -64,7 +64,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
         return 0
     interactive = sys.stdin.isatty()
     if interactive:
-        print(f"taskmoe chat with {args.model}; try 'What is 7 + 5?' or \"Spell 'planet' backwards.\" (Ctrl-D ends)")
+        print(f"taskmoe chat with {args.model}; try 'What is 7 + 5?' or \"Spell 'tanumi' backwards.\" (Ctrl-D ends)")
     while True:
         try:
             line = input("> " if interactive else "")
