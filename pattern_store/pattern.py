@@ -51,7 +51,10 @@ class TaskPattern:
 
     def __post_init__(self) -> None:
         validate_name(self.name)
-        if self.example_embeddings is not None and self.example_embeddings.shape[0] != len(self.examples):
+        embeddings = self.example_embeddings
+        if embeddings is not None and (embeddings.dim() != 2 or not embeddings.is_floating_point()):
+            raise PatternError(f"pattern {self.name}: example embeddings must be a 2-D float tensor [examples, dim]")
+        if embeddings is not None and embeddings.shape[0] != len(self.examples):
             raise PatternError(
                 f"pattern {self.name}: {len(self.examples)} examples but {self.example_embeddings.shape[0]} embeddings"
             )
@@ -118,5 +121,5 @@ class TaskPattern:
             )
         except KeyError as error:
             raise PatternError(f"pattern document lacks {error.args[0]!r}") from None
-        except (SelectionError, TypeError, ValueError) as error:
+        except (SelectionError, TypeError, ValueError, IndexError, AttributeError) as error:
             raise PatternError(f"invalid pattern document: {error}") from None

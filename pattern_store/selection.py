@@ -65,8 +65,17 @@ class Selection:
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise SelectionError(f"unknown selection kind {self.kind!r}; expected one of {', '.join(KINDS)}")
-        layers = {_layer_number(k): _indices(_layer_number(k), v) for k, v in self.layers.items()}
-        bias = {_layer_number(k): tuple(float(x) for x in v) for k, v in self.bias.items()}
+        layers = {}
+        for key, values in self.layers.items():
+            layer = _layer_number(key)
+            layers[layer] = _indices(layer, values)
+        bias = {}
+        for key, values in self.bias.items():
+            layer = _layer_number(key)
+            try:
+                bias[layer] = tuple(float(x) for x in values)
+            except (TypeError, ValueError):
+                raise SelectionError(f"layer {layer}: bias must be a list of numbers") from None
         if bias and self.kind != "dense_channels":
             raise SelectionError("only dense_channels selections carry a bias compensation")
         object.__setattr__(self, "layers", dict(sorted(layers.items())))

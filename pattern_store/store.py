@@ -19,8 +19,10 @@ A corrupt or foreign file is reported in `problems` and skipped; it never takes 
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import re
 import secrets
 import tempfile
 import threading
@@ -35,6 +37,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pattern_store.pattern import PatternError, TaskPattern, validate_name
+
+_TENSOR_FILE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*\.[0-9a-f]{12}\.safetensors$")
 
 
 @dataclass(frozen=True)
@@ -93,14 +97,20 @@ class PatternStore:
             for path in sorted(self.pattern_dir.glob("*.json")):
                 try:
                     document = json.loads(path.read_text())
-                    if not isinstance(document, dict) or document.get("format") != "taskmoe-pattern":
-                        raise PatternError("not a taskmoe pattern document")
+                    TaskPattern.from_parts(document, {})  # the whole schema, tensors aside
                     if document.get("name") != path.stem:
                         raise PatternError(f"document names pattern {document.get('name')!r}, file is {path.name}")
-                    if not (self.pattern_dir / str(document.get("tensors"))).is_file():
-                        raise PatternError(f"its tensor file {document.get('tensors')!r} is missing")
+                    tensors = document.get("tensors")
+                    if (
+                        not isinstance(tensors, str)
+                        or not _TENSOR_FILE.match(tensors)
+                        or not tensors.startswith(f"{path.stem}.")
+                    ):
+                        raise PatternError(f"its tensor file name {tensors!r} is not this pattern's")
+                    if not (self.pattern_dir / tensors).is_file():
+                        raise PatternError(f"its tensor file {tensors!r} is missing")
                     documents[path.stem] = document
-                except (OSError, json.JSONDecodeError, PatternError) as error:
+                except (OSError, ValueError, RecursionError) as error:  # JSON, Unicode and pattern errors
                     problems[path.name] = f"skipped: {error}"
             self._documents = documents
             self.problems = problems
@@ -119,8 +129,8 @@ class PatternStore:
             try:
                 if now - path.stat().st_mtime >= min_age_seconds:
                     path.unlink()
-            except FileNotFoundError:
-                pass
+            except OSError:
+                pass  # gone already, or a read-only store: leftovers are harmless
 
     def names(self) -> list[str]:
         with self._lock:
@@ -155,10 +165,23 @@ class PatternStore:
 
     # -- writing ---------------------------------------------------------------------------------
 
+    def _write_lock(self):
+        """An exclusive lock across processes for one write; the view is refreshed under it first."""
+        handle = open(self.root / ".lock", "a+")  # noqa: SIM115 (closed by the caller's context)
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        return handle
+
     def add(self, pattern: TaskPattern, replace: bool = False) -> None:
         """Store `pattern` (atomically); an existing one of the same name needs `replace=True`."""
         validate_name(pattern.name)
-        with self._lock:
+        embeddings = pattern.example_embeddings
+        with self._lock, self._write_lock():
+            self.refresh()
+            if embeddings is not None and self.dimension is not None and embeddings.shape[1] != self.dimension:
+                raise PatternError(
+                    f"pattern {pattern.name!r} has example embeddings of size {embeddings.shape[1]}, the store's "
+                    f"are {self.dimension}: use the embedder the store was built with"
+                )
             old = self._documents.get(pattern.name)
             if old is not None and not replace:
                 raise PatternError(f"a pattern named {pattern.name!r} exists; remove it or replace it")
@@ -167,6 +190,7 @@ class PatternStore:
             save_file(pattern.tensors(), str(tensor_path))
             with open(tensor_path, "rb") as handle:
                 os.fsync(handle.fileno())
+            _fsync_directory(self.pattern_dir)  # the tensor file's entry is durable before the JSON names it
             document = pattern.document(tensor_file)
             atomic_write_bytes(self.pattern_dir / f"{pattern.name}.json", json.dumps(document, indent=1).encode())
             if old is not None:
@@ -176,7 +200,8 @@ class PatternStore:
             self._rebuild_index()
 
     def remove(self, name: str) -> None:
-        with self._lock:
+        with self._lock, self._write_lock():
+            self.refresh()
             document = self._documents.get(name)
             if document is None:
                 raise KeyError(self._unknown(name))
@@ -219,8 +244,21 @@ class PatternStore:
             vectors.append(embeddings.float().numpy())
             owners.extend([name] * embeddings.shape[0])
         dims = {v.shape[1] for v in vectors}
-        if len(dims) > 1:
-            raise PatternError(f"the patterns' example embeddings have different sizes {sorted(dims)}")
+        if len(dims) > 1:  # keep the size most patterns use; the others are reported, not fatal
+            common = max(dims, key=lambda d: sum(v.shape[1] == d for v in vectors))
+            kept_vectors, kept_owners = [], []
+            position = 0
+            for v in vectors:
+                names_of_v = owners[position : position + v.shape[0]]
+                position += v.shape[0]
+                if v.shape[1] == common:
+                    kept_vectors.append(v)
+                    kept_owners.extend(names_of_v)
+                else:
+                    self.problems[f"{names_of_v[0]}.json"] = (
+                        f"not routable: embeddings of size {v.shape[1]}, not {common}"
+                    )
+            vectors, owners, dims = kept_vectors, kept_owners, {common}
         index = faiss.IndexFlatIP(dims.pop()) if dims else None
         if index is not None:
             index.add(np.ascontiguousarray(np.concatenate(vectors), dtype=np.float32))
@@ -229,6 +267,13 @@ class PatternStore:
         self._write_index_cache()
 
     def _write_index_cache(self) -> None:
+        """Best effort: the cache only saves a rebuild, and a read-only store must still open."""
+        try:
+            self._write_index_cache_files()
+        except OSError as error:
+            self.problems["index.faiss"] = f"index cache not written: {error}"
+
+    def _write_index_cache_files(self) -> None:
         manifest_path, index_path = self.root / "index.json", self.root / "index.faiss"
         if self._index is None:
             manifest_path.unlink(missing_ok=True)

@@ -42,7 +42,7 @@ from server.demo.tokenizer import build_char_tokenizer
 IGNORE = -100
 
 
-def moe_config(tokenizer: PreTrainedTokenizerBase) -> Qwen3MoeConfig:
+def moe_config(tokenizer: PreTrainedTokenizerBase, aux_loss_coef: float = 0.01) -> Qwen3MoeConfig:
     """4 sparse layers of 16 routed experts, top-2 routing, with the router's load-balancing loss."""
     return Qwen3MoeConfig(
         vocab_size=len(tokenizer),
@@ -58,7 +58,7 @@ def moe_config(tokenizer: PreTrainedTokenizerBase) -> Qwen3MoeConfig:
         norm_topk_prob=True,
         decoder_sparse_step=1,
         mlp_only_layers=[],
-        router_aux_loss_coef=0.01,
+        router_aux_loss_coef=aux_loss_coef,
         max_position_embeddings=256,
         tie_word_embeddings=True,
         pad_token_id=tokenizer.pad_token_id,
@@ -196,6 +196,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--aux-loss-coef", type=float, default=0.01, help="demo-moe's router load-balancing loss coefficient"
+    )
     parser.add_argument("--eval-n", type=int, default=200, help="held-out examples per task")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = parser.parse_args(argv)
@@ -209,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.manual_seed(args.seed)
         random.seed(args.seed)
         if kind == "moe":
-            model: PreTrainedModel = Qwen3MoeForCausalLM(moe_config(tokenizer))
+            model: PreTrainedModel = Qwen3MoeForCausalLM(moe_config(tokenizer, args.aux_loss_coef))
             steps = args.moe_steps
         else:
             model = Qwen3ForCausalLM(dense_config(tokenizer))

@@ -83,6 +83,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     from server.model.variant import VariantBuilder
 
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise CliError(f"{out} exists and is not a directory")
+    if out.resolve() == Path(args.model).resolve():
+        raise CliError("--out is the model directory itself; export into a new directory")
     if out.exists() and any(out.iterdir()) and not args.force:
         raise CliError(f"{out} exists and is not empty; pass --force to write into it")
     try:
@@ -147,15 +151,24 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
             sparsity=args.sparsity,
             seed=args.seed,
         )
+        tokenizer = load_tokenizer(args.model)
+        embedder = Embedder(args.embedder) if args.embedder else Embedder()  # fail before the long part
         layers = builder.config.num_hidden_layers
         with tqdm(total=layers, desc=f"calibrating {args.name}", unit="layer", disable=args.quiet) as bar:
             stats = calibration_statistics(
-                builder, load_tokenizer(args.model), texts, args.threshold, progress=lambda n: bar.update(n - bar.n)
+                builder, tokenizer, texts, args.threshold, progress=lambda n: bar.update(n - bar.n)
             )
-        embedder = Embedder(args.embedder) if args.embedder else Embedder()
         pattern = pattern_from_statistics(args.name, builder, stats, recipe, examples, embedder)
         store.add(pattern, replace=args.replace)
-    except (PatternError, SelectionError, CheckpointError, UnsupportedModelError, PromptFileError, ValueError) as error:
+    except (
+        PatternError,
+        SelectionError,
+        CheckpointError,
+        UnsupportedModelError,
+        PromptFileError,
+        ValueError,
+        OSError,
+    ) as error:
         raise CliError(str(error)) from None
     kept = pattern.selection.layers
     sizes = sorted({len(v) for v in kept.values()})
@@ -201,26 +214,32 @@ def cmd_patterns(args: argparse.Namespace) -> int:
 def cmd_route(args: argparse.Namespace) -> int:
     """Which stored pattern would serve a query."""
     from pattern_store.embedder import Embedder
+    from pattern_store.pattern import PatternError
     from server.patterns import PromptFileError, read_prompts
     from server.routing import Router
 
     if bool(args.text) == bool(args.file):
-        raise CliError("give a query text or --file queries.jsonl, not both")
+        raise CliError("give either a query text or --file queries.jsonl")
+
     store = _open_store(args.store)
-    router = Router(store, Embedder(args.embedder) if args.embedder else Embedder(), k=args.k, threshold=args.threshold)
+    try:
+        router = Router(
+            store, Embedder(args.embedder) if args.embedder else Embedder(), k=args.k, threshold=args.threshold
+        )
+        if args.text:
+            decision = router.route(" ".join(args.text))
+        else:
+            queries = read_prompts(args.file)
+            decisions = [router.route(query) for query in queries]
+    except (PatternError, PromptFileError, ValueError, OSError) as error:
+        raise CliError(str(error)) from None
     if args.text:
-        decision = router.route(" ".join(args.text))
         print(f"{'pattern':<20}{'similarity':>11}{'votes':>7}")
         for hit in decision.hits:
             print(f"{hit.name:<20}{hit.score:>11.3f}{hit.votes:>7}")
         print(f"-> {decision.pattern or 'full model'} ({decision.reason})")
         return 0
-    try:
-        queries = read_prompts(args.file)
-    except PromptFileError as error:
-        raise CliError(str(error)) from None
-    for query in queries:
-        decision = router.route(query)
+    for query, decision in zip(queries, decisions, strict=True):
         print(json.dumps({"prompt": query, "pattern": decision.pattern, "score": round(decision.score, 4)}))
     return 0
 

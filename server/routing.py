@@ -34,9 +34,12 @@ class RouteDecision:
 
 
 def fit_linear_classifier(x: torch.Tensor, y: torch.Tensor, classes: int, l2: float = 1e-3) -> torch.nn.Linear:
-    """Softmax regression fitted with L-BFGS: deterministic, and fast at routing-store sizes."""
-    torch.manual_seed(0)
+    """Softmax regression fitted with L-BFGS from zero weights: the problem is convex, so the result is
+    deterministic without touching the global random state (which generation's sampling uses)."""
     model = torch.nn.Linear(x.shape[1], classes)
+    with torch.no_grad():
+        model.weight.zero_()
+        model.bias.zero_()
     optimizer = torch.optim.LBFGS(model.parameters(), max_iter=200, line_search_fn="strong_wolfe")
 
     def closure() -> torch.Tensor:

@@ -106,3 +106,14 @@ def test_cli_export_bad_selection_is_one_line(tmp_path, capsys, document, messag
     )
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_cli_export_never_overwrites_the_source_model(tmp_path, capsys) -> None:
+    source = save_random_model(moe_configs()["olmoe"], tmp_path / "full")
+    selection_file = tmp_path / "selection.json"
+    selection_file.write_text(json.dumps({"kind": "moe_experts", "layers": {"0": [0, 1]}}))
+    args = ["export", "--model", str(source), "--selection", str(selection_file), "--force"]
+    assert main([*args, "--out", str(source)]) == 2
+    assert "model directory itself" in capsys.readouterr().err
+    assert main([*args, "--out", str(selection_file)]) == 2
+    assert "not a directory" in capsys.readouterr().err

@@ -184,3 +184,40 @@ def test_index_cache_is_used_and_rebuilt_when_stale(tmp_path) -> None:
     (tmp_path / "index.faiss").write_bytes(b"not an index")
     rebuilt = PatternStore(tmp_path)
     assert rebuilt.search(_unit(_basis(0))[0])[0].name == "a"
+
+
+def test_hostile_and_malformed_documents_are_skipped(tmp_path) -> None:
+    store = PatternStore(tmp_path)
+    store.add(make_pattern("good", 0))
+    victim = tmp_path / "victim.safetensors"
+    victim.write_bytes(b"precious")
+    document = json.loads((tmp_path / "patterns" / "good.json").read_text())
+    (tmp_path / "patterns" / "evil.json").write_text(json.dumps({**document, "name": "evil", "tensors": str(victim)}))
+    (tmp_path / "patterns" / "sparse.json").write_text(json.dumps({"format": "taskmoe-pattern", "version": 1}))
+    (tmp_path / "patterns" / "binary.json").write_bytes(b"\xff\xfe\x00")
+    reopened = PatternStore(tmp_path)
+    assert reopened.names() == ["good"]
+    assert set(reopened.problems) == {"evil.json", "sparse.json", "binary.json"}
+    with pytest.raises(KeyError):
+        reopened.remove("evil")
+    assert victim.read_bytes() == b"precious"
+
+
+def test_embeddings_of_another_size_are_refused_before_writing(tmp_path) -> None:
+    store = PatternStore(tmp_path)
+    store.add(make_pattern("a", 0))
+    other = make_pattern("b", 0)
+    other.example_embeddings = torch.nn.functional.normalize(torch.ones(3, DIM + 4), dim=1)
+    with pytest.raises(PatternError, match="size 12"):
+        store.add(other)
+    assert PatternStore(tmp_path).names() == ["a"]
+    with pytest.raises(PatternError, match="2-D"):
+        TaskPattern(**{**make_pattern("c", 0).__dict__, "example_embeddings": torch.ones(3)})
+
+
+def test_a_second_process_view_is_seen_before_writing(tmp_path) -> None:
+    first, second = PatternStore(tmp_path), PatternStore(tmp_path)
+    first.add(make_pattern("a", 0))
+    with pytest.raises(PatternError, match="exists"):
+        second.add(make_pattern("a", 2))
+    assert PatternStore(tmp_path).get("a").selection == make_pattern("a", 0).selection

@@ -78,11 +78,20 @@ class CheckpointReader:
         self._files: dict[Path, Any] = {}
         self._infos: dict[str, TensorInfo] = {}
         for file in self._weight_files():
-            handle = safe_open(str(file), framework="pt")
+            try:
+                handle = safe_open(str(file), framework="pt")
+            except Exception as error:  # safetensors raises its own error types for corrupt files
+                raise CheckpointError(f"{file}: not a readable safetensors file ({error})") from None
             self._files[file] = handle
             for name in handle.keys():  # noqa: SIM118 (a safe_open handle is not a mapping)
                 sliced = handle.get_slice(name)
-                self._infos[name] = TensorInfo(file, tuple(sliced.get_shape()), _DTYPES[sliced.get_dtype()])
+                dtype = _DTYPES.get(sliced.get_dtype())
+                if dtype is None:
+                    raise CheckpointError(
+                        f"{file}: tensor {name} has dtype {sliced.get_dtype()}, which taskmoe does not read yet "
+                        f"(supported: {', '.join(_DTYPES)})"
+                    )
+                self._infos[name] = TensorInfo(file, tuple(sliced.get_shape()), dtype)
 
     def _weight_files(self) -> list[Path]:
         if not self.directory.is_dir():
