@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from pattern_store.selection import Selection, SelectionError
+from pattern_store.selection import Selection
 from server.model.variant import VariantBuilder
 
 TOKENIZER_FILES = (
@@ -93,10 +93,7 @@ def export_variant(builder: VariantBuilder, selection: Selection, out: str | Pat
         if len(set(overrides)) > 1:
             raise ExportError("the selection needs different expert groups in different layers; a config has one")
     else:
-        try:
-            _pad_dense(model, builder, selection)
-        except SelectionError as error:
-            raise ExportError(str(error)) from None
+        _pad_dense(model, builder, selection)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     for name in TOKENIZER_FILES:

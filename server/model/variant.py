@@ -243,12 +243,11 @@ class VariantBuilder:
                 )
         return dict(selection.layers)
 
-    def variant_config(self, selection: Selection) -> PretrainedConfig:
+    def _variant_config(self, plan: dict[int, tuple[tuple[int, ...], dict[str, Any]]] | None) -> PretrainedConfig:
         """The config of the variant: the expert count reduced to K (when every layer keeps K experts)."""
         config = copy.deepcopy(self.config)
-        if self.family.kind != "moe":
+        if plan is None:
             return config
-        plan = self._moe_plan(selection)
         counts = {len(kept) for kept, _ in plan.values()}
         if len(counts) == 1:
             setattr(config, self.family.experts_field, counts.pop())
@@ -265,11 +264,10 @@ class VariantBuilder:
         kind = "moe_experts" if self.family.kind == "moe" else "dense_channels"
         selection = selection or Selection(kind=kind, layers={})
         check_selection_kind(self.family, selection)
-        config = self.variant_config(selection)
-        model = _meta_model(config)
-        variant_names: set[str] = set()
-        if self.family.kind == "moe":
-            variant_names = self._assign_experts(model, self._moe_plan(selection))
+        plan = self._moe_plan(selection) if self.family.kind == "moe" else None
+        model = _meta_model(self._variant_config(plan))
+        if plan is not None:
+            variant_names = self._assign_experts(model, plan)
         else:
             variant_names = self._assign_channels(model, self._dense_plan(selection), selection)
         non_persistent = self._non_persistent(model)
