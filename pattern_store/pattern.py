@@ -8,6 +8,7 @@ old pattern or the new one (see `store.py`).
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -123,3 +124,32 @@ class TaskPattern:
             raise PatternError(f"pattern document lacks {error.args[0]!r}") from None
         except (SelectionError, TypeError, ValueError, IndexError, AttributeError) as error:
             raise PatternError(f"invalid pattern document: {error}") from None
+
+
+BUNDLE_KEY = "taskmoe_pattern"
+
+
+def pattern_to_bundle(pattern: TaskPattern) -> bytes:
+    """One self-contained file for moving a pattern between stores or servers: a safetensors file of its
+    tensors whose metadata holds its JSON document."""
+    from safetensors.torch import save
+
+    return save(pattern.tensors(), metadata={BUNDLE_KEY: json.dumps(pattern.document(tensor_file=""))})
+
+
+def pattern_from_bundle(data: bytes) -> TaskPattern:
+    """The inverse of `pattern_to_bundle`; anything else is a `PatternError`."""
+    from safetensors.torch import load
+
+    try:
+        header_size = int.from_bytes(data[:8], "little")
+        if not 2 <= header_size <= len(data) - 8:
+            raise ValueError("truncated header")
+        header = json.loads(data[8 : 8 + header_size])
+        document = json.loads(header["__metadata__"][BUNDLE_KEY])
+        tensors = load(bytes(data))
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as error:
+        raise PatternError(f"not a taskmoe pattern bundle ({type(error).__name__}: {error})") from None
+    except Exception as error:  # safetensors raises its own types for corrupt data
+        raise PatternError(f"not a taskmoe pattern bundle ({error})") from None
+    return TaskPattern.from_parts(document, tensors)

@@ -244,6 +244,96 @@ def cmd_route(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Serve the OpenAI-compatible API."""
+    import uvicorn
+
+    from server.app import create_app
+    from server.config import ServerConfig, parse_bytes
+    from server.logs import configure_logging
+
+    if not args.model:
+        raise CliError("give --model DIR (or set TASKMOE_MODEL)")
+    try:
+        config = ServerConfig(
+            model=Path(args.model),
+            store=Path(args.store) if args.store else Path(args.model) / "patterns",
+            host=args.host,
+            port=int(args.port),
+            device=args.device,
+            dtype=args.dtype,
+            cache_budget=parse_bytes(args.cache_budget),
+            route_threshold=float(args.route_threshold),
+            route_rule=args.route_rule,
+            fallback=args.fallback,
+            api_key=args.api_key or None,
+            admin_key=args.admin_key or None,
+            model_name=args.served_model_name or None,
+            workers=int(args.workers),
+            embedder=args.embedder or None,
+        ).validate()
+    except ValueError as error:
+        raise CliError(str(error)) from None
+    configure_logging(args.log_level, json_lines=args.log_format == "json")
+    uvicorn.run(create_app(config), host=config.host, port=config.port, log_level=args.log_level, access_log=False)
+    return 0
+
+
+def cmd_bundle(args: argparse.Namespace) -> int:
+    """Export a stored pattern as one file, or import such a file into a store."""
+    from pattern_store.pattern import PatternError, pattern_from_bundle, pattern_to_bundle
+
+    if args.action == "export" and not args.name:
+        raise CliError("pattern-file export needs --name")
+    store = _open_store(args.store, create=args.action == "import")
+    try:
+        if args.action == "export":
+            data = pattern_to_bundle(store.get(args.name))
+            Path(args.file).write_bytes(data)
+            print(f"wrote pattern {args.name!r} to {args.file} ({len(data)} bytes)")
+        else:
+            pattern = pattern_from_bundle(Path(args.file).read_bytes())
+            store.add(pattern, replace=args.replace)
+            print(f"imported pattern {pattern.name!r} into {args.store}")
+    except KeyError as error:
+        raise CliError(str(error.args[0])) from None
+    except (PatternError, OSError) as error:
+        raise CliError(str(error)) from None
+    return 0
+
+
+def _add_serve_parser(commands: argparse._SubParsersAction) -> None:
+    from server.config import env_default
+
+    serve = commands.add_parser(
+        "serve",
+        help="serve the OpenAI-compatible API",
+        description="Every flag can also be set as TASKMOE_<FLAG> (e.g. TASKMOE_CACHE_BUDGET=8GiB).",
+    )
+
+    def flag(name: str, default: str | None, help: str, **kwargs) -> None:
+        serve.add_argument(f"--{name}", default=env_default(name, default), help=help, **kwargs)
+
+    flag("model", None, "model directory (safetensors)")
+    flag("store", None, "pattern store directory (default: MODEL/patterns)")
+    flag("host", "127.0.0.1", "address to listen on (default 127.0.0.1)")
+    flag("port", "8000", "port (default 8000)")
+    flag("device", "auto", "auto (cuda when available), cpu, cuda, cuda:1, ...")
+    flag("dtype", "auto", "auto (the checkpoint's), bfloat16, float16 or float32")
+    flag("cache-budget", "4GiB", "bytes the cached variants may hold beyond the shared backbone (default 4GiB)")
+    flag("route-threshold", "0.3", "similarity below which a query matches no task and gets the fallback")
+    flag("route-rule", "classifier", "classifier (default), centroid or knn", choices=["classifier", "centroid", "knn"])
+    flag("fallback", "full", "what serves unmatched queries: full (the whole model) or a pattern name")
+    flag("api-key", None, "require 'Authorization: Bearer KEY' on /v1 routes")
+    flag("admin-key", None, "enable the /admin API, with this key")
+    flag("served-model-name", None, "the model id clients use (default: the model directory's name)")
+    flag("workers", "8", "threads that build variants and generate (default 8)")
+    flag("embedder", None, "sentence-transformers model directory (default all-MiniLM-L6-v2)")
+    flag("log-level", "info", "debug, info, warning or error")
+    flag("log-format", "json", "json (one object per line) or text", choices=["json", "text"])
+    serve.set_defaults(func=cmd_serve)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="taskmoe", description="Task-specialised pruned-model inference server.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -296,6 +386,16 @@ def build_parser() -> argparse.ArgumentParser:
     patterns.add_argument("--store", required=True, help="pattern store directory")
     patterns.add_argument("--json", action="store_true", help="list: one JSON array")
     patterns.set_defaults(func=cmd_patterns)
+
+    bundle = commands.add_parser("pattern-file", help="export a stored pattern as one file, or import one")
+    bundle.add_argument("action", choices=["export", "import"])
+    bundle.add_argument("file", help="the pattern file (.safetensors)")
+    bundle.add_argument("--store", required=True, help="pattern store directory")
+    bundle.add_argument("--name", help="export: the pattern to write")
+    bundle.add_argument("--replace", action="store_true", help="import: overwrite a pattern of the same name")
+    bundle.set_defaults(func=cmd_bundle)
+
+    _add_serve_parser(commands)
 
     route = commands.add_parser("route", help="which stored pattern would serve a query")
     route.add_argument("text", nargs="*", help="the query")

@@ -18,7 +18,14 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from pattern_store.embedder import Embedder
 from pattern_store.pattern import TaskPattern, validate_name
 from server.model.calibrate import CalibrationStatistics, collect_statistics
-from server.model.pruning import dense_selection, keep_count, model_fingerprint, moe_selection
+from server.model.pruning import (
+    DENSE_METHODS,
+    MOE_METHODS,
+    dense_selection,
+    keep_count,
+    model_fingerprint,
+    moe_selection,
+)
 from server.model.variant import VariantBuilder
 
 
@@ -100,6 +107,16 @@ class PatternRecipe:
     threshold: float = 0.0
     sparsity: float = 0.2
     seed: int = 0
+
+    def validate(self, moe: bool) -> None:
+        """Fail before calibrating (which takes a while) rather than after."""
+        methods = MOE_METHODS if moe else DENSE_METHODS
+        if self.method not in methods:
+            raise ValueError(f"unknown method {self.method!r} for this model; expected one of {', '.join(methods)}")
+        if moe and self.keep_ratio is not None and not 0 < self.keep_ratio <= 1:
+            raise ValueError("keep must be in (0, 1]")
+        if not moe and not 0 <= self.sparsity < 1:
+            raise ValueError("sparsity must be in [0, 1)")
 
     def parameters(self, kind: str) -> dict[str, Any]:
         if kind == "moe_experts":

@@ -130,6 +130,9 @@ class VariantBuilder:
         self.sparse_layers = {layer.index: layer for layer in sparse_layers(template)}
         self.dense_layers = {layer.index: layer for layer in dense_layers(template)}
         self._tied = set(getattr(template, "all_tied_weights_keys", {}) or {})
+        self._non_persistent_bytes = sum(
+            buffer.numel() * buffer.element_size() for _, buffer in template.named_non_persistent_buffers()
+        )
         self._backbone: dict[str, torch.Tensor] = {}
         self._lock = threading.Lock()
         generation = self.model_dir / "generation_config.json"
@@ -256,6 +259,53 @@ class VariantBuilder:
             for key, value in overrides[0].items():
                 setattr(config, key, value)
         return config
+
+    # -- sizing --------------------------------------------------------------------------------
+
+    def variant_bytes(self, selection: Selection | None = None) -> int:
+        """Bytes that `build(selection)` allocates beyond the shared backbone, computed without reading
+        anything: the variant cache admits (or refuses) a variant against its budget before building it."""
+        kind = "moe_experts" if self.family.kind == "moe" else "dense_channels"
+        selection = selection or Selection(kind=kind, layers={})
+        check_selection_kind(self.family, selection)
+        item = torch.empty((), dtype=self.dtype).element_size()
+        hidden = int(self.config.hidden_size)
+        total = self._non_persistent_bytes
+        if self.family.kind == "moe":
+            for index, (kept, _) in self._moe_plan(selection).items():
+                layer = self.sparse_layers[index]
+                total += len(kept) * (3 * layer.intermediate * hidden + hidden) * item
+                for attribute in self.family.router_expert_buffers:
+                    info = self.reader.info(self._required_name(f"{layer.prefix}.gate.{attribute}"))
+                    total += len(kept) * info.nbytes // max(1, info.shape[0])
+            return total
+        for index, kept in self._dense_plan(selection).items():
+            prefix = self.dense_layers[index].prefix
+            total += 3 * len(kept) * hidden * item
+            for projection in ("gate_proj", "up_proj"):
+                if self._checkpoint_name(f"{prefix}.{projection}.bias") is not None:
+                    total += len(kept) * item
+        return total + len(selection.bias) * hidden * item
+
+    def owned_bytes(self, model: nn.Module) -> int:
+        """Bytes a built variant holds that no other variant shares (measured, not computed)."""
+        with self._lock:
+            shared = {tensor.untyped_storage().data_ptr() for tensor in self._backbone.values()}
+        seen: set[int] = set()
+        total = 0
+        for tensor in [*model.parameters(), *model.buffers()]:
+            pointer = tensor.untyped_storage().data_ptr()
+            if pointer in shared or pointer in seen or tensor.is_meta:
+                continue
+            seen.add(pointer)
+            total += tensor.untyped_storage().nbytes()
+        return total
+
+    @property
+    def backbone_bytes(self) -> int:
+        """Bytes of the backbone tensors read so far (shared by every variant)."""
+        with self._lock:
+            return sum(t.untyped_storage().nbytes() for t in self._backbone.values())
 
     # -- building ------------------------------------------------------------------------------
 

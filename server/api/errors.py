@@ -1,0 +1,58 @@
+"""Every error leaves the server as an OpenAI error body with the right status: bad JSON and bad values
+are 400 (not FastAPI's 422), unknown routes 404, and an unexpected failure is a 500 that names the
+request id for the logs, never a traceback."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from server.errors import APIError
+
+log = logging.getLogger("taskmoe.api")
+
+
+def error_response(error: APIError) -> JSONResponse:
+    return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+
+
+def _validation_message(error: RequestValidationError) -> tuple[str, str | None]:
+    first = error.errors()[0] if error.errors() else {}
+    location = [str(part) for part in first.get("loc", ()) if part != "body"]
+    if first.get("type") == "json_invalid":
+        return f"the request body is not valid JSON: {first.get('ctx', {}).get('error', first.get('msg'))}", None
+    param = ".".join(location) or None
+    message = first.get("msg", "invalid request")
+    if first.get("type") == "missing":
+        message = f"missing required parameter {param!r}"
+    elif param:
+        message = f"invalid value for {param!r}: {message}"
+    return message, param
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, error: APIError) -> JSONResponse:
+        return error_response(error)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
+        message, param = _validation_message(error)
+        return error_response(APIError(400, message, param=param))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        message = str(error.detail)
+        if error.status_code == 404 and message == "Not Found":
+            message = f"no route {request.method} {request.url.path}"
+        return error_response(APIError(error.status_code, message, headers=dict(error.headers or {})))
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, error: Exception) -> JSONResponse:
+        request_id = getattr(request.state, "request_id", "?")
+        log.exception("unhandled error in %s %s", request.method, request.url.path)
+        return error_response(APIError(500, f"internal server error (request id {request_id})", code="internal_error"))

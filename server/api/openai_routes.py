@@ -1,0 +1,355 @@
+"""The OpenAI-compatible routes: models, chat and text completions (streamed or not), and `/v1/route`.
+
+Generation runs on the service's worker threads, never on the event loop. A streamed request's thread
+hands its deltas to the response through a bounded queue; when the client goes away the response's
+generator is cancelled, sets the generation's cancel flag, and the thread stops at the next token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from server.api.schemas import ChatCompletionRequest, CompletionRequest, GenerationRequest, RouteRequest
+from server.cache import Variant
+from server.engine import Delta, Generation, SamplingParams
+from server.errors import APIError
+from server.service import Resolved, Service
+
+log = logging.getLogger("taskmoe.api")
+
+STALLED_CLIENT_SECONDS = 300.0
+"""A streamed generation whose client reads nothing for this long is abandoned."""
+
+
+def service_of(request: Request) -> Service:
+    service = getattr(request.app.state, "service", None)
+    if service is None:
+        failure = getattr(request.app.state, "load_error", None)
+        message = f"the model failed to load: {failure}" if failure else "the model is still loading; retry shortly"
+        raise APIError(503, message, code="not_ready", headers={"Retry-After": "5"})
+    return service
+
+
+def bearer_token(request: Request) -> str | None:
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+
+
+async def require_api_key(request: Request) -> None:
+    expected = request.app.state.config.api_key
+    if not expected:
+        return
+    token = bearer_token(request)
+    if token is None:
+        raise APIError(401, "missing API key: send 'Authorization: Bearer <key>'", code="invalid_api_key")
+    if not secrets.compare_digest(token, expected):
+        raise APIError(401, "incorrect API key", code="invalid_api_key")
+
+
+router = APIRouter(dependencies=[Depends(require_api_key)])
+
+
+# -- models -----------------------------------------------------------------------------------------
+
+
+def _model_card(model_id: str, created: int) -> dict[str, Any]:
+    return {"id": model_id, "object": "model", "created": created, "owned_by": "taskmoe"}
+
+
+@router.get("/v1/models")
+async def list_models(request: Request) -> dict[str, Any]:
+    service = service_of(request)
+    created = int(request.app.state.started)
+    return {"object": "list", "data": [_model_card(model_id, created) for model_id in service.model_ids()]}
+
+
+@router.get("/v1/models/{model_id:path}")
+async def retrieve_model(model_id: str, request: Request) -> dict[str, Any]:
+    service = service_of(request)
+    if model_id not in service.model_ids():
+        raise APIError(404, f"model {model_id!r} does not exist", code="model_not_found", param="model")
+    return _model_card(model_id, int(request.app.state.started))
+
+
+# -- routing ----------------------------------------------------------------------------------------
+
+
+@router.post("/v1/route")
+async def route(body: RouteRequest, request: Request) -> dict[str, Any]:
+    """Which pattern would serve this request, without generating."""
+    service = service_of(request)
+    query = body.query()
+    resolved = await run_in_threadpool(service.resolve, body.model or service.model_name, body.pattern, query)
+    hits = resolved.decision.hits if resolved.decision else ()
+    return {
+        "object": "route",
+        "pattern": resolved.label,
+        "model": _served_id(service, resolved),
+        "reason": resolved.how,
+        "score": resolved.score,
+        "candidates": [{"pattern": h.name, "similarity": round(h.score, 4), "votes": h.votes} for h in hits],
+    }
+
+
+# -- generation -------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Plan:
+    """Everything a generation request needs, checked before any work starts."""
+
+    kind: str  # "chat" or "text"
+    prompts: list[list[int]]
+    params: list[SamplingParams]
+    resolved: Resolved
+    model_id: str
+    request_id: str
+    created: int
+    include_usage: bool
+
+    @property
+    def n(self) -> int:
+        return self.params[0].n
+
+    @property
+    def fingerprint(self) -> str:
+        return f"taskmoe-{self.resolved.label}"
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"x-taskmoe-pattern": self.resolved.label, "x-taskmoe-route": self.resolved.how}
+
+
+def _served_id(service: Service, resolved: Resolved) -> str:
+    return f"{service.model_name}@{resolved.pattern}" if resolved.pattern else service.model_name
+
+
+def _sampling(
+    service: Service, body: GenerationRequest, prompt_tokens: int, limit: int | None, param: str
+) -> SamplingParams:
+    n = body.n or 1
+    if n > service.config.max_n:
+        raise APIError(400, f"n is at most {service.config.max_n}", param="n")
+    return SamplingParams(
+        max_tokens=service.check_length(prompt_tokens, limit, param),
+        temperature=1.0 if body.temperature is None else body.temperature,
+        top_p=1.0 if body.top_p is None else body.top_p,
+        seed=body.seed,
+        stop=body.stops,
+        n=n,
+        ignore_eos=body.ignore_eos,
+    )
+
+
+async def _plan(
+    request: Request,
+    body: GenerationRequest,
+    kind: str,
+    prompts: list[list[int]],
+    query: str,
+    limit: tuple[int | None, str],
+) -> _Plan:
+    service = service_of(request)
+    body.unsupported()
+    params = [_sampling(service, body, len(ids), *limit) for ids in prompts]
+    resolved = await run_in_threadpool(service.resolve, body.model, body.pattern, query)
+    request.state.pattern, request.state.route_reason = resolved.label, resolved.how
+    prefix = "chatcmpl" if kind == "chat" else "cmpl"
+    return _Plan(
+        kind=kind,
+        prompts=prompts,
+        params=params,
+        resolved=resolved,
+        model_id=_served_id(service, resolved),
+        request_id=f"{prefix}-{secrets.token_hex(12)}",
+        created=int(time.time()),
+        include_usage=bool(body.stream_options and body.stream_options.include_usage),
+    )
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
+    service = service_of(request)
+    prompt = await run_in_threadpool(service.chat_prompt_ids, body.conversation())
+    plan = await _plan(request, body, "chat", [prompt], body.query(), body.token_limit)
+    return await _respond(request, service, plan, bool(body.stream))
+
+
+@router.post("/v1/completions")
+async def completions(body: CompletionRequest, request: Request) -> Any:
+    service = service_of(request)
+    prompts = [service.text_prompt_ids(text) for text in body.prompts]
+    plan = await _plan(request, body, "text", prompts, body.prompts[0], (body.max_tokens, "max_tokens"))
+    return await _respond(request, service, plan, bool(body.stream))
+
+
+def _run(
+    service: Service, variant: Variant, plan: _Plan, cancel: threading.Event, emit: Callable[[int, Delta], None] | None
+) -> list[Generation]:
+    """Generate every prompt's choices on this (worker) thread; the variant's lease ends here."""
+    metrics = service.metrics
+    metrics.active.inc()
+    done: list[Generation] = []
+    try:
+        for number, (ids, params) in enumerate(zip(plan.prompts, plan.params, strict=True)):
+            generation = Generation(variant.model, service.tokenizer, ids, params, service.eos_ids, cancel)
+            metrics.tokens.labels("prompt").inc(len(ids))
+            for delta in generation:
+                metrics.tokens.labels("completion").inc()
+                if emit is not None:
+                    emit(number * plan.n + delta.index, delta)
+            done.append(generation)
+            if generation.cancelled:
+                metrics.cancelled.inc()
+                break
+    finally:
+        metrics.active.dec()
+        service.release(variant)
+    return done
+
+
+def _usage(plan: _Plan, generations: Sequence[Generation]) -> dict[str, int]:
+    prompt = sum(len(ids) for ids in plan.prompts)
+    completion = sum(g.completion_tokens for g in generations)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+async def _respond(request: Request, service: Service, plan: _Plan, stream: bool) -> Any:
+    loop = asyncio.get_running_loop()
+    variant = await loop.run_in_executor(request.app.state.executor, service.acquire, plan.resolved.pattern)
+    if stream:
+        return StreamingResponse(
+            _stream(request, service, variant, plan), media_type="text/event-stream", headers=plan.headers
+        )
+    cancel = threading.Event()
+    generations = await loop.run_in_executor(request.app.state.executor, _run, service, variant, plan, cancel, None)
+    request.state.completion_tokens = sum(g.completion_tokens for g in generations)
+    choices = []
+    for number, generation in enumerate(generations):
+        for index, choice in enumerate(generation.choices):
+            position = number * plan.n + index
+            if plan.kind == "chat":
+                message = {"role": "assistant", "content": choice.text}
+                choices.append(
+                    {"index": position, "message": message, "logprobs": None, "finish_reason": choice.finish_reason}
+                )
+            else:
+                choices.append(
+                    {"index": position, "text": choice.text, "logprobs": None, "finish_reason": choice.finish_reason}
+                )
+    body = {
+        "id": plan.request_id,
+        "object": "chat.completion" if plan.kind == "chat" else "text_completion",
+        "created": plan.created,
+        "model": plan.model_id,
+        "system_fingerprint": plan.fingerprint,
+        "choices": choices,
+        "usage": _usage(plan, generations),
+    }
+    return JSONResponse(body, headers=plan.headers)
+
+
+def _sse(payload: dict[str, Any]) -> str:
+    return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
+
+
+async def _stream(request: Request, service: Service, variant: Variant, plan: _Plan) -> AsyncIterator[str]:
+    """Server-sent events: a role chunk per choice (chat), content deltas, a finish chunk per choice,
+    usage when asked, then `[DONE]`."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue(maxsize=64)
+    cancel = threading.Event()
+
+    def put(item: tuple[str, Any]) -> None:  # on the worker thread: waits while the queue is full
+        future = asyncio.run_coroutine_threadsafe(queue.put(item), loop)
+        waited = 0.0
+        while True:
+            try:
+                future.result(timeout=0.25)
+                return
+            except FutureTimeout:
+                waited += 0.25
+                if cancel.is_set() or waited > STALLED_CLIENT_SECONDS:
+                    future.cancel()
+                    cancel.set()
+                    return
+
+    def emit(position: int, delta: Delta) -> None:
+        put(("delta", (position, delta)))
+
+    def produce() -> None:
+        try:
+            generations = _run(service, variant, plan, cancel, emit)
+            put(("done", generations))
+        except Exception as error:  # reported in the stream; the status line has gone out already
+            log.exception("generation failed")
+            put(("error", error))
+
+    loop.run_in_executor(request.app.state.executor, produce)
+    kind = "chat.completion.chunk" if plan.kind == "chat" else "text_completion"
+    started = time.perf_counter()
+    first = True
+
+    def chunk(choices: list[dict[str, Any]], **extra: Any) -> str:
+        payload = {
+            "id": plan.request_id,
+            "object": kind,
+            "created": plan.created,
+            "model": plan.model_id,
+            "system_fingerprint": plan.fingerprint,
+            "choices": choices,
+        }
+        if plan.include_usage:
+            payload["usage"] = None
+        payload.update(extra)
+        return _sse(payload)
+
+    def choice(position: int, text: str | None, finish_reason: str | None, role: bool = False) -> dict[str, Any]:
+        if plan.kind == "chat":
+            delta: dict[str, Any] = (
+                {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
+            )
+            return {"index": position, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        return {"index": position, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+
+    try:
+        if plan.kind == "chat":
+            for position in range(len(plan.prompts) * plan.n):
+                yield chunk([choice(position, None, None, role=True)])
+        while True:
+            kind_of, value = await queue.get()
+            if kind_of == "delta":
+                position, delta = value
+                if first and delta.text:
+                    service.metrics.first_token.observe(time.perf_counter() - started)
+                    first = False
+                if delta.text:
+                    yield chunk([choice(position, delta.text, None)])
+                if delta.finish_reason:
+                    yield chunk([choice(position, None, delta.finish_reason)])
+            elif kind_of == "done":
+                request.state.completion_tokens = sum(g.completion_tokens for g in value)
+                if plan.include_usage:
+                    yield chunk([], usage=_usage(plan, value))
+                break
+            else:
+                error = APIError(500, f"generation failed: {value}", code="generation_failed")
+                yield _sse(error.body())
+                break
+        yield "data: [DONE]\n\n"
+    finally:
+        cancel.set()  # a client that went away stops the generation at its next token

@@ -1,0 +1,73 @@
+"""The FastAPI application: `create_app(config)`. The model, the store and the worker threads belong to
+the app's lifespan, never to module globals; the model loads in the background so that `/health`
+answers at once and `/ready` turns 200 when requests can be served."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from server.api import admin_routes, openai_routes, ops_routes
+from server.api.errors import install_error_handlers
+from server.api.observe import RequestObserver
+from server.config import ServerConfig
+from server.metrics import Metrics
+from server.service import Service
+
+log = logging.getLogger("taskmoe.app")
+
+
+def create_app(config: ServerConfig) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.config, app.state.metrics = config, Metrics()
+        app.state.service, app.state.load_error, app.state.started = None, None, time.time()
+        app.state.executor = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="taskmoe-worker")
+        loading = asyncio.get_running_loop().run_in_executor(app.state.executor, _load, app)
+        try:
+            yield
+        finally:
+            await loading  # a shutdown during loading waits for it, then frees what it loaded
+            if app.state.service is not None:
+                app.state.service.close()
+            app.state.executor.shutdown(wait=False, cancel_futures=True)
+
+    app = FastAPI(
+        title="taskmoe",
+        description="OpenAI-compatible serving with task-specialised pruned variants",
+        lifespan=lifespan,
+        docs_url="/docs",
+        redoc_url=None,
+    )
+    install_error_handlers(app)
+    app.include_router(ops_routes.router)
+    app.include_router(openai_routes.router)
+    if config.admin_key:
+        app.include_router(admin_routes.router)
+    app.add_middleware(RequestObserver)
+    return app
+
+
+def _load(app: FastAPI) -> None:
+    config = app.state.config
+    started = time.perf_counter()
+    try:
+        service = Service(config, app.state.metrics)
+    except Exception as error:
+        app.state.load_error = f"{type(error).__name__}: {error}"
+        log.exception("loading %s failed", config.model)
+        return
+    app.state.service = service
+    log.info(
+        "ready: %s with %d patterns from %s in %.1f s",
+        service.model_name,
+        len(service.store.names()),
+        config.store,
+        time.perf_counter() - started,
+    )

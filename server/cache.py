@@ -1,0 +1,233 @@
+"""The variant cache: least-recently-used variants under a byte budget.
+
+What a server under load needs from it:
+
+- a variant in use is pinned (a lease) and never evicted mid-generation;
+- concurrent requests for the same missing variant build it once and all wait for that build;
+- a failed build is reported to every waiter and leaves nothing behind, so the next request retries;
+- the budget is never exceeded: a build reserves its bytes (known before reading anything) and evicts
+  unpinned variants to make room; when even that cannot make room the request is refused (`CacheFull`,
+  which the API turns into 503 with Retry-After);
+- an evicted variant is dropped by the cache entirely, so its memory is freed as soon as no lease holds it.
+
+The budget counts what each variant adds beyond the shared backbone (its experts or channels); the
+backbone is read once and shared by every variant, and is reported apart.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class VariantKey:
+    """A pattern (None: the full model) at one revision; replacing a pattern makes a new key."""
+
+    pattern: str | None
+    revision: float = 0.0
+
+    @property
+    def label(self) -> str:
+        return self.pattern or "full"
+
+
+@dataclass
+class Variant:
+    key: VariantKey
+    model: Any
+    nbytes: int
+    build_seconds: float
+    pins: int = 0
+    hits: int = 0
+    last_used: float = field(default_factory=time.monotonic)
+    doomed: bool = False  # dropped as soon as its last lease ends
+
+
+class CacheFull(Exception):
+    """No room for a variant even after evicting everything unpinned."""
+
+    def __init__(self, message: str, retry_after: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class VariantBuildFailed(Exception):
+    """Building a variant failed; every request waiting for that build gets this."""
+
+
+@dataclass
+class CacheListener:
+    """Hooks for metrics and logs; all optional."""
+
+    hit: Callable[[VariantKey], None] = lambda key: None
+    miss: Callable[[VariantKey], None] = lambda key: None
+    built: Callable[[Variant], None] = lambda variant: None
+    evicted: Callable[[Variant], None] = lambda variant: None
+
+
+@dataclass
+class _Pending:
+    size: int
+    future: Future[Variant] = field(default_factory=Future)
+    waiters: int = 0
+
+
+class VariantCache:
+    def __init__(self, budget: int, listener: CacheListener | None = None) -> None:
+        if budget <= 0:
+            raise ValueError("the cache budget must be positive")
+        self.budget = budget
+        self.listener = listener or CacheListener()
+        self._entries: OrderedDict[VariantKey, Variant] = OrderedDict()  # least recently used first
+        self._pending: dict[VariantKey, _Pending] = {}
+        self._draining: dict[int, Variant] = {}  # dropped while in use: freed when the last lease ends
+        self._lock = threading.Lock()
+        self.evictions = 0
+
+    # -- accounting --------------------------------------------------------------------------------
+
+    @property
+    def resident_bytes(self) -> int:
+        with self._lock:
+            return self._resident()
+
+    def _resident(self) -> int:
+        return sum(v.nbytes for v in self._entries.values()) + sum(v.nbytes for v in self._draining.values())
+
+    def _committed(self) -> int:
+        return self._resident() + sum(p.size for p in self._pending.values())
+
+    def snapshot(self) -> list[dict[str, Any]]:
+        now = time.monotonic()
+        with self._lock:
+            return [
+                {
+                    "pattern": v.key.label,
+                    "bytes": v.nbytes,
+                    "pinned": v.pins,
+                    "hits": v.hits,
+                    "idle_seconds": round(now - v.last_used, 3),
+                    "build_seconds": round(v.build_seconds, 4),
+                }
+                for v in reversed(self._entries.values())  # most recently used first
+            ]
+
+    def __contains__(self, key: VariantKey) -> bool:
+        with self._lock:
+            return key in self._entries
+
+    # -- leasing -----------------------------------------------------------------------------------
+
+    @contextmanager
+    def lease(self, key: VariantKey, size: int, build: Callable[[], Any]) -> Iterator[Variant]:
+        variant = self.acquire(key, size, build)
+        try:
+            yield variant
+        finally:
+            self.release(variant)
+
+    def acquire(self, key: VariantKey, size: int, build: Callable[[], Any]) -> Variant:
+        """The variant for `key`, pinned until `release`; built (once) by `build()` when missing.
+        `size` is the bytes the build will allocate, reserved against the budget before it starts."""
+        with self._lock:
+            variant = self._entries.get(key)
+            if variant is not None:
+                variant.pins += 1
+                variant.hits += 1
+                variant.last_used = time.monotonic()
+                self._entries.move_to_end(key)
+                self.listener.hit(key)
+                return variant
+            pending = self._pending.get(key)
+            if pending is not None:
+                pending.waiters += 1
+                owner = False
+            else:
+                self._make_room(size, key)
+                pending = self._pending[key] = _Pending(size)
+                owner = True
+        if not owner:
+            self.listener.hit(key)
+            return pending.future.result()
+        self.listener.miss(key)
+        return self._build(key, pending, build)
+
+    def _build(self, key: VariantKey, pending: _Pending, build: Callable[[], Any]) -> Variant:
+        started = time.perf_counter()
+        try:
+            model = build()
+        except BaseException as error:
+            with self._lock:
+                del self._pending[key]
+            failure = VariantBuildFailed(f"building the variant for {key.label} failed: {error}")
+            pending.future.set_exception(failure)
+            raise failure from error
+        variant = Variant(key, model, pending.size, time.perf_counter() - started)
+        with self._lock:
+            del self._pending[key]
+            variant.pins = 1 + pending.waiters
+            self._entries[key] = variant
+        self.listener.built(variant)
+        pending.future.set_result(variant)
+        return variant
+
+    def release(self, variant: Variant) -> None:
+        with self._lock:
+            variant.pins -= 1
+            variant.last_used = time.monotonic()
+            if variant.doomed and variant.pins == 0:
+                self._draining.pop(id(variant), None)
+
+    # -- making room and evicting --------------------------------------------------------------------
+
+    def _make_room(self, size: int, key: VariantKey) -> None:
+        """Evict unpinned variants, least recently used first, until `size` more bytes fit (lock held)."""
+        if size > self.budget:
+            raise CacheFull(
+                f"the variant for {key.label} needs {size} bytes, more than the whole cache budget of "
+                f"{self.budget} bytes; raise --cache-budget",
+                retry_after=60,
+            )
+        evictable = [v for v in self._entries.values() if v.pins == 0]
+        free = self.budget - self._committed()
+        if free + sum(v.nbytes for v in evictable) < size:
+            raise CacheFull(
+                f"the variant for {key.label} needs {size} bytes; {free} of the {self.budget}-byte budget are "
+                "free and the other variants are in use; retry shortly"
+            )
+        for victim in evictable:
+            if free >= size:
+                break
+            del self._entries[victim.key]
+            free += victim.nbytes
+            self._evicted(victim)
+
+    def _evicted(self, variant: Variant) -> None:
+        self.evictions += 1
+        self.listener.evicted(variant)
+
+    def evict(self, pattern: str | None) -> int:
+        """Drop every cached revision of `pattern` (None: the full model); a variant in use is dropped when
+        its last lease ends. Returns how many variants were dropped or marked to be dropped."""
+        dropped: list[Variant] = []
+        marked = 0
+        with self._lock:
+            for key, variant in list(self._entries.items()):
+                if key.pattern != pattern:
+                    continue
+                variant.doomed = True
+                marked += 1
+                del self._entries[key]
+                dropped.append(variant)
+                if variant.pins:
+                    self._draining[id(variant)] = variant
+        for variant in dropped:
+            self._evicted(variant)
+        return marked

@@ -1,0 +1,74 @@
+"""Server configuration: one frozen dataclass, filled from `taskmoe serve` flags or `TASKMOE_*` variables."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9}
+_UNITS |= {"t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
+
+ENV_PREFIX = "TASKMOE_"
+FULL_MODEL = "full"
+"""`--fallback full`: serve queries that match no stored task with the unpruned model."""
+
+
+def parse_bytes(text: str | int) -> int:
+    """'4GiB', '512MiB', '2.5GB' or a plain byte count."""
+    if isinstance(text, int):
+        return text
+    match = _SIZE.match(str(text))
+    unit = match.group(2).lower() if match else None
+    if match is None or unit not in _UNITS:
+        raise ValueError(f"invalid size {text!r}: use a number with an optional unit such as 512MiB, 4GiB or 8GB")
+    return int(float(match.group(1)) * _UNITS[unit])
+
+
+def env_default(name: str, default: str | None = None) -> str | None:
+    """The value of `TASKMOE_<NAME>` (flag names with '-' as '_'), or `default`."""
+    return os.environ.get(ENV_PREFIX + name.upper().replace("-", "_"), default)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    model: Path
+    store: Path
+    host: str = "127.0.0.1"
+    port: int = 8000
+    device: str = "auto"
+    dtype: str = "auto"
+    cache_budget: int = 4 * 2**30
+    route_threshold: float = 0.3
+    route_rule: str = "classifier"
+    fallback: str = FULL_MODEL  # "full" or a pattern name
+    api_key: str | None = None
+    admin_key: str | None = None
+    model_name: str | None = None  # the id clients use; default: the model directory's name
+    workers: int = 8  # threads that build variants and generate
+    embedder: str | None = None  # a local sentence-transformers model; default: all-MiniLM-L6-v2
+    max_n: int = 16
+
+    @property
+    def served_name(self) -> str:
+        return self.model_name or self.model.resolve().name
+
+    @property
+    def fallback_pattern(self) -> str | None:
+        """None when the fallback is the full model."""
+        return None if self.fallback == FULL_MODEL else self.fallback
+
+    def validate(self) -> ServerConfig:
+        if not (self.model / "config.json").is_file():
+            raise ValueError(f"--model {self.model}: not a model directory (no config.json)")
+        if self.cache_budget <= 0:
+            raise ValueError("--cache-budget must be positive")
+        if self.workers < 1:
+            raise ValueError("--workers must be at least 1")
+        if not 0 < self.port < 65536:
+            raise ValueError(f"--port {self.port} is not a TCP port")
+        if "@" in self.served_name:
+            raise ValueError(f"model name {self.served_name!r} must not contain '@'")
+        return self

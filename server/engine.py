@@ -1,0 +1,153 @@
+"""Token-by-token decoding for the server: sampling, stop strings, streaming deltas, cancellation.
+
+Written by hand rather than through `model.generate` for three reasons a server has and a script does not:
+each request samples from its own seeded `torch.Generator` (generate samples from the process-wide RNG,
+which concurrent requests would share, so `seed` would not reproduce); a client that disconnects stops
+its generation at the next token (`cancel`); and text is streamed as it is decided, holding back only the
+tail that could still turn into a stop string. Greedy decoding is tested to give exactly what
+`model.generate` gives, and `scripts/bench_server.py` times both.
+"""
+
+from __future__ import annotations
+
+import secrets
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int
+    temperature: float = 1.0  # 0: greedy
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    n: int = 1
+    ignore_eos: bool = False
+
+
+@dataclass(frozen=True)
+class Delta:
+    """New text of one choice; `finish_reason` is set on the choice's last delta ('stop' or 'length')."""
+
+    index: int
+    text: str
+    finish_reason: str | None = None
+
+
+@dataclass
+class _Choice:
+    ids: list[int] = field(default_factory=list)
+    text: str = ""
+    emitted: int = 0  # characters of `text` already sent
+    finish_reason: str | None = None
+
+
+def _held_back(text: str, stops: Sequence[str]) -> int:
+    """How many trailing characters of `text` could be the start of a stop string (or an unfinished
+    multi-byte character) and so must not be sent yet."""
+    hold = 1 if text.endswith("\ufffd") else 0
+    for stop in stops:
+        for size in range(min(len(stop) - 1, len(text)), 0, -1):
+            if text.endswith(stop[:size]):
+                hold = max(hold, size)
+                break
+    return hold
+
+
+def _sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> torch.Tensor:
+    """Next token per row of `logits` [rows, vocab]."""
+    if params.temperature == 0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits.float() / params.temperature, dim=-1)
+    if params.top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        outside = sorted_probs.cumsum(dim=-1) - sorted_probs > params.top_p  # always keeps the top token
+        sorted_probs = sorted_probs.masked_fill(outside, 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+class Generation:
+    """One request's decoding. Iterate it for `Delta`s; afterwards `choices`, `completion_tokens` and
+    `cancelled` describe the outcome."""
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        eos_ids: Sequence[int] = (),
+        cancel: threading.Event | None = None,
+    ) -> None:
+        if params.max_tokens < 1:
+            raise ValueError("max_tokens must be at least 1")
+        if not prompt_ids:
+            raise ValueError("the prompt is empty")
+        self.model, self.tokenizer, self.params = model, tokenizer, params
+        self.prompt_ids = list(prompt_ids)
+        self.eos_ids = set() if params.ignore_eos else set(eos_ids)
+        self.cancel = cancel or threading.Event()
+        self.choices = [_Choice() for _ in range(params.n)]
+        self.cancelled = False
+        self.seed = params.seed if params.seed is not None else secrets.randbits(63)
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(len(choice.ids) for choice in self.choices)
+
+    def __iter__(self) -> Iterator[Delta]:
+        device = next(self.model.parameters()).device
+        generator = torch.Generator(device=device).manual_seed(self.seed)
+        with torch.inference_mode():
+            input_ids = torch.tensor([self.prompt_ids] * self.params.n, device=device)
+            cache = DynamicCache(config=self.model.config)
+            logits = self.model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+            for step in range(self.params.max_tokens):
+                if self.cancel.is_set():
+                    self.cancelled = True
+                    return
+                tokens = _sample(logits[:, -1, :], self.params, generator).tolist()
+                last_step = step == self.params.max_tokens - 1
+                for index, (choice, token) in enumerate(zip(self.choices, tokens, strict=True)):
+                    if choice.finish_reason is None:
+                        delta = self._advance(index, choice, token, last_step)
+                        if delta is not None:
+                            yield delta
+                if all(choice.finish_reason for choice in self.choices):
+                    return
+                next_ids = torch.tensor(tokens, device=device).unsqueeze(-1)
+                logits = self.model(input_ids=next_ids, past_key_values=cache, use_cache=True).logits
+
+    def _advance(self, index: int, choice: _Choice, token: int, last_step: bool) -> Delta | None:
+        if token in self.eos_ids:
+            choice.finish_reason = "stop"
+        else:
+            choice.ids.append(token)
+            choice.text = self.tokenizer.decode(choice.ids, skip_special_tokens=True)
+            stops = self.params.stop
+            cut = min(
+                (p for p in (choice.text.find(s, max(0, choice.emitted - len(s))) for s in stops) if p >= 0), default=-1
+            )
+            if cut >= 0:
+                choice.text = choice.text[:cut]
+                choice.finish_reason = "stop"
+            elif last_step:
+                choice.finish_reason = "length"
+        end = len(choice.text) if choice.finish_reason else len(choice.text) - _held_back(choice.text, self.params.stop)
+        if end <= choice.emitted and choice.finish_reason is None:
+            return None
+        text = choice.text[choice.emitted : max(end, choice.emitted)]
+        choice.emitted = max(end, choice.emitted)
+        return Delta(index, text, choice.finish_reason)
+
+    def run(self) -> Generation:
+        """Decode to the end without streaming."""
+        for _ in self:
+            pass
+        return self

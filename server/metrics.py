@@ -1,0 +1,95 @@
+"""Prometheus metrics of one server instance (its own registry: two apps in one process never mix)."""
+
+from __future__ import annotations
+
+import threading
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from server.cache import CacheListener, Variant
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "taskmoe_requests", "HTTP requests by route and status", ["route", "status"], registry=r
+        )
+        self.latency = Histogram(
+            "taskmoe_request_seconds", "Request latency by route", ["route"], buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.first_token = Histogram(
+            "taskmoe_time_to_first_token_seconds",
+            "Time to the first streamed token",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.tokens = Counter(
+            "taskmoe_tokens", "Tokens processed, by kind (prompt or completion)", ["kind"], registry=r
+        )
+        self.active = Gauge("taskmoe_active_generations", "Generations running now", registry=r)
+        self.cancelled = Counter(
+            "taskmoe_generations_cancelled", "Generations stopped by a client disconnect", registry=r
+        )
+        self.cache_hits = Counter(
+            "taskmoe_cache_hits", "Variant cache hits (shared in-flight builds included)", registry=r
+        )
+        self.cache_misses = Counter("taskmoe_cache_misses", "Variant cache misses (each one a build)", registry=r)
+        self.cache_evictions = Counter("taskmoe_cache_evictions", "Variants evicted from the cache", registry=r)
+        self.cache_refusals = Counter("taskmoe_cache_refusals", "Requests refused: the variant did not fit", registry=r)
+        self.build_seconds = Histogram(
+            "taskmoe_variant_build_seconds", "Time to build a variant", buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.resident = Gauge(
+            "taskmoe_variant_resident_bytes",
+            "Bytes a cached variant holds beyond the backbone",
+            ["pattern"],
+            registry=r,
+        )
+        self.backbone = Gauge("taskmoe_backbone_bytes", "Bytes of the shared backbone", registry=r)
+        self.budget = Gauge("taskmoe_cache_budget_bytes", "The variant cache's byte budget", registry=r)
+        self.routes = Counter(
+            "taskmoe_route_decisions",
+            "Routing decisions by chosen pattern and reason",
+            ["pattern", "reason"],
+            registry=r,
+        )
+        self.route_seconds = Histogram(
+            "taskmoe_route_seconds", "Time to route a query (embed and search)", buckets=_LATENCY_BUCKETS, registry=r
+        )
+
+    def cache_listener(self) -> CacheListener:
+        resident: dict[str, int] = {}  # per pattern label: revisions of one pattern add up
+        lock = threading.Lock()
+
+        def built(variant: Variant) -> None:
+            self.build_seconds.observe(variant.build_seconds)
+            with lock:
+                resident[variant.key.label] = resident.get(variant.key.label, 0) + variant.nbytes
+                self.resident.labels(variant.key.label).set(resident[variant.key.label])
+
+        def evicted(variant: Variant) -> None:
+            self.cache_evictions.inc()
+            label = variant.key.label
+            with lock:
+                resident[label] = resident.get(label, 0) - variant.nbytes
+                if resident[label] <= 0:
+                    resident.pop(label)
+                    self.resident.remove(label)
+                else:
+                    self.resident.labels(label).set(resident[label])
+
+        return CacheListener(
+            hit=lambda key: self.cache_hits.inc(),
+            miss=lambda key: self.cache_misses.inc(),
+            built=built,
+            evicted=evicted,
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,290 @@
+"""What the server does, without HTTP: choose a pattern, lease its variant, tokenize, manage patterns.
+
+One `Service` per app (made in its lifespan). Every method here may block (routing embeds, leasing may
+build a variant, calibration runs for a while), so the API calls them from worker threads.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from pattern_store.embedder import Embedder
+from pattern_store.pattern import PatternError, TaskPattern, pattern_from_bundle, validate_name
+from pattern_store.selection import SelectionError
+from pattern_store.store import PatternStore
+from server.cache import CacheFull, Variant, VariantBuildFailed, VariantCache, VariantKey
+from server.config import ServerConfig
+from server.errors import APIError
+from server.jobs import Job, JobRunner
+from server.metrics import Metrics
+from server.model.pruning import model_fingerprint
+from server.model.variant import VariantBuilder
+from server.patterns import (
+    CalibrationText,
+    PatternRecipe,
+    calibration_statistics,
+    load_tokenizer,
+    pattern_from_statistics,
+)
+from server.routing import RouteDecision, Router
+
+log = logging.getLogger("taskmoe.service")
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """Which pattern serves a request (None: the full model) and how it was chosen."""
+
+    pattern: str | None
+    how: str  # "explicit", or the router's reason ("classifier", "below-threshold", ...)
+    score: float | None = None
+    decision: RouteDecision | None = None
+
+    @property
+    def label(self) -> str:
+        return self.pattern or "full"
+
+
+class Service:
+    def __init__(self, config: ServerConfig, metrics: Metrics | None = None) -> None:
+        self.config = config
+        self.metrics = metrics or Metrics()
+        self.builder = VariantBuilder(config.model, device=config.device, dtype=config.dtype)
+        self.tokenizer = load_tokenizer(config.model)
+        self.fingerprint = model_fingerprint(config.model)
+        self.store = PatternStore(config.store, create=True)
+        for file, problem in sorted(self.store.problems.items()):
+            log.warning("pattern store: skipping %s: %s", file, problem)
+        self.embedder = Embedder(config.embedder) if config.embedder else Embedder()
+        fallback = config.fallback_pattern
+        if fallback is not None and fallback not in self.store:
+            raise ValueError(f"--fallback {fallback}: no such pattern in {config.store}; stored: {self.store.names()}")
+        self.router = Router(
+            self.store, self.embedder, rule=config.route_rule, threshold=config.route_threshold, fallback=fallback
+        )
+        self.cache = VariantCache(config.cache_budget, self.metrics.cache_listener())
+        self.jobs = JobRunner(on_error=lambda job, trace: log.error("job %s failed:\n%s", job.id, trace))
+        self.context_length = int(getattr(self.builder.config, "max_position_embeddings", 0) or 0) or None
+        self.eos_ids = self._eos_ids()
+        self._calibration_lock = threading.Lock()
+        self.metrics.budget.set(config.cache_budget)
+
+    def _eos_ids(self) -> tuple[int, ...]:
+        ids = set()
+        for source in (self.tokenizer.eos_token_id, getattr(self.builder.generation_config, "eos_token_id", None)):
+            if isinstance(source, int):
+                ids.add(source)
+            elif isinstance(source, list | tuple):
+                ids.update(int(i) for i in source)
+        return tuple(sorted(ids))
+
+    def close(self) -> None:
+        self.jobs.shutdown()
+
+    # -- names ---------------------------------------------------------------------------------
+
+    @property
+    def model_name(self) -> str:
+        return self.config.served_name
+
+    def model_ids(self) -> list[str]:
+        return [self.model_name, *(f"{self.model_name}@{name}" for name in self.store.names())]
+
+    # -- choosing the pattern ------------------------------------------------------------------
+
+    def resolve(self, model: str, pattern: str | None, query: str) -> Resolved:
+        """An explicit pattern (`MODEL@PATTERN` or the `pattern` field) or, without one, a routed one."""
+        name, _, suffix = model.partition("@")
+        if name != self.model_name:
+            raise APIError(
+                404,
+                f"model {model!r} does not exist; this server serves {self.model_name!r} (see /v1/models)",
+                code="model_not_found",
+                param="model",
+            )
+        if suffix and pattern and suffix != pattern:
+            raise APIError(
+                400, f"model names pattern {suffix!r} but the pattern field says {pattern!r}", param="pattern"
+            )
+        explicit = suffix or pattern
+        if explicit:
+            if explicit == "full":
+                return Resolved(None, "explicit")
+            if explicit not in self.store:
+                raise APIError(
+                    404,
+                    f"pattern {explicit!r} does not exist; stored patterns: {', '.join(self.store.names()) or 'none'}",
+                    code="pattern_not_found",
+                    param="model" if suffix else "pattern",
+                )
+            return Resolved(explicit, "explicit")
+        return self.route(query)
+
+    def route(self, query: str) -> Resolved:
+        with self.metrics.route_seconds.time():
+            decision = self.router.route(query)
+        resolved = Resolved(decision.pattern, decision.reason, decision.score, decision)
+        self.metrics.routes.labels(resolved.label, decision.reason).inc()
+        return resolved
+
+    # -- variants ------------------------------------------------------------------------------
+
+    def _pattern(self, name: str) -> TaskPattern:
+        try:
+            pattern = self.store.get(name)
+            pattern.check_model(self.fingerprint)
+        except KeyError:
+            raise APIError(404, f"pattern {name!r} does not exist", code="pattern_not_found") from None
+        except PatternError as error:
+            raise APIError(409, str(error), code="pattern_unusable") from None
+        return pattern
+
+    def acquire(self, pattern: str | None) -> Variant:
+        """The variant serving `pattern`, pinned until `release` (built if missing)."""
+        selection, key = None, VariantKey(None)
+        if pattern is not None:
+            stored = self._pattern(pattern)
+            selection, key = stored.selection, VariantKey(pattern, stored.created)
+        try:
+            size = self.builder.variant_bytes(selection)
+            variant = self.cache.acquire(key, size, lambda: self.builder.build(selection))
+        except SelectionError as error:
+            raise APIError(
+                409, f"pattern {pattern!r} does not fit this model: {error}", code="pattern_unusable"
+            ) from None
+        except CacheFull as error:
+            self.metrics.cache_refusals.inc()
+            raise APIError(
+                503, str(error), code="cache_full", headers={"Retry-After": str(error.retry_after)}
+            ) from None
+        except VariantBuildFailed as error:
+            log.error("%s", error, exc_info=error.__cause__)
+            raise APIError(500, str(error), code="variant_build_failed") from None
+        self.metrics.backbone.set(self.builder.backbone_bytes)
+        return variant
+
+    def release(self, variant: Variant) -> None:
+        self.cache.release(variant)
+
+    @contextmanager
+    def lease(self, pattern: str | None) -> Iterator[Variant]:
+        variant = self.acquire(pattern)
+        try:
+            yield variant
+        finally:
+            self.release(variant)
+
+    # -- prompts -------------------------------------------------------------------------------
+
+    def chat_prompt_ids(self, messages: Sequence[dict[str, str]]) -> list[int]:
+        try:
+            encoded = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True)
+        except Exception as error:  # the model's own template rejects the conversation (jinja raises)
+            raise APIError(
+                400, f"the model's chat template rejects these messages: {error}", param="messages"
+            ) from None
+        return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
+
+    def text_prompt_ids(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
+
+    def check_length(self, prompt_tokens: int, max_tokens: int | None, param: str) -> int:
+        """The number of tokens to generate: `max_tokens`, or the rest of the context when not given."""
+        if prompt_tokens == 0:
+            raise APIError(400, "the prompt is empty", param="prompt")
+        if self.context_length is None:
+            return max_tokens or 256
+        room = self.context_length - prompt_tokens
+        if max_tokens is None:
+            if room < 1:
+                raise APIError(
+                    400,
+                    f"the prompt has {prompt_tokens} tokens; this model's context is {self.context_length}",
+                    code="context_length_exceeded",
+                    param="messages",
+                )
+            return room
+        if max_tokens > room:
+            raise APIError(
+                400,
+                f"this model's context is {self.context_length} tokens; the prompt has {prompt_tokens} and "
+                f"{param} asks for {max_tokens} more. Shorten the prompt or lower {param}.",
+                code="context_length_exceeded",
+                param=param,
+            )
+        return max_tokens
+
+    # -- managing patterns ---------------------------------------------------------------------
+
+    def pattern_summary(self, name: str) -> dict[str, Any]:
+        try:
+            summary = self.store.summary(name)
+        except KeyError:
+            raise APIError(404, f"pattern {name!r} does not exist", code="pattern_not_found") from None
+        summary.pop("tensors", None)
+        summary["id"] = f"{self.model_name}@{name}"
+        return summary
+
+    def register(
+        self, name: str, texts: Sequence[CalibrationText], examples: Sequence[str], recipe: PatternRecipe, replace: bool
+    ) -> Job:
+        """Start calibrating a pattern; it is routable as soon as the job succeeds."""
+        try:
+            validate_name(name)
+        except PatternError as error:
+            raise APIError(400, str(error), param="name") from None
+        if name in self.store and not replace:
+            raise APIError(409, f"pattern {name!r} exists; send replace=true to recalibrate it", code="pattern_exists")
+        layers = int(self.builder.config.num_hidden_layers)
+
+        def calibrate(progress: Any) -> dict[str, Any]:
+            with self._calibration_lock:
+                stats = calibration_statistics(
+                    self.builder, self.tokenizer, texts, recipe.threshold, progress=lambda n: progress(n / layers)
+                )
+                pattern = pattern_from_statistics(
+                    name, self.builder, stats, recipe, examples, self.embedder, self.fingerprint
+                )
+                self.store.add(pattern, replace=replace)
+                self.cache.evict(name)  # a replaced pattern's old variant must not serve again
+            return self.pattern_summary(name)
+
+        return self.jobs.submit("calibrate", f"calibrate pattern {name!r} from {len(texts)} prompts", calibrate)
+
+    def import_bundle(self, data: bytes, replace: bool) -> dict[str, Any]:
+        try:
+            pattern = pattern_from_bundle(data)
+            pattern.check_model(self.fingerprint)
+        except PatternError as error:
+            raise APIError(400, str(error), code="invalid_pattern") from None
+        if pattern.example_embeddings is None or not pattern.examples:
+            raise APIError(400, f"pattern {pattern.name!r} has no example prompts: routing could never choose it")
+        try:
+            self.builder.variant_bytes(pattern.selection)  # checks the selection against this model
+            self.store.add(pattern, replace=replace)
+        except SelectionError as error:
+            raise APIError(400, f"pattern {pattern.name!r} does not fit this model: {error}") from None
+        except PatternError as error:
+            status = 409 if "exists" in str(error) else 400
+            raise APIError(status, str(error), code="pattern_exists" if status == 409 else "invalid_pattern") from None
+        self.cache.evict(pattern.name)
+        return self.pattern_summary(pattern.name)
+
+    def delete(self, name: str) -> None:
+        try:
+            self.store.remove(name)
+        except KeyError:
+            raise APIError(404, f"pattern {name!r} does not exist", code="pattern_not_found") from None
+        self.cache.evict(name)
+
+    def warm(self, name: str) -> dict[str, Any]:
+        with self.lease(None if name == "full" else name) as variant:
+            return {"pattern": variant.key.label, "bytes": variant.nbytes, "build_seconds": variant.build_seconds}
+
+    def evict(self, name: str) -> int:
+        return self.cache.evict(None if name == "full" else name)
