@@ -53,9 +53,10 @@ class Variant:
 class CacheFull(Exception):
     """No room for a variant even after evicting everything unpinned."""
 
-    def __init__(self, message: str, retry_after: int = 1) -> None:
+    def __init__(self, message: str, retry_after: int = 1, permanent: bool = False) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+        self.permanent = permanent  # bigger than the whole budget: waiting cannot help
 
 
 class VariantBuildFailed(Exception):
@@ -80,15 +81,16 @@ class _Pending:
 
 
 class VariantCache:
-    def __init__(self, budget: int, listener: CacheListener | None = None) -> None:
+    def __init__(self, budget: int, listener: CacheListener | None = None, wait: float = 30.0) -> None:
         if budget <= 0:
             raise ValueError("the cache budget must be positive")
-        self.budget = budget
+        self.budget, self.wait = budget, wait
         self.listener = listener or CacheListener()
         self._entries: OrderedDict[VariantKey, Variant] = OrderedDict()  # least recently used first
         self._pending: dict[VariantKey, _Pending] = {}
         self._draining: dict[int, Variant] = {}  # dropped while in use: freed when the last lease ends
         self._lock = threading.Lock()
+        self._room = threading.Condition(self._lock)  # notified whenever pinned or reserved bytes may be freed
         self.evictions = 0
 
     # -- accounting --------------------------------------------------------------------------------
@@ -133,26 +135,37 @@ class VariantCache:
         finally:
             self.release(variant)
 
-    def acquire(self, key: VariantKey, size: int, build: Callable[[], Any]) -> Variant:
+    def acquire(self, key: VariantKey, size: int, build: Callable[[], Any], wait: float | None = None) -> Variant:
         """The variant for `key`, pinned until `release`; built (once) by `build()` when missing.
-        `size` is the bytes the build will allocate, reserved against the budget before it starts."""
+        `size` is the bytes the build will allocate, reserved against the budget before it starts. When the
+        room is held by variants in use, wait up to `wait` seconds (default: the cache's) for a release."""
+        deadline = time.monotonic() + (self.wait if wait is None else wait)
         with self._lock:
-            variant = self._entries.get(key)
-            if variant is not None:
-                variant.pins += 1
-                variant.hits += 1
-                variant.last_used = time.monotonic()
-                self._entries.move_to_end(key)
-                self.listener.hit(key)
-                return variant
-            pending = self._pending.get(key)
-            if pending is not None:
-                pending.waiters += 1
-                owner = False
-            else:
-                self._make_room(size, key)
+            while True:
+                variant = self._entries.get(key)
+                if variant is not None:
+                    variant.pins += 1
+                    variant.hits += 1
+                    variant.last_used = time.monotonic()
+                    self._entries.move_to_end(key)
+                    self.listener.hit(key)
+                    return variant
+                pending = self._pending.get(key)
+                if pending is not None:
+                    pending.waiters += 1
+                    owner = False
+                    break
+                try:
+                    self._make_room(size, key)
+                except CacheFull as full:
+                    remaining = deadline - time.monotonic()
+                    if full.permanent or remaining <= 0:
+                        raise
+                    self._room.wait(timeout=remaining)
+                    continue
                 pending = self._pending[key] = _Pending(size)
                 owner = True
+                break
         if not owner:
             self.listener.hit(key)
             return pending.future.result()
@@ -166,6 +179,7 @@ class VariantCache:
         except BaseException as error:
             with self._lock:
                 del self._pending[key]
+                self._room.notify_all()
             failure = VariantBuildFailed(f"building the variant for {key.label} failed: {error}")
             pending.future.set_exception(failure)
             raise failure from error
@@ -174,6 +188,7 @@ class VariantCache:
             del self._pending[key]
             variant.pins = 1 + pending.waiters
             self._entries[key] = variant
+            self._room.notify_all()
         self.listener.built(variant)
         pending.future.set_result(variant)
         return variant
@@ -184,6 +199,8 @@ class VariantCache:
             variant.last_used = time.monotonic()
             if variant.doomed and variant.pins == 0:
                 self._draining.pop(id(variant), None)
+            if variant.pins == 0:
+                self._room.notify_all()
 
     # -- making room and evicting --------------------------------------------------------------------
 
@@ -194,6 +211,7 @@ class VariantCache:
                 f"the variant for {key.label} needs {size} bytes, more than the whole cache budget of "
                 f"{self.budget} bytes; raise --cache-budget",
                 retry_after=60,
+                permanent=True,
             )
         evictable = [v for v in self._entries.values() if v.pins == 0]
         free = self.budget - self._committed()

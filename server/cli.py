@@ -263,6 +263,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             device=args.device,
             dtype=args.dtype,
             cache_budget=parse_bytes(args.cache_budget),
+            cache_wait=float(args.cache_wait),
             route_threshold=float(args.route_threshold),
             route_rule=args.route_rule,
             fallback=args.fallback,
@@ -321,6 +322,7 @@ def _add_serve_parser(commands: argparse._SubParsersAction) -> None:
     flag("device", "auto", "auto (cuda when available), cpu, cuda, cuda:1, ...")
     flag("dtype", "auto", "auto (the checkpoint's), bfloat16, float16 or float32")
     flag("cache-budget", "4GiB", "bytes the cached variants may hold beyond the shared backbone (default 4GiB)")
+    flag("cache-wait", "30", "seconds a request waits for busy variants to free room before a 503 (default 30)")
     flag("route-threshold", "0.3", "similarity below which a query matches no task and gets the fallback")
     flag("route-rule", "classifier", "classifier (default), centroid or knn", choices=["classifier", "centroid", "knn"])
     flag("fallback", "full", "what serves unmatched queries: full (the whole model) or a pattern name")

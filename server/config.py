@@ -41,6 +41,7 @@ class ServerConfig:
     device: str = "auto"
     dtype: str = "auto"
     cache_budget: int = 4 * 2**30
+    cache_wait: float = 30.0  # seconds a request waits for variants in use to free room before 503
     route_threshold: float = 0.3
     route_rule: str = "classifier"
     fallback: str = FULL_MODEL  # "full" or a pattern name
@@ -65,6 +66,8 @@ class ServerConfig:
             raise ValueError(f"--model {self.model}: not a model directory (no config.json)")
         if self.cache_budget <= 0:
             raise ValueError("--cache-budget must be positive")
+        if self.cache_wait < 0:
+            raise ValueError("--cache-wait must not be negative")
         if self.workers < 1:
             raise ValueError("--workers must be at least 1")
         if not 0 < self.port < 65536:

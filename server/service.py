@@ -67,7 +67,7 @@ class Service:
         self.router = Router(
             self.store, self.embedder, rule=config.route_rule, threshold=config.route_threshold, fallback=fallback
         )
-        self.cache = VariantCache(config.cache_budget, self.metrics.cache_listener())
+        self.cache = VariantCache(config.cache_budget, self.metrics.cache_listener(), wait=config.cache_wait)
         self.jobs = JobRunner(on_error=lambda job, trace: log.error("job %s failed:\n%s", job.id, trace))
         self.context_length = int(getattr(self.builder.config, "max_position_embeddings", 0) or 0) or None
         self.eos_ids = self._eos_ids()

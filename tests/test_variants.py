@@ -379,3 +379,20 @@ def test_variant_tensors_do_not_point_into_the_checkpoint_mmap(checkpoints) -> N
     mapped = builder.reader.read("model.embed_tokens.weight")
     owned = variant.model.embed_tokens.weight
     assert torch.equal(mapped, owned) and mapped.data_ptr() != owned.data_ptr()
+
+
+@pytest.mark.parametrize("model_type", MOE + DENSE)
+def test_variant_bytes_computed_before_building_equal_what_the_build_holds(checkpoints, model_type) -> None:
+    """The cache admits a variant by `variant_bytes` before reading anything; it must be what the build
+    really allocates beyond the backbone, or the budget is a fiction."""
+    builder = VariantBuilder(checkpoints[model_type])
+    if builder.family.kind == "moe":
+        pruned = _selections(model_type)[1]
+    else:
+        layers = {index: list(range(0, layer.intermediate, 3)) for index, layer in builder.dense_layers.items()}
+        bias = {index: [0.0] * builder.config.hidden_size for index in list(layers)[:1]}
+        pruned = Selection("dense_channels", layers, bias)
+    for selection in (None, pruned):
+        model = builder.build(selection)
+        assert builder.variant_bytes(selection) == builder.owned_bytes(model) > 0
+    assert builder.variant_bytes(pruned) != builder.variant_bytes(None)

@@ -26,6 +26,8 @@ def _validation_message(error: RequestValidationError) -> tuple[str, str | None]
     if first.get("type") == "json_invalid":
         return f"the request body is not valid JSON: {first.get('ctx', {}).get('error', first.get('msg'))}", None
     param = ".".join(location) or None
+    if param is None:
+        return "the request body must be a JSON object (with Content-Type: application/json)", None
     message = first.get("msg", "invalid request")
     if first.get("type") == "missing":
         message = f"missing required parameter {param!r}"

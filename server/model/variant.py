@@ -345,7 +345,9 @@ class VariantBuilder:
             for attribute in router_names:
                 name = f"{layer.prefix}.gate.{attribute}"
                 rows = self.reader.read_indices(self._required_name(name), kept)
-                _set_tensor(model, name, self._to_target(rows) if attribute == "weight" else rows.to(self.device))
+                _set_tensor(
+                    model, name, self._to_target(rows) if attribute == "weight" else rows.to(self.device, copy=True)
+                )
                 assigned.add(name)
             block.experts.num_experts = len(kept)
             block.gate.num_experts = len(kept)

@@ -1,0 +1,413 @@
+"""End to end: the server on loopback (uvicorn), models/demo-moe with a copy of its pattern store, and the
+official `openai` client. Answers are checked against the same variant run directly, and against the
+tasks' ground truth."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+from server_harness import copy_demo_store, running_server
+
+from pattern_store.pattern import pattern_to_bundle
+from pattern_store.store import PatternStore
+from server.config import ServerConfig
+from server.demo.evaluate import EVAL_SEED, greedy_answers
+from server.demo.tasks import get_task, normalise_answer
+from server.model.variant import VariantBuilder
+from server.patterns import load_tokenizer
+
+from conftest import DEMO_MOE
+
+pytestmark = pytest.mark.slow
+
+TASKS = ("arith", "reverse", "sort", "upper", "spell", "translate")
+API_KEY, ADMIN_KEY = "test-key", "admin-key"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    store = copy_demo_store(tmp_path_factory.mktemp("main"))
+    config = ServerConfig(model=DEMO_MOE, store=store, api_key=API_KEY, admin_key=ADMIN_KEY, workers=4)
+    with running_server(config) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def direct():
+    """Greedy answers of a pattern's variant, built and run without the server."""
+    builder = VariantBuilder(DEMO_MOE)
+    tokenizer = load_tokenizer(DEMO_MOE)
+    store = PatternStore(DEMO_MOE / "patterns", create=False)
+
+    def answers(pattern: str | None, prompts: list[str]) -> list[str]:
+        selection = store.get(pattern).selection if pattern else None
+        return greedy_answers(builder.build(selection), tokenizer, prompts)
+
+    return answers
+
+
+def admin(server, method: str, path: str, key: str | None = ADMIN_KEY, **kwargs) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    return httpx.request(method, f"{server.url}/admin{path}", headers=headers, timeout=60, **kwargs)
+
+
+def chat(client: openai.OpenAI, prompt: str, **kwargs):
+    kwargs.setdefault("model", "demo-moe")
+    kwargs.setdefault("temperature", 0)
+    raw = client.chat.completions.with_raw_response.create(messages=[{"role": "user", "content": prompt}], **kwargs)
+    return raw.parse(), raw.headers
+
+
+# -- models, routing, answers -----------------------------------------------------------------------
+
+
+def test_models_lists_the_model_and_every_pattern(client) -> None:
+    ids = {model.id for model in client.models.list()}
+    assert ids == {"demo-moe", *(f"demo-moe@{task}" for task in TASKS), "demo-moe@general"}
+    assert client.models.retrieve("demo-moe@sort").id == "demo-moe@sort"
+
+
+def test_every_task_is_routed_to_its_own_pattern_and_answered(client, direct) -> None:
+    for task in TASKS:
+        examples = get_task(task).examples(3, EVAL_SEED)
+        prompts = [example.prompt for example in examples]
+        expected = direct(task, prompts)
+        correct = 0
+        for example, reference in zip(examples, expected, strict=True):
+            response, headers = chat(client, example.prompt)
+            assert headers["x-taskmoe-pattern"] == task, example.prompt
+            assert response.system_fingerprint == f"taskmoe-{task}" and response.model == f"demo-moe@{task}"
+            assert response.choices[0].message.content == reference  # the served variant is the pattern's
+            assert response.choices[0].finish_reason == "stop"
+            assert response.usage.completion_tokens >= len(reference)
+            correct += normalise_answer(reference) == normalise_answer(example.answer)
+        assert correct >= 2, f"{task}: {correct}/3 correct"
+
+
+def test_streamed_chat_equals_the_unstreamed_answer(client) -> None:
+    for task in TASKS:
+        prompt = get_task(task).examples(1, EVAL_SEED)[0].prompt
+        whole, _ = chat(client, prompt)
+        stream = client.chat.completions.create(
+            model="demo-moe",
+            messages=[{"role": "user", "content": prompt}],
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        chunks = list(stream)
+        assert chunks[0].choices[0].delta.role == "assistant"
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert text == whole.choices[0].message.content
+        assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+        assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+        assert all(c.system_fingerprint == f"taskmoe-{task}" for c in chunks)
+
+
+def test_sse_framing_role_first_and_done_last(server) -> None:
+    body = {"model": "demo-moe@upper", "messages": [{"role": "user", "content": "Uppercase: red sky"}], "stream": True}
+    with httpx.stream(
+        "POST", f"{server.url}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {API_KEY}"}
+    ) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        assert response.headers["x-taskmoe-pattern"] == "upper"
+        events = [line for line in response.iter_lines() if line]
+    assert all(line.startswith("data: ") for line in events)
+    assert events[-1] == "data: [DONE]"
+    first = json.loads(events[0][6:])
+    assert first["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert first["object"] == "chat.completion.chunk"
+
+
+def test_explicit_pattern_by_model_name_or_field(client) -> None:
+    prompt = get_task("reverse").examples(1, EVAL_SEED)[0].prompt
+    _, headers = chat(client, prompt, model="demo-moe@upper")
+    assert headers["x-taskmoe-pattern"] == "upper" and headers["x-taskmoe-route"] == "explicit"
+    _, headers = chat(client, prompt, extra_body={"pattern": "sort"})
+    assert headers["x-taskmoe-pattern"] == "sort"
+    response, headers = chat(client, prompt, model="demo-moe@full")
+    assert headers["x-taskmoe-pattern"] == "full" and response.model == "demo-moe"
+
+
+def test_unmatched_query_falls_back_to_the_full_model(client, direct) -> None:
+    prompt = "Tell me about the history of Rome"
+    response, headers = chat(client, prompt, max_tokens=12)
+    assert headers["x-taskmoe-pattern"] == "full" and headers["x-taskmoe-route"] == "below-threshold"
+    assert response.system_fingerprint == "taskmoe-full"
+
+
+def test_route_endpoint_answers_without_generating(server, client) -> None:
+    before = server.metric("taskmoe_tokens_total", 'kind="completion"')
+    answer = httpx.post(
+        f"{server.url}/v1/route",
+        json={"messages": [{"role": "user", "content": "Please sort: 9, 2, 5"}]},
+        headers={"Authorization": f"Bearer {API_KEY}"},
+    ).json()
+    assert answer["pattern"] == "sort" and answer["model"] == "demo-moe@sort" and answer["candidates"]
+    assert server.metric("taskmoe_tokens_total", 'kind="completion"') == before
+
+
+def test_text_completions_with_n_stop_and_usage(client) -> None:
+    prompt = "<|user|>Put a dash between each letter of 'mehabi'.<|end|><|assistant|>"
+    whole = client.completions.create(model="demo-moe@spell", prompt=prompt, temperature=0, max_tokens=20)
+    assert whole.choices[0].text == "m-e-h-a-b-i" and whole.object == "text_completion"
+    cut = client.completions.create(model="demo-moe@spell", prompt=prompt, temperature=0, max_tokens=20, stop=["-a"])
+    assert cut.choices[0].text == "m-e-h" and cut.choices[0].finish_reason == "stop"
+    short = client.completions.create(model="demo-moe@spell", prompt=[prompt, prompt], max_tokens=3, n=2, seed=1)
+    assert [c.index for c in short.choices] == [0, 1, 2, 3]
+    assert all(c.finish_reason == "length" for c in short.choices)
+    assert short.usage.completion_tokens == 12 and short.usage.prompt_tokens == 2 * whole.usage.prompt_tokens
+    streamed = client.completions.create(model="demo-moe@spell", prompt=prompt, temperature=0, stream=True)
+    assert "".join(c.choices[0].text for c in streamed if c.choices) == "m-e-h-a-b-i"
+
+
+def test_seed_reproduces_sampled_answers(client) -> None:
+    def sample(seed: int) -> list[str]:
+        response, _ = chat(client, "Please sort: 9, 2, 5", temperature=1.5, seed=seed, n=3, max_tokens=12)
+        return [choice.message.content for choice in response.choices]
+
+    assert sample(7) == sample(7)
+    assert len(sample(7)) == 3
+
+
+def test_max_completion_tokens_limits_length(client) -> None:
+    response, _ = chat(client, "Hyphenate every letter of 'mepo'.", max_completion_tokens=2)
+    assert response.choices[0].finish_reason == "length" and response.usage.completion_tokens == 2
+
+
+# -- disconnects, operations ------------------------------------------------------------------------
+
+
+def test_client_disconnect_stops_the_generation(server) -> None:
+    cancelled = server.metric("taskmoe_generations_cancelled_total")
+    tokens = server.metric("taskmoe_tokens_total", 'kind="completion"')
+    body = {
+        "model": "demo-moe@reverse",
+        "messages": [{"role": "user", "content": "Reverse the word 'pocecu'."}],
+        "max_tokens": 200,
+        "ignore_eos": True,
+        "stream": True,
+    }
+    with httpx.stream(
+        "POST", f"{server.url}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {API_KEY}"}
+    ) as response:
+        lines = response.iter_lines()
+        for _ in range(6):
+            next(lines)
+    deadline = time.monotonic() + 10
+    while server.metric("taskmoe_generations_cancelled_total") == cancelled and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.metric("taskmoe_generations_cancelled_total") == cancelled + 1
+    generated = server.metric("taskmoe_tokens_total", 'kind="completion"') - tokens
+    assert generated < 100, f"{generated} tokens generated after the client left at token 3"
+    assert server.metric("taskmoe_active_generations") == 0
+
+
+def test_health_ready_metrics_and_request_ids(server, client) -> None:
+    assert httpx.get(f"{server.url}/health").json() == {"status": "ok"}
+    ready = httpx.get(f"{server.url}/ready").json()
+    assert ready["status"] == "ready" and ready["patterns"] == 7
+    text = httpx.get(f"{server.url}/metrics").text
+    for name in (
+        "taskmoe_requests_total",
+        "taskmoe_request_seconds_bucket",
+        "taskmoe_tokens_total",
+        "taskmoe_cache_hits_total",
+        "taskmoe_cache_misses_total",
+        "taskmoe_cache_evictions_total",
+        "taskmoe_variant_build_seconds_count",
+        "taskmoe_variant_resident_bytes",
+        "taskmoe_route_decisions_total",
+    ):
+        assert name in text, name
+    response = httpx.get(
+        f"{server.url}/v1/models", headers={"Authorization": f"Bearer {API_KEY}", "x-request-id": "abc"}
+    )
+    assert response.headers["x-request-id"] == "abc"
+
+
+# -- admin ------------------------------------------------------------------------------------------
+
+
+def wait_for_job(server, job_id: str, timeout: float = 120) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = admin(server, "GET", f"/jobs/{job_id}").json()
+        if job["status"] in ("succeeded", "failed"):
+            return job
+        time.sleep(0.2)
+    raise AssertionError(f"job {job_id} did not finish")
+
+
+def test_admin_needs_the_admin_key(server) -> None:
+    assert admin(server, "GET", "/patterns", key=None).status_code == 401
+    wrong = admin(server, "GET", "/patterns", key=API_KEY)
+    assert wrong.status_code == 403 and wrong.json()["error"]["type"] == "permission_error"
+    assert admin(server, "GET", "/patterns").status_code == 200
+
+
+def test_admin_register_route_delete_import(server, client) -> None:
+    upper_prompt = get_task("upper").examples(1, EVAL_SEED)[0].prompt
+    bundle = pattern_to_bundle(server.service.store.get("upper"))
+    admin(server, "POST", "/cache/upper")
+    assert any(entry["pattern"] == "upper" for entry in admin(server, "GET", "/cache").json()["data"])
+
+    assert admin(server, "DELETE", "/patterns/upper").json()["deleted"] is True
+    assert "demo-moe@upper" not in {m.id for m in client.models.list()}
+    assert all(entry["pattern"] != "upper" for entry in admin(server, "GET", "/cache").json()["data"])
+    with pytest.raises(openai.NotFoundError):
+        chat(client, upper_prompt, model="demo-moe@upper")
+
+    examples = get_task("upper").examples(24, seed=4242)
+    calibration = [{"prompt": e.prompt, "response": e.answer} for e in examples]
+    accepted = admin(server, "POST", "/patterns", json={"name": "shout", "prompts": calibration})
+    assert accepted.status_code == 202, accepted.text
+    job = wait_for_job(server, accepted.json()["id"])
+    assert job["status"] == "succeeded", job["error"]
+    assert job["result"]["kind"] == "moe_experts" and job["result"]["calibration_prompts"] == 24
+    _, headers = chat(client, upper_prompt)  # routable at once, no restart
+    assert headers["x-taskmoe-pattern"] == "shout"
+    assert job["id"] in {j["id"] for j in admin(server, "GET", "/jobs").json()["data"]}
+
+    assert admin(server, "DELETE", "/patterns/shout").status_code == 200
+    imported = admin(server, "POST", "/patterns/import", content=bundle)
+    assert imported.status_code == 201 and imported.json()["name"] == "upper"
+    _, headers = chat(client, upper_prompt)
+    assert headers["x-taskmoe-pattern"] == "upper"
+
+
+def test_admin_errors_are_clear(server) -> None:
+    bad_name = admin(server, "POST", "/patterns", json={"name": "../etc", "prompts": ["x"]})
+    assert bad_name.status_code == 400 and "invalid pattern name" in bad_name.json()["error"]["message"]
+    exists = admin(server, "POST", "/patterns", json={"name": "sort", "prompts": ["Please sort: 3, 1"]})
+    assert exists.status_code == 409
+    method = admin(server, "POST", "/patterns", json={"name": "x1", "prompts": ["a"], "method": "seap"})
+    assert method.status_code == 400 and "unknown method" in method.json()["error"]["message"]
+    garbage = admin(server, "POST", "/patterns/import", content=b"not a pattern at all")
+    assert garbage.status_code == 400 and garbage.json()["error"]["code"] == "invalid_pattern"
+    assert admin(server, "GET", "/jobs/job-nope").status_code == 404
+    assert admin(server, "DELETE", "/patterns/nope").status_code == 404
+    assert len(server.service.store.names()) == 7  # nothing lost
+
+
+# -- errors -----------------------------------------------------------------------------------------
+
+
+def _error(response: httpx.Response, status: int) -> dict:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    return error
+
+
+def test_bad_requests_get_openai_errors(server, client) -> None:
+    url = f"{server.url}/v1/chat/completions"
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+    assert "JSON" in _error(httpx.post(url, content=b"{not json", headers=auth), 400)["message"]
+    as_json = {**auth, "content-type": "application/json"}
+    assert "not valid JSON" in _error(httpx.post(url, content=b"{not json", headers=as_json), 400)["message"]
+    assert "JSON object" in _error(httpx.post(url, content=b"[1, 2]", headers=as_json), 400)["message"]
+    assert _error(httpx.post(url, json={"model": "demo-moe"}, headers=auth), 400)["param"] == "messages"
+    messages = [{"role": "user", "content": "Please sort: 3, 1"}]
+    bad = {"model": "demo-moe", "messages": messages, "temperature": 7}
+    assert _error(httpx.post(url, json=bad, headers=auth), 400)["param"] == "temperature"
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="demo-moe", messages=messages, tools=[{"type": "function"}])
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="demo-moe", messages=messages, n=999)
+    with pytest.raises(openai.NotFoundError) as unknown_model:
+        client.chat.completions.create(model="gpt-4o", messages=messages)
+    assert unknown_model.value.code == "model_not_found"
+    with pytest.raises(openai.NotFoundError) as unknown_pattern:
+        client.chat.completions.create(model="demo-moe@nope", messages=messages)
+    assert unknown_pattern.value.code == "pattern_not_found"
+    with pytest.raises(openai.BadRequestError) as too_long:
+        client.chat.completions.create(model="demo-moe", messages=messages, max_tokens=10_000)
+    assert too_long.value.code == "context_length_exceeded"
+    long_prompt = [{"role": "user", "content": "x" * 400}]
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="demo-moe", messages=long_prompt)
+    assert _error(httpx.get(f"{server.url}/v1/nothing", headers=auth), 404)["type"] == "not_found_error"
+
+
+def test_missing_or_wrong_api_key_is_401(server) -> None:
+    wrong = openai.OpenAI(base_url=f"{server.url}/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        wrong.models.list()
+    missing = httpx.post(f"{server.url}/v1/chat/completions", json={"model": "demo-moe", "messages": []})
+    assert _error(missing, 401)["code"] == "invalid_api_key"
+
+
+@pytest.fixture(scope="module")
+def variant_size() -> int:
+    store = PatternStore(DEMO_MOE / "patterns", create=False)
+    builder = VariantBuilder(DEMO_MOE)
+    sizes = {builder.variant_bytes(store.get(task).selection) for task in TASKS}
+    assert len(sizes) == 1  # every demo pattern keeps 8 of 16 experts
+    return sizes.pop()
+
+
+def test_overload_is_503_with_retry_after_and_no_admin_without_key(tmp_path, variant_size) -> None:
+    config = ServerConfig(model=DEMO_MOE, store=copy_demo_store(tmp_path), cache_budget=variant_size // 2)
+    with running_server(config) as small:
+        client = openai.OpenAI(base_url=f"{small.url}/v1", api_key="unused", max_retries=0)
+        with pytest.raises(openai.APIStatusError) as refused:
+            client.chat.completions.create(model="demo-moe@sort", messages=[{"role": "user", "content": "Sort: 2, 1"}])
+        assert refused.value.status_code == 503 and refused.value.response.headers["retry-after"]
+        assert refused.value.code == "cache_full"
+        assert client.models.list().data  # no API key configured: open
+        assert _error(httpx.get(f"{small.url}/admin/patterns"), 404)
+
+
+def test_concurrent_mixed_tasks_under_a_two_variant_budget(tmp_path, variant_size) -> None:
+    budget = int(variant_size * 2.5)
+    config = ServerConfig(model=DEMO_MOE, store=copy_demo_store(tmp_path), cache_budget=budget, admin_key=ADMIN_KEY)
+    with running_server(config) as small:
+        client = openai.OpenAI(base_url=f"{small.url}/v1", api_key="unused", max_retries=0, timeout=120)
+        peak = [0]
+        done = threading.Event()
+
+        def watch() -> None:
+            while not done.is_set():
+                peak[0] = max(peak[0], small.service.cache.resident_bytes)
+                time.sleep(0.005)
+
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        jobs = [
+            (task, example.prompt)
+            for task in ("arith", "sort", "upper", "spell")
+            for example in get_task(task).examples(4, 77)
+        ]
+
+        def ask(job: tuple[str, str]) -> tuple[str, str]:
+            task, prompt = job
+            if len(prompt) % 2:
+                _, headers = chat(client, prompt, max_tokens=16)
+                return task, headers["x-taskmoe-pattern"]
+            stream = client.chat.completions.with_raw_response.create(
+                model="demo-moe", messages=[{"role": "user", "content": prompt}], stream=True, max_tokens=16
+            )
+            list(stream.parse())
+            return task, stream.headers["x-taskmoe-pattern"]
+
+        with ThreadPoolExecutor(8) as pool:
+            results = list(pool.map(ask, jobs))
+        done.set()
+        watcher.join()
+        assert all(task == pattern for task, pattern in results), results
+        assert peak[0] <= budget
+        assert small.metric("taskmoe_cache_evictions_total") >= 2
+        assert small.metric("taskmoe_cache_misses_total") >= 4
+        assert small.service.cache.resident_bytes <= budget
