@@ -22,9 +22,9 @@ $(BIN)/taskmoe: pyproject.toml
 
 install: $(BIN)/taskmoe
 
-## The main job. Until the OpenAI server lands this is an interactive chat with the demo MoE.
+## The main job: the OpenAI-compatible server on 127.0.0.1:8000 with the demo MoE and its patterns.
 serve: install
-	$(BIN)/taskmoe chat --model $(MODEL)
+	$(BIN)/taskmoe serve --model $(MODEL)
 
 ## The whole suite (what CI runs).
 test: install

@@ -271,6 +271,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             admin_key=args.admin_key or None,
             model_name=args.served_model_name or None,
             workers=int(args.workers),
+            torch_threads=int(args.torch_threads) if args.torch_threads else None,
             embedder=args.embedder or None,
         ).validate()
     except ValueError as error:
@@ -330,6 +331,7 @@ def _add_serve_parser(commands: argparse._SubParsersAction) -> None:
     flag("admin-key", None, "enable the /admin API, with this key")
     flag("served-model-name", None, "the model id clients use (default: the model directory's name)")
     flag("workers", "8", "threads that build variants and generate (default 8)")
+    flag("torch-threads", None, "intra-op threads per worker (default: 1 on the CPU, torch's default on GPU)")
     flag("embedder", None, "sentence-transformers model directory (default all-MiniLM-L6-v2)")
     flag("log-level", "info", "debug, info, warning or error")
     flag("log-format", "json", "json (one object per line) or text", choices=["json", "text"])

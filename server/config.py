@@ -49,6 +49,7 @@ class ServerConfig:
     admin_key: str | None = None
     model_name: str | None = None  # the id clients use; default: the model directory's name
     workers: int = 8  # threads that build variants and generate
+    torch_threads: int | None = None  # intra-op threads; None: 1 on the CPU (see Service), torch's default on GPU
     embedder: str | None = None  # a local sentence-transformers model; default: all-MiniLM-L6-v2
     max_n: int = 16
 
@@ -68,6 +69,8 @@ class ServerConfig:
             raise ValueError("--cache-budget must be positive")
         if self.cache_wait < 0:
             raise ValueError("--cache-wait must not be negative")
+        if self.torch_threads is not None and self.torch_threads < 1:
+            raise ValueError("--torch-threads must be at least 1")
         if self.workers < 1:
             raise ValueError("--workers must be at least 1")
         if not 0 < self.port < 65536:

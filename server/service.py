@@ -13,6 +13,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from pattern_store.embedder import Embedder
 from pattern_store.pattern import PatternError, TaskPattern, pattern_from_bundle, validate_name
 from pattern_store.selection import SelectionError
@@ -55,6 +57,7 @@ class Service:
         self.config = config
         self.metrics = metrics or Metrics()
         self.builder = VariantBuilder(config.model, device=config.device, dtype=config.dtype)
+        self.torch_threads = self._set_torch_threads(config.torch_threads)
         self.tokenizer = load_tokenizer(config.model)
         self.fingerprint = model_fingerprint(config.model)
         self.store = PatternStore(config.store, create=True)
@@ -73,6 +76,16 @@ class Service:
         self.eos_ids = self._eos_ids()
         self._calibration_lock = threading.Lock()
         self.metrics.budget.set(config.cache_budget)
+
+    def _set_torch_threads(self, requested: int | None) -> int:
+        """On the CPU, each worker thread that runs torch gets its own OpenMP team; several teams on a few
+        cores spin against each other and made one request 3x slower here (scripts/bench_server.py). One
+        intra-op thread per worker, with concurrency across requests, is the default there."""
+        if requested is None and self.builder.device.type == "cpu":
+            requested = 1
+        if requested is not None:
+            torch.set_num_threads(requested)
+        return torch.get_num_threads()
 
     def _eos_ids(self) -> tuple[int, ...]:
         ids = set()
