@@ -214,6 +214,39 @@ def test_client_disconnect_stops_the_generation(server) -> None:
     assert server.metric("taskmoe_active_generations") == 0
 
 
+def test_a_long_stream_does_not_stall_other_requests(client) -> None:
+    first_chunk, finished = threading.Event(), []
+    gaps = []
+
+    def long_stream() -> None:
+        stream = client.chat.completions.create(
+            model="demo-moe@reverse",
+            messages=[{"role": "user", "content": "Reverse the word 'pocecu'."}],
+            max_tokens=200,
+            stream=True,
+            extra_body={"ignore_eos": True},
+            stream_options={"include_usage": True},
+        )
+        last = time.monotonic()
+        for chunk in stream:
+            gaps.append(time.monotonic() - last)
+            last = time.monotonic()
+            first_chunk.set()
+            if chunk.usage:
+                finished.append((time.monotonic(), chunk.usage.completion_tokens))
+
+    thread = threading.Thread(target=long_stream)
+    thread.start()
+    assert first_chunk.wait(30)
+    response, _ = chat(client, "How much is 4 plus 5?", model="demo-moe@arith")
+    short_done = time.monotonic()
+    thread.join(60)
+    assert response.choices[0].message.content == "9"
+    assert finished and finished[0][1] == 200
+    assert short_done < finished[0][0], "the short request waited for the long stream to end"
+    assert max(gaps) < 5
+
+
 def test_health_ready_metrics_and_request_ids(server, client) -> None:
     assert httpx.get(f"{server.url}/health").json() == {"status": "ok"}
     ready = httpx.get(f"{server.url}/ready").json()
