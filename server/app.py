@@ -18,6 +18,7 @@ from server.api.errors import install_error_handlers
 from server.api.observe import RequestObserver
 from server.config import ServerConfig
 from server.metrics import Metrics
+from server.proxy import UpstreamProxy, parse_upstreams
 from server.service import Service
 
 log = logging.getLogger("taskmoe.app")
@@ -29,11 +30,13 @@ def create_app(config: ServerConfig) -> FastAPI:
         app.state.config, app.state.metrics = config, Metrics()
         app.state.service, app.state.load_error, app.state.started = None, None, time.time()
         app.state.executor = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="taskmoe-worker")
+        app.state.proxy = UpstreamProxy(parse_upstreams(config.upstreams))
         loading = asyncio.get_running_loop().run_in_executor(app.state.executor, _load, app)
         try:
             yield
         finally:
             await loading  # a shutdown during loading waits for it, then frees what it loaded
+            await app.state.proxy.close()
             if app.state.service is not None:
                 app.state.service.close()
             app.state.executor.shutdown(wait=False, cancel_futures=True)

@@ -249,7 +249,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from server.app import create_app
-    from server.config import ServerConfig, parse_bytes
+    from server.config import ServerConfig, env_default, parse_bytes
     from server.logs import configure_logging
 
     if not args.model:
@@ -273,6 +273,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             workers=int(args.workers),
             torch_threads=int(args.torch_threads) if args.torch_threads else None,
             embedder=args.embedder or None,
+            upstreams=tuple(args.upstream or [spec for spec in (env_default("upstream") or "").split(",") if spec]),
         ).validate()
     except ValueError as error:
         raise CliError(str(error)) from None
@@ -333,6 +334,13 @@ def _add_serve_parser(commands: argparse._SubParsersAction) -> None:
     flag("workers", "8", "threads that build variants and generate (default 8)")
     flag("torch-threads", None, "intra-op threads per worker (default: 1 on the CPU, torch's default on GPU)")
     flag("embedder", None, "sentence-transformers model directory (default all-MiniLM-L6-v2)")
+    serve.add_argument(
+        "--upstream",
+        action="append",
+        metavar="PATTERN=URL[#MODEL]",
+        help="serve PATTERN from another OpenAI-compatible server (vLLM, SGLang) at URL (its /v1 base); "
+        "repeatable; TASKMOE_UPSTREAM takes a comma-separated list",
+    )
     flag("log-level", "info", "debug, info, warning or error")
     flag("log-format", "json", "json (one object per line) or text", choices=["json", "text"])
     serve.set_defaults(func=cmd_serve)

@@ -52,6 +52,7 @@ class ServerConfig:
     torch_threads: int | None = None  # intra-op threads; None: 1 on the CPU (see Service), torch's default on GPU
     embedder: str | None = None  # a local sentence-transformers model; default: all-MiniLM-L6-v2
     max_n: int = 16
+    upstreams: tuple[str, ...] = ()  # "PATTERN=URL[#MODEL]": that pattern's requests go to another server
 
     @property
     def served_name(self) -> str:
@@ -75,6 +76,9 @@ class ServerConfig:
             raise ValueError("--workers must be at least 1")
         if not 0 < self.port < 65536:
             raise ValueError(f"--port {self.port} is not a TCP port")
+        from server.proxy import parse_upstreams
+
+        parse_upstreams(self.upstreams)  # raises on a malformed spec
         if "@" in self.served_name:
             raise ValueError(f"model name {self.served_name!r} must not contain '@'")
         return self

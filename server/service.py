@@ -33,6 +33,7 @@ from server.patterns import (
     load_tokenizer,
     pattern_from_statistics,
 )
+from server.proxy import parse_upstreams
 from server.routing import RouteDecision, Router
 
 log = logging.getLogger("taskmoe.service")
@@ -67,6 +68,9 @@ class Service:
         fallback = config.fallback_pattern
         if fallback is not None and fallback not in self.store:
             raise ValueError(f"--fallback {fallback}: no such pattern in {config.store}; stored: {self.store.names()}")
+        for pattern in parse_upstreams(config.upstreams):
+            if pattern not in self.store:
+                raise ValueError(f"--upstream {pattern}=...: no such pattern in {config.store} (routing needs it)")
         self.router = Router(
             self.store, self.embedder, rule=config.route_rule, threshold=config.route_threshold, fallback=fallback
         )

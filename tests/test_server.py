@@ -12,7 +12,6 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import openai
 import pytest
-from server_harness import copy_demo_store, running_server
 
 from pattern_store.pattern import pattern_to_bundle
 from pattern_store.store import PatternStore
@@ -23,6 +22,7 @@ from server.model.variant import VariantBuilder
 from server.patterns import load_tokenizer
 
 from conftest import DEMO_MOE
+from server_harness import copy_demo_store, running_server
 
 pytestmark = pytest.mark.slow
 

@@ -186,6 +186,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
     service = service_of(request)
     prompt = await run_in_threadpool(service.chat_prompt_ids, body.conversation())
     plan = await _plan(request, body, "chat", [prompt], body.query(), body.token_limit)
+    if plan.resolved.pattern in request.app.state.proxy:
+        return await _forward(request, plan, "/chat/completions", body)
     return await _respond(request, service, plan, bool(body.stream))
 
 
@@ -194,7 +196,16 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
     service = service_of(request)
     prompts = [service.text_prompt_ids(text) for text in body.prompts]
     plan = await _plan(request, body, "text", prompts, body.prompts[0], (body.max_tokens, "max_tokens"))
+    if plan.resolved.pattern in request.app.state.proxy:
+        return await _forward(request, plan, "/completions", body)
     return await _respond(request, service, plan, bool(body.stream))
+
+
+async def _forward(request: Request, plan: _Plan, path: str, body: GenerationRequest) -> Any:
+    """This pattern is served by an upstream server (`--upstream`): pass the request on."""
+    request.state.route_reason = f"{plan.resolved.how}, upstream"
+    body_json = body.model_dump(exclude_unset=True, exclude_none=True)
+    return await request.app.state.proxy.forward(plan.resolved.pattern, path, body_json, plan.headers)
 
 
 def _run(

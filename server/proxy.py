@@ -1,0 +1,101 @@
+"""Forwarding a pattern's requests to an upstream OpenAI-compatible server.
+
+When one task's variant outgrows a GPU, it is exported (`taskmoe export`) and served by vLLM or SGLang
+with tensor or expert parallelism; taskmoe keeps routing, and sends that pattern's requests there.
+Configured per pattern as `PATTERN=URL` or `PATTERN=URL#MODEL` (URL is the upstream's `/v1` base; MODEL
+is the name the upstream serves, otherwise asked from its `/v1/models` on first use).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+from starlette.background import BackgroundTask
+from starlette.responses import Response, StreamingResponse
+
+from server.errors import APIError
+
+log = logging.getLogger("taskmoe.proxy")
+
+_PASSED_HEADERS = ("content-type", "retry-after", "x-request-id")
+
+
+@dataclass
+class Upstream:
+    pattern: str
+    base_url: str  # ends with /v1
+    model: str | None = None
+
+
+def parse_upstreams(specs: list[str] | tuple[str, ...] | str | None) -> dict[str, Upstream]:
+    """`["arith=http://gpu-7:8000/v1#my-arith", ...]` (or one comma-separated string, as in the
+    environment) -> {pattern: Upstream}."""
+    if not specs:
+        return {}
+    if isinstance(specs, str):
+        specs = [part for part in specs.split(",") if part.strip()]
+    upstreams = {}
+    for spec in specs:
+        pattern, sep, rest = spec.strip().partition("=")
+        url, _, model = rest.partition("#")
+        if not sep or not pattern or not url.startswith(("http://", "https://")):
+            raise ValueError(f"--upstream {spec!r}: expected PATTERN=http(s)://HOST:PORT/v1[#MODEL]")
+        if pattern in upstreams:
+            raise ValueError(f"--upstream: pattern {pattern!r} given twice")
+        upstreams[pattern] = Upstream(pattern, url.rstrip("/"), model or None)
+    return upstreams
+
+
+class UpstreamProxy:
+    def __init__(self, upstreams: dict[str, Upstream], timeout: float = 600.0) -> None:
+        self.upstreams = upstreams
+        self._client = httpx.AsyncClient(timeout=httpx.Timeout(timeout, connect=10.0))
+        self._lock = asyncio.Lock()
+
+    def __contains__(self, pattern: str | None) -> bool:
+        return pattern is not None and pattern in self.upstreams
+
+    async def close(self) -> None:
+        await self._client.aclose()
+
+    async def _model(self, upstream: Upstream) -> str:
+        if upstream.model is None:
+            async with self._lock:
+                if upstream.model is None:
+                    response = await self._client.get(f"{upstream.base_url}/models")
+                    response.raise_for_status()
+                    upstream.model = response.json()["data"][0]["id"]
+        return upstream.model
+
+    async def forward(self, pattern: str, path: str, body: dict[str, Any], headers: dict[str, str]) -> Response:
+        """Send `body` (its model replaced by the upstream's) to the upstream's `path`; stream the answer
+        back as it comes when the request asked for a stream."""
+        upstream = self.upstreams[pattern]
+        unreachable = f"the upstream for pattern {pattern!r} ({upstream.base_url}) cannot be reached"
+        try:
+            payload = {**body, "model": await self._model(upstream)}
+            payload.pop("pattern", None)
+            request = self._client.build_request("POST", f"{upstream.base_url}{path}", json=payload)
+            response = await self._client.send(request, stream=True)
+        except (httpx.HTTPError, KeyError, IndexError, ValueError) as error:
+            log.warning("%s: %s", unreachable, error)
+            raise APIError(502, unreachable, code="upstream_unavailable") from None
+        passed = {k: v for k, v in response.headers.items() if k.lower() in _PASSED_HEADERS}
+        passed.update(headers)
+        passed["x-taskmoe-upstream"] = upstream.base_url
+        if body.get("stream"):
+            return StreamingResponse(
+                response.aiter_raw(),
+                status_code=response.status_code,
+                headers=passed,
+                background=BackgroundTask(response.aclose),
+            )
+        try:
+            content = await response.aread()
+        finally:
+            await response.aclose()
+        return Response(content, status_code=response.status_code, headers=passed)
