@@ -89,10 +89,19 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise CliError("--out is the model directory itself; export into a new directory")
     if out.exists() and any(out.iterdir()) and not args.force:
         raise CliError(f"{out} exists and is not empty; pass --force to write into it")
+    if bool(args.selection) == bool(args.pattern):
+        raise CliError("give either --selection FILE or --pattern NAME (with --store DIR)")
     try:
-        selection = Selection.load(args.selection)
+        if args.pattern:
+            if not args.store:
+                raise CliError("--pattern needs --store DIR")
+            selection = _open_store(args.store).get(args.pattern).selection
+        else:
+            selection = Selection.load(args.selection)
         builder = VariantBuilder(_model_dir(args.model), device="cpu", dtype=args.dtype)
         export_variant(builder, selection, out)
+    except KeyError as error:
+        raise CliError(str(error.args[0])) from None
     except (SelectionError, CheckpointError, ExportError, UnsupportedModelError, ValueError) as error:
         raise CliError(str(error)) from None
     size = sum(p.stat().st_size for p in out.glob("*.safetensors"))
@@ -366,7 +375,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     export = commands.add_parser("export", help="write a pruned variant as a standard transformers checkpoint")
     export.add_argument("--model", required=True, help="model directory (safetensors)")
-    export.add_argument("--selection", required=True, help='selection JSON: {"kind": "moe_experts", "layers": {...}}')
+    export.add_argument("--selection", help='selection JSON: {"kind": "moe_experts", "layers": {...}}')
+    export.add_argument("--pattern", help="export the variant of this stored pattern (with --store)")
+    export.add_argument("--store", help="pattern store directory (with --pattern)")
     export.add_argument("--out", required=True, help="output directory")
     export.add_argument("--dtype", default="auto", help="auto (the checkpoint's), float32, bfloat16 or float16")
     export.add_argument("--force", action="store_true", help="write into a non-empty output directory")

@@ -117,3 +117,21 @@ def test_cli_export_never_overwrites_the_source_model(tmp_path, capsys) -> None:
     assert "model directory itself" in capsys.readouterr().err
     assert main([*args, "--out", str(selection_file)]) == 2
     assert "not a directory" in capsys.readouterr().err
+
+
+def test_cli_export_of_a_stored_pattern(tmp_path) -> None:
+    from pattern_store.store import PatternStore
+
+    from conftest import DEMO_MOE
+
+    store = DEMO_MOE / "patterns"
+    out = tmp_path / "sort"
+    assert (
+        main(["export", "--model", str(DEMO_MOE), "--pattern", "sort", "--store", str(store), "--out", str(out)]) == 0
+    )
+    exported = AutoModelForCausalLM.from_pretrained(out)
+    assert exported.config.num_experts == len(PatternStore(store, create=False).get("sort").selection.kept(0))
+    assert (
+        main(["export", "--model", str(DEMO_MOE), "--pattern", "nope", "--store", str(store), "--out", str(out)]) == 2
+    )
+    assert main(["export", "--model", str(DEMO_MOE), "--out", str(tmp_path / "x")]) == 2  # neither given
