@@ -16,6 +16,7 @@ backbone is read once and shared by every variant, and is reported apart.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import OrderedDict
@@ -24,6 +25,8 @@ from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
+
+log = logging.getLogger("taskmoe.cache")
 
 
 @dataclass(frozen=True)
@@ -148,7 +151,7 @@ class VariantCache:
                     variant.hits += 1
                     variant.last_used = time.monotonic()
                     self._entries.move_to_end(key)
-                    self.listener.hit(key)
+                    self._notify("hit", key)
                     return variant
                 pending = self._pending.get(key)
                 if pending is not None:
@@ -167,9 +170,9 @@ class VariantCache:
                 owner = True
                 break
         if not owner:
-            self.listener.hit(key)
+            self._notify("hit", key)
             return pending.future.result()
-        self.listener.miss(key)
+        self._notify("miss", key)
         return self._build(key, pending, build)
 
     def _build(self, key: VariantKey, pending: _Pending, build: Callable[[], Any]) -> Variant:
@@ -189,7 +192,7 @@ class VariantCache:
             variant.pins = 1 + pending.waiters
             self._entries[key] = variant
             self._room.notify_all()
-        self.listener.built(variant)
+            self._notify("built", variant)  # under the lock: an eviction cannot be reported before it
         pending.future.set_result(variant)
         return variant
 
@@ -229,7 +232,14 @@ class VariantCache:
 
     def _evicted(self, variant: Variant) -> None:
         self.evictions += 1
-        self.listener.evicted(variant)
+        self._notify("evicted", variant)
+
+    def _notify(self, event: str, subject: Any) -> None:
+        """Tell the listener; a failing listener (metrics) never breaks the cache or strands a waiter."""
+        try:
+            getattr(self.listener, event)(subject)
+        except Exception:
+            log.exception("variant cache listener failed on %s", event)
 
     def evict(self, pattern: str | None) -> int:
         """Drop every cached revision of `pattern` (None: the full model); a variant in use is dropped when
@@ -246,6 +256,6 @@ class VariantCache:
                 dropped.append(variant)
                 if variant.pins:
                     self._draining[id(variant)] = variant
-        for variant in dropped:
-            self._evicted(variant)
+            for variant in dropped:
+                self._evicted(variant)
         return marked

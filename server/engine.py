@@ -59,9 +59,13 @@ def _held_back(text: str, stops: Sequence[str]) -> int:
     return hold
 
 
+GREEDY_BELOW = 1e-5
+"""Temperatures this small are greedy decoding (dividing by them overflows the softmax)."""
+
+
 def _sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> torch.Tensor:
     """Next token per row of `logits` [rows, vocab]."""
-    if params.temperature == 0:
+    if params.temperature < GREEDY_BELOW:
         return logits.argmax(dim=-1)
     probs = torch.softmax(logits.float() / params.temperature, dim=-1)
     if params.top_p < 1.0:
@@ -95,7 +99,7 @@ class Generation:
         self.cancel = cancel or threading.Event()
         self.choices = [_Choice() for _ in range(params.n)]
         self.cancelled = False
-        self.seed = params.seed if params.seed is not None else secrets.randbits(63)
+        self.seed = params.seed % 2**63 if params.seed is not None else secrets.randbits(63)
 
     @property
     def completion_tokens(self) -> int:

@@ -16,11 +16,11 @@ from typing import Any
 import torch
 
 from pattern_store.embedder import Embedder
-from pattern_store.pattern import PatternError, TaskPattern, pattern_from_bundle, validate_name
-from pattern_store.selection import SelectionError
+from pattern_store.pattern import PatternError, pattern_from_bundle, validate_name
+from pattern_store.selection import Selection, SelectionError
 from pattern_store.store import PatternStore
 from server.cache import CacheFull, Variant, VariantBuildFailed, VariantCache, VariantKey
-from server.config import ServerConfig
+from server.config import FULL_MODEL, ServerConfig
 from server.errors import APIError
 from server.jobs import Job, JobRunner
 from server.metrics import Metrics
@@ -37,6 +37,11 @@ from server.proxy import parse_upstreams
 from server.routing import RouteDecision, Router
 
 log = logging.getLogger("taskmoe.service")
+
+MAX_CHOICES = 128
+"""Prompts x n in one request."""
+MAX_CHARACTERS_PER_TOKEN = 32
+"""A text prompt longer than this many characters per context token cannot fit: refused untokenized."""
 
 
 @dataclass(frozen=True)
@@ -116,7 +121,9 @@ class Service:
 
     def resolve(self, model: str, pattern: str | None, query: str) -> Resolved:
         """An explicit pattern (`MODEL@PATTERN` or the `pattern` field) or, without one, a routed one."""
-        name, _, suffix = model.partition("@")
+        name, at, suffix = model.partition("@")
+        if at and not suffix:
+            raise APIError(400, f"model {model!r} names no pattern after '@'", param="model")
         if name != self.model_name:
             raise APIError(
                 404,
@@ -151,22 +158,28 @@ class Service:
 
     # -- variants ------------------------------------------------------------------------------
 
-    def _pattern(self, name: str) -> TaskPattern:
+    def _selection(self, name: str) -> tuple[Selection, float]:
+        """A pattern's selection and revision, from its JSON document alone (the tensors, scores and
+        example embeddings, are not needed to serve it)."""
         try:
-            pattern = self.store.get(name)
-            pattern.check_model(self.fingerprint)
+            document = self.store.summary(name)
+            if document.get("model_fingerprint") != self.fingerprint:
+                raise PatternError(
+                    f"pattern {name!r} was calibrated on another model ({str(document.get('model_fingerprint'))[:12]}"
+                    f", this one is {self.fingerprint[:12]}); calibrate it again for this model"
+                )
+            return Selection.from_json(document["selection"]), float(document["created"])
         except KeyError:
             raise APIError(404, f"pattern {name!r} does not exist", code="pattern_not_found") from None
-        except PatternError as error:
+        except (PatternError, SelectionError, TypeError, ValueError) as error:
             raise APIError(409, str(error), code="pattern_unusable") from None
-        return pattern
 
     def acquire(self, pattern: str | None) -> Variant:
         """The variant serving `pattern`, pinned until `release` (built if missing)."""
         selection, key = None, VariantKey(None)
         if pattern is not None:
-            stored = self._pattern(pattern)
-            selection, key = stored.selection, VariantKey(pattern, stored.created)
+            selection, revision = self._selection(pattern)
+            key = VariantKey(pattern, revision)
         try:
             size = self.builder.variant_bytes(selection)
             variant = self.cache.acquire(key, size, lambda: self.builder.build(selection))
@@ -207,8 +220,22 @@ class Service:
             ) from None
         return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
 
-    def text_prompt_ids(self, text: str) -> list[int]:
-        return list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
+    def text_prompts_ids(self, texts: Sequence[str], n: int) -> list[list[int]]:
+        """Token ids of a batch of text prompts; refuses batches and prompts that could never fit before
+        spending time on them."""
+        if len(texts) * n > MAX_CHOICES:
+            raise APIError(400, f"at most {MAX_CHOICES} choices per request (prompts x n)", param="prompt")
+        limit = MAX_CHARACTERS_PER_TOKEN * (self.context_length or 2**20)
+        for text in texts:
+            if len(text) > limit:
+                raise APIError(
+                    400,
+                    f"a prompt of {len(text)} characters cannot fit this model's context of "
+                    f"{self.context_length} tokens",
+                    code="context_length_exceeded",
+                    param="prompt",
+                )
+        return [list(self.tokenizer(text, add_special_tokens=True)["input_ids"]) for text in texts]
 
     def check_length(self, prompt_tokens: int, max_tokens: int | None, param: str) -> int:
         """The number of tokens to generate: `max_tokens`, or the rest of the context when not given."""
@@ -251,10 +278,7 @@ class Service:
         self, name: str, texts: Sequence[CalibrationText], examples: Sequence[str], recipe: PatternRecipe, replace: bool
     ) -> Job:
         """Start calibrating a pattern; it is routable as soon as the job succeeds."""
-        try:
-            validate_name(name)
-        except PatternError as error:
-            raise APIError(400, str(error), param="name") from None
+        self._check_new_name(name)
         if name in self.store and not replace:
             raise APIError(409, f"pattern {name!r} exists; send replace=true to recalibrate it", code="pattern_exists")
         layers = int(self.builder.config.num_hidden_layers)
@@ -273,12 +297,21 @@ class Service:
 
         return self.jobs.submit("calibrate", f"calibrate pattern {name!r} from {len(texts)} prompts", calibrate)
 
+    def _check_new_name(self, name: str) -> None:
+        try:
+            validate_name(name)
+        except PatternError as error:
+            raise APIError(400, str(error), param="name") from None
+        if name == FULL_MODEL:
+            raise APIError(400, f"{FULL_MODEL!r} is reserved: it names the full model", param="name")
+
     def import_bundle(self, data: bytes, replace: bool) -> dict[str, Any]:
         try:
             pattern = pattern_from_bundle(data)
             pattern.check_model(self.fingerprint)
         except PatternError as error:
             raise APIError(400, str(error), code="invalid_pattern") from None
+        self._check_new_name(pattern.name)
         if pattern.example_embeddings is None or not pattern.examples:
             raise APIError(400, f"pattern {pattern.name!r} has no example prompts: routing could never choose it")
         try:
@@ -293,6 +326,10 @@ class Service:
         return self.pattern_summary(pattern.name)
 
     def delete(self, name: str) -> None:
+        if name == self.config.fallback_pattern:
+            raise APIError(409, f"pattern {name!r} is the --fallback; unmatched queries need it", code="pattern_in_use")
+        if name in parse_upstreams(self.config.upstreams):
+            raise APIError(409, f"pattern {name!r} is served by an --upstream; routing needs it", code="pattern_in_use")
         try:
             self.store.remove(name)
         except KeyError:

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from pattern_store.selection import Selection
-from server.cache import CacheFull, VariantBuildFailed, VariantCache, VariantKey
+from server.cache import CacheFull, CacheListener, VariantBuildFailed, VariantCache, VariantKey
 from server.model.variant import VariantBuilder
 
 from tiny_models import moe_configs, save_random_model
@@ -153,3 +153,25 @@ def test_an_evicted_variant_memory_is_really_freed(tmp_path) -> None:
     assert key("half") not in cache and cache.evictions == 1
     assert experts() is None, "an evicted variant's expert tensors are still alive"
     assert cache.resident_bytes == size
+
+
+def test_a_failing_listener_strands_no_waiter() -> None:
+    def broken(subject) -> None:
+        raise RuntimeError("metrics down")
+
+    cache = VariantCache(budget=1000, listener=CacheListener(hit=broken, miss=broken, built=broken, evicted=broken))
+    gate = threading.Event()
+
+    def build() -> Blob:
+        gate.wait(5)
+        return Blob(100)
+
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(cache.acquire(key("a"), 100, build))) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.2)
+    gate.set()
+    for thread in threads:
+        thread.join(5)
+    assert len(results) == 3 and results[0].pins == 3

@@ -58,7 +58,7 @@ def direct():
 
 
 def admin(server, method: str, path: str, key: str | None = ADMIN_KEY, **kwargs) -> httpx.Response:
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    headers = {"Authorization": f"Bearer {key}".encode("latin-1")} if key else {}
     return httpx.request(method, f"{server.url}/admin{path}", headers=headers, timeout=60, **kwargs)
 
 
@@ -374,6 +374,32 @@ def test_bad_requests_get_openai_errors(server, client) -> None:
     assert _error(httpx.get(f"{server.url}/v1/nothing", headers=auth), 404)["type"] == "not_found_error"
 
 
+def test_hostile_values_are_400s_not_500s(server, client) -> None:
+    url = f"{server.url}/v1/chat/completions"
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+    messages = [{"role": "user", "content": "Please sort: 3, 1"}]
+    assert _error(httpx.post(url, json={"model": "demo-moe", "messages": messages, "seed": 2**70}, headers=auth), 400)
+    surrogate = b'{"model": "demo-moe", "prompt": "\\ud800"}'
+    completions = f"{server.url}/v1/completions"
+    as_json = {**auth, "content-type": "application/json"}
+    assert _error(httpx.post(completions, content=surrogate, headers=as_json), 400)["param"] == "prompt"
+    assert _error(httpx.post(url, json={"model": "demo-moe@", "messages": messages}, headers=auth), 400)
+    huge = {"model": "demo-moe", "prompt": "x" * 2_000_000}
+    assert _error(httpx.post(completions, json=huge, headers=auth), 400)["code"] == "context_length_exceeded"
+    many = {"model": "demo-moe", "prompt": ["a"] * 20, "n": 16, "max_tokens": 1}
+    assert _error(httpx.post(completions, json=many, headers=auth), 400)["param"] == "prompt"
+    tiny = client.chat.completions.create(model="demo-moe@sort", messages=messages, temperature=1e-42)
+    assert (
+        tiny.choices[0].message.content
+        == chat(client, "Please sort: 3, 1", model="demo-moe@sort")[0].choices[0].message.content
+    )
+    latin = httpx.get(f"{server.url}/v1/models", headers={"Authorization": "Bearer \u00e9".encode("latin-1")})
+    assert _error(latin, 401)
+    assert _error(admin(server, "GET", "/cache", key="\u00e9"), 403)
+    full = admin(server, "POST", "/patterns", json={"name": "full", "prompts": ["Please sort: 3, 1"]})
+    assert _error(full, 400)["param"] == "name"
+
+
 def test_missing_or_wrong_api_key_is_401(server) -> None:
     wrong = openai.OpenAI(base_url=f"{server.url}/v1", api_key="wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
@@ -391,6 +417,26 @@ def variant_size() -> int:
     return sizes.pop()
 
 
+def test_one_variant_budget_serves_alternating_tasks_without_refusals(tmp_path, variant_size) -> None:
+    """Requests that wait for room never hold a pin while queued behind others: all are served."""
+    budget = int(variant_size * 1.2)
+    config = ServerConfig(model=DEMO_MOE, store=copy_demo_store(tmp_path), cache_budget=budget, workers=4)
+    with running_server(config) as small:
+        client = openai.OpenAI(base_url=f"{small.url}/v1", api_key="unused", max_retries=0, timeout=120)
+        prompts = [("sort", "Please sort: 9, 2, 5"), ("upper", "Make this uppercase: hello happy")] * 6
+
+        def ask(job: tuple[str, str]) -> str:
+            _, headers = chat(client, job[1], model=f"demo-moe@{job[0]}", max_tokens=4)
+            return headers["x-taskmoe-pattern"]
+
+        started = time.monotonic()
+        with ThreadPoolExecutor(8) as pool:
+            served = list(pool.map(ask, prompts))
+        assert served == [task for task, _ in prompts]
+        assert time.monotonic() - started < 60
+        assert small.service.cache.resident_bytes <= budget
+
+
 def test_overload_is_503_with_retry_after_and_no_admin_without_key(tmp_path, variant_size) -> None:
     config = ServerConfig(model=DEMO_MOE, store=copy_demo_store(tmp_path), cache_budget=variant_size // 2)
     with running_server(config) as small:
@@ -405,8 +451,11 @@ def test_overload_is_503_with_retry_after_and_no_admin_without_key(tmp_path, var
 
 def test_concurrent_mixed_tasks_under_a_two_variant_budget(tmp_path, variant_size) -> None:
     budget = int(variant_size * 2.5)
-    config = ServerConfig(model=DEMO_MOE, store=copy_demo_store(tmp_path), cache_budget=budget, admin_key=ADMIN_KEY)
+    config = ServerConfig(
+        model=DEMO_MOE, store=copy_demo_store(tmp_path), cache_budget=budget, admin_key=ADMIN_KEY, fallback="general"
+    )
     with running_server(config) as small:
+        assert _error(admin(small, "DELETE", "/patterns/general"), 409)["code"] == "pattern_in_use"
         client = openai.OpenAI(base_url=f"{small.url}/v1", api_key="unused", max_retries=0, timeout=120)
         peak = [0]
         done = threading.Event()

@@ -20,7 +20,7 @@ async def require_admin_key(request: Request) -> None:
     token = bearer_token(request)
     if token is None:
         raise APIError(401, "the admin API needs 'Authorization: Bearer <admin key>'", code="invalid_api_key")
-    if not secrets.compare_digest(token, request.app.state.config.admin_key):
+    if not secrets.compare_digest(token.encode(), request.app.state.config.admin_key.encode()):
         raise APIError(403, "this key is not the admin key", code="forbidden")
 
 

@@ -23,7 +23,6 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from server.api.schemas import ChatCompletionRequest, CompletionRequest, GenerationRequest, RouteRequest
-from server.cache import Variant
 from server.engine import Delta, Generation, SamplingParams
 from server.errors import APIError
 from server.service import Resolved, Service
@@ -56,7 +55,7 @@ async def require_api_key(request: Request) -> None:
     token = bearer_token(request)
     if token is None:
         raise APIError(401, "missing API key: send 'Authorization: Bearer <key>'", code="invalid_api_key")
-    if not secrets.compare_digest(token, expected):
+    if not secrets.compare_digest(token.encode(), expected.encode()):
         raise APIError(401, "incorrect API key", code="invalid_api_key")
 
 
@@ -194,7 +193,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
 @router.post("/v1/completions")
 async def completions(body: CompletionRequest, request: Request) -> Any:
     service = service_of(request)
-    prompts = [service.text_prompt_ids(text) for text in body.prompts]
+    prompts = await run_in_threadpool(service.text_prompts_ids, body.prompts, (body.n or 1))
     plan = await _plan(request, body, "text", prompts, body.prompts[0], (body.max_tokens, "max_tokens"))
     if plan.resolved.pattern in request.app.state.proxy:
         return await _forward(request, plan, "/completions", body)
@@ -208,21 +207,48 @@ async def _forward(request: Request, plan: _Plan, path: str, body: GenerationReq
     return await request.app.state.proxy.forward(plan.resolved.pattern, path, body_json, plan.headers)
 
 
-def _run(
-    service: Service, variant: Variant, plan: _Plan, cancel: threading.Event, emit: Callable[[int, Delta], None] | None
+def _set(future: asyncio.Future[Any], value: Any = None, error: BaseException | None = None) -> None:
+    """Resolve `future` from the event loop (scheduled from a worker thread); a cancelled one is left be."""
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(value)
+
+
+def _work(
+    service: Service,
+    plan: _Plan,
+    cancel: threading.Event,
+    emit: Callable[[int, Delta], None] | None,
+    acquired: asyncio.Future[None],
+    loop: asyncio.AbstractEventLoop,
 ) -> list[Generation]:
-    """Generate every prompt's choices on this (worker) thread; the variant's lease ends here."""
+    """One request's whole stay on a worker thread: lease the variant (reporting success or the error to
+    the handler, which turns it into the status line), generate every prompt's choices, end the lease.
+    Acquiring and generating in one call means a request that holds a pin is always running."""
+    try:
+        variant = service.acquire(plan.resolved.pattern)
+    except BaseException as error:
+        loop.call_soon_threadsafe(_set, acquired, None, error)
+        raise
+    loop.call_soon_threadsafe(_set, acquired)
     metrics = service.metrics
     metrics.active.inc()
     done: list[Generation] = []
     try:
         for number, (ids, params) in enumerate(zip(plan.prompts, plan.params, strict=True)):
+            if cancel.is_set():
+                break
             generation = Generation(variant.model, service.tokenizer, ids, params, service.eos_ids, cancel)
-            metrics.tokens.labels("prompt").inc(len(ids))
-            for delta in generation:
-                metrics.tokens.labels("completion").inc()
-                if emit is not None:
-                    emit(number * plan.n + delta.index, delta)
+            try:
+                for delta in generation:
+                    if emit is not None:
+                        emit(number * plan.n + delta.index, delta)
+            finally:
+                metrics.tokens.labels("prompt").inc(len(ids))
+                metrics.tokens.labels("completion").inc(generation.completion_tokens)
             done.append(generation)
             if generation.cancelled:
                 metrics.cancelled.inc()
@@ -233,6 +259,33 @@ def _run(
     return done
 
 
+async def _start(
+    request: Request, service: Service, plan: _Plan, cancel: threading.Event, emit: Callable[[int, Delta], None] | None
+) -> asyncio.Future[list[Generation]]:
+    """Start the request's work and wait until its variant is leased (or refused: the error is raised)."""
+    loop = asyncio.get_running_loop()
+    acquired: asyncio.Future[None] = loop.create_future()
+    done = loop.run_in_executor(request.app.state.executor, _work, service, plan, cancel, emit, acquired, loop)
+    try:
+        await acquired
+    except asyncio.CancelledError:
+        cancel.set()  # the handler went away while waiting: the work ends at its first token
+        raise
+    except BaseException:
+        done.add_done_callback(lambda future: future.cancelled() or future.exception())  # reported once: here
+        raise
+    return done
+
+
+async def _stop_on_disconnect(request: Request, done: asyncio.Future[Any], cancel: threading.Event) -> None:
+    """A non-streamed request whose client has gone stops generating."""
+    while not done.done():
+        if await request.is_disconnected():
+            cancel.set()
+            return
+        await asyncio.sleep(0.25)
+
+
 def _usage(plan: _Plan, generations: Sequence[Generation]) -> dict[str, int]:
     prompt = sum(len(ids) for ids in plan.prompts)
     completion = sum(g.completion_tokens for g in generations)
@@ -240,14 +293,15 @@ def _usage(plan: _Plan, generations: Sequence[Generation]) -> dict[str, int]:
 
 
 async def _respond(request: Request, service: Service, plan: _Plan, stream: bool) -> Any:
-    loop = asyncio.get_running_loop()
-    variant = await loop.run_in_executor(request.app.state.executor, service.acquire, plan.resolved.pattern)
     if stream:
-        return StreamingResponse(
-            _stream(request, service, variant, plan), media_type="text/event-stream", headers=plan.headers
-        )
+        return await _stream(request, service, plan)
     cancel = threading.Event()
-    generations = await loop.run_in_executor(request.app.state.executor, _run, service, variant, plan, cancel, None)
+    done = await _start(request, service, plan, cancel, None)
+    watcher = asyncio.create_task(_stop_on_disconnect(request, done, cancel))
+    try:
+        generations = await done
+    finally:
+        watcher.cancel()
     request.state.completion_tokens = sum(g.completion_tokens for g in generations)
     choices = []
     for number, generation in enumerate(generations):
@@ -278,9 +332,8 @@ def _sse(payload: dict[str, Any]) -> str:
     return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
 
 
-async def _stream(request: Request, service: Service, variant: Variant, plan: _Plan) -> AsyncIterator[str]:
-    """Server-sent events: a role chunk per choice (chat), content deltas, a finish chunk per choice,
-    usage when asked, then `[DONE]`."""
+async def _stream(request: Request, service: Service, plan: _Plan) -> StreamingResponse:
+    """Lease the variant (a refusal is still an HTTP error), then stream the generation."""
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue(maxsize=64)
     cancel = threading.Event()
@@ -302,15 +355,34 @@ async def _stream(request: Request, service: Service, variant: Variant, plan: _P
     def emit(position: int, delta: Delta) -> None:
         put(("delta", (position, delta)))
 
-    def produce() -> None:
-        try:
-            generations = _run(service, variant, plan, cancel, emit)
-            put(("done", generations))
-        except Exception as error:  # reported in the stream; the status line has gone out already
-            log.exception("generation failed")
-            put(("error", error))
+    done = await _start(request, service, plan, cancel, emit)
+    last_puts: set[asyncio.Task[None]] = set()
 
-    loop.run_in_executor(request.app.state.executor, produce)
+    def finished(future: asyncio.Future[list[Generation]]) -> None:
+        if future.cancelled():
+            return
+        error = future.exception()
+        if error is not None:
+            log.error("generation failed", exc_info=error)
+        item = ("error", error) if error is not None else ("done", future.result())
+        if not queue.full():
+            queue.put_nowait(item)
+        else:  # the client is behind: queue the end after what it has yet to read
+            task = loop.create_task(queue.put(item))
+            last_puts.add(task)
+            task.add_done_callback(last_puts.discard)
+
+    done.add_done_callback(finished)
+    return StreamingResponse(
+        _events(request, service, plan, queue, cancel), media_type="text/event-stream", headers=plan.headers
+    )
+
+
+async def _events(
+    request: Request, service: Service, plan: _Plan, queue: asyncio.Queue[tuple[str, Any]], cancel: threading.Event
+) -> AsyncIterator[str]:
+    """Server-sent events: a role chunk per choice (chat), content deltas, a finish chunk per choice,
+    usage when asked, then `[DONE]`."""
     kind = "chat.completion.chunk" if plan.kind == "chat" else "text_completion"
     started = time.perf_counter()
     first = True

@@ -11,6 +11,18 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from server.errors import APIError
 
 
+def _text(value: Any) -> Any:
+    """Strings from JSON may hold lone surrogates (`"\\ud800"`), which no tokenizer can encode."""
+    strings = [value] if isinstance(value, str) else value if isinstance(value, list) else []
+    for item in strings:
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError("text must be valid Unicode (it holds a lone surrogate)") from None
+    return value
+
+
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="allow")
     include_usage: bool = False
@@ -27,7 +39,7 @@ class GenerationRequest(BaseModel):
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
     n: int | None = Field(default=None, ge=1)
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), lt=2**64)
     stop: str | list[str] | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
@@ -39,6 +51,7 @@ class GenerationRequest(BaseModel):
     @field_validator("stop")
     @classmethod
     def _stops(cls, value: str | list[str] | None) -> str | list[str] | None:
+        _text(value)
         stops = [value] if isinstance(value, str) else value or []
         if len(stops) > 4:
             raise ValueError("at most 4 stop sequences")
@@ -65,11 +78,15 @@ class ContentPart(BaseModel):
     type: str
     text: str | None = None
 
+    _valid_text = field_validator("text")(classmethod(lambda cls, value: _text(value)))
+
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
+
+    _valid_content = field_validator("content")(classmethod(lambda cls, value: _text(value)))
 
     def text(self, index: int) -> str:
         if self.content is None:
@@ -137,6 +154,7 @@ class CompletionRequest(GenerationRequest):
     @field_validator("prompt")
     @classmethod
     def _prompt(cls, value: str | list[str]) -> str | list[str]:
+        _text(value)
         if isinstance(value, list) and not value:
             raise ValueError("prompt must not be an empty list")
         return value
@@ -166,6 +184,8 @@ class RouteRequest(BaseModel):
     input: str | None = None
     prompt: str | list[str] | None = None
     messages: list[ChatMessage] | None = None
+
+    _valid_text = field_validator("input", "prompt")(classmethod(lambda cls, value: _text(value)))
 
     def query(self) -> str:
         if self.messages:
