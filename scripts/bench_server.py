@@ -58,9 +58,11 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_server(model: Path, port: int, budget: str, threads: int) -> subprocess.Popen:
+def start_server(model: Path, port: int, budget: str, threads: int, workers: int | None) -> subprocess.Popen:
     command = [sys.executable, "-m", "server.cli", "serve", "--model", str(model), "--port", str(port)]
     command += ["--cache-budget", budget, "--log-level", "warning", "--torch-threads", str(threads)]
+    if workers is not None:
+        command += ["--workers", str(workers)]
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
@@ -206,6 +208,7 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=48, help="requests per load level")
     parser.add_argument("--budget", default="4GiB", help="the server's --cache-budget")
     parser.add_argument("--torch-threads", type=int, default=1, help="intra-op threads, server and direct alike")
+    parser.add_argument("--workers", type=int, default=None, help="the server's --workers (default: its own)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "server.json")
     args = parser.parse_args()
 
@@ -213,7 +216,7 @@ def main() -> int:
     mixed = [prompts[t * args.prompts_per_task + i] for i in range(args.prompts_per_task) for t in range(len(TASKS))]
     torch.set_num_threads(args.torch_threads)
     port = free_port()
-    server = start_server(args.model, port, args.budget, args.torch_threads)
+    server = start_server(args.model, port, args.budget, args.torch_threads, args.workers)
     url = f"http://127.0.0.1:{port}"
     try:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=300)
@@ -237,6 +240,7 @@ def main() -> int:
             "repeats": args.repeats,
             "budget": args.budget,
             "torch_threads": torch.get_num_threads(),
+            "workers": args.workers or "server default",
             "cpus": os.cpu_count(),
         },
         "single_request": single,

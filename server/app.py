@@ -18,6 +18,7 @@ from server.api.errors import install_error_handlers
 from server.api.observe import RequestObserver
 from server.config import ServerConfig
 from server.metrics import Metrics
+from server.model.variant import resolve_device
 from server.proxy import UpstreamProxy, parse_upstreams
 from server.service import Service
 
@@ -29,7 +30,8 @@ def create_app(config: ServerConfig) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.config, app.state.metrics = config, Metrics()
         app.state.service, app.state.load_error, app.state.started = None, None, time.time()
-        app.state.executor = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="taskmoe-worker")
+        workers = config.worker_count(resolve_device(config.device).type)
+        app.state.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="taskmoe-worker")
         app.state.proxy = UpstreamProxy(parse_upstreams(config.upstreams))
         loading = asyncio.get_running_loop().run_in_executor(app.state.executor, _load, app)
         try:

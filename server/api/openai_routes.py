@@ -1,7 +1,7 @@
 """The OpenAI-compatible routes: models, chat and text completions (streamed or not), and `/v1/route`.
 
 Generation runs on the service's worker threads, never on the event loop. A streamed request's thread
-hands its deltas to the response through a bounded queue; when the client goes away the response's
+hands its deltas to the response through a queue; when the client goes away the response's
 generator is cancelled, sets the generation's cancel flag, and the thread stops at the next token.
 """
 
@@ -14,7 +14,6 @@ import secrets
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,9 +27,6 @@ from server.errors import APIError
 from server.service import Resolved, Service
 
 log = logging.getLogger("taskmoe.api")
-
-STALLED_CLIENT_SECONDS = 300.0
-"""A streamed generation whose client reads nothing for this long is abandoned."""
 
 
 def service_of(request: Request) -> Service:
@@ -335,28 +331,14 @@ def _sse(payload: dict[str, Any]) -> str:
 async def _stream(request: Request, service: Service, plan: _Plan) -> StreamingResponse:
     """Lease the variant (a refusal is still an HTTP error), then stream the generation."""
     loop = asyncio.get_running_loop()
-    queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue(maxsize=64)
+    # unbounded: generation never waits for a slow client (a request's deltas are at most its max_tokens)
+    queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
     cancel = threading.Event()
 
-    def put(item: tuple[str, Any]) -> None:  # on the worker thread: waits while the queue is full
-        future = asyncio.run_coroutine_threadsafe(queue.put(item), loop)
-        waited = 0.0
-        while True:
-            try:
-                future.result(timeout=0.25)
-                return
-            except FutureTimeout:
-                waited += 0.25
-                if cancel.is_set() or waited > STALLED_CLIENT_SECONDS:
-                    future.cancel()
-                    cancel.set()
-                    return
-
-    def emit(position: int, delta: Delta) -> None:
-        put(("delta", (position, delta)))
+    def emit(position: int, delta: Delta) -> None:  # on the worker thread
+        loop.call_soon_threadsafe(queue.put_nowait, ("delta", (position, delta)))
 
     done = await _start(request, service, plan, cancel, emit)
-    last_puts: set[asyncio.Task[None]] = set()
 
     def finished(future: asyncio.Future[list[Generation]]) -> None:
         if future.cancelled():
@@ -364,13 +346,7 @@ async def _stream(request: Request, service: Service, plan: _Plan) -> StreamingR
         error = future.exception()
         if error is not None:
             log.error("generation failed", exc_info=error)
-        item = ("error", error) if error is not None else ("done", future.result())
-        if not queue.full():
-            queue.put_nowait(item)
-        else:  # the client is behind: queue the end after what it has yet to read
-            task = loop.create_task(queue.put(item))
-            last_puts.add(task)
-            task.add_done_callback(last_puts.discard)
+        queue.put_nowait(("error", error) if error is not None else ("done", future.result()))
 
     done.add_done_callback(finished)
     return StreamingResponse(
