@@ -28,6 +28,28 @@ def key(name: str | None) -> VariantKey:
     return VariantKey(name)
 
 
+def gated(build):
+    """A build that waits for the returned gate, so that requests pile up on it."""
+    gate = threading.Event()
+
+    def waiting():
+        gate.wait(5)
+        return build()
+
+    return waiting, gate
+
+
+def concurrently(request, count: int, gate: threading.Event) -> None:
+    """Run `request` on `count` threads, open the gate once they are all waiting, and join them."""
+    threads = [threading.Thread(target=request) for _ in range(count)]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.2)
+    gate.set()
+    for thread in threads:
+        thread.join(5)
+
+
 def test_least_recently_used_unpinned_variant_is_evicted_and_budget_holds() -> None:
     cache = VariantCache(budget=250)
     for name in ("a", "b"):
@@ -76,21 +98,9 @@ def test_a_request_waits_for_a_pinned_variant_to_free_room() -> None:
 def test_concurrent_requests_for_a_missing_variant_build_it_once() -> None:
     cache = VariantCache(budget=1000)
     builds = []
-    gate = threading.Event()
-
-    def build() -> Blob:
-        builds.append(1)
-        gate.wait(5)
-        return Blob(100)
-
+    build, gate = gated(lambda: builds.append(1) or Blob(100))
     results = []
-    threads = [threading.Thread(target=lambda: results.append(cache.acquire(key("a"), 100, build))) for _ in range(6)]
-    for thread in threads:
-        thread.start()
-    time.sleep(0.2)
-    gate.set()
-    for thread in threads:
-        thread.join(5)
+    concurrently(lambda: results.append(cache.acquire(key("a"), 100, build)), 6, gate)
     assert len(builds) == 1 and len(results) == 6
     assert len({id(variant) for variant in results}) == 1 and results[0].pins == 6
     for variant in results:
@@ -100,12 +110,11 @@ def test_concurrent_requests_for_a_missing_variant_build_it_once() -> None:
 
 def test_a_failed_build_reaches_every_waiter_and_does_not_poison_the_cache() -> None:
     cache = VariantCache(budget=1000)
-    gate = threading.Event()
 
-    def failing() -> Blob:
-        gate.wait(5)
+    def fail() -> Blob:
         raise RuntimeError("disk on fire")
 
+    failing, gate = gated(fail)
     errors = []
 
     def request() -> None:
@@ -114,13 +123,7 @@ def test_a_failed_build_reaches_every_waiter_and_does_not_poison_the_cache() -> 
         except VariantBuildFailed as error:
             errors.append(str(error))
 
-    threads = [threading.Thread(target=request) for _ in range(4)]
-    for thread in threads:
-        thread.start()
-    time.sleep(0.2)
-    gate.set()
-    for thread in threads:
-        thread.join(5)
+    concurrently(request, 4, gate)
     assert len(errors) == 4 and all("disk on fire" in e for e in errors)
     assert cache.resident_bytes == 0 and key("a") not in cache
     variant = cache.acquire(key("a"), 100, lambda: Blob(100))  # the next request retries and succeeds
@@ -160,18 +163,7 @@ def test_a_failing_listener_strands_no_waiter() -> None:
         raise RuntimeError("metrics down")
 
     cache = VariantCache(budget=1000, listener=CacheListener(hit=broken, miss=broken, built=broken, evicted=broken))
-    gate = threading.Event()
-
-    def build() -> Blob:
-        gate.wait(5)
-        return Blob(100)
-
+    build, gate = gated(lambda: Blob(100))
     results = []
-    threads = [threading.Thread(target=lambda: results.append(cache.acquire(key("a"), 100, build))) for _ in range(3)]
-    for thread in threads:
-        thread.start()
-    time.sleep(0.2)
-    gate.set()
-    for thread in threads:
-        thread.join(5)
+    concurrently(lambda: results.append(cache.acquire(key("a"), 100, build)), 3, gate)
     assert len(results) == 3 and results[0].pins == 3
