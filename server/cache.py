@@ -51,6 +51,7 @@ class Variant:
     hits: int = 0
     last_used: float = field(default_factory=time.monotonic)
     doomed: bool = False  # dropped as soon as its last lease ends
+    decoder: Any = None  # the variant's batched decoder (server.batching), made on first use
 
 
 class CacheFull(Exception):

@@ -281,6 +281,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             model_name=args.served_model_name or None,
             workers=int(args.workers) if args.workers else None,
             torch_threads=int(args.torch_threads) if args.torch_threads else None,
+            max_batch=int(args.max_batch),
             embedder=args.embedder or None,
             upstreams=tuple(args.upstream or [spec for spec in (env_default("upstream") or "").split(",") if spec]),
         ).validate()
@@ -341,6 +342,7 @@ def _add_serve_parser(commands: argparse._SubParsersAction) -> None:
     flag("admin-key", None, "enable the /admin API, with this key")
     flag("served-model-name", None, "the model id clients use (default: the model directory's name)")
     flag("workers", None, "concurrent generations (default: one per CPU core on the CPU, 8 on a GPU)")
+    flag("max-batch", "32", "sequences of one variant decoded together (default 32; 1: one request at a time)")
     flag("torch-threads", None, "intra-op threads per worker (default: 1 on the CPU, torch's default on GPU)")
     flag("embedder", None, "sentence-transformers model directory (default all-MiniLM-L6-v2)")
     serve.add_argument(

@@ -49,6 +49,7 @@ class ServerConfig:
     admin_key: str | None = None
     model_name: str | None = None  # the id clients use; default: the model directory's name
     workers: int | None = None  # threads that build variants and generate; None: see `worker_count`
+    max_batch: int = 32  # sequences decoded together per variant; 1: one request at a time
     torch_threads: int | None = None  # intra-op threads; None: 1 on the CPU (see Service), torch's default on GPU
     embedder: str | None = None  # a local sentence-transformers model; default: all-MiniLM-L6-v2
     max_n: int = 16
@@ -59,11 +60,14 @@ class ServerConfig:
         return self.model_name or self.model.resolve().name
 
     def worker_count(self, device_type: str) -> int:
-        """Concurrent generations. On the CPU, one per core: more only contend for the interpreter and the
+        """Threads that lease variants and wait for (or, without batching, run) generations. With batching
+        they mostly wait: 64. Without, one per CPU core: more only contend for the interpreter and the
         cores (8 clients on 2 cores: p99 latency 1.7 s with 8 workers, 0.55 s with 2, at higher
-        throughput; scripts/bench_server.py). On a GPU, 8: the device overlaps their kernels."""
+        throughput; scripts/bench_server.py); on a GPU 8, whose kernels the device overlaps."""
         if self.workers is not None:
             return self.workers
+        if self.max_batch > 1:
+            return 64
         return max(2, os.cpu_count() or 2) if device_type == "cpu" else 8
 
     @property
@@ -76,6 +80,8 @@ class ServerConfig:
             raise ValueError(f"--model {self.model}: not a model directory (no config.json)")
         if self.cache_budget <= 0:
             raise ValueError("--cache-budget must be positive")
+        if self.max_batch < 1:
+            raise ValueError("--max-batch must be at least 1")
         if self.cache_wait < 0:
             raise ValueError("--cache-wait must not be negative")
         if self.torch_threads is not None and self.torch_threads < 1:

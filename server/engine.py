@@ -107,7 +107,7 @@ class Generation:
 
     def __iter__(self) -> Iterator[Delta]:
         device = next(self.model.parameters()).device
-        generator = torch.Generator(device=device).manual_seed(self.seed)
+        generator = self.new_generator(device)
         with torch.inference_mode():
             input_ids = torch.tensor([self.prompt_ids] * self.params.n, device=device)
             cache = DynamicCache(config=self.model.config)
@@ -117,16 +117,35 @@ class Generation:
                     self.cancelled = True
                     return
                 tokens = _sample(logits[:, -1, :], self.params, generator).tolist()
-                last_step = step == self.params.max_tokens - 1
-                for index, (choice, token) in enumerate(zip(self.choices, tokens, strict=True)):
-                    if choice.finish_reason is None:
-                        delta = self._advance(index, choice, token, last_step)
-                        if delta is not None:
-                            yield delta
-                if all(choice.finish_reason for choice in self.choices):
+                yield from self.accept(tokens, step)
+                if self.finished:
                     return
                 next_ids = torch.tensor(tokens, device=device).unsqueeze(-1)
                 logits = self.model(input_ids=next_ids, past_key_values=cache, use_cache=True).logits
+
+    # -- one decoding step, shared with the batched decoder ------------------------------------------
+
+    def new_generator(self, device: torch.device) -> torch.Generator:
+        return torch.Generator(device=device).manual_seed(self.seed)
+
+    def sample(self, logits: torch.Tensor, generator: torch.Generator) -> list[int]:
+        """The next token of each choice, from the choices' last logits [n, vocab]."""
+        return _sample(logits, self.params, generator).tolist()
+
+    @property
+    def finished(self) -> bool:
+        return all(choice.finish_reason for choice in self.choices)
+
+    def accept(self, tokens: Sequence[int], step: int) -> list[Delta]:
+        """Take step `step`'s token of every choice (finished choices ignore theirs); the new text."""
+        last_step = step == self.params.max_tokens - 1
+        deltas = []
+        for index, (choice, token) in enumerate(zip(self.choices, tokens, strict=True)):
+            if choice.finish_reason is None:
+                delta = self._advance(index, choice, token, last_step)
+                if delta is not None:
+                    deltas.append(delta)
+        return deltas
 
     def _advance(self, index: int, choice: _Choice, token: int, last_step: bool) -> Delta | None:
         if token in self.eos_ids:

@@ -19,6 +19,7 @@ from pattern_store.embedder import Embedder
 from pattern_store.pattern import PatternError, pattern_from_bundle, validate_name
 from pattern_store.selection import Selection, SelectionError
 from pattern_store.store import PatternStore
+from server.batching import BatchedDecoder, batchable
 from server.cache import CacheFull, Variant, VariantBuildFailed, VariantCache, VariantKey
 from server.config import FULL_MODEL, ServerConfig
 from server.errors import APIError
@@ -84,6 +85,7 @@ class Service:
         self.context_length = int(getattr(self.builder.config, "max_position_embeddings", 0) or 0) or None
         self.eos_ids = self._eos_ids()
         self._calibration_lock = threading.Lock()
+        self._decoder_lock = threading.Lock()
         self.metrics.budget.set(config.cache_budget)
 
     def _set_torch_threads(self, requested: int | None) -> int:
@@ -200,6 +202,15 @@ class Service:
 
     def release(self, variant: Variant) -> None:
         self.cache.release(variant)
+
+    def decoder(self, variant: Variant) -> BatchedDecoder | None:
+        """The variant's batched decoder (None: decode one request at a time)."""
+        if self.config.max_batch <= 1 or not batchable(variant.model):
+            return None
+        with self._decoder_lock:
+            if variant.decoder is None:
+                variant.decoder = BatchedDecoder(variant.model, self.config.max_batch)
+            return variant.decoder
 
     @contextmanager
     def lease(self, pattern: str | None) -> Iterator[Variant]:

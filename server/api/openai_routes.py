@@ -8,6 +8,7 @@ generator is cancelled, sets the generation's cancel flag, and the thread stops 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import secrets
@@ -234,14 +235,19 @@ def _work(
     metrics.active.inc()
     done: list[Generation] = []
     try:
+        decoder = service.decoder(variant)
         for number, (ids, params) in enumerate(zip(plan.prompts, plan.params, strict=True)):
             if cancel.is_set():
                 break
             generation = Generation(variant.model, service.tokenizer, ids, params, service.eos_ids, cancel)
+            position = functools.partial(lambda first, delta: emit(first + delta.index, delta), number * plan.n)
             try:
-                for delta in generation:
-                    if emit is not None:
-                        emit(number * plan.n + delta.index, delta)
+                if decoder is not None:
+                    decoder.run(generation, position if emit is not None else None)
+                else:
+                    for delta in generation:
+                        if emit is not None:
+                            position(delta)
             finally:
                 metrics.tokens.labels("prompt").inc(len(ids))
                 metrics.tokens.labels("completion").inc(generation.completion_tokens)
