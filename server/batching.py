@@ -3,7 +3,8 @@
 A decode step of a small batch costs little more than a step of one sequence (demo MoE on this CPU:
 1.75 ms for one, 2.62 ms for eight), so serving concurrent requests one forward pass each wastes most of
 the machine. Each variant gets a `BatchedDecoder`: a thread that admits new requests between steps
-(prefilling each alone, then joining its key/value cache to the batch's, left-padded), runs one forward
+(prefilling those that arrived together in one left-padded pass, then joining their key/value caches to
+the batch's, left-padded), runs one forward
 pass for every active sequence, and lets each request sample from its own seeded generator, apply its
 own stop rules and stream its own deltas (`Generation.accept`). A request leaves the batch when all its
 choices finish or its client goes away; the thread ends when no work is left.
@@ -27,6 +28,9 @@ from transformers import DynamicCache, PreTrainedModel
 from server.engine import Delta, Generation
 
 log = logging.getLogger("taskmoe.batching")
+
+IDLE_SECONDS = 2.0
+"""How long an idle decoder thread waits for new work before it ends."""
 
 
 @dataclass
@@ -56,13 +60,17 @@ def _left_pad(tensor: torch.Tensor, length: int) -> torch.Tensor:
     return torch.cat([padding, tensor], dim=-2)
 
 
+def _left_pad_mask(mask: torch.Tensor, length: int) -> torch.Tensor:
+    return torch.nn.functional.pad(mask, (length - mask.shape[1], 0))
+
+
 class BatchedDecoder:
     def __init__(self, model: PreTrainedModel, max_batch: int = 32) -> None:
         self.model = model
         self.max_batch = max_batch
         self.device = next(model.parameters()).device
         self._pending: list[_Request] = []
-        self._lock = threading.Lock()
+        self._work = threading.Condition()
         self._thread: threading.Thread | None = None
         # the batch: one row per choice of every active request
         self._requests: list[_Request] = []
@@ -75,9 +83,10 @@ class BatchedDecoder:
         """Decode `generation` in the batch, calling `emit` (on the decoder's thread) with each delta; returns
         when it is finished or cancelled."""
         request = _Request(generation, emit)
-        with self._lock:
+        with self._work:
             self._pending.append(request)
-            if self._thread is None or not self._thread.is_alive():
+            self._work.notify()
+            if self._thread is None:
                 self._thread = threading.Thread(target=self._loop, name="taskmoe-decoder", daemon=True)
                 self._thread.start()
         request.done.wait()
@@ -90,7 +99,9 @@ class BatchedDecoder:
     def _loop(self) -> None:
         with torch.inference_mode():
             while True:
-                with self._lock:
+                with self._work:
+                    if not self._pending and not self._requests:
+                        self._work.wait(timeout=IDLE_SECONDS)  # stay a moment: the next request is likely near
                     room = self.max_batch - sum(r.generation.params.n for r in self._requests)
                     admitted = []
                     while self._pending and (
@@ -104,8 +115,8 @@ class BatchedDecoder:
                         self._cache = self._mask = self._positions = self._tokens = None
                         return
                 try:
-                    for request in admitted:
-                        self._admit(request)
+                    if admitted:
+                        self._admit(admitted)
                     if self._requests:
                         self._step()
                 except BaseException as error:  # fail the requests in the batch, keep serving the rest
@@ -125,38 +136,65 @@ class BatchedDecoder:
                 request.emit(delta)
         request.step += 1
 
-    def _admit(self, request: _Request) -> None:
-        """Prefill one request alone, take its first tokens, and join it to the batch."""
-        generation = request.generation
-        if generation.cancel.is_set():
-            generation.cancelled = True
-            self._finish(request)
+    def _admit(self, requests: list[_Request]) -> None:
+        """Prefill the new requests together (left-padded), take their first tokens, and join them to the
+        batch."""
+        live = []
+        for request in requests:
+            if request.generation.cancel.is_set():
+                request.generation.cancelled = True
+                self._finish(request)
+            else:
+                live.append(request)
+        if not live:
             return
-        request.generator = generation.new_generator(self.device)
+        width = max(len(r.generation.prompt_ids) for r in live)
+        pad = int(getattr(self.model.config, "pad_token_id", None) or 0)
+        input_ids = torch.full((len(live), width), pad, dtype=torch.long, device=self.device)
+        mask = torch.zeros((len(live), width), dtype=torch.long, device=self.device)
+        for row, request in enumerate(live):
+            ids = request.generation.prompt_ids
+            input_ids[row, width - len(ids) :] = torch.tensor(ids, device=self.device)
+            mask[row, width - len(ids) :] = 1
+        padded = not bool(mask.all())
         cache = DynamicCache(config=self.model.config)
-        prompt = torch.tensor([generation.prompt_ids], device=self.device)
-        logits = self.model(input_ids=prompt, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
-        n = generation.params.n
-        tokens = generation.sample(logits[:, -1, :].expand(n, -1), request.generator)
-        self._deliver(request, tokens)
-        if generation.finished:
-            self._finish(request)
+        logits = self.model(
+            input_ids=input_ids,
+            attention_mask=mask if padded else None,
+            position_ids=(mask.cumsum(-1) - 1).clamp(min=0) if padded else None,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        ).logits[:, -1, :]
+        rows, first_tokens, joining = [], [], []
+        for row, request in enumerate(live):
+            generation = request.generation
+            request.generator = generation.new_generator(self.device)
+            tokens = generation.sample(logits[row : row + 1].expand(generation.params.n, -1), request.generator)
+            self._deliver(request, tokens)
+            if generation.finished:
+                self._finish(request)
+                continue
+            rows.extend([row] * generation.params.n)
+            first_tokens.extend(tokens)
+            joining.append(request)
+        if not joining:
             return
-        cache.batch_repeat_interleave(n)
-        length = len(generation.prompt_ids)
-        self._join(
-            request,
-            cache,
-            torch.ones((n, length), dtype=torch.long, device=self.device),
-            torch.full((n,), length, dtype=torch.long, device=self.device),
-            torch.tensor(tokens, device=self.device),
-        )
+        index = torch.tensor(rows, device=self.device)
+        cache.batch_select_indices(index)
+        lengths = mask[index].sum(-1)
+        self._join(joining, cache, mask[index], lengths, torch.tensor(first_tokens, device=self.device))
 
     def _join(
-        self, request: _Request, cache: DynamicCache, mask: torch.Tensor, positions: torch.Tensor, tokens: torch.Tensor
+        self,
+        requests: list[_Request],
+        cache: DynamicCache,
+        mask: torch.Tensor,
+        positions: torch.Tensor,
+        tokens: torch.Tensor,
     ) -> None:
         if self._cache is None or not self._requests:
-            self._requests, self._cache = [request], cache
+            self._requests, self._cache = list(requests), cache
             self._mask, self._positions, self._tokens = mask, positions, tokens
             return
         length = max(self._mask.shape[1], mask.shape[1])
@@ -165,21 +203,21 @@ class BatchedDecoder:
             keys = torch.cat([_left_pad(old.keys, length), _left_pad(new.keys, length)])
             values = torch.cat([_left_pad(old.values, length), _left_pad(new.values, length)])
             joined.update(keys, values, index)
-        pad = lambda m: torch.nn.functional.pad(m, (length - m.shape[1], 0))  # noqa: E731
         self._cache = joined
-        self._mask = torch.cat([pad(self._mask), pad(mask)])
+        self._mask = torch.cat([_left_pad_mask(self._mask, length), _left_pad_mask(mask, length)])
         self._positions = torch.cat([self._positions, positions])
         self._tokens = torch.cat([self._tokens, tokens])
-        self._requests.append(request)
+        self._requests.extend(requests)
 
     def _step(self) -> None:
         """One forward pass for every row; each request samples and streams its own tokens."""
         rows = self._tokens.shape[0]
         self._mask = torch.cat([self._mask, self._mask.new_ones((rows, 1))], dim=1)
+        padded = not bool(self._mask.all())  # without padding the model's own causal fast path serves
         logits = self.model(
             input_ids=self._tokens.unsqueeze(-1),
-            attention_mask=self._mask,
-            position_ids=self._positions.unsqueeze(-1),
+            attention_mask=self._mask if padded else None,
+            position_ids=self._positions.unsqueeze(-1) if padded else None,
             past_key_values=self._cache,
             use_cache=True,
         ).logits[:, -1, :]
