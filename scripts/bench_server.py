@@ -35,6 +35,7 @@ import torch
 
 from pattern_store.embedder import Embedder
 from pattern_store.store import PatternStore
+from server.batching import BatchedDecoder
 from server.demo.evaluate import EVAL_SEED, chat_prompt_ids
 from server.demo.tasks import get_task
 from server.engine import Generation, SamplingParams
@@ -156,16 +157,53 @@ def routing_cost(model_dir: Path, prompts: list[str]) -> dict:
     return {"queries": len(times), "p50_ms": statistics.median(times) * 1000, "p99_ms": percentile(times, 99) * 1000}
 
 
-def load(url: str, prompts: list[str], clients: int, requests: int) -> dict:
+def decoder_scaling(model_dir: Path, prompts: list[str], clients: list[int]) -> list[dict]:
+    """In this process, without HTTP: the same greedy generations one after another, then from N threads
+    through one `BatchedDecoder` (what the server does per variant)."""
+    model = VariantBuilder(model_dir).build(None)
+    tokenizer = load_tokenizer(model_dir)
+
+    def generations() -> list[Generation]:
+        params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0)
+        return [
+            Generation(model, tokenizer, chat_prompt_ids(tokenizer, p), params, [tokenizer.eos_token_id])
+            for p in prompts
+        ]
+
+    work = generations()
+    started = time.perf_counter()
+    for generation in work:
+        generation.run()
+    rows = [
+        {
+            "clients": 1,
+            "mode": "one at a time",
+            "tokens_per_second": sum(g.completion_tokens for g in work) / (time.perf_counter() - started),
+        }
+    ]
+    for count in clients:
+        decoder, work = BatchedDecoder(model), generations()
+        started = time.perf_counter()
+        with ThreadPoolExecutor(count) as pool:
+            list(pool.map(decoder.run, work))
+        wall = time.perf_counter() - started
+        rows.append(
+            {"clients": count, "mode": "batched", "tokens_per_second": sum(g.completion_tokens for g in work) / wall}
+        )
+    return rows
+
+
+def load(url: str, jobs: list[tuple[str, str]], clients: int, requests: int) -> dict:
+    """`requests` streamed requests of (model, prompt) `jobs` from `clients` concurrent clients."""
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=300)
     hits, misses = metric(url, "taskmoe_cache_hits_total"), metric(url, "taskmoe_cache_misses_total")
 
     def one(index: int) -> tuple[float, float, int]:
-        prompt = prompts[index % len(prompts)]
+        model, prompt = jobs[index % len(jobs)]
         started = time.perf_counter()
         first, tokens = None, 0
         stream = client.chat.completions.create(
-            model="demo-moe",
+            model=model,
             messages=[{"role": "user", "content": prompt}],
             temperature=0,
             max_tokens=MAX_TOKENS,
@@ -224,10 +262,15 @@ def main() -> int:
         single = overhead(client, args.model, mixed, args.repeats)
         print("routing cost ...", file=sys.stderr)
         routing = routing_cost(args.model, mixed)
+        print("decoder scaling, in process ...", file=sys.stderr)
+        decoding = decoder_scaling(args.model, mixed, args.clients)
         levels = []
-        for clients in args.clients:
-            print(f"load: {clients} concurrent clients ...", file=sys.stderr)
-            levels.append(load(url, mixed, clients, args.requests))
+        routed = [("demo-moe", prompt) for prompt in mixed]
+        explicit = [(f"demo-moe@{TASKS[i % len(TASKS)]}", prompt) for i, prompt in enumerate(mixed)]
+        for mode, jobs in (("routed", routed), ("explicit", explicit)):
+            for clients in args.clients:
+                print(f"load: {clients} concurrent clients, {mode} ...", file=sys.stderr)
+                levels.append({"mode": mode, **load(url, jobs, clients, args.requests)})
     finally:
         server.terminate()
         server.wait(30)
@@ -246,6 +289,7 @@ def main() -> int:
         "single_request": single,
         "routing": routing,
         "load": levels,
+        "decoder": decoding,
         "targets": {
             "server_vs_direct_generate": {"target": 1.15, "measured": single["ratio"], "pass": single["ratio"] <= 1.15},
             "routing_p50_ms": {"target": 15.0, "measured": routing["p50_ms"], "pass": routing["p50_ms"] <= 15.0},
@@ -265,14 +309,18 @@ def main() -> int:
         f"({single['server_routed_p50_ms']:.1f} ms) | (routing has its own target) |"
     )
     print(f"| routing (embed + search + rule), p50 | {routing['p50_ms']:.1f} ms | <= 15 ms |")
-    print("\n| clients | tokens/s | latency p50 | latency p99 | TTFT p50 | TTFT p99 | cache hit rate |")
-    print("|---|---|---|---|---|---|---|")
+    print("\n| pattern | clients | tokens/s | latency p50 | latency p99 | TTFT p50 | TTFT p99 | cache hit rate |")
+    print("|---|---|---|---|---|---|---|---|")
     for level in levels:
         print(
-            f"| {level['clients']} | {level['tokens_per_second']:.0f} | {level['latency_p50_ms']:.0f} ms | "
+            f"| {level['mode']} | {level['clients']} | {level['tokens_per_second']:.0f} | "
+            f"{level['latency_p50_ms']:.0f} ms | "
             f"{level['latency_p99_ms']:.0f} ms | {level['ttft_p50_ms']:.0f} ms | {level['ttft_p99_ms']:.0f} ms | "
             f"{level['cache_hit_rate']:.1%} |"
         )
+    print("\n| decoding in process, no HTTP | clients | tokens/s |\n|---|---|---|")
+    for row in decoding:
+        print(f"| {row['mode']} | {row['clients']} | {row['tokens_per_second']:.0f} |")
     print(f"\nwrote {args.out}", file=sys.stderr)
     return 0
 
