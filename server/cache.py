@@ -132,17 +132,20 @@ class VariantCache:
     # -- leasing -----------------------------------------------------------------------------------
 
     @contextmanager
-    def lease(self, key: VariantKey, size: int, build: Callable[[], Any]) -> Iterator[Variant]:
+    def lease(self, key: VariantKey, size: int | Callable[[], int], build: Callable[[], Any]) -> Iterator[Variant]:
         variant = self.acquire(key, size, build)
         try:
             yield variant
         finally:
             self.release(variant)
 
-    def acquire(self, key: VariantKey, size: int, build: Callable[[], Any], wait: float | None = None) -> Variant:
+    def acquire(
+        self, key: VariantKey, size: int | Callable[[], int], build: Callable[[], Any], wait: float | None = None
+    ) -> Variant:
         """The variant for `key`, pinned until `release`; built (once) by `build()` when missing.
-        `size` is the bytes the build will allocate, reserved against the budget before it starts. When the
-        room is held by variants in use, wait up to `wait` seconds (default: the cache's) for a release."""
+        `size` is the bytes the build will allocate (or a function that computes them, called only on a
+        miss), reserved against the budget before it starts. When the room is held by variants in use, wait
+        up to `wait` seconds (default: the cache's) for a release."""
         deadline = time.monotonic() + (self.wait if wait is None else wait)
         with self._lock:
             while True:
@@ -159,6 +162,8 @@ class VariantCache:
                     pending.waiters += 1
                     owner = False
                     break
+                if callable(size):
+                    size = size()
                 try:
                     self._make_room(size, key)
                 except CacheFull as full:

@@ -6,6 +6,7 @@ build a variant, calibration runs for a while), so the API calls them from worke
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from collections.abc import Iterator, Sequence
@@ -57,6 +58,63 @@ class Resolved:
     @property
     def label(self) -> str:
         return self.pattern or "full"
+
+
+def explicit_choice(model: str, pattern: str | None, model_name: str, store: PatternStore) -> Resolved | None:
+    """The pattern a request names (`MODEL@PATTERN` or the `pattern` field; `full`: the full model), or
+    None when it names none and must be routed. Unknown models and patterns are errors."""
+    name, at, suffix = model.partition("@")
+    if at and not suffix:
+        raise APIError(400, f"model {model!r} names no pattern after '@'", param="model")
+    if name != model_name:
+        raise APIError(
+            404,
+            f"model {model!r} does not exist; this server serves {model_name!r} (see /v1/models)",
+            code="model_not_found",
+            param="model",
+        )
+    if suffix and pattern and suffix != pattern:
+        raise APIError(400, f"model names pattern {suffix!r} but the pattern field says {pattern!r}", param="pattern")
+    explicit = suffix or pattern
+    if not explicit:
+        return None
+    if explicit == FULL_MODEL:
+        return Resolved(None, "explicit")
+    if explicit not in store:
+        raise APIError(
+            404,
+            f"pattern {explicit!r} does not exist; stored patterns: {', '.join(store.names()) or 'none'}",
+            code="pattern_not_found",
+            param="model" if suffix else "pattern",
+        )
+    return Resolved(explicit, "explicit")
+
+
+def tokens_to_generate(context_length: int | None, prompt_tokens: int, max_tokens: int | None, param: str) -> int:
+    """`max_tokens`, or the rest of the context when not given; a request that cannot fit is a 400."""
+    if prompt_tokens == 0:
+        raise APIError(400, "the prompt is empty", param="prompt")
+    if context_length is None:
+        return max_tokens or 256
+    room = context_length - prompt_tokens
+    if max_tokens is None:
+        if room < 1:
+            raise APIError(
+                400,
+                f"the prompt has {prompt_tokens} tokens; this model's context is {context_length}",
+                code="context_length_exceeded",
+                param="messages",
+            )
+        return room
+    if max_tokens > room:
+        raise APIError(
+            400,
+            f"this model's context is {context_length} tokens; the prompt has {prompt_tokens} and "
+            f"{param} asks for {max_tokens} more. Shorten the prompt or lower {param}.",
+            code="context_length_exceeded",
+            param=param,
+        )
+    return max_tokens
 
 
 class Service:
@@ -123,33 +181,7 @@ class Service:
 
     def resolve(self, model: str, pattern: str | None, query: str) -> Resolved:
         """An explicit pattern (`MODEL@PATTERN` or the `pattern` field) or, without one, a routed one."""
-        name, at, suffix = model.partition("@")
-        if at and not suffix:
-            raise APIError(400, f"model {model!r} names no pattern after '@'", param="model")
-        if name != self.model_name:
-            raise APIError(
-                404,
-                f"model {model!r} does not exist; this server serves {self.model_name!r} (see /v1/models)",
-                code="model_not_found",
-                param="model",
-            )
-        if suffix and pattern and suffix != pattern:
-            raise APIError(
-                400, f"model names pattern {suffix!r} but the pattern field says {pattern!r}", param="pattern"
-            )
-        explicit = suffix or pattern
-        if explicit:
-            if explicit == "full":
-                return Resolved(None, "explicit")
-            if explicit not in self.store:
-                raise APIError(
-                    404,
-                    f"pattern {explicit!r} does not exist; stored patterns: {', '.join(self.store.names()) or 'none'}",
-                    code="pattern_not_found",
-                    param="model" if suffix else "pattern",
-                )
-            return Resolved(explicit, "explicit")
-        return self.route(query)
+        return explicit_choice(model, pattern, self.model_name, self.store) or self.route(query)
 
     def route(self, query: str) -> Resolved:
         with self.metrics.route_seconds.time():
@@ -160,32 +192,42 @@ class Service:
 
     # -- variants ------------------------------------------------------------------------------
 
-    def _selection(self, name: str) -> tuple[Selection, float]:
-        """A pattern's selection and revision, from its JSON document alone (the tensors, scores and
-        example embeddings, are not needed to serve it)."""
+    def _document(self, name: str) -> dict[str, Any]:
+        """A pattern's JSON document (its tensors, scores and example embeddings, are not needed to serve it),
+        checked to belong to this model."""
         try:
             document = self.store.summary(name)
-            if document.get("model_fingerprint") != self.fingerprint:
-                raise PatternError(
-                    f"pattern {name!r} was calibrated on another model ({str(document.get('model_fingerprint'))[:12]}"
-                    f", this one is {self.fingerprint[:12]}); calibrate it again for this model"
-                )
-            return Selection.from_json(document["selection"]), float(document["created"])
         except KeyError:
             raise APIError(404, f"pattern {name!r} does not exist", code="pattern_not_found") from None
-        except (PatternError, SelectionError, TypeError, ValueError) as error:
-            raise APIError(409, str(error), code="pattern_unusable") from None
+        if document.get("model_fingerprint") != self.fingerprint:
+            raise APIError(
+                409,
+                f"pattern {name!r} was calibrated on another model ({str(document.get('model_fingerprint'))[:12]}, "
+                f"this one is {self.fingerprint[:12]}); calibrate it again for this model",
+                code="pattern_unusable",
+            )
+        return document
 
     def acquire(self, pattern: str | None) -> Variant:
-        """The variant serving `pattern`, pinned until `release` (built if missing)."""
-        selection, key = None, VariantKey(None)
+        """The variant serving `pattern`, pinned until `release` (built if missing). A cache hit reads only
+        the pattern's revision; its selection is parsed and sized only to build it."""
+        key, document = VariantKey(None), None
         if pattern is not None:
-            selection, revision = self._selection(pattern)
-            key = VariantKey(pattern, revision)
+            document = self._document(pattern)
+            key = VariantKey(pattern, float(document["created"]))
+
+        @functools.cache
+        def selection() -> Selection | None:
+            return None if document is None else Selection.from_json(document["selection"])
+
+        def build() -> Any:
+            model = self.builder.build(selection())
+            self.metrics.backbone.set(self.builder.backbone_bytes)
+            return model
+
         try:
-            size = self.builder.variant_bytes(selection)
-            variant = self.cache.acquire(key, size, lambda: self.builder.build(selection))
-        except SelectionError as error:
+            return self.cache.acquire(key, lambda: self.builder.variant_bytes(selection()), build)
+        except (SelectionError, PatternError) as error:
             raise APIError(
                 409, f"pattern {pattern!r} does not fit this model: {error}", code="pattern_unusable"
             ) from None
@@ -197,8 +239,6 @@ class Service:
         except VariantBuildFailed as error:
             log.error("%s", error, exc_info=error.__cause__)
             raise APIError(500, str(error), code="variant_build_failed") from None
-        self.metrics.backbone.set(self.builder.backbone_bytes)
-        return variant
 
     def release(self, variant: Variant) -> None:
         self.cache.release(variant)
@@ -249,30 +289,7 @@ class Service:
         return [list(self.tokenizer(text, add_special_tokens=True)["input_ids"]) for text in texts]
 
     def check_length(self, prompt_tokens: int, max_tokens: int | None, param: str) -> int:
-        """The number of tokens to generate: `max_tokens`, or the rest of the context when not given."""
-        if prompt_tokens == 0:
-            raise APIError(400, "the prompt is empty", param="prompt")
-        if self.context_length is None:
-            return max_tokens or 256
-        room = self.context_length - prompt_tokens
-        if max_tokens is None:
-            if room < 1:
-                raise APIError(
-                    400,
-                    f"the prompt has {prompt_tokens} tokens; this model's context is {self.context_length}",
-                    code="context_length_exceeded",
-                    param="messages",
-                )
-            return room
-        if max_tokens > room:
-            raise APIError(
-                400,
-                f"this model's context is {self.context_length} tokens; the prompt has {prompt_tokens} and "
-                f"{param} asks for {max_tokens} more. Shorten the prompt or lower {param}.",
-                code="context_length_exceeded",
-                param=param,
-            )
-        return max_tokens
+        return tokens_to_generate(self.context_length, prompt_tokens, max_tokens, param)
 
     # -- managing patterns ---------------------------------------------------------------------
 

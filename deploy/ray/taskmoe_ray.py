@@ -29,11 +29,13 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
+from transformers import AutoConfig
 
 from pattern_store.embedder import Embedder
 from pattern_store.pattern import PatternError
 from pattern_store.store import PatternStore
 from server.api.errors import install_error_handlers
+from server.api.openai_routes import completion_body
 from server.api.schemas import ChatCompletionRequest
 from server.engine import Generation, SamplingParams
 from server.errors import APIError
@@ -41,6 +43,7 @@ from server.model.pruning import model_fingerprint
 from server.model.variant import VariantBuilder
 from server.patterns import load_tokenizer
 from server.routing import Router
+from server.service import explicit_choice, tokens_to_generate
 
 MAX_VARIANTS_PER_REPLICA = int(os.environ.get("TASKMOE_MAX_VARIANTS_PER_REPLICA", "4"))
 
@@ -103,7 +106,7 @@ class Ingress:
         self.replicas = replicas
         self.model_name = Path(model).resolve().name
         self.tokenizer = load_tokenizer(model)
-        self.context = int(getattr(VariantBuilder(model).config, "max_position_embeddings", 0) or 0) or None
+        self.context = int(getattr(AutoConfig.from_pretrained(model), "max_position_embeddings", 0) or 0) or None
         self.store = PatternStore(store, create=False)
         fallback_pattern = None if fallback == "full" else fallback
         self.router = Router(self.store, Embedder(), threshold=route_threshold, fallback=fallback_pattern)
@@ -114,14 +117,9 @@ class Ingress:
         return {"object": "list", "data": [{"id": i, "object": "model", "owned_by": "taskmoe"} for i in ids]}
 
     def _pattern(self, body: ChatCompletionRequest) -> tuple[str, str]:
-        name, _, suffix = body.model.partition("@")
-        if name != self.model_name:
-            raise APIError(404, f"model {body.model!r} does not exist", code="model_not_found", param="model")
-        explicit = suffix or body.pattern
-        if explicit:
-            if explicit != "full" and explicit not in self.store:
-                raise APIError(404, f"pattern {explicit!r} does not exist", code="pattern_not_found")
-            return explicit, "explicit"
+        chosen = explicit_choice(body.model, body.pattern, self.model_name, self.store)
+        if chosen is not None:
+            return chosen.label, chosen.how
         decision = self.router.route(body.query())
         return decision.pattern or "full", decision.reason
 
@@ -136,12 +134,10 @@ class Ingress:
             raise APIError(400, f"the chat template rejects these messages: {error}", param="messages") from None
         prompt = list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
         limit, param = body.token_limit
-        room = (self.context - len(prompt)) if self.context else (limit or 256)
-        if (limit is not None and limit > room) or room < 1:
-            raise APIError(400, f"{param} exceeds the context", code="context_length_exceeded", param=param)
+        max_tokens = tokens_to_generate(self.context, len(prompt), limit, param)
         pattern, how = await asyncio.to_thread(self._pattern, body)
         params = {
-            "max_tokens": limit or room,
+            "max_tokens": max_tokens,
             "temperature": 1.0 if body.temperature is None else body.temperature,
             "top_p": 1.0 if body.top_p is None else body.top_p,
             "seed": body.seed,
@@ -154,21 +150,17 @@ class Ingress:
         except PatternError as error:
             raise APIError(409, str(error), code="pattern_unusable") from None
         model_id = self.model_name if pattern == "full" else f"{self.model_name}@{pattern}"
-        choices = [
-            {"index": i, "message": {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": reason}
-            for i, (text, reason) in enumerate(result["choices"])
-        ]
         usage = {"prompt_tokens": len(prompt), "completion_tokens": result["completion_tokens"]}
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
-        response = {
-            "id": f"chatcmpl-{secrets.token_hex(12)}",
-            "object": "chat.completion",
-            "created": int(time.time()),
-            "model": model_id,
-            "system_fingerprint": f"taskmoe-{pattern}",
-            "choices": choices,
-            "usage": usage,
-        }
+        response = completion_body(
+            "chat",
+            f"chatcmpl-{secrets.token_hex(12)}",
+            int(time.time()),
+            model_id,
+            f"taskmoe-{pattern}",
+            result["choices"],
+            usage,
+        )
         headers = {
             "x-taskmoe-pattern": pattern,
             "x-taskmoe-route": how,

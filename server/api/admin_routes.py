@@ -5,7 +5,7 @@ from __future__ import annotations
 import secrets
 from typing import Any
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Depends, Request
 from starlette.concurrency import run_in_threadpool
 
 from server.api.openai_routes import bearer_token, service_of
@@ -130,14 +130,11 @@ async def list_cache(request: Request) -> dict[str, Any]:
 @router.post("/cache/{name}")
 async def warm(name: str, request: Request) -> dict[str, Any]:
     """Build (or touch) the variant of pattern `name` ('full': the full model)."""
-    service = service_of(request)
-    if name != "full":
-        service.resolve(service.model_name, name, "")
-    return await run_in_threadpool(service.warm, name)
+    return await run_in_threadpool(service_of(request).warm, name)
 
 
 @router.delete("/cache/{name}")
-async def evict(name: str, request: Request, response: Response) -> dict[str, Any]:
+async def evict(name: str, request: Request) -> dict[str, Any]:
     dropped = service_of(request).evict(name)
     if not dropped:
         raise APIError(404, f"no cached variant for {name!r}", code="not_cached")

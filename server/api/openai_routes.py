@@ -8,7 +8,6 @@ generator is cancelled, sets the generation's cancel flag, and the thread stops 
 from __future__ import annotations
 
 import asyncio
-import functools
 import json
 import logging
 import secrets
@@ -240,7 +239,11 @@ def _work(
             if cancel.is_set():
                 break
             generation = Generation(variant.model, service.tokenizer, ids, params, service.eos_ids, cancel)
-            position = functools.partial(lambda first, delta: emit(first + delta.index, delta), number * plan.n)
+            first = number * plan.n
+
+            def position(delta: Delta, first: int = first) -> None:
+                emit(first + delta.index, delta)
+
             try:
                 if decoder is not None:
                     decoder.run(generation, position if emit is not None else None)
@@ -305,29 +308,38 @@ async def _respond(request: Request, service: Service, plan: _Plan, stream: bool
     finally:
         watcher.cancel()
     request.state.completion_tokens = sum(g.completion_tokens for g in generations)
-    choices = []
-    for number, generation in enumerate(generations):
-        for index, choice in enumerate(generation.choices):
-            position = number * plan.n + index
-            if plan.kind == "chat":
-                message = {"role": "assistant", "content": choice.text}
-                choices.append(
-                    {"index": position, "message": message, "logprobs": None, "finish_reason": choice.finish_reason}
-                )
-            else:
-                choices.append(
-                    {"index": position, "text": choice.text, "logprobs": None, "finish_reason": choice.finish_reason}
-                )
-    body = {
-        "id": plan.request_id,
-        "object": "chat.completion" if plan.kind == "chat" else "text_completion",
-        "created": plan.created,
-        "model": plan.model_id,
-        "system_fingerprint": plan.fingerprint,
-        "choices": choices,
-        "usage": _usage(plan, generations),
-    }
+    texts = [(choice.text, choice.finish_reason) for generation in generations for choice in generation.choices]
+    body = completion_body(
+        plan.kind, plan.request_id, plan.created, plan.model_id, plan.fingerprint, texts, _usage(plan, generations)
+    )
     return JSONResponse(body, headers=plan.headers)
+
+
+def completion_body(
+    kind: str,
+    request_id: str,
+    created: int,
+    model_id: str,
+    fingerprint: str,
+    texts: Sequence[tuple[str, str | None]],
+    usage: dict[str, int],
+) -> dict[str, Any]:
+    """A whole (non-streamed) chat or text completion as OpenAI shapes it; `texts` are (text,
+    finish_reason) in choice order."""
+    choices = []
+    for index, (text, finish_reason) in enumerate(texts):
+        choice: dict[str, Any] = {"index": index, "logprobs": None, "finish_reason": finish_reason}
+        choice.update({"message": {"role": "assistant", "content": text}} if kind == "chat" else {"text": text})
+        choices.append(choice)
+    return {
+        "id": request_id,
+        "object": "chat.completion" if kind == "chat" else "text_completion",
+        "created": created,
+        "model": model_id,
+        "system_fingerprint": fingerprint,
+        "choices": choices,
+        "usage": usage,
+    }
 
 
 def _sse(payload: dict[str, Any]) -> str:
