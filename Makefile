@@ -39,9 +39,10 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-## Retrain both demo models (two processes, one CPU thread each); a developer runs this, never CI.
+## Retrain the demo models (one process and one CPU thread each); a developer runs this, never CI.
 train-models: install
 	$(BIN)/python scripts/train_demo_models.py --which moe --threads 1 & \
+	$(BIN)/python scripts/train_demo_models.py --which moe-fine --threads 1 & \
 	$(BIN)/python scripts/train_demo_models.py --which dense --threads 1 & \
 	wait
 

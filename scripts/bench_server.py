@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -43,6 +42,8 @@ from server.model.variant import VariantBuilder
 from server.patterns import load_tokenizer
 from server.routing import Router
 
+from local_server import free_port, start_server
+
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = ("arith", "reverse", "sort", "upper", "spell", "translate")
 MAX_TOKENS = 32
@@ -53,30 +54,9 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def start_server(model: Path, port: int, budget: str, threads: int, workers: int | None) -> subprocess.Popen:
-    command = [sys.executable, "-m", "server.cli", "serve", "--model", str(model), "--port", str(port)]
-    command += ["--cache-budget", budget, "--log-level", "warning", "--torch-threads", str(threads)]
-    if workers is not None:
-        command += ["--workers", str(workers)]
-    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"the server exited: {process.stderr.read().decode()[-2000:]}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=2).status_code == 200:
-                return process
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    process.kill()
-    raise RuntimeError("the server did not become ready in 180 s")
+def launch(model: Path, port: int, budget: str, threads: int, workers: int | None) -> subprocess.Popen:
+    options = ["--cache-budget", budget, "--log-level", "warning", "--torch-threads", str(threads)]
+    return start_server(model, port, options + (["--workers", str(workers)] if workers is not None else []))
 
 
 def metric(url: str, name: str) -> float:
@@ -254,7 +234,7 @@ def main() -> int:
     mixed = [prompts[t * args.prompts_per_task + i] for i in range(args.prompts_per_task) for t in range(len(TASKS))]
     torch.set_num_threads(args.torch_threads)
     port = free_port()
-    server = start_server(args.model, port, args.budget, args.torch_threads, args.workers)
+    server = launch(args.model, port, args.budget, args.torch_threads, args.workers)
     url = f"http://127.0.0.1:{port}"
     try:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=300)

@@ -1,13 +1,23 @@
-"""The pruning-accuracy table: task-specific pruning against generic pruning on the demo models.
+"""The pruning-accuracy tables: which experts (or channels) to keep, measured on the demo models.
 
-    python scripts/eval_pruning.py [-n 200] [--out bench/results/pruning.json]
+    python scripts/eval_pruning.py [-n 200] [--models models] [--out bench/results/pruning.json]
+    python scripts/eval_pruning.py --only demo-moe-fine --keeps 0.25      # one model, one keep level
 
-demo-moe, per task: the full model; TCESS at keep 50% and 25%; the raw-logit variant of the reference
-code, selection frequency, task-agnostic TCESS (all tasks' prompts pooled) and random at the same keeps;
-and the cross-task matrix (each task served by every task's TCESS pattern).
-demo-dense: SEAP expert-based (per task) and general (pooled) at 20% and 50% sparsity, against weight
-magnitude and random channel pruning. Accuracy is greedy exact match on held-out examples. Writes the
-JSON and a Markdown rendering of the tables beside it.
+For every MoE demo model (`demo-moe`, 16 experts top-2; `demo-moe-fine`, 64 experts top-4 and a shared
+expert) and keep levels 50% and 25% of the routed experts, per task:
+
+- every scoring method (TCESS, its raw-logit variant, selection frequency, REAP, EAN, EASY-EP), the
+  task-agnostic baseline (TCESS over all tasks' prompts pooled) and random;
+- REAP with the adaptive per-layer budget;
+- the refinements: layer-local (reconstruction error) and end to end (answer loss), with the seconds each
+  pattern took to calibrate;
+- the cross-task matrix of the best recipe (every task served by every task's pattern).
+
+For `demo-dense`: SEAP expert-based (per task) and general (pooled) against weight magnitude and random at
+20%, 50% and 70% channel sparsity. Patterns are calibrated on 64 prompts per task with their answers
+(seed 7000) and judged by greedy exact match on held-out examples (the evaluation seed, never trained on and
+never calibrated on). Writes the JSON, and the README's tables are rendered from it
+(`python scripts/render_readme.py`).
 """
 
 from __future__ import annotations
@@ -18,6 +28,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -25,29 +36,43 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 from tqdm import tqdm
 
+from pattern_store.recipes import MOE_METHODS
+from pattern_store.selection import Selection
+from server.demo.calibration import CALIBRATION_SEED, calibration_texts
 from server.demo.evaluate import EVAL_SEED, task_accuracy
 from server.demo.tasks import TASK_NAMES, get_task
-from server.model.calibrate import CalibrationStatistics
+from server.model.calibrate import CalibrationStatistics, collect_statistics
 from server.model.pruning import dense_selection, keep_count, moe_selection
 from server.model.variant import VariantBuilder
-from server.patterns import CalibrationText, calibration_statistics, load_tokenizer
+from server.patterns import (
+    CalibrationSet,
+    PatternRecipe,
+    calibration_set,
+    load_tokenizer,
+    max_context,
+    select_experts,
+)
 
-CALIBRATION_SEED = 7_000  # the demo stores' seed: neither training's nor the held-out evaluation's
+MOE_MODELS = ("demo-moe", "demo-moe-fine")
 MOE_KEEPS = (0.5, 0.25)
 DENSE_SPARSITIES = (0.2, 0.5, 0.7)
+#: the recipes beyond plain scoring: (row label, method, layer budget, refinement)
+REFINED = (
+    ("reap, adaptive budget", "reap", "adaptive", "none"),
+    ("layer-local refinement", "reap", "uniform", "local"),
+    ("answer-loss refinement", "reap", "uniform", "e2e"),
+    ("answer-loss refinement, adaptive budget", "reap", "adaptive", "e2e"),
+)
+BEST = "answer-loss refinement"
 
 
-def _accuracy(model, tokenizer, task: str, n: int) -> float:
+def _accuracy(model: Any, tokenizer: Any, task: str, n: int) -> float:
     return task_accuracy(model, tokenizer, get_task(task).examples(n, EVAL_SEED))[task]
 
 
-def _statistics(builder: VariantBuilder, tokenizer, prompts_per_task: int) -> dict[str, CalibrationStatistics]:
+def _calibration(builder: VariantBuilder, tokenizer: Any, prompts_per_task: int) -> dict[str, CalibrationSet]:
     return {
-        task: calibration_statistics(
-            builder,
-            tokenizer,
-            [CalibrationText(e.prompt, e.answer) for e in get_task(task).examples(prompts_per_task, CALIBRATION_SEED)],
-        )
+        task: calibration_set(tokenizer, calibration_texts(task, prompts_per_task), max_context(builder))
         for task in TASK_NAMES
     }
 
@@ -60,41 +85,74 @@ def _pooled(stats: dict[str, CalibrationStatistics]) -> CalibrationStatistics:
     return pooled
 
 
-def evaluate_moe(model_dir: Path, n: int, prompts_per_task: int) -> dict:
+def evaluate_moe(model_dir: Path, n: int, prompts_per_task: int, keeps: tuple[float, ...]) -> dict[str, Any]:
     builder = VariantBuilder(model_dir, dtype="float32")
     tokenizer = load_tokenizer(model_dir)
-    stats = _statistics(builder, tokenizer, prompts_per_task)
+    calibration = _calibration(builder, tokenizer, prompts_per_task)
+    stats, statistics_seconds = {}, {}
+    for task in TASK_NAMES:
+        started = time.perf_counter()
+        stats[task] = collect_statistics(builder, calibration[task].token_ids)
+        statistics_seconds[task] = time.perf_counter() - started
     pooled = _pooled(stats)
     num_experts = next(iter(builder.sparse_layers.values())).num_experts
     top_k = int(builder.config.num_experts_per_tok)
     full = builder.build()
-    result: dict = {"full": {t: _accuracy(full, tokenizer, t, n) for t in tqdm(TASK_NAMES, desc="moe full")}}
+    result: dict[str, Any] = {
+        "experts": num_experts,
+        "top_k": top_k,
+        "full": {t: _accuracy(full, tokenizer, t, n) for t in tqdm(TASK_NAMES, desc=f"{model_dir.name} full")},
+    }
     del full
-    for keep in MOE_KEEPS:
+    for keep in keeps:
         k = keep_count(num_experts, top_k, keep_ratio=keep)
         rows: dict[str, dict[str, float]] = {}
-        for method in ("tcess", "tcess-logit", "frequency", "task-agnostic", "random"):
+        seconds: dict[str, dict[str, float]] = {}
+        selections: dict[str, dict[str, Selection]] = {}
+        for method in [*(m for m in MOE_METHODS if m != "random"), "task-agnostic", "random"]:
             rows[method] = {}
-            for task in tqdm(TASK_NAMES, desc=f"moe keep {keep} {method}"):
+            for task in tqdm(TASK_NAMES, desc=f"{model_dir.name} keep {keep} {method}"):
                 source = pooled if method == "task-agnostic" else stats[task]
                 scorer = "tcess" if method == "task-agnostic" else method
-                variant = builder.build(moe_selection(source, k, scorer, seed=TASK_NAMES.index(task)).selection)
-                rows[method][task] = _accuracy(variant, tokenizer, task, n)
+                selection = moe_selection(source, k, scorer, seed=TASK_NAMES.index(task)).selection
+                rows[method][task] = _accuracy(builder.build(selection), tokenizer, task, n)
+        for label, method, budget, refine in REFINED:
+            rows[label], seconds[label], selections[label] = {}, {}, {}
+            recipe = PatternRecipe(method=method, keep_ratio=keep, budget=budget, refine=refine)
+            for task in tqdm(TASK_NAMES, desc=f"{model_dir.name} keep {keep} {label}"):
+                started = time.perf_counter()
+                pruned, _ = select_experts(builder, stats[task], recipe, calibration[task])
+                # the whole calibration of the pattern: the statistics pass and the selection with its refinement
+                seconds[label][task] = round(time.perf_counter() - started + statistics_seconds[task], 1)
+                selections[label][task] = pruned.selection
+                rows[label][task] = _accuracy(builder.build(pruned.selection), tokenizer, task, n)
         cross = {}
-        for pattern_task in tqdm(TASK_NAMES, desc=f"moe keep {keep} cross-task"):
-            variant = builder.build(moe_selection(stats[pattern_task], k, "tcess").selection)
+        for pattern_task in tqdm(TASK_NAMES, desc=f"{model_dir.name} keep {keep} cross-task"):
+            variant = builder.build(selections[BEST][pattern_task])
             cross[pattern_task] = {task: _accuracy(variant, tokenizer, task, n) for task in TASK_NAMES}
-        result[f"keep_{keep}"] = {"experts_kept": k, "of": num_experts, "methods": rows, "cross_task": cross}
+        result[f"keep_{keep}"] = {
+            "experts_kept": k,
+            "of": num_experts,
+            "methods": rows,
+            "refinement_seconds": seconds,
+            "cross_task_recipe": BEST,
+            "cross_task": cross,
+        }
     return result
 
 
-def evaluate_dense(model_dir: Path, n: int, prompts_per_task: int) -> dict:
+def evaluate_dense(model_dir: Path, n: int, prompts_per_task: int) -> dict[str, Any]:
     builder = VariantBuilder(model_dir, dtype="float32")
     tokenizer = load_tokenizer(model_dir)
-    stats = _statistics(builder, tokenizer, prompts_per_task)
+    calibration = _calibration(builder, tokenizer, prompts_per_task)
+    stats = {task: collect_statistics(builder, calibration[task].token_ids) for task in TASK_NAMES}
     pooled = _pooled(stats)
     full = builder.build()
-    result: dict = {"full": {t: _accuracy(full, tokenizer, t, n) for t in tqdm(TASK_NAMES, desc="dense full")}}
+    result: dict[str, Any] = {
+        "width": builder.dense_layers[0].intermediate,
+        "hidden": int(builder.config.hidden_size),
+        "full": {t: _accuracy(full, tokenizer, t, n) for t in tqdm(TASK_NAMES, desc="dense full")},
+    }
     for sparsity in DENSE_SPARSITIES:
         rows: dict[str, dict[str, float]] = {}
         for method in ("seap-expert", "seap-general", "magnitude", "random"):
@@ -108,69 +166,40 @@ def evaluate_dense(model_dir: Path, n: int, prompts_per_task: int) -> dict:
     return result
 
 
-def _mean(values: dict[str, float]) -> float:
-    return sum(values.values()) / len(values)
-
-
-def _pct(value: float) -> str:
-    return f"{100 * value:.1f}"
-
-
-def markdown(report: dict) -> str:
-    lines = []
-    moe, dense = report["demo-moe"], report["demo-dense"]
-    header = "| | " + " | ".join(TASK_NAMES) + " | mean |"
-    rule = "|---|" + "---|" * (len(TASK_NAMES) + 1)
-
-    def row(label: str, values: dict[str, float]) -> str:
-        return f"| {label} | " + " | ".join(_pct(values[t]) for t in TASK_NAMES) + f" | **{_pct(_mean(values))}** |"
-
-    lines += ["**demo-moe**: greedy exact match (%) on held-out examples, per task", "", header, rule]
-    lines.append(row("full model (16 experts)", moe["full"]))
-    for keep in MOE_KEEPS:
-        block = moe[f"keep_{keep}"]
-        for method, values in block["methods"].items():
-            lines.append(row(f"{method}, keep {block['experts_kept']}/{block['of']}", values))
-    for keep in MOE_KEEPS:
-        block = moe[f"keep_{keep}"]
-        lines += [
-            "",
-            f"**demo-moe cross-task, keep {block['experts_kept']}/{block['of']}**: rows are the pattern (TCESS of "
-            "that task), columns the task served",
-            "",
-            "| pattern \\ task | " + " | ".join(TASK_NAMES) + " |",
-            "|---|" + "---|" * len(TASK_NAMES),
-        ]
-        for pattern_task, values in block["cross_task"].items():
-            lines.append(f"| {pattern_task} | " + " | ".join(_pct(values[t]) for t in TASK_NAMES) + " |")
-    lines += ["", "**demo-dense**: greedy exact match (%) on held-out examples, per task", "", header, rule]
-    lines.append(row("full model", dense["full"]))
-    for sparsity in DENSE_SPARSITIES:
-        for method, values in dense[f"sparsity_{sparsity}"]["methods"].items():
-            lines.append(row(f"{method}, sparsity {int(100 * sparsity)}%", values))
-    return "\n".join(lines) + "\n"
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", type=Path, default=Path("models"))
     parser.add_argument("-n", type=int, default=200, help="held-out examples per task (default 200)")
     parser.add_argument("--prompts-per-task", type=int, default=64, help="calibration prompts per task")
+    parser.add_argument("--only", choices=[*MOE_MODELS, "demo-dense"], help="evaluate one model, keep the others")
+    parser.add_argument("--keeps", type=float, nargs="+", default=list(MOE_KEEPS), help="MoE keep levels")
     parser.add_argument("--out", type=Path, default=Path("bench/results/pruning.json"))
     args = parser.parse_args(argv)
     torch.manual_seed(0)
-    started = time.perf_counter()
-    report = {
-        "settings": {"examples_per_task": args.n, "calibration_prompts_per_task": args.prompts_per_task},
-        "demo-moe": evaluate_moe(args.models / "demo-moe", args.n, args.prompts_per_task),
-        "demo-dense": evaluate_dense(args.models / "demo-dense", args.n, args.prompts_per_task),
+    torch.set_num_threads(1)  # one thread is fastest for these small models, and the numbers repeat
+    previous = json.loads(args.out.read_text()) if args.only and args.out.is_file() else {}
+    report: dict[str, Any] = {key: previous[key] for key in ("models", "dense") if key in previous}
+    report.setdefault("models", {})
+    report["settings"] = {
+        "examples_per_task": args.n,
+        "calibration_prompts_per_task": args.prompts_per_task,
+        "calibration_seed": CALIBRATION_SEED,
+        "evaluation_seed": EVAL_SEED,
+        "torch_threads": 1,
     }
-    report["seconds"] = round(time.perf_counter() - started, 1)
+    for name in MOE_MODELS:
+        if (args.only in (None, name)) and (args.models / name).is_dir():
+            started = time.perf_counter()
+            measured = evaluate_moe(args.models / name, args.n, args.prompts_per_task, tuple(args.keeps))
+            measured["seconds"] = round(time.perf_counter() - started, 1)
+            report["models"][name] = {**report["models"].get(name, {}), **measured}  # other keep levels stay
+    if args.only in (None, "demo-dense"):
+        started = time.perf_counter()
+        report["dense"] = evaluate_dense(args.models / "demo-dense", args.n, args.prompts_per_task)
+        report["dense"]["seconds"] = round(time.perf_counter() - started, 1)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n")
-    table = markdown(report)
-    args.out.with_suffix(".md").write_text(table)
-    print(table)
+    print(f"wrote {args.out}; render the README's tables with: python scripts/render_readme.py")
     return 0
 
 

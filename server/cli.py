@@ -8,6 +8,9 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
+
+from pattern_store.recipes import BUDGETS, DEFAULT_MOE_METHOD, MOE_METHODS, REFINEMENTS  # names only, no torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -122,10 +125,32 @@ def _open_store(path: str, create: bool = False):
         raise CliError(str(error)) from None
 
 
+class StageBars:
+    """One tqdm bar per stage of making a pattern (statistics, refinements), opened as each stage begins."""
+
+    def __init__(self, name: str, disable: bool) -> None:
+        self.name, self.disable = name, disable
+        self.stage: str | None = None
+        self.bar: Any = None
+
+    def __call__(self, stage: str, done: int, total: int | None) -> None:
+        from tqdm import tqdm
+
+        if stage != self.stage:
+            self.close()
+            unit = "layer" if total is not None else "pass"
+            self.bar = tqdm(total=total, desc=f"{self.name}: {stage}", unit=unit, disable=self.disable)
+            self.stage = stage
+        self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
 def cmd_calibrate(args: argparse.Namespace) -> int:
     """Calibrate a task pattern from prompts and store it."""
-    from tqdm import tqdm
-
     from pattern_store.embedder import Embedder
     from pattern_store.pattern import PatternError, validate_name
     from pattern_store.selection import SelectionError
@@ -135,13 +160,13 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from server.patterns import (
         PatternRecipe,
         PromptFileError,
-        calibration_statistics,
         load_tokenizer,
-        pattern_from_statistics,
+        make_pattern,
         read_calibration,
         read_prompts,
     )
 
+    bars = StageBars(args.name, args.quiet)
     try:
         validate_name(args.name)
         texts = read_calibration(args.prompts)
@@ -151,23 +176,20 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
             raise CliError(f"pattern {args.name!r} exists in {args.store}; pass --replace to overwrite it")
         builder = VariantBuilder(_model_dir(args.model), device="cpu", dtype="float32")
         moe = builder.family.kind == "moe"
-        method = args.method or ("tcess" if moe else "seap")
         recipe = PatternRecipe(
-            method=method,
+            method=args.method or (DEFAULT_MOE_METHOD if moe else "seap"),
             keep_ratio=None if args.keep_experts else args.keep,
             keep_experts=args.keep_experts,
             threshold=args.threshold,
             sparsity=args.sparsity,
             seed=args.seed,
+            budget=args.budget,
+            refine=args.refine,
         )
+        recipe.validate(moe)
         tokenizer = load_tokenizer(args.model)
         embedder = Embedder(args.embedder) if args.embedder else Embedder()  # fail before the long part
-        layers = builder.config.num_hidden_layers
-        with tqdm(total=layers, desc=f"calibrating {args.name}", unit="layer", disable=args.quiet) as bar:
-            stats = calibration_statistics(
-                builder, tokenizer, texts, args.threshold, progress=lambda n: bar.update(n - bar.n)
-            )
-        pattern = pattern_from_statistics(args.name, builder, stats, recipe, examples, embedder)
+        pattern, stats = make_pattern(args.name, builder, tokenizer, texts, recipe, examples, embedder, progress=bars)
         store.add(pattern, replace=args.replace)
     except (
         PatternError,
@@ -179,11 +201,15 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         OSError,
     ) as error:
         raise CliError(str(error)) from None
+    finally:
+        bars.close()
     kept = pattern.selection.layers
     sizes = sorted({len(v) for v in kept.values()})
+    refined = pattern.parameters.get("refine", "none")
     print(
-        f"stored pattern {args.name!r} in {args.store}: {pattern.kind}, method {method}, "
-        f"{stats.prompts} prompts ({stats.tokens} tokens), keeps {sizes} per pruned layer in {len(kept)} layers"
+        f"stored pattern {args.name!r} in {args.store}: {pattern.kind}, method {recipe.method}"
+        + (f", refined ({refined})" if refined != "none" else "")
+        + f", {stats.prompts} prompts ({stats.tokens} tokens), keeps {sizes} per pruned layer in {len(kept)} layers"
     )
     return 0
 
@@ -396,7 +422,26 @@ def build_parser() -> argparse.ArgumentParser:
     keep = calibrate.add_mutually_exclusive_group()
     keep.add_argument("--keep", type=float, default=0.5, help="MoE: share of experts kept per layer (default 0.5)")
     keep.add_argument("--keep-experts", type=int, help="MoE: number of experts kept per layer")
-    calibrate.add_argument("--method", help="tcess (default), tcess-logit, frequency, random; dense: seap, ...")
+    calibrate.add_argument(
+        "--method",
+        help=f"MoE: {', '.join(MOE_METHODS)} (default {DEFAULT_MOE_METHOD}); "
+        "dense: seap (default), seap-wifn, magnitude, random",
+    )
+    calibrate.add_argument(
+        "--budget",
+        choices=BUDGETS,
+        default="uniform",
+        help="MoE: keep the same number of experts in every layer, or spread the same total by what each "
+        "layer's scores ask for (adaptive; such a pattern cannot be exported)",
+    )
+    calibrate.add_argument(
+        "--refine",
+        choices=REFINEMENTS,
+        default="none",
+        help="MoE: swap experts while the layer-local reconstruction error drops (local: any model size), or "
+        "choose among every score's selection and swap while the calibration answers' loss drops (e2e: the "
+        "model must fit in memory; prompts without a response are answered by the full model first)",
+    )
     calibrate.add_argument("--threshold", type=float, default=0.0, help="TCESS confidence threshold r (default 0)")
     calibrate.add_argument("--sparsity", type=float, default=0.2, help="dense: global channel sparsity (default 0.2)")
     calibrate.add_argument("--seed", type=int, default=0, help="seed of the random baseline")

@@ -1,7 +1,7 @@
-"""Making a task pattern from prompts: calibrate, score, select, embed the examples, store.
+"""Making a task pattern from prompts: calibrate, score, select (and refine), embed the examples.
 
-Used by `taskmoe calibrate`, the demo-store script and (later) the admin API, so that all three make
-patterns the same way.
+Used by `taskmoe calibrate`, the admin API's calibration jobs and the demo-store script, so that all three
+make patterns the same way.
 """
 
 from __future__ import annotations
@@ -9,19 +9,24 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+import torch
+from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from pattern_store.embedder import Embedder
 from pattern_store.pattern import TaskPattern, validate_name
+from pattern_store.recipes import BUDGETS, DENSE_METHODS, MOE_METHODS, OUTPUT_METHODS, REFINEMENTS
+from pattern_store.selection import Selection
+from server.model.answer_loss_refinement import refine_by_answer_loss
 from server.model.calibrate import CalibrationStatistics, collect_statistics
+from server.model.local_refinement import SearchOptions, refine_locally
 from server.model.pruning import (
-    DENSE_METHODS,
-    MOE_METHODS,
+    PrunedSelection,
     dense_selection,
+    expert_counts,
     keep_count,
     model_fingerprint,
     moe_selection,
@@ -76,30 +81,57 @@ def read_prompts(path: str | Path) -> list[str]:
     return [record.prompt for record in read_calibration(path)]
 
 
-def calibration_token_ids(
+def _chat_ids(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], generation_prompt: bool) -> list[int]:
+    encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=True)
+    return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """Where the answer begins: the prompt's tokens are a prefix of the exchange's (up to the template)."""
+    for index, (x, y) in enumerate(zip(a, b, strict=False)):
+        if x != y:
+            return index
+    return min(len(a), len(b))
+
+
+@dataclass(frozen=True)
+class CalibrationSet:
+    """Calibration texts as the model sees them: token ids, and where each one's answer begins (its length
+    when it has none). The answer tokens are what refinement by answer loss scores."""
+
+    token_ids: list[list[int]]
+    answer_starts: list[int]
+
+
+def calibration_set(
     tokenizer: PreTrainedTokenizerBase, texts: Sequence[CalibrationText], max_length: int
-) -> list[list[int]]:
+) -> CalibrationSet:
     """Token ids as the server sees them: a one-turn chat (with the response as the assistant's turn when
     there is one) when the tokenizer has a chat template, else the plain text."""
-    out = []
+    token_ids, starts = [], []
     for text in texts:
         if tokenizer.chat_template:
-            messages = [{"role": "user", "content": text.prompt}]
+            prompt = _chat_ids(tokenizer, [{"role": "user", "content": text.prompt}], True)
+            ids = prompt
             if text.response is not None:
-                messages.append({"role": "assistant", "content": text.response})
-            encoded = tokenizer.apply_chat_template(
-                messages, add_generation_prompt=text.response is None, tokenize=True
-            )
-            ids = list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
+                messages = [{"role": "user", "content": text.prompt}, {"role": "assistant", "content": text.response}]
+                ids = _chat_ids(tokenizer, messages, False)
         else:
+            prompt = tokenizer.encode(text.prompt)
             ids = tokenizer.encode(text.prompt + (f" {text.response}" if text.response else ""))
-        out.append(ids[:max_length])
-    return out
+        token_ids.append(ids[:max_length])
+        starts.append(min(_common_prefix(prompt, ids), max_length))
+    return CalibrationSet(token_ids, starts)
+
+
+#: a stage of making a pattern reports (stage, steps done, steps in all or None when unknown)
+StageProgress = Callable[[str, int, "int | None"], None]
 
 
 @dataclass
 class PatternRecipe:
-    """How to turn statistics into a selection: MoE (keep ratio or count, method) or dense (sparsity)."""
+    """How to turn statistics into a selection: MoE (keep ratio or count, method, layer budget, refinement)
+    or dense (sparsity)."""
 
     method: str = "tcess"
     keep_ratio: float | None = 0.5
@@ -107,6 +139,9 @@ class PatternRecipe:
     threshold: float = 0.0
     sparsity: float = 0.2
     seed: int = 0
+    budget: str = "uniform"
+    refine: str = "none"
+    search: SearchOptions = field(default_factory=SearchOptions)
 
     def validate(self, moe: bool) -> None:
         """Fail before calibrating (which takes a while) rather than after."""
@@ -117,24 +152,166 @@ class PatternRecipe:
             raise ValueError("keep must be in (0, 1]")
         if not moe and not 0 <= self.sparsity < 1:
             raise ValueError("sparsity must be in [0, 1)")
+        if self.budget not in BUDGETS:
+            raise ValueError(f"unknown layer budget {self.budget!r}; expected one of {', '.join(BUDGETS)}")
+        if self.refine not in REFINEMENTS:
+            raise ValueError(f"unknown refinement {self.refine!r}; expected one of {', '.join(REFINEMENTS)}")
+        if not moe and (self.refine != "none" or self.budget != "uniform"):
+            raise ValueError("refinement and layer budgets choose experts; a dense model's pattern has none")
 
     def parameters(self, kind: str) -> dict[str, Any]:
         if kind == "moe_experts":
-            return {"keep_ratio": self.keep_ratio, "keep_experts": self.keep_experts, "threshold": self.threshold}
+            return {
+                "keep_ratio": self.keep_ratio,
+                "keep_experts": self.keep_experts,
+                "threshold": self.threshold,
+                "budget": self.budget,
+                "refine": self.refine,
+            }
         return {"sparsity": self.sparsity}
 
 
-def calibration_statistics(
+def max_context(builder: VariantBuilder) -> int:
+    return int(getattr(builder.config, "max_position_embeddings", 2048) or 2048)
+
+
+def _stage(progress: StageProgress | None, stage: str, total: int | None) -> Callable[[int], None] | None:
+    if progress is None:
+        return None
+    return lambda done: progress(stage, done, total)
+
+
+@torch.inference_mode()
+def complete_answers(
+    model: PreTrainedModel, calibration: CalibrationSet, eos_token_id: int | None, max_new_tokens: int = 64
+) -> CalibrationSet:
+    """Exchanges without an answer get the model's own greedy answer: refinement by answer loss then keeps
+    what makes the full model answer as it does."""
+    token_ids, starts = [], []
+    for ids, start in zip(calibration.token_ids, calibration.answer_starts, strict=True):
+        if start < len(ids):
+            token_ids.append(list(ids))
+            starts.append(start)
+            continue
+        room = max(0, int(getattr(model.config, "max_position_embeddings", 2048)) - len(ids))
+        if room == 0:  # a prompt that fills the context has no room for an answer; it is not scored
+            token_ids.append(list(ids))
+            starts.append(len(ids))
+            continue
+        output = model.generate(
+            torch.tensor([ids], device=model.device),
+            max_new_tokens=min(max_new_tokens, room),
+            do_sample=False,
+            eos_token_id=eos_token_id,
+            pad_token_id=eos_token_id,
+        )
+        token_ids.append(output[0].tolist())
+        starts.append(len(ids))
+    return CalibrationSet(token_ids, starts)
+
+
+def _candidate_methods(stats: CalibrationStatistics) -> list[str]:
+    """The scoring methods whose selections the refinements start from (every one the statistics allow)."""
+    layer = next(iter(stats.router.values()))
+    return [m for m in MOE_METHODS if m != "random" and (m not in OUTPUT_METHODS or layer.has_outputs)]
+
+
+def select_experts(
     builder: VariantBuilder,
-    tokenizer: PreTrainedTokenizerBase,
-    texts: Sequence[CalibrationText],
-    threshold: float = 0.0,
-    progress: Callable[[int], None] | None = None,
-) -> CalibrationStatistics:
-    max_length = int(getattr(builder.config, "max_position_embeddings", 2048) or 2048)
-    return collect_statistics(
-        builder, calibration_token_ids(tokenizer, texts, max_length), threshold=threshold, progress=progress
+    stats: CalibrationStatistics,
+    recipe: PatternRecipe,
+    calibration: CalibrationSet | None = None,
+    progress: StageProgress | None = None,
+) -> tuple[PrunedSelection, dict[str, Any]]:
+    """The kept experts of a MoE pattern by `recipe`, and a record of how they were chosen (the pattern's
+    document keeps it). Refinements need `calibration`, the token ids the statistics came from."""
+    recipe.validate(moe=True)
+    layer = next(iter(builder.sparse_layers.values()))
+    top_k = int(builder.config.num_experts_per_tok)
+    keep = keep_count(layer.num_experts, top_k, recipe.keep_ratio, recipe.keep_experts)
+    groups = builder.family.balanced_groups(builder.config)
+    # the per-layer counts come from the recipe's method alone; every method's selection keeps those counts,
+    # so that refinements compare sets of the same sizes and never spend more than the budget
+    counts = expert_counts(stats, keep, recipe.method, recipe.budget, top_k, groups, recipe.seed)
+
+    def by(method: str) -> PrunedSelection:
+        return moe_selection(stats, counts, method, recipe.seed, groups)
+
+    chosen = by(recipe.method)
+    record: dict[str, Any] = {"experts_per_layer": {str(k): v for k, v in counts.items()}}
+    kept = {index: list(experts) for index, experts in chosen.selection.layers.items()}
+    if recipe.refine != "none":
+        if calibration is None:
+            raise ValueError("refinement needs the calibration token ids")
+        started = time.perf_counter()
+        methods = _candidate_methods(stats)
+        starts = {method: dict(by(method).selection.layers) for method in methods}
+        local = refine_locally(
+            builder,
+            calibration.token_ids,
+            starts,
+            chosen.scores,
+            recipe.search,
+            progress=_stage(progress, "layer-local refinement", builder.config.num_hidden_layers),
+        )
+        record["local"] = {
+            str(index): {
+                "start": search.start,
+                "start_error": round(search.start_loss, 6),
+                "error": round(search.loss, 6),
+                "swaps": search.swaps,
+            }
+            for index, search in local.items()
+        }
+        kept = {index: list(search.kept) for index, search in local.items()}
+        if recipe.refine == "e2e":
+            kept, record["e2e"] = _refine_by_answer_loss(
+                builder, calibration, {**starts, "local": kept}, chosen.scores, recipe, progress
+            )
+        record["seconds"] = round(time.perf_counter() - started, 1)
+    for index, experts in kept.items():  # a selection the routing rule refuses must fail here, not when served
+        if len(experts) < builder.sparse_layers[index].num_experts:
+            builder.family.routing_overrides(builder.config, index, experts)
+    return PrunedSelection(Selection("moe_experts", kept), chosen.scores), record
+
+
+def _refine_by_answer_loss(
+    builder: VariantBuilder,
+    calibration: CalibrationSet,
+    candidates: dict[str, Any],
+    tiebreak: dict[int, torch.Tensor],
+    recipe: PatternRecipe,
+    progress: StageProgress | None,
+) -> tuple[dict[int, list[int]], dict[str, Any]]:
+    model = builder.build()
+    eos = builder.generation_config.eos_token_id if builder.generation_config is not None else None
+    if isinstance(eos, list):
+        eos = eos[0] if eos else None
+    answered = complete_answers(model, calibration, eos if eos is not None else builder.config.eos_token_id)
+    search = refine_by_answer_loss(
+        builder,
+        answered.token_ids,
+        answered.answer_starts,
+        candidates,
+        tiebreak,
+        recipe.search,
+        progress=_stage(progress, "answer-loss refinement", recipe.search.e2e_evaluations),
+        model=model,
     )
+    pairs = zip(calibration.token_ids, calibration.answer_starts, strict=True)
+    generated = sum(start >= len(ids) for ids, start in pairs)
+    record = {
+        "start": search.start,
+        "candidate_losses": {name: round(value, 5) for name, value in search.candidate_losses.items()},
+        "full_loss": round(search.full_loss, 5),
+        "start_loss": round(search.start_loss, 5),
+        "loss": round(search.loss, 5),
+        "swaps": search.swaps,
+        "evaluations": search.evaluations,
+        "stopped": search.stopped,
+        "answers_generated": int(generated),
+    }
+    return {index: list(experts) for index, experts in search.kept.items()}, record
 
 
 def pattern_from_statistics(
@@ -145,14 +322,14 @@ def pattern_from_statistics(
     examples: Sequence[str],
     embedder: Embedder | None,
     fingerprint: str | None = None,
+    calibration: CalibrationSet | None = None,
+    progress: StageProgress | None = None,
 ) -> TaskPattern:
     validate_name(name)
+    parameters = recipe.parameters(stats.kind)
     if stats.kind == "moe_experts":
-        layer = next(iter(builder.sparse_layers.values()))
-        keep = keep_count(
-            layer.num_experts, int(builder.config.num_experts_per_tok), recipe.keep_ratio, recipe.keep_experts
-        )
-        pruned = moe_selection(stats, keep, recipe.method, recipe.seed)
+        pruned, record = select_experts(builder, stats, recipe, calibration, progress)
+        parameters["selection"] = record
     else:
         pruned = dense_selection(stats, builder, recipe.sparsity, recipe.method, seed=recipe.seed)
     return TaskPattern(
@@ -160,13 +337,40 @@ def pattern_from_statistics(
         selection=pruned.selection,
         scores=pruned.scores,
         method=recipe.method,
-        parameters=recipe.parameters(stats.kind),
+        parameters=parameters,
         model_fingerprint=fingerprint or model_fingerprint(builder.model_dir),
         created=time.time(),
         calibration_prompts=stats.prompts,
         examples=list(examples),
         example_embeddings=embedder.embed(list(examples)) if embedder is not None else None,
     )
+
+
+def make_pattern(
+    name: str,
+    builder: VariantBuilder,
+    tokenizer: PreTrainedTokenizerBase,
+    texts: Sequence[CalibrationText],
+    recipe: PatternRecipe,
+    examples: Sequence[str],
+    embedder: Embedder | None,
+    fingerprint: str | None = None,
+    progress: StageProgress | None = None,
+) -> tuple[TaskPattern, CalibrationStatistics]:
+    """Calibrate, score, select (and refine) and embed: one pattern from its prompts, as the CLI and the admin
+    API make them."""
+    recipe.validate(builder.family.kind == "moe")
+    calibration = calibration_set(tokenizer, texts, max_context(builder))
+    stats = collect_statistics(
+        builder,
+        calibration.token_ids,
+        threshold=recipe.threshold,
+        progress=_stage(progress, "statistics", builder.config.num_hidden_layers),
+    )
+    pattern = pattern_from_statistics(
+        name, builder, stats, recipe, examples, embedder, fingerprint, calibration, progress
+    )
+    return pattern, stats
 
 
 def load_tokenizer(model_dir: str | Path) -> PreTrainedTokenizerBase:

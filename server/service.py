@@ -28,13 +28,7 @@ from server.jobs import Job, JobRunner
 from server.metrics import Metrics
 from server.model.pruning import model_fingerprint
 from server.model.variant import VariantBuilder
-from server.patterns import (
-    CalibrationText,
-    PatternRecipe,
-    calibration_statistics,
-    load_tokenizer,
-    pattern_from_statistics,
-)
+from server.patterns import CalibrationText, PatternRecipe, load_tokenizer, make_pattern
 from server.proxy import parse_upstreams
 from server.routing import RouteDecision, Router
 
@@ -307,17 +301,31 @@ class Service:
     ) -> Job:
         """Start calibrating a pattern; it is routable as soon as the job succeeds."""
         self._check_new_name(name)
+        if recipe.refine == "e2e":
+            # the answer-loss refinement holds the whole model beside the cached variants: only when it fits
+            whole = self.builder.variant_bytes(None)
+            if whole > self.config.cache_budget:
+                raise APIError(
+                    400,
+                    f"refine 'e2e' holds the whole model ({whole / 2**30:.2f} GiB of experts) in this server's memory, "
+                    f"more than its cache budget ({self.config.cache_budget / 2**30:.2f} GiB); use refine 'local' "
+                    "(any model size), or run 'taskmoe calibrate --refine e2e' where the model fits and import it",
+                    param="refine",
+                )
         if name in self.store and not replace:
             raise APIError(409, f"pattern {name!r} exists; send replace=true to recalibrate it", code="pattern_exists")
-        layers = int(self.builder.config.num_hidden_layers)
+        stages = ["statistics", *(["layer-local refinement"] if recipe.refine != "none" else [])]
+        stages += ["answer-loss refinement"] if recipe.refine == "e2e" else []
 
         def calibrate(progress: Any) -> dict[str, Any]:
+            def staged(stage: str, done: int, total: int | None) -> None:
+                # each stage an equal share of the bar; a stage of unknown length creeps towards its end
+                share = done / total if total else 1 - 1 / (1 + done / 50)
+                progress((stages.index(stage) + min(share, 1.0)) / len(stages) if stage in stages else 0.0)
+
             with self._calibration_lock:
-                stats = calibration_statistics(
-                    self.builder, self.tokenizer, texts, recipe.threshold, progress=lambda n: progress(n / layers)
-                )
-                pattern = pattern_from_statistics(
-                    name, self.builder, stats, recipe, examples, self.embedder, self.fingerprint
+                pattern, _ = make_pattern(
+                    name, self.builder, self.tokenizer, texts, recipe, examples, self.embedder, self.fingerprint, staged
                 )
                 self.store.add(pattern, replace=replace)
                 self.cache.evict(name)  # a replaced pattern's old variant must not serve again

@@ -14,6 +14,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_MOE = ROOT / "models" / "demo-moe"
+DEMO_MOE_FINE = ROOT / "models" / "demo-moe-fine"
 DEMO_DENSE = ROOT / "models" / "demo-dense"
 
 
@@ -27,6 +28,12 @@ def load_demo(directory: Path):
 def demo_moe():
     """(model, tokenizer) of models/demo-moe."""
     return load_demo(DEMO_MOE)
+
+
+@pytest.fixture(scope="session")
+def demo_moe_fine():
+    """(model, tokenizer) of models/demo-moe-fine."""
+    return load_demo(DEMO_MOE_FINE)
 
 
 @pytest.fixture(scope="session")

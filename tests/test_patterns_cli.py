@@ -36,7 +36,8 @@ def test_calibrated_patterns_are_stored_with_their_model_fingerprint(store_dir) 
     store = PatternStore(store_dir)
     assert store.names() == ["arith", "translate", "upper"]
     pattern = store.get("upper")
-    assert pattern.method == "tcess" and pattern.calibration_prompts == 24 and len(pattern.examples) == 24
+    assert pattern.method == "reap" and pattern.calibration_prompts == 24 and len(pattern.examples) == 24
+    assert pattern.parameters["refine"] == "none" and pattern.parameters["budget"] == "uniform"
     assert all(len(kept) == 6 for kept in pattern.selection.layers.values())
     assert len(pattern.selection.layers) == 4
     assert pattern.model_fingerprint == model_fingerprint(DEMO_MOE)
@@ -79,12 +80,14 @@ def test_calibrate_errors_are_one_line(store_dir, tmp_path, capsys) -> None:
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "no prompt field"}\n')
     base = ["calibrate", "--model", str(DEMO_MOE), "--store", str(store_dir), "--quiet"]
+    dense = ["calibrate", "--model", str(DEMO_DENSE), "--store", str(store_dir), "--quiet"]
     cases = [
         ([*base, "--name", "x", "--prompts", str(bad)], "needs a non-empty string field 'prompt'"),
         ([*base, "--name", "../evil", "--prompts", str(bad)], "invalid pattern name"),
         ([*base, "--name", "arith", "--prompts", _write_prompts(tmp_path / "a.jsonl", "arith", 3, 1)], "--replace"),
         ([*base, "--name", "y", "--prompts", str(tmp_path / "a.jsonl"), "--keep-experts", "1"], "top-k"),
         ([*base, "--name", "y", "--prompts", str(tmp_path / "a.jsonl"), "--method", "magic"], "unknown"),
+        ([*dense, "--name", "y", "--prompts", str(tmp_path / "a.jsonl"), "--budget", "adaptive"], "has none"),
     ]
     for args, message in cases:
         assert main(args) == 2
@@ -101,7 +104,7 @@ def test_dense_calibration_stores_a_channel_pattern(tmp_path) -> None:
     assert pattern.kind == "dense_channels" and pattern.method == "seap"
     assert 0 not in pattern.selection.layers, "the first layer is never pruned"
     assert pattern.selection.bias and set(pattern.selection.bias) == set(pattern.selection.layers)
-    width = 1024
+    width = json.loads((DEMO_DENSE / "config.json").read_text())["intermediate_size"]
     kept = sum(len(v) for v in pattern.selection.layers.values()) + width * (4 - len(pattern.selection.layers))
     assert kept / (4 * width) == pytest.approx(0.7, abs=0.01)
 
@@ -109,17 +112,50 @@ def test_dense_calibration_stores_a_channel_pattern(tmp_path) -> None:
 def test_responses_are_calibrated_as_the_assistant_turn(tmp_path) -> None:
     from transformers import AutoTokenizer
 
-    from server.patterns import CalibrationText, calibration_token_ids, read_calibration
+    from server.patterns import CalibrationText, calibration_set, read_calibration
 
     tokenizer = AutoTokenizer.from_pretrained(DEMO_MOE)
-    with_response, prompt_only = calibration_token_ids(
+    calibration = calibration_set(
         tokenizer, [CalibrationText("What is 1 + 2?", "3"), CalibrationText("What is 1 + 2?")], 256
     )
+    with_response, prompt_only = calibration.token_ids
     assert tokenizer.decode(with_response) == "<|user|>What is 1 + 2?<|end|><|assistant|>3<|end|>"
     assert tokenizer.decode(prompt_only) == "<|user|>What is 1 + 2?<|end|><|assistant|>"
+    # the answer (what refinement by answer loss scores) begins after the assistant's tag; none without one
+    answer_start, no_answer = calibration.answer_starts
+    assert tokenizer.decode(with_response[answer_start:]) == "3<|end|>"
+    assert no_answer == len(prompt_only)
     path = tmp_path / "p.jsonl"
     path.write_text('{"prompt": "a", "response": "b", "task": "x"}\n{"prompt": "c"}\n')
     assert read_calibration(path) == [CalibrationText("a", "b"), CalibrationText("c", None)]
     path.write_text('{"prompt": "a", "response": 3}\n')
     with pytest.raises(ValueError, match="'response' must be a string"):
         read_calibration(path)
+
+
+@pytest.mark.slow
+def test_refined_calibration_records_what_it_did(tmp_path, capsys) -> None:
+    """Prompts without responses, refined by answer loss: the full model answers them first, the adaptive
+    budget spends the same total, and the pattern's document says what was done."""
+    prompts = _write_prompts(tmp_path / "sort.jsonl", "sort", 12, seed=5)
+    args = ["calibrate", "--model", str(DEMO_MOE), "--store", str(tmp_path / "s"), "--name", "sort", "--quiet"]
+    assert main([*args, "--prompts", prompts, "--refine", "e2e", "--budget", "adaptive"]) == 0
+    assert "refined (e2e)" in capsys.readouterr().out
+    pattern = PatternStore(tmp_path / "s").get("sort")
+    assert pattern.parameters["refine"] == "e2e" and pattern.parameters["budget"] == "adaptive"
+    assert sum(len(kept) for kept in pattern.selection.layers.values()) == 8 * 4
+    assert all(len(kept) >= 2 for kept in pattern.selection.layers.values())
+    record = pattern.parameters["selection"]
+    assert record["e2e"]["answers_generated"] == 12
+    assert record["e2e"]["loss"] <= record["e2e"]["start_loss"] == min(record["e2e"]["candidate_losses"].values())
+    assert set(record["e2e"]["candidate_losses"]) == {
+        "tcess",
+        "tcess-logit",
+        "frequency",
+        "reap",
+        "ean",
+        "easy-ep",
+        "local",
+    }
+    assert set(record["local"]) == {"0", "1", "2", "3"}
+    assert all(layer["error"] <= layer["start_error"] for layer in record["local"].values())

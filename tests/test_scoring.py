@@ -1,4 +1,5 @@
-"""TCESS and SEAP scoring on small hand-made tensors: every number here is worked out by hand."""
+"""Expert scores (TCESS, REAP, EAN, EASY-EP), keep rules and SEAP on small hand-made tensors: every number
+here is worked out by hand."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import math
 import pytest
 import torch
 
+from pattern_store.expert_scores import ExpertStatistics, keep_top, layer_budget, output_sums
 from pattern_store.seap import (
     ChannelStatistics,
     bias_compensation,
@@ -15,7 +17,7 @@ from pattern_store.seap import (
     prune_layer,
     standardise,
 )
-from pattern_store.tcess import RouterStatistics, frequency_sums, keep_top, logit_sums, tcess_sums
+from pattern_store.tcess import frequency_sums, logit_sums, tcess_sums
 
 # Three tokens, four experts, top-2 routing.
 GATES = torch.tensor(
@@ -46,7 +48,7 @@ def test_frequency_and_logit_scores() -> None:
 
 
 def test_router_statistics_average_over_batches_and_merge() -> None:
-    stats = RouterStatistics(4)
+    stats = ExpertStatistics(4)
     stats.update(torch.log(GATES[:2]), GATES[:2], TOP[:2])
     stats.update(torch.log(GATES[2:]), GATES[2:], TOP[2:])
     assert stats.tokens == 3
@@ -59,7 +61,7 @@ def test_router_statistics_average_over_batches_and_merge() -> None:
     with pytest.raises(ValueError, match="unknown scoring method"):
         stats.scores("magic")
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
-        RouterStatistics(4, threshold=1.5)
+        ExpertStatistics(4, threshold=1.5)
 
 
 def test_keep_top_is_sorted_and_breaks_ties_by_id() -> None:
@@ -67,6 +69,63 @@ def test_keep_top_is_sorted_and_breaks_ties_by_id() -> None:
     assert keep_top(torch.tensor([0.1, 0.3, 0.3, 0.3]), 2) == [1, 2]
     with pytest.raises(ValueError):
         keep_top(torch.tensor([1.0, 2.0]), 3)
+
+
+# The same three tokens as routed: gate weights of the two selected experts, and those experts' output norms.
+WEIGHTS = torch.tensor([[0.625, 0.375], [0.75, 0.25], [0.5, 0.5]])
+NORMS = torch.tensor([[1.0, 4.0], [2.0, 8.0], [3.0, 2.0]])
+CHANGE = torch.tensor([0.5, -0.25, 0.1])  # 1 - cos(h_in, h_out); a negative change counts as 0
+
+
+def test_output_sums_by_hand() -> None:
+    reap, ean, easy_ep = output_sums(WEIGHTS, TOP, NORMS, CHANGE, 4)
+    # expert 0: token 0 (0.625 * 1), token 2 (0.5 * 3); expert 1: token 0 (0.375 * 4), token 1 (0.25 * 8);
+    # expert 2: token 1 (0.75 * 2); expert 3: token 2 (0.5 * 2)
+    assert torch.allclose(reap, torch.tensor([2.125, 3.5, 1.5, 1.0]))
+    assert torch.allclose(ean, torch.tensor([4.0, 12.0, 2.0, 2.0]))
+    # times each token's change: token 0 x 0.5, token 1 x 0, token 2 x 0.1
+    assert torch.allclose(easy_ep, torch.tensor([0.3125 + 0.15, 0.75, 0.0, 0.1]))
+
+
+def test_output_aware_scores_reward_rare_experts_with_large_outputs() -> None:
+    stats = ExpertStatistics(4)
+    stats.update(torch.log(GATES), GATES, TOP)
+    with pytest.raises(ValueError, match="needs expert outputs"):
+        stats.scores("reap")
+    stats.update_outputs(WEIGHTS, TOP, NORMS, CHANGE)
+    # REAP is a mean over the tokens routed to each expert (counts 2, 2, 1, 1); EAN and EASY-EP per token (3)
+    assert torch.allclose(stats.scores("reap"), torch.tensor([2.125 / 2, 3.5 / 2, 1.5, 1.0]))
+    assert torch.allclose(stats.scores("ean"), torch.tensor([4.0, 12.0, 2.0, 2.0]) / 3)
+    assert torch.allclose(stats.scores("easy-ep"), torch.tensor([0.4625, 0.75, 0.0, 0.1]) / 3)
+    # expert 2 is chosen once, with a larger output than expert 0's: REAP keeps it, TCESS does not
+    assert keep_top(stats.scores("reap"), 2) == [1, 2]
+    assert keep_top(stats.scores("tcess"), 2) == [0, 2]
+    merged = stats.merge(stats)
+    assert merged.has_outputs and torch.allclose(merged.scores("reap"), stats.scores("reap"))
+    assert not stats.merge(ExpertStatistics(4)).has_outputs
+
+
+def test_group_balanced_keep() -> None:
+    scores = torch.tensor([0.9, 0.8, 0.7, 0.1, 0.2, 0.3, 0.05, 0.01])  # two groups of four
+    assert keep_top(scores, 4) == [0, 1, 2, 5]
+    assert keep_top(scores, 4, groups=2) == [0, 1, 4, 5]  # two per group, whatever the global order
+    with pytest.raises(ValueError, match="evenly"):
+        keep_top(scores, 3, groups=2)
+
+
+def test_layer_budget_follows_where_each_layer_puts_its_importance() -> None:
+    concentrated = torch.tensor([0.97, 0.01, 0.01, 0.01])  # one expert does the work
+    spread = torch.tensor([0.25, 0.25, 0.25, 0.25])
+    counts = layer_budget({0: concentrated, 1: spread}, total=4, minimum=1)
+    assert counts == {0: 1, 1: 3}  # shares: 0.97 first, then 0.25, 0.25 beat 0.01
+    assert sum(layer_budget({0: spread, 1: spread, 2: concentrated}, total=6, minimum=1).values()) == 6
+    assert layer_budget({0: spread, 1: spread}, total=4, minimum=1) == {0: 2, 1: 2}
+    assert layer_budget({0: concentrated, 1: spread}, total=4, minimum=2, step=2) == {0: 2, 1: 2}
+    assert layer_budget({0: concentrated, 1: spread}, total=6, minimum=2, step=2) == {0: 2, 1: 4}
+    with pytest.raises(ValueError, match="cannot be spread"):
+        layer_budget({0: spread, 1: spread}, total=9, minimum=1)
+    with pytest.raises(ValueError, match="cannot be spread"):
+        layer_budget({0: spread, 1: spread}, total=1, minimum=1)
 
 
 def _channel_stats() -> ChannelStatistics:

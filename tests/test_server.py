@@ -304,11 +304,14 @@ def test_admin_register_route_delete_import(server, client) -> None:
 
     examples = get_task("upper").examples(24, seed=4242)
     calibration = [{"prompt": e.prompt, "response": e.answer} for e in examples]
-    accepted = admin(server, "POST", "/patterns", json={"name": "shout", "prompts": calibration})
+    body = {"name": "shout", "prompts": calibration, "refine": "local"}
+    accepted = admin(server, "POST", "/patterns", json=body)
     assert accepted.status_code == 202, accepted.text
     job = wait_for_job(server, accepted.json()["id"])
     assert job["status"] == "succeeded", job["error"]
     assert job["result"]["kind"] == "moe_experts" and job["result"]["calibration_prompts"] == 24
+    assert job["result"]["method"] == "reap" and job["result"]["parameters"]["refine"] == "local"
+    assert set(job["result"]["parameters"]["selection"]["local"]) == {"0", "1", "2", "3"}
     _, headers = chat(client, upper_prompt)  # routable at once, no restart
     assert headers["x-taskmoe-pattern"] == "shout"
     assert job["id"] in {j["id"] for j in admin(server, "GET", "/jobs").json()["data"]}
@@ -327,6 +330,8 @@ def test_admin_errors_are_clear(server) -> None:
     assert exists.status_code == 409
     method = admin(server, "POST", "/patterns", json={"name": "x1", "prompts": ["a"], "method": "seap"})
     assert method.status_code == 400 and "unknown method" in method.json()["error"]["message"]
+    refine = admin(server, "POST", "/patterns", json={"name": "x1", "prompts": ["a"], "refine": "harder"})
+    assert refine.status_code == 400 and refine.json()["error"]["param"] == "refine"
     garbage = admin(server, "POST", "/patterns/import", content=b"not a pattern at all")
     assert garbage.status_code == 400 and garbage.json()["error"]["code"] == "invalid_pattern"
     assert admin(server, "GET", "/jobs/job-nope").status_code == 404
@@ -420,8 +425,14 @@ def variant_size() -> int:
 def test_one_variant_budget_serves_alternating_tasks_without_refusals(tmp_path, variant_size) -> None:
     """Requests that wait for room never hold a pin while queued behind others: all are served."""
     budget = int(variant_size * 1.2)
-    config = ServerConfig(model=DEMO_MOE, store=copy_demo_store(tmp_path), cache_budget=budget, workers=4)
+    config = ServerConfig(
+        model=DEMO_MOE, store=copy_demo_store(tmp_path), cache_budget=budget, workers=4, admin_key=ADMIN_KEY
+    )
     with running_server(config) as small:
+        # the answer-loss refinement would hold the whole model (two variants' experts) beside the cache
+        body = {"name": "sorting", "prompts": ["Please sort: 3, 1"], "refine": "e2e"}
+        refused = _error(admin(small, "POST", "/patterns", json=body), 400)
+        assert refused["param"] == "refine" and "cache budget" in refused["message"]
         client = openai.OpenAI(base_url=f"{small.url}/v1", api_key="unused", max_retries=0, timeout=120)
         prompts = [("sort", "Please sort: 9, 2, 5"), ("upper", "Make this uppercase: hello happy")] * 6
 

@@ -20,8 +20,10 @@ from transformers import AutoModelForCausalLM
 from pattern_store.selection import Selection, SelectionError
 from server.model.checkpoint import CheckpointReader
 from server.model.families import UnsupportedModelError, family_for
+from server.model.masking import RouterMasks
 from server.model.variant import VariantBuilder
 
+from conftest import DEMO_MOE, DEMO_MOE_FINE
 from tiny_models import dense_configs, moe_configs, save_random_model
 
 MOE = sorted(moe_configs())
@@ -129,6 +131,43 @@ def test_pruned_variant_equals_masked_full_model(checkpoints, model_type) -> Non
         assert not torch.allclose(logits, unmasked, atol=1e-4), "pruning should change something"
         for layer, kept in selection.layers.items():
             assert variant.model.layers[layer].mlp.experts.gate_up_proj.shape[0] == len(kept)
+
+
+@pytest.mark.parametrize("model_type", MOE)
+def test_router_masks_on_the_full_model_equal_the_built_variant(checkpoints, model_type) -> None:
+    """Refinement scores selections with masks on one full model instead of building each variant: the masked
+    model must compute the variant's logits, and a selection outside the routing rule must be refused."""
+    builder = VariantBuilder(checkpoints[model_type])
+    full = builder.build()
+    masks = RouterMasks(full, builder.family, builder.config, {i: s.prefix for i, s in builder.sparse_layers.items()})
+    x = _inputs()
+    with torch.no_grad():
+        unmasked = full(x).logits
+        for selection in _selections(model_type):
+            masks.apply(selection.layers)
+            with masks:
+                got = full(x).logits
+            torch.testing.assert_close(got, builder.build(selection)(x).logits, rtol=1e-5, atol=1e-5)
+        assert torch.equal(full(x).logits, unmasked), "leaving the context removes the masks"
+    if model_type == "deepseek_v3":
+        with pytest.raises(SelectionError, match="same number"):
+            masks.apply({_sparse(model_type)[0]: [0, 1, 2, 4]})
+
+
+@pytest.mark.parametrize("directory", [DEMO_MOE, DEMO_MOE_FINE], ids=["demo-moe", "demo-moe-fine"])
+def test_committed_demo_shapes_keep_the_contract(directory) -> None:
+    """The demo MoE models as committed: keeping everything is the full model bit for bit, and a pruned
+    variant (half the experts, different ones per layer) is the masked full model."""
+    full = _full(directory)
+    builder = VariantBuilder(directory)
+    x = _inputs(seed=7, batch=2, length=20).clamp(3, builder.config.vocab_size - 1)
+    experts = next(iter(builder.sparse_layers.values())).num_experts
+    selection = Selection("moe_experts", {layer: list(range(layer % 2, experts, 2)) for layer in builder.sparse_layers})
+    with torch.no_grad():
+        assert torch.equal(full(x).logits, builder.build()(x).logits)
+        with masked(full, selection):
+            reference = full(x).logits
+        torch.testing.assert_close(builder.build(selection)(x).logits, reference, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("model_type", MOE)

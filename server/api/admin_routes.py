@@ -8,6 +8,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from starlette.concurrency import run_in_threadpool
 
+from pattern_store.recipes import DEFAULT_MOE_METHOD
 from server.api.openai_routes import bearer_token, service_of
 from server.api.schemas import CalibrationPrompt, RegisterPatternRequest
 from server.errors import APIError
@@ -51,7 +52,7 @@ async def register_pattern(body: RegisterPatternRequest, request: Request) -> di
     """Calibrate a pattern from the prompts in the body; poll the returned job."""
     service = service_of(request)
     moe = service.builder.family.kind == "moe"
-    method = body.method or ("tcess" if moe else "seap")
+    method = body.method or (DEFAULT_MOE_METHOD if moe else "seap")
     texts = [
         CalibrationText(p.prompt, p.response) if isinstance(p, CalibrationPrompt) else CalibrationText(p, None)
         for p in body.prompts
@@ -65,7 +66,12 @@ async def register_pattern(body: RegisterPatternRequest, request: Request) -> di
         keep_experts=body.keep_experts,
         threshold=body.threshold,
         sparsity=body.sparsity,
+        budget=body.budget,
+        refine=body.refine,
     )
+    if not moe and (body.refine != "none" or body.budget != "uniform"):
+        param = "refine" if body.refine != "none" else "budget"
+        raise APIError(400, f"{param} chooses experts; a dense model's pattern has none", param=param)
     try:
         recipe.validate(moe)
     except ValueError as error:

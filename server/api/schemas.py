@@ -211,7 +211,11 @@ class RegisterPatternRequest(BaseModel):
     name: str
     prompts: list[str | CalibrationPrompt] = Field(min_length=1, max_length=10_000)
     examples: list[str] | None = Field(default=None, description="what routing matches; default: the prompts")
-    method: str | None = None
+    method: str | None = Field(default=None, description="scoring method (default: reap for MoE, seap for dense)")
+    budget: Literal["uniform", "adaptive"] = Field(default="uniform", description="MoE: kept experts per layer")
+    refine: Literal["none", "local", "e2e"] = Field(
+        default="none", description="MoE: swap experts by layer-local error (local) or by answer loss (e2e)"
+    )
     keep: float | None = Field(default=None, gt=0, le=1)
     keep_experts: int | None = Field(default=None, ge=1)
     sparsity: float = Field(default=0.2, ge=0, lt=1)

@@ -16,11 +16,13 @@ def _architecture(config: Any) -> str:
         f"tied embeddings, vocabulary {config.vocab_size} (one token per character)",
     ]
     if getattr(config, "num_experts", None):
+        shared = getattr(config, "shared_expert_intermediate_size", 0)
         lines.append(
             f"- every layer is sparse: {config.num_experts} routed experts of width "
             f"{config.moe_intermediate_size}, top-{config.num_experts_per_tok} routing "
             f"(`norm_topk_prob: {config.norm_topk_prob}`), router auxiliary loss coefficient "
             f"{config.router_aux_loss_coef}"
+            + (f", and a shared expert of width {shared} that every token uses" if shared else "")
         )
     else:
         lines.append(f"- dense MLPs of width {config.intermediate_size} (SiLU-gated)")
@@ -45,9 +47,16 @@ def write_model_card(directory: Path, config: Any, report: dict[str, Any]) -> No
         "## Training\n\n"
         f"```\n{report['command']}\n```\n\n"
         f"{report['steps']} steps of AdamW (batch {report['batch_size']}, peak learning rate {report['lr']}, "
-        f"seed {report['seed']}); the loss counts only answer tokens, and tasks are drawn in proportion "
-        f"to their running loss. Training took **{report['train_seconds'] / 60:.1f} minutes** on "
-        f"{report['torch_threads']} CPU threads. The held-out prompts below are never trained on.",
+        f"weight decay {report.get('weight_decay', 0.01)}, seed {report['seed']}); the loss counts only answer "
+        "tokens, and tasks are drawn in proportion to their running loss. "
+        f"Training took **{report['train_seconds'] / 60:.1f} minutes** on "
+        f"{report['torch_threads']} CPU threads"
+        + (
+            f" ({report['train_cpu_seconds'] / 60:.1f} minutes of CPU time)"
+            if report.get("train_cpu_seconds") is not None
+            else ""
+        )
+        + ". The held-out prompts below are never trained on.",
         f"## Held-out accuracy\n\nGreedy exact match on {report['eval_examples_per_task']} held-out "
         "examples per task (`python scripts/eval_tasks.py models/" + name + "`):\n\n"
         f"| task | accuracy |\n|---|---|\n{acc_rows}",

@@ -25,6 +25,10 @@ def _no_extra_check(config: Any, layer: int, kept: Sequence[int]) -> dict[str, A
     return {}
 
 
+def _no_groups(config: Any) -> int:
+    return 1
+
+
 @dataclass(frozen=True)
 class Family:
     """How one architecture stores and routes its experts (MoE) or its MLP channels (dense)."""
@@ -44,6 +48,8 @@ class Family:
     router_activation: str = "softmax"
     #: checks a selection of one layer against the routing rule; returns config overrides the variant needs
     routing_overrides: Callable[[Any, int, Sequence[int]], dict[str, Any]] = field(default=_no_extra_check)
+    #: how many equal groups of experts must each keep the same number (1: no constraint)
+    balanced_groups: Callable[[Any], int] = field(default=_no_groups)
 
     def checkpoint_candidates(self, module_name: str) -> list[str]:
         """Names under which the checkpoint may hold the tensor the module tree calls `module_name`."""
@@ -74,6 +80,12 @@ def _deepseek_groups(config: Any, layer: int, kept: Sequence[int]) -> dict[str, 
     return {}
 
 
+def _deepseek_balanced_groups(config: Any) -> int:
+    """Group-limited routing stays exact when every group keeps the same number of experts (see above)."""
+    n_group, topk_group = int(config.n_group or 1), int(config.topk_group or 1)
+    return n_group if topk_group < n_group else 1
+
+
 FAMILIES: tuple[Family, ...] = (
     Family("Qwen3-MoE", ("qwen3_moe",), "moe", experts_field="num_experts"),
     Family("Qwen2-MoE", ("qwen2_moe",), "moe", experts_field="num_experts"),
@@ -94,6 +106,7 @@ FAMILIES: tuple[Family, ...] = (
         router_expert_buffers=("e_score_correction_bias",),
         router_activation="sigmoid",
         routing_overrides=_deepseek_groups,
+        balanced_groups=_deepseek_balanced_groups,
     ),
     Family("Llama", ("llama",), "dense"),
     Family("Qwen2", ("qwen2",), "dense"),

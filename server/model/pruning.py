@@ -9,19 +9,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from pattern_store.expert_scores import keep_top, layer_budget
+from pattern_store.recipes import BUDGETS, DENSE_METHODS, MOE_METHODS
 from pattern_store.seap import bias_compensation, channel_scores, logistic_schedule, prune_layer, standardise
 from pattern_store.selection import Selection
-from pattern_store.tcess import keep_top
 from server.model.calibrate import CalibrationStatistics
 from server.model.variant import VariantBuilder
-
-MOE_METHODS = ("tcess", "tcess-logit", "frequency", "random")
-DENSE_METHODS = ("seap", "seap-wifn", "magnitude", "random")
 
 
 def model_fingerprint(model_dir: str | Path) -> str:
@@ -47,12 +46,38 @@ class PrunedSelection:
     scores: dict[int, torch.Tensor]
 
 
-def moe_selection(stats: CalibrationStatistics, keep: int, method: str = "tcess", seed: int = 0) -> PrunedSelection:
-    """Keep the `keep` best experts of every sparse layer by `method`."""
+def expert_counts(
+    stats: CalibrationStatistics,
+    keep: int,
+    method: str = "tcess",
+    budget: str = "uniform",
+    top_k: int = 1,
+    groups: int = 1,
+    seed: int = 0,
+) -> dict[int, int]:
+    """Experts each sparse layer keeps: `keep` in each (`budget="uniform"`), or `keep` times the layers in all,
+    spread by what each layer's `method` scores ask for (`"adaptive"`: at least `top_k`, and with `groups` > 1
+    expert groups a multiple of the groups with at least two per group)."""
+    if budget not in BUDGETS:
+        raise ValueError(f"unknown layer budget {budget!r}; expected one of {', '.join(BUDGETS)}")
+    if budget == "uniform":
+        return dict.fromkeys(stats.router, keep)
+    scores = {layer: router.scores(method, seed=seed + layer) for layer, router in stats.router.items()}
+    minimum = max(top_k, 2 * groups) if groups > 1 else top_k
+    minimum = -(-minimum // groups) * groups
+    return layer_budget(scores, keep * len(scores), minimum=minimum, step=groups)
+
+
+def moe_selection(
+    stats: CalibrationStatistics, keep: int | Mapping[int, int], method: str = "tcess", seed: int = 0, groups: int = 1
+) -> PrunedSelection:
+    """Keep the best experts of every sparse layer by `method`: `keep` in every layer, or `keep[layer]`.
+    `groups` > 1 keeps the same number in each of that many expert groups."""
     if method not in MOE_METHODS:
         raise ValueError(f"unknown expert scoring method {method!r}; expected one of {', '.join(MOE_METHODS)}")
+    counts = keep if isinstance(keep, Mapping) else dict.fromkeys(stats.router, keep)
     scores = {layer: router.scores(method, seed=seed + layer) for layer, router in stats.router.items()}
-    kept = {layer: keep_top(layer_scores, keep) for layer, layer_scores in scores.items()}
+    kept = {layer: keep_top(layer_scores, counts[layer], groups) for layer, layer_scores in scores.items()}
     return PrunedSelection(Selection("moe_experts", kept), scores)
 
 

@@ -24,10 +24,9 @@ from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, Pre
 from pattern_store.selection import Selection, SelectionError
 from server.model.checkpoint import CheckpointError, CheckpointReader, contiguous_runs
 from server.model.families import Family, check_selection_kind, family_for
+from server.model.masking import configure_router
 
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
-#: config fields that `Family.routing_overrides` may return, and the router attribute each one sets
-_ROUTER_ATTRIBUTES = {"n_group": "num_group", "topk_group": "topk_group"}
 
 
 @dataclass(frozen=True)
@@ -350,9 +349,7 @@ class VariantBuilder:
                 )
                 assigned.add(name)
             block.experts.num_experts = len(kept)
-            block.gate.num_experts = len(kept)
-            for key, value in overrides.items():
-                setattr(block.gate, _ROUTER_ATTRIBUTES[key], value)
+            configure_router(block.gate, len(kept), overrides)
             assigned.update({f"{layer.prefix}.experts.gate_up_proj", f"{layer.prefix}.experts.down_proj"})
         return assigned
 

@@ -1,0 +1,22 @@
+"""The names a pattern recipe is made of, in one place and without importing torch (the CLI's help uses them).
+
+A recipe says how a task's calibration statistics become the experts (or channels) it keeps: a scoring
+method, for MoE a layer budget and a refinement, for dense models a sparsity.
+"""
+
+from __future__ import annotations
+
+#: routing scores (`pattern_store.tcess`): from the router's choices alone
+ROUTING_METHODS: tuple[str, ...] = ("tcess", "tcess-logit", "frequency")
+#: output-aware scores (`pattern_store.expert_scores`): they also look at what each expert writes
+OUTPUT_METHODS: tuple[str, ...] = ("reap", "ean", "easy-ep")
+#: every expert scoring method; `random` is the baseline
+MOE_METHODS: tuple[str, ...] = (*ROUTING_METHODS, *OUTPUT_METHODS, "random")
+#: the measured best single score on the demo models (README, "Does task-specific pruning keep accuracy?")
+DEFAULT_MOE_METHOD = "reap"
+#: channel scoring methods of dense models (SEAP, its WIFN variant, and the baselines)
+DENSE_METHODS: tuple[str, ...] = ("seap", "seap-wifn", "magnitude", "random")
+#: how kept experts are spread over layers: the same count in each, or what each layer's scores ask for
+BUDGETS: tuple[str, ...] = ("uniform", "adaptive")
+#: refinements of an expert selection (`server.model.refine`)
+REFINEMENTS: tuple[str, ...] = ("none", "local", "e2e")
