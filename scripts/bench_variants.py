@@ -80,6 +80,8 @@ SHAPE: dict[str, Any] = dict(
 TARGET_BUILD_OVER_FULL = 0.6
 TARGET_BUILD_OVER_FLOOR = 2.0
 TARGET_RESIDENT_OVER_EXPECTED = 1.1
+TARGET_POOL_OVER_FLOOR = 1.5
+TARGET_POOL_RESIDENT = 1.02
 
 _EXPERT = re.compile(r"\.layers\.(\d+)\.mlp\.experts\.(\d+)\.")
 _ROUTER = re.compile(r"\.layers\.(\d+)\.mlp\.gate\.weight$")
@@ -424,6 +426,133 @@ def _measure_floor(buffer: Any, ranges: list[tuple[Path, int, int]]) -> dict[str
     }
 
 
+def pool_patterns(num_layers: int, seed: int) -> dict[str, dict[int, list[int]]]:
+    """Three patterns of half the experts that overlap the way tasks do: per layer a random order of the
+    experts, and windows of it shifted by an eighth. Every layer's union is the same size (75%), so a pool
+    sized to the union wastes no slot, and the sum of the three (150%) is what separate variants hold."""
+    count, shift = SHAPE["num_experts"] // 2, SHAPE["num_experts"] // 8
+    orders = {
+        layer: random.Random(f"{seed}:pool:{layer}").sample(range(SHAPE["num_experts"]), SHAPE["num_experts"])
+        for layer in range(num_layers)
+    }
+    return {
+        name: {layer: sorted(order[i * shift : i * shift + count]) for layer, order in orders.items()}
+        for i, name in enumerate("ABC")
+    }
+
+
+def expert_ranges(directory: Path, experts: Mapping[int, Iterable[int]]) -> list[tuple[Path, int, int]]:
+    """(file, offset, length) of the given experts' tensors, in file order."""
+    wanted = {(layer, expert) for layer, kept in experts.items() for expert in kept}
+    ranges = []
+    for name, (file, offset, length, _) in read_headers(directory).items():
+        match = _EXPERT.search(name)
+        if match and (int(match.group(1)), int(match.group(2))) in wanted:
+            ranges.append((file, offset, length))
+    return sorted(ranges)
+
+
+def _copy_ranges(buffer: Any, ranges: list[tuple[Path, int, int]], maps: dict[Path, mmap.mmap]) -> float:
+    """Seconds to copy `ranges` from the mapped shards into the front of `buffer` (preallocated, touched)."""
+    import numpy as np
+
+    started = time.perf_counter()
+    position = 0
+    for file, offset, length in ranges:
+        if file not in maps:
+            with open(file, "rb") as handle:
+                maps[file] = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+        buffer[position : position + length] = np.frombuffer(maps[file], dtype=np.uint8, count=length, offset=offset)
+        position += length
+    return time.perf_counter() - started
+
+
+def _measure_pool(directory: Path, seed: int) -> dict[str, Any]:
+    """The expert pool: slots for the union of three patterns, leased A, B, C, then A again. Each load is
+    set against the real copy floor of the very bytes it read (copied into preallocated, touched memory in
+    this process just before), and what stays resident against backbone + the union of the experts."""
+    import numpy as np
+
+    from server.cache import VariantKey
+    from server.expert_pool import ExpertPool
+    from server.model.pooled import PooledModel, RowRoute
+    from server.model.variant import VariantBuilder
+
+    config = json.loads((directory / "config.json").read_text())
+    patterns = pool_patterns(config["num_hidden_layers"], seed)
+    union = {layer: set().union(*(p[layer] for p in patterns.values())) for layer in patterns["A"]}
+    slots = max(len(kept) for kept in union.values())
+    rss_start = rss("RssAnon")
+    started = time.perf_counter()
+    builder = VariantBuilder(directory, "cpu", "bfloat16")
+    pooled = PooledModel(builder, slots)  # backbone read, slots allocated and touched
+    pool = ExpertPool(pooled)
+    alloc_seconds = time.perf_counter() - started
+    expert_bytes = builder.expert_bytes(0)
+    backbone = builder.backbone_bytes
+    scratch = np.empty(slots * expert_bytes * len(union), dtype=np.uint8)
+    scratch.fill(0)  # the floor's target: preallocated and touched, like the pool's slots
+    rss_ready = rss("RssAnon") - scratch.nbytes
+    maps: dict[Path, mmap.mmap] = {}
+    resident: dict[int, set[int]] = {layer: set() for layer in union}
+    steps = []
+    x = None
+    for name in ["A", "B", "C", "A"]:
+        kept = patterns[name]
+        lacking = {layer: sorted(set(kept[layer]) - resident[layer]) for layer in kept}
+        ranges = expert_ranges(directory, lacking)
+        floor = _copy_ranges(scratch, ranges, maps) if ranges else 0.0
+        before = builder.reader.bytes_read
+        loaded = time.perf_counter()
+        lease = pool.acquire(VariantKey(name), RowRoute(name, {k: tuple(v) for k, v in kept.items()}))
+        seconds = time.perf_counter() - loaded
+        import torch
+
+        x = torch.tensor([[5, 6, 7]])
+        with torch.inference_mode():
+            lease.model(input_ids=x)  # it runs
+        pool.release(lease)
+        for layer in kept:
+            resident[layer] |= set(kept[layer])
+        steps.append(
+            {
+                "pattern": name,
+                "load_s": seconds,
+                "bytes_read": builder.reader.bytes_read - before,
+                "expected_bytes": sum(length for _, _, length in ranges),
+                "floor_s": floor,
+                "experts_loaded": lease.loaded,
+            }
+        )
+    for mapped in maps.values():
+        mapped.close()
+    union_bytes = sum(len(kept) for kept in union.values()) * expert_bytes
+    sum_bytes = sum(len(kept) for p in patterns.values() for kept in p.values()) * expert_bytes
+    return {
+        "time_s": steps[0]["load_s"],
+        "alloc_s": alloc_seconds,
+        "slots_per_layer": slots,
+        "bytes_read": builder.reader.bytes_read,
+        "storage_bytes": pooled.slot_bytes + backbone,
+        "storage_mapped_bytes": 0,
+        "expected_bytes": backbone + union_bytes,
+        "backbone_bytes": backbone,
+        "union_expert_bytes": union_bytes,
+        "sum_of_variants_expert_bytes": sum_bytes,
+        "rss_anon_pool_bytes": rss_ready - rss_start,
+        "rss_anon_end_bytes": rss("RssAnon") - scratch.nbytes - rss_start,
+        "steps": steps,
+        "cold_first_s": steps[0]["load_s"],
+        "cold_first_bytes_read": steps[0]["bytes_read"],
+        "cold_first_floor_s": steps[0]["floor_s"],
+        "switch_s": steps[1]["load_s"],
+        "switch_floor_s": steps[1]["floor_s"],
+        "switch_bytes_read": steps[1]["bytes_read"],
+        "switch_expected_bytes": steps[1]["expected_bytes"],
+        "back_to_a_bytes_read": steps[3]["bytes_read"],
+    }
+
+
 def worker(spec: dict[str, Any]) -> dict[str, Any]:
     """One measurement in this (fresh) process; imports and setup happen before the clock starts."""
     import numpy as np
@@ -444,7 +573,10 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
             config["num_hidden_layers"], SHAPE["num_experts"], SHAPE["num_experts_per_tok"], spec["keep"], spec["seed"]
         )
         ranges = variant_ranges(directory, kept, SHAPE["num_experts"])
-        buffer = np.empty(sum(length for _, _, length in ranges), dtype=np.uint8)  # allocated, not yet touched
+        allocated = time.perf_counter()
+        buffer = np.empty(sum(length for _, _, length in ranges), dtype=np.uint8)
+        buffer.fill(0)  # touched: the floor is the copy alone, the page faults are timed apart
+        alloc_seconds = time.perf_counter() - allocated
     gc.collect()
     rss_before = {field: rss(field) for field in ("RssAnon", "RssFile")}
     cache = evict(files) if spec["cold"] else {"cached_at_start_bytes": cached_bytes(files)}
@@ -452,9 +584,12 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         result = _measure_full(directory)
     elif spec["kind"] == "variant":
         result = _measure_variant(directory, spec["keep"], spec["seed"])
+    elif spec["kind"] == "pool":
+        result = _measure_pool(directory, spec["seed"])
     else:
         result = _measure_floor(buffer, ranges)
-    result["rss_anon_added_bytes"] = rss("RssAnon") - rss_before["RssAnon"]
+        result["alloc_s"] = alloc_seconds
+    result["rss_anon_added_bytes"] = result.get("rss_anon_end_bytes", rss("RssAnon") - rss_before["RssAnon"])
     result["rss_file_added_bytes"] = rss("RssFile") - rss_before["RssFile"]
     result["resident_added_bytes"] = result["rss_anon_added_bytes"] + result["storage_mapped_bytes"]
     result.pop("_model", None)
@@ -550,7 +685,12 @@ def _secs(value: float | None) -> str:
 def _label(name: str) -> str:
     kind, _, keep = name.partition("-")
     percent = f"{float(keep) * 100:.0f}%" if keep else ""
-    return {"full": "full `from_pretrained`", "variant": f"variant {percent}", "floor": f"copy floor {percent}"}[kind]
+    return {
+        "full": "full `from_pretrained`",
+        "variant": f"variant {percent}",
+        "floor": f"copy floor {percent}",
+        "pool": "expert pool: first pattern (50%)",
+    }[kind]
 
 
 def summarise(results: dict[str, dict[str, Any]], cold: bool) -> tuple[list[dict[str, Any]], str]:
@@ -604,6 +744,49 @@ def summarise(results: dict[str, dict[str, Any]], cold: bool) -> tuple[list[dict
         ),
         target("50% tensor storage / expected", ratio(median("variant-0.5", "warm", "storage_bytes"), expected), None),
     ]
+    if "pool" in results:
+        pool = results["pool"]["warm"]["median"]
+        targets += [
+            target(
+                "pool: first pattern into an empty pool / its copy floor",
+                ratio(pool["cold_first_s"], pool["cold_first_floor_s"]),
+                TARGET_POOL_OVER_FLOOR,
+            ),
+            target(
+                "pool: switch A -> B / copy floor of what A lacks",
+                ratio(pool["switch_s"], pool["switch_floor_s"]),
+                TARGET_POOL_OVER_FLOOR,
+            ),
+            target(
+                "pool: switch bytes read / bytes of B's experts A lacks",
+                ratio(pool["switch_bytes_read"], pool["switch_expected_bytes"]),
+                1.0,
+            ),
+            target(
+                "pool: back to A, bytes read / A's bytes",
+                ratio(pool["back_to_a_bytes_read"], pool["cold_first_bytes_read"]),
+                0.0,
+            ),
+            target(
+                "pool: RssAnon of 3 patterns / (backbone + union of their experts)",
+                ratio(pool["rss_anon_end_bytes"], pool["expected_bytes"]),
+                TARGET_POOL_RESIDENT,
+            ),
+            target(
+                "variants: (backbone + sum of 3 variants' experts) / (backbone + union)",
+                ratio(pool["backbone_bytes"] + pool["sum_of_variants_expert_bytes"], pool["expected_bytes"]),
+                None,
+            ),
+        ]
+        rows += [
+            "",
+            "| expert pool (warm, medians) | seconds | copy floor s | bytes read | alloc s (slots + backbone) |",
+            "|---|---|---|---|---|",
+            f"| first pattern, empty pool | {_secs(pool['cold_first_s'])} | {_secs(pool['cold_first_floor_s'])} | "
+            f"{_mib(pool['cold_first_bytes_read'])} | {_secs(pool['alloc_s'])} |",
+            f"| switch A -> B | {_secs(pool['switch_s'])} | {_secs(pool['switch_floor_s'])} | "
+            f"{_mib(pool['switch_bytes_read'])} | |",
+        ]
     for target in targets:
         value, limit = target["value"], target["limit"]
         target["result"] = (
@@ -661,6 +844,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         specs[f"variant-{keep:g}"] = {**base, "kind": "variant", "keep": keep}
     for keep in KEEPS:
         specs[f"floor-{keep:g}"] = {**base, "kind": "floor", "keep": keep}
+    specs["pool"] = {**base, "kind": "pool"}
     results: dict[str, dict[str, Any]] = {name: {} for name in specs}
 
     def measure(name: str, cold: bool) -> dict[str, Any]:
@@ -691,10 +875,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         _log(f"{mode} runs ({args.repeats} rounds, measurements interleaved)")
         for _ in range(args.repeats):
             for name in specs:
+                if name == "pool" and mode == "cold":
+                    continue  # the pool's loads are set against a floor taken in the same process: warm only
                 results[name].setdefault(mode, {"samples": []})["samples"].append(measure(name, cold=mode == "cold"))
     for block in results.values():
         for mode in modes:
-            block[mode]["median"] = _median(block[mode]["samples"])
+            if mode in block:
+                block[mode]["median"] = _median(block[mode]["samples"])
 
     targets, table = summarise(results, cold=not args.no_cold)
     machine["loadavg_end"] = os.getloadavg()

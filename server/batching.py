@@ -1,8 +1,10 @@
-"""Decoding the concurrent requests of one variant together: one forward pass per step for all of them.
+"""Decoding concurrent requests together: one forward pass per step for all of them.
 
-A decode step of a small batch costs little more than a step of one sequence (demo MoE on this CPU:
-1.75 ms for one, 2.62 ms for eight), so serving concurrent requests one forward pass each wastes most of
-the machine. Each variant gets a `BatchedDecoder`: a thread that admits new requests between steps
+A decode step of a small batch costs little more than a step of one sequence (`scripts/bench_server.py`
+measures it), so serving concurrent requests one forward pass each wastes most of
+the machine. A MoE model served from the expert pool has one `BatchedDecoder` for all its patterns (each
+request brings its pattern's `RowRoute`, and every row routes as its own pattern's variant); otherwise each
+variant gets its own. A decoder is a thread that admits new requests between steps
 (prefilling those that arrived together in one left-padded pass, then joining their key/value caches to
 the batch's, left-padded), runs one forward
 pass for every active sequence, and lets each request sample from its own seeded generator, apply its
@@ -26,6 +28,7 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 
 from server.engine import Delta, Generation
+from server.model.pooled import PooledModel, RowRoute
 
 log = logging.getLogger("taskmoe.batching")
 
@@ -37,6 +40,7 @@ IDLE_SECONDS = 2.0
 class _Request:
     generation: Generation
     emit: Callable[[Delta], None] | None
+    route: RowRoute | None = None  # how its rows route, in a pooled model
     generator: torch.Generator | None = None
     step: int = 0
     done: threading.Event = field(default_factory=threading.Event)
@@ -65,8 +69,12 @@ def _left_pad_mask(mask: torch.Tensor, length: int) -> torch.Tensor:
 
 
 class BatchedDecoder:
-    def __init__(self, model: PreTrainedModel, max_batch: int = 32) -> None:
+    """The decoding loop of one model. For a pooled model (`pooled`), every request brings its pattern's
+    `RowRoute` and requests of different patterns share the batch: one loop per model, not per variant."""
+
+    def __init__(self, model: PreTrainedModel, max_batch: int = 32, pooled: PooledModel | None = None) -> None:
         self.model = model
+        self.pooled = pooled
         self.max_batch = max_batch
         self.device = next(model.parameters()).device
         self._pending: list[_Request] = []
@@ -79,10 +87,14 @@ class BatchedDecoder:
         self._positions: torch.Tensor | None = None  # [rows]: the position of each row's next token
         self._tokens: torch.Tensor | None = None  # [rows]: each row's latest token, input of the next step
 
-    def run(self, generation: Generation, emit: Callable[[Delta], None] | None = None) -> Generation:
+    def run(
+        self, generation: Generation, emit: Callable[[Delta], None] | None = None, route: RowRoute | None = None
+    ) -> Generation:
         """Decode `generation` in the batch, calling `emit` (on the decoder's thread) with each delta; returns
-        when it is finished or cancelled."""
-        request = _Request(generation, emit)
+        when it is finished or cancelled. A pooled model's requests name their `route`."""
+        if (route is None) != (self.pooled is None):
+            raise ValueError("a pooled model's requests need a route, and only those")
+        request = _Request(generation, emit, route)
         with self._work:
             self._pending.append(request)
             self._work.notify()
@@ -125,6 +137,13 @@ class BatchedDecoder:
                         self._finish(request, error)
                     self._requests, self._cache = [], None
 
+    def _forward(self, routes: list[RowRoute | None], **inputs: object) -> torch.Tensor:
+        """The model's last-position logits [rows, vocab]; in a pooled model row i routes as `routes[i]`."""
+        if self.pooled is None:
+            return self.model(**inputs).logits[:, -1, :]
+        with self.pooled.rows(routes):  # type: ignore[arg-type]
+            return self.model(**inputs).logits[:, -1, :]
+
     def _finish(self, request: _Request, error: BaseException | None = None) -> None:
         if not request.done.is_set():
             request.error = error
@@ -158,14 +177,15 @@ class BatchedDecoder:
             mask[row, width - len(ids) :] = 1
         padded = not bool(mask.all())
         cache = DynamicCache(config=self.model.config)
-        logits = self.model(
+        logits = self._forward(
+            [request.route for request in live],
             input_ids=input_ids,
             attention_mask=mask if padded else None,
             position_ids=(mask.cumsum(-1) - 1).clamp(min=0) if padded else None,
             past_key_values=cache,
             use_cache=True,
             logits_to_keep=1,
-        ).logits[:, -1, :]
+        )
         rows, first_tokens, joining = [], [], []
         for row, request in enumerate(live):
             generation = request.generation
@@ -214,13 +234,14 @@ class BatchedDecoder:
         rows = self._tokens.shape[0]
         self._mask = torch.cat([self._mask, self._mask.new_ones((rows, 1))], dim=1)
         padded = not bool(self._mask.all())  # without padding the model's own causal fast path serves
-        logits = self.model(
+        logits = self._forward(
+            [r.route for r in self._requests for _ in range(r.generation.params.n)],
             input_ids=self._tokens.unsqueeze(-1),
             attention_mask=self._mask if padded else None,
             position_ids=self._positions.unsqueeze(-1) if padded else None,
             past_key_values=self._cache,
             use_cache=True,
-        ).logits[:, -1, :]
+        )
         self._positions = self._positions + 1
         keep, start, next_tokens = [], 0, []
         for request in self._requests:

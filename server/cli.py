@@ -308,6 +308,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             workers=int(args.workers) if args.workers else None,
             torch_threads=int(args.torch_threads) if args.torch_threads else None,
             max_batch=int(args.max_batch),
+            expert_pool=args.expert_pool == "true",
             embedder=args.embedder or None,
             upstreams=tuple(args.upstream or [spec for spec in (env_default("upstream") or "").split(",") if spec]),
         ).validate()
@@ -359,7 +360,19 @@ def _add_serve_parser(commands: argparse._SubParsersAction) -> None:
     flag("port", "8000", "port (default 8000)")
     flag("device", "auto", "auto (cuda when available), cpu, cuda, cuda:1, ...")
     flag("dtype", "auto", "auto (the checkpoint's), bfloat16, float16 or float32")
-    flag("cache-budget", "4GiB", "bytes the cached variants may hold beyond the shared backbone (default 4GiB)")
+    flag(
+        "cache-budget",
+        "4GiB",
+        "bytes for routed experts (MoE: the expert pool's slots, allocated at start) or cached dense variants, "
+        "beyond the shared backbone (default 4GiB)",
+    )
+    flag(
+        "expert-pool",
+        "true",
+        "MoE: true (default) serves every pattern from one pool of expert slots, mixing patterns in one batch; "
+        "false builds a separate model per variant",
+        choices=["true", "false"],
+    )
     flag("cache-wait", "30", "seconds a request waits for busy variants to free room before a 503 (default 30)")
     flag("route-threshold", "0.3", "similarity below which a query matches no task and gets the fallback")
     flag("route-rule", "classifier", "classifier (default), centroid or knn", choices=["classifier", "centroid", "knn"])
@@ -368,7 +381,11 @@ def _add_serve_parser(commands: argparse._SubParsersAction) -> None:
     flag("admin-key", None, "enable the /admin API, with this key")
     flag("served-model-name", None, "the model id clients use (default: the model directory's name)")
     flag("workers", None, "concurrent generations (default: one per CPU core on the CPU, 8 on a GPU)")
-    flag("max-batch", "32", "sequences of one variant decoded together (default 32; 1: one request at a time)")
+    flag(
+        "max-batch",
+        "32",
+        "sequences decoded together (default 32; 1: one at a time); with the expert pool, of any patterns",
+    )
     flag("torch-threads", None, "intra-op threads per worker (default: 1 on the CPU, torch's default on GPU)")
     flag("embedder", None, "sentence-transformers model directory (default all-MiniLM-L6-v2)")
     serve.add_argument(

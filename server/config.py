@@ -49,7 +49,8 @@ class ServerConfig:
     admin_key: str | None = None
     model_name: str | None = None  # the id clients use; default: the model directory's name
     workers: int | None = None  # threads that build variants and generate; None: see `worker_count`
-    max_batch: int = 32  # sequences decoded together per variant; 1: one request at a time
+    max_batch: int = 32  # sequences decoded together per model; 1: one request at a time
+    expert_pool: bool = True  # MoE: one pool of expert slots, variants as masks; False: a model per variant
     torch_threads: int | None = None  # intra-op threads; None: 1 on the CPU (see Service), torch's default on GPU
     embedder: str | None = None  # a local sentence-transformers model; default: all-MiniLM-L6-v2
     max_n: int = 16

@@ -7,7 +7,8 @@ import threading
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from server.cache import CacheListener, Variant
+from server.cache import CacheListener, Variant, VariantKey
+from server.expert_pool import ExpertPool, PoolListener
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -53,6 +54,15 @@ class Metrics:
         )
         self.backbone = Gauge("taskmoe_backbone_bytes", "Bytes of the shared backbone", registry=r)
         self.budget = Gauge("taskmoe_cache_budget_bytes", "The variant cache's byte budget", registry=r)
+        self.pool_slots = Gauge("taskmoe_pool_slots", "Expert slots of the pool (all layers)", registry=r)
+        self.pool_slots_used = Gauge(
+            "taskmoe_pool_slots_used", "Expert slots holding (or receiving) an expert", registry=r
+        )
+        self.pool_loaded = Counter("taskmoe_pool_experts_loaded", "Experts copied into the pool", registry=r)
+        self.pool_loaded_bytes = Counter(
+            "taskmoe_pool_loaded_bytes", "Bytes of experts copied into the pool", registry=r
+        )
+        self.pool_evicted = Counter("taskmoe_pool_experts_evicted", "Experts evicted from the pool", registry=r)
         self.routes = Counter(
             "taskmoe_route_decisions",
             "Routing decisions by chosen pattern and reason",
@@ -90,6 +100,24 @@ class Metrics:
             built=built,
             evicted=evicted,
         )
+
+    def pool_listener(self) -> PoolListener:
+        def loaded(key: VariantKey, experts: int, nbytes: int, seconds: float) -> None:
+            self.pool_loaded.inc(experts)
+            self.pool_loaded_bytes.inc(nbytes)
+            self.build_seconds.observe(seconds)
+
+        return PoolListener(
+            hit=lambda key: self.cache_hits.inc(),
+            miss=lambda key: self.cache_misses.inc(),
+            loaded=loaded,
+            evicted=lambda experts: self.pool_evicted.inc(experts),
+        )
+
+    def watch_pool(self, pool: ExpertPool) -> None:
+        """The pool's size, and its occupancy read when metrics are scraped."""
+        self.pool_slots.set(pool.slots)
+        self.pool_slots_used.set_function(lambda: sum(pool.used_slots().values()))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

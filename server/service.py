@@ -24,8 +24,10 @@ from server.batching import BatchedDecoder, batchable
 from server.cache import CacheFull, Variant, VariantBuildFailed, VariantCache, VariantKey
 from server.config import FULL_MODEL, ServerConfig
 from server.errors import APIError
+from server.expert_pool import ExpertPool, PoolLease
 from server.jobs import Job, JobRunner
 from server.metrics import Metrics
+from server.model.pooled import PooledModel, RowRoute
 from server.model.pruning import model_fingerprint
 from server.model.variant import VariantBuilder
 from server.patterns import CalibrationText, PatternRecipe, load_tokenizer, make_pattern
@@ -38,6 +40,24 @@ MAX_CHOICES = 128
 """Prompts x n in one request."""
 MAX_CHARACTERS_PER_TOKEN = 32
 """A text prompt longer than this many characters per context token cannot fit: refused untokenized."""
+
+Lease = Variant | PoolLease
+"""What serves a request: a cached variant (dense models, or MoE without the pool) or a pool lease."""
+
+
+def pool_slots(builder: VariantBuilder, budget: int) -> int:
+    """Expert slots per sparse layer that `budget` bytes pay for (one slot costs one expert in every layer),
+    at most the experts a layer has; a budget that cannot hold one top-k routing is an error."""
+    per_slot = sum(builder.expert_bytes(index) for index in builder.sparse_layers)
+    most = max(layer.num_experts for layer in builder.sparse_layers.values())
+    slots = min(budget // per_slot, most)
+    top_k = int(builder.config.num_experts_per_tok)
+    if slots < top_k:
+        raise ValueError(
+            f"--cache-budget {budget} bytes holds {slots} experts per layer; routing needs at least {top_k} "
+            f"({top_k * per_slot} bytes)"
+        )
+    return int(slots)
 
 
 @dataclass(frozen=True)
@@ -133,6 +153,14 @@ class Service:
             self.store, self.embedder, rule=config.route_rule, threshold=config.route_threshold, fallback=fallback
         )
         self.cache = VariantCache(config.cache_budget, self.metrics.cache_listener(), wait=config.cache_wait)
+        self.pool: ExpertPool | None = None
+        if config.expert_pool and self.builder.family.kind == "moe":
+            pooled = PooledModel(self.builder, pool_slots(self.builder, config.cache_budget))
+            self.pool = ExpertPool(pooled, self.metrics.pool_listener(), wait=config.cache_wait)
+            self.metrics.watch_pool(self.pool)
+            self.metrics.backbone.set(self.builder.backbone_bytes)
+        self._routes: dict[VariantKey, RowRoute] = {}
+        self._pool_decoder: BatchedDecoder | None = None
         self.jobs = JobRunner(on_error=lambda job, trace: log.error("job %s failed:\n%s", job.id, trace))
         self.context_length = int(getattr(self.builder.config, "max_position_embeddings", 0) or 0) or None
         self.eos_ids = self._eos_ids()
@@ -202,13 +230,16 @@ class Service:
             )
         return document
 
-    def acquire(self, pattern: str | None) -> Variant:
-        """The variant serving `pattern`, pinned until `release` (built if missing). A cache hit reads only
-        the pattern's revision; its selection is parsed and sized only to build it."""
+    def acquire(self, pattern: str | None) -> Lease:
+        """What serves `pattern`, pinned until `release`: with the expert pool a lease on its experts (loading
+        the missing ones), otherwise its cached variant (built if missing). A hit reads only the pattern's
+        revision; its selection is parsed only the first time that revision is served."""
         key, document = VariantKey(None), None
         if pattern is not None:
             document = self._document(pattern)
             key = VariantKey(pattern, float(document["created"]))
+        if self.pool is not None:
+            return self._lease_experts(key, document)
 
         @functools.cache
         def selection() -> Selection | None:
@@ -234,20 +265,59 @@ class Service:
             log.error("%s", error, exc_info=error.__cause__)
             raise APIError(500, str(error), code="variant_build_failed") from None
 
-    def release(self, variant: Variant) -> None:
-        self.cache.release(variant)
+    def _lease_experts(self, key: VariantKey, document: dict[str, Any] | None) -> PoolLease:
+        assert self.pool is not None
+        try:
+            route = self._routes.get(key)
+            if route is None:
+                selection = None if document is None else Selection.from_json(document["selection"])
+                route = RowRoute(key.label, self.builder.kept_experts(selection))
+                if len(self._routes) >= 1024:  # revisions of replaced patterns pile up otherwise
+                    self._routes.clear()
+                self._routes[key] = route
+            return self.pool.acquire(key, route)
+        except (SelectionError, PatternError) as error:
+            raise APIError(
+                409, f"pattern {key.pattern!r} does not fit this model: {error}", code="pattern_unusable"
+            ) from None
+        except CacheFull as error:
+            self.metrics.cache_refusals.inc()
+            raise APIError(
+                503, str(error), code="cache_full", headers={"Retry-After": str(error.retry_after)}
+            ) from None
+        except VariantBuildFailed as error:
+            log.error("%s", error, exc_info=error.__cause__)
+            raise APIError(500, str(error), code="variant_build_failed") from None
 
-    def decoder(self, variant: Variant) -> BatchedDecoder | None:
-        """The variant's batched decoder (None: decode one request at a time)."""
+    def release(self, variant: Lease) -> None:
+        if isinstance(variant, PoolLease):
+            assert self.pool is not None
+            self.pool.release(variant)
+        else:
+            self.cache.release(variant)
+
+    def decoder(self, variant: Lease) -> BatchedDecoder | None:
+        """The batched decoder that serves `variant` (None: decode one request at a time): with the pool one
+        for every pattern, otherwise one per variant."""
         if self.config.max_batch <= 1 or not batchable(variant.model):
             return None
         with self._decoder_lock:
+            if isinstance(variant, PoolLease):
+                if self._pool_decoder is None:
+                    pooled = variant.model.pooled
+                    self._pool_decoder = BatchedDecoder(pooled.model, self.config.max_batch, pooled=pooled)
+                return self._pool_decoder
             if variant.decoder is None:
                 variant.decoder = BatchedDecoder(variant.model, self.config.max_batch)
             return variant.decoder
 
+    @staticmethod
+    def route_of(variant: Lease) -> RowRoute | None:
+        """How a lease's rows route in the shared batch (None: a variant of its own)."""
+        return variant.route if isinstance(variant, PoolLease) else None
+
     @contextmanager
-    def lease(self, pattern: str | None) -> Iterator[Variant]:
+    def lease(self, pattern: str | None) -> Iterator[Lease]:
         variant = self.acquire(pattern)
         try:
             yield variant
@@ -328,7 +398,7 @@ class Service:
                     name, self.builder, self.tokenizer, texts, recipe, examples, self.embedder, self.fingerprint, staged
                 )
                 self.store.add(pattern, replace=replace)
-                self.cache.evict(name)  # a replaced pattern's old variant must not serve again
+                self._forget(name)  # a replaced pattern's old variant must not serve again
             return self.pattern_summary(name)
 
         return self.jobs.submit("calibrate", f"calibrate pattern {name!r} from {len(texts)} prompts", calibrate)
@@ -358,7 +428,7 @@ class Service:
         except PatternError as error:
             status = 409 if "exists" in str(error) else 400
             raise APIError(status, str(error), code="pattern_exists" if status == 409 else "invalid_pattern") from None
-        self.cache.evict(pattern.name)
+        self._forget(pattern.name)
         return self.pattern_summary(pattern.name)
 
     def delete(self, name: str) -> None:
@@ -370,11 +440,47 @@ class Service:
             self.store.remove(name)
         except KeyError:
             raise APIError(404, f"pattern {name!r} does not exist", code="pattern_not_found") from None
-        self.cache.evict(name)
+        self._forget(name)
 
     def warm(self, name: str) -> dict[str, Any]:
-        with self.lease(None if name == "full" else name) as variant:
-            return {"pattern": variant.key.label, "bytes": variant.nbytes, "build_seconds": variant.build_seconds}
+        with self.lease(None if name == FULL_MODEL else name) as variant:
+            warmed = {"pattern": variant.key.label, "bytes": variant.nbytes, "build_seconds": variant.build_seconds}
+            if isinstance(variant, PoolLease):
+                warmed["loaded_experts"] = variant.loaded
+            return warmed
 
     def evict(self, name: str) -> int:
-        return self.cache.evict(None if name == "full" else name)
+        """Drop a pattern's variant; with the pool, free the slots of its experts that nothing pins."""
+        if self.pool is not None:
+            return self.pool.evict(name) or 0
+        return self.cache.evict(None if name == FULL_MODEL else name)
+
+    def _forget(self, name: str) -> None:
+        """A pattern was replaced or removed: its old revision must never serve again."""
+        self.cache.evict(name)
+        if self.pool is not None:
+            self.pool.forget(name)
+
+    def cache_report(self) -> dict[str, Any]:
+        """What `GET /admin/cache` shows: the pool's occupancy and per pattern its resident experts, or the
+        cached variants."""
+        report: dict[str, Any] = {
+            "object": "cache",
+            "budget_bytes": self.config.cache_budget,
+            "backbone_bytes": self.builder.backbone_bytes,
+        }
+        if self.pool is None:
+            report |= {
+                "resident_bytes": self.cache.resident_bytes,
+                "evictions": self.cache.evictions,
+                "data": self.cache.snapshot(),
+            }
+            return report
+        pool = self.pool.snapshot()
+        report |= {
+            "resident_bytes": pool["resident_bytes"],
+            "evictions": pool["evicted_experts"],
+            "data": pool.pop("patterns"),
+            "pool": pool,
+        }
+        return report

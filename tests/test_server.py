@@ -460,12 +460,28 @@ def test_overload_is_503_with_retry_after_and_no_admin_without_key(tmp_path, var
         assert _error(httpx.get(f"{small.url}/admin/patterns"), 404)
 
 
-def test_concurrent_mixed_tasks_under_a_two_variant_budget(tmp_path, variant_size) -> None:
-    budget = int(variant_size * 2.5)
+@pytest.mark.parametrize("expert_pool", [True, False], ids=["pool", "variants"])
+def test_concurrent_mixed_tasks_under_a_tight_budget(tmp_path, variant_size, expert_pool) -> None:
+    """The pool gets 10 of 16 slots per layer (two 8-expert patterns never fit together); the per-variant
+    cache gets room for two and a half variants. Either way every answer comes from its own pattern and the
+    budget holds throughout."""
+    budget = int(variant_size * (1.25 if expert_pool else 2.5))
     config = ServerConfig(
-        model=DEMO_MOE, store=copy_demo_store(tmp_path), cache_budget=budget, admin_key=ADMIN_KEY, fallback="general"
+        model=DEMO_MOE,
+        store=copy_demo_store(tmp_path),
+        cache_budget=budget,
+        admin_key=ADMIN_KEY,
+        fallback="general",
+        expert_pool=expert_pool,
     )
     with running_server(config) as small:
+        service = small.service
+
+        def resident() -> int:
+            if service.pool is None:
+                return service.cache.resident_bytes
+            return max(service.pool.used_slots().values()) * variant_size // 8  # the fullest layer, as bytes
+
         assert _error(admin(small, "DELETE", "/patterns/general"), 409)["code"] == "pattern_in_use"
         client = openai.OpenAI(base_url=f"{small.url}/v1", api_key="unused", max_retries=0, timeout=120)
         peak = [0]
@@ -473,7 +489,7 @@ def test_concurrent_mixed_tasks_under_a_two_variant_budget(tmp_path, variant_siz
 
         def watch() -> None:
             while not done.is_set():
-                peak[0] = max(peak[0], small.service.cache.resident_bytes)
+                peak[0] = max(peak[0], resident())
                 time.sleep(0.005)
 
         watcher = threading.Thread(target=watch)
@@ -501,6 +517,29 @@ def test_concurrent_mixed_tasks_under_a_two_variant_budget(tmp_path, variant_siz
         watcher.join()
         assert all(task == pattern for task, pattern in results), results
         assert peak[0] <= budget
-        assert small.metric("taskmoe_cache_evictions_total") >= 2
+        evictions = "taskmoe_pool_experts_evicted_total" if expert_pool else "taskmoe_cache_evictions_total"
+        assert small.metric(evictions) >= 2
         assert small.metric("taskmoe_cache_misses_total") >= 4
-        assert small.service.cache.resident_bytes <= budget
+        assert resident() <= budget
+
+
+def test_patterns_share_the_expert_pool_and_the_cache_report_shows_it(server, client) -> None:
+    """Two patterns served one after the other occupy the union of their experts, per layer; the report
+    and the metrics say so; serving the first again loads nothing."""
+    service = server.service
+    assert service.pool is not None
+    store = service.store
+    for name in ("arith", "sort"):
+        chat(client, get_task(name).examples(1, EVAL_SEED)[0].prompt, model=f"demo-moe@{name}", max_tokens=4)
+    loaded = server.metric("taskmoe_pool_experts_loaded_total")
+    report = admin(server, "GET", "/cache").json()
+    entries = {entry["pattern"]: entry for entry in report["data"]}
+    assert entries["arith"]["resident_fraction"] == 1.0 and entries["sort"]["resident_fraction"] == 1.0
+    for layer, occupancy in report["pool"]["layers"].items():
+        union = set(store.get("arith").selection.kept(int(layer))) | set(store.get("sort").selection.kept(int(layer)))
+        assert occupancy["resident"] >= len(union)
+        assert occupancy["pinned"] == 0  # nothing is running
+    assert server.metric("taskmoe_pool_slots") == report["pool"]["slots"]
+    assert server.metric("taskmoe_pool_slots_used") == report["pool"]["used_slots"]
+    chat(client, get_task("arith").examples(1, EVAL_SEED)[0].prompt, model="demo-moe@arith", max_tokens=4)
+    assert server.metric("taskmoe_pool_experts_loaded_total") == loaded, "resident experts are not loaded again"

@@ -121,16 +121,7 @@ async def show_job(job_id: str, request: Request) -> dict[str, Any]:
 
 @router.get("/cache")
 async def list_cache(request: Request) -> dict[str, Any]:
-    service = service_of(request)
-    cache = service.cache
-    return {
-        "object": "cache",
-        "budget_bytes": cache.budget,
-        "resident_bytes": cache.resident_bytes,
-        "backbone_bytes": service.builder.backbone_bytes,
-        "evictions": cache.evictions,
-        "data": cache.snapshot(),
-    }
+    return service_of(request).cache_report()
 
 
 @router.post("/cache/{name}")

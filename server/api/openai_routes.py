@@ -246,7 +246,7 @@ def _work(
 
             try:
                 if decoder is not None:
-                    decoder.run(generation, position if emit is not None else None)
+                    decoder.run(generation, position if emit is not None else None, service.route_of(variant))
                 else:
                     for delta in generation:
                         if emit is not None:

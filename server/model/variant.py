@@ -29,6 +29,19 @@ from server.model.masking import configure_router
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
 
 
+def _paired_runs(experts: Sequence[int], slots: Sequence[int]) -> list[tuple[int, int]]:
+    """(first position, length) of the runs where consecutive experts go to consecutive slots."""
+    runs: list[tuple[int, int]] = []
+    for position in range(len(experts)):
+        if runs:
+            first, count = runs[-1]
+            if experts[position] == experts[first] + count and slots[position] == slots[first] + count:
+                runs[-1] = (first, count + 1)
+                continue
+        runs.append((position, 1))
+    return runs
+
+
 @dataclass(frozen=True)
 class SparseLayer:
     """Where a sparse (MoE) layer's experts and router live in the module tree."""
@@ -226,6 +239,18 @@ class VariantBuilder:
             plan[index] = (kept, overrides)
         return plan
 
+    def kept_experts(self, selection: Selection | None) -> dict[int, tuple[int, ...]]:
+        """Per sparse layer that a MoE selection prunes, its kept experts (sorted), checked against the model
+        and its routing rule; None (the full model) prunes nothing."""
+        if selection is None:
+            return {}
+        check_selection_kind(self.family, selection)
+        return {
+            index: kept
+            for index, (kept, _) in self._moe_plan(selection).items()
+            if len(kept) < self.sparse_layers[index].num_experts
+        }
+
     def _dense_plan(self, selection: Selection) -> dict[int, tuple[int, ...]]:
         unknown = sorted(set(selection.layers) - set(self.dense_layers))
         if unknown:
@@ -319,9 +344,13 @@ class VariantBuilder:
             variant_names = self._assign_experts(model, plan)
         else:
             variant_names = self._assign_channels(model, self._dense_plan(selection), selection)
+        return self._with_backbone(model, variant_names)
+
+    def _with_backbone(self, model: PreTrainedModel, assigned: set[str]) -> PreTrainedModel:
+        """Fill every tensor of `model` not in `assigned` with the shared backbone; ready to run."""
         non_persistent = self._non_persistent(model)
         for name, _ in list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers()):
-            if name in variant_names or name in non_persistent:
+            if name in assigned or name in non_persistent:
                 continue
             if name in self._tied and self._checkpoint_name(name) is None:
                 continue  # tied to its source below
@@ -331,6 +360,75 @@ class VariantBuilder:
         if self.generation_config is not None:
             model.generation_config = copy.deepcopy(self.generation_config)
         return model.eval()
+
+    # -- the expert pool: every router whole, routed experts in slots -----------------------------
+
+    def expert_bytes(self, layer: int) -> int:
+        """Bytes of one routed expert of sparse layer `layer` in the target dtype (its gate, up and down)."""
+        item = torch.empty((), dtype=self.dtype).element_size()
+        return 3 * self.sparse_layers[layer].intermediate * int(self.config.hidden_size) * item
+
+    def build_pooled(self, slots: int) -> PreTrainedModel:
+        """The full model with `slots` expert slots per sparse layer in place of its experts: preallocated and
+        touched (zeroed), so that loading an expert later is a copy and never a page fault. Routers keep
+        every expert's row (they are part of the backbone); which expert sits in which slot is the pool's
+        business (`server.model.pooled`)."""
+        if self.family.kind != "moe":
+            raise ValueError(f"{self.family.name} has no routed experts to pool")
+        model = _meta_model(self.config)
+        hidden = int(self.config.hidden_size)
+        assigned = set()
+        for layer in self.sparse_layers.values():
+            count = min(slots, layer.num_experts)
+            size = layer.intermediate
+            # [slots, 2I, H] and [slots, H, I]: the layout of transformers' fused experts modules
+            gate_up = torch.zeros((count, 2 * size, hidden), dtype=self.dtype, device=self.device)
+            down = torch.zeros((count, hidden, size), dtype=self.dtype, device=self.device)
+            _set_tensor(model, f"{layer.prefix}.experts.gate_up_proj", gate_up)
+            _set_tensor(model, f"{layer.prefix}.experts.down_proj", down)
+            model.get_submodule(layer.prefix).experts.num_experts = count
+            assigned.update({f"{layer.prefix}.experts.gate_up_proj", f"{layer.prefix}.experts.down_proj"})
+        return self._with_backbone(model, assigned)
+
+    def load_experts(
+        self,
+        layer: SparseLayer,
+        experts: Sequence[int],
+        slots: Sequence[int],
+        gate_up: torch.Tensor,
+        down: torch.Tensor,
+    ) -> None:
+        """Copy `experts[i]` into slot `slots[i]` of a pooled layer's `gate_up` [S, 2I, H] and `down` [S, H, I],
+        straight from the checkpoint's memory map: runs of consecutive experts going to consecutive slots
+        are one copy each. On a GPU the bytes pass through a pinned host buffer."""
+        fused_gate_up = self._checkpoint_name(f"{layer.prefix}.experts.gate_up_proj")
+        fused_down = self._checkpoint_name(f"{layer.prefix}.experts.down_proj")
+        size = layer.intermediate
+        for first, count in _paired_runs(experts, slots):
+            expert, slot = experts[first], slots[first]
+            if fused_gate_up and fused_down:
+                self._copy(gate_up[slot : slot + count], self.reader.rows_view(fused_gate_up, expert, expert + count))
+                self._copy(down[slot : slot + count], self.reader.rows_view(fused_down, expert, expert + count))
+                continue
+            for offset in range(count):
+                names = self._expert_names(layer, expert + offset)
+                if names is None:
+                    raise CheckpointError(
+                        f"{self.model_dir}: no tensors for expert {expert + offset} of {layer.prefix}"
+                    )
+                target = slot + offset
+                self._copy(gate_up[target, :size], self.reader.rows_view(names[0], 0, size))
+                self._copy(gate_up[target, size:], self.reader.rows_view(names[1], 0, size))
+                self._copy(down[target], self.reader.rows_view(names[2], 0, self.reader.info(names[2]).shape[0]))
+
+    def _copy(self, target: torch.Tensor, source: torch.Tensor) -> None:
+        if target.device.type != "cuda":
+            target.copy_(source)
+            return
+        staging = torch.empty(source.shape, dtype=target.dtype, pin_memory=True)
+        staging.copy_(source)
+        target.copy_(staging, non_blocking=True)
+        torch.cuda.current_stream(target.device).synchronize()  # the staging buffer is freed after this
 
     def _assign_experts(self, model: nn.Module, plan: dict[int, tuple[tuple[int, ...], dict[str, Any]]]) -> set[str]:
         assigned = set()

@@ -1,0 +1,175 @@
+"""One model whose routed experts sit in preallocated slots, each row of a batch routed as its own variant.
+
+A pruned variant computes what the full model computes when its routers cannot select the pruned experts
+(the equivalence contract, see `masking`). So variants need not be separate models: one model holds the
+backbone once and, per sparse layer, `slots` expert slots; a table maps each resident expert to its slot.
+Every row of a batch carries a `RowRoute` (its pattern's kept experts). After each router runs, a hook
+re-routes every group of rows that shares a route with the restricted router of that route (transformers'
+own routing code over the kept rows: the very computation of the pruned variant, group-limited routing
+and selection bias included) and turns the chosen experts into slots. The experts module then runs all rows
+together, reading each chosen expert from its slot. Rows of different patterns share one forward pass.
+
+Which expert goes into which slot, and when, is decided by `server.expert_pool.ExpertPool`; this module
+only routes and copies.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from server.model.masking import RouterMasks
+from server.model.variant import SparseLayer, VariantBuilder
+
+
+@dataclass(frozen=True)
+class RowRoute:
+    """The experts the rows of one request may route to: per sparse layer its kept experts, sorted; a layer
+    that is not named keeps every expert."""
+
+    label: str
+    kept: Mapping[int, tuple[int, ...]] = field(default_factory=dict)
+
+
+class PooledModel:
+    """The model, its slot tensors and the expert-to-slot tables; run it through `rows(...)` or `routed(...)`."""
+
+    def __init__(self, builder: VariantBuilder, slots: int) -> None:
+        if slots < 1:
+            raise ValueError("an expert pool needs at least one slot per layer")
+        self.builder = builder
+        self.model = builder.build_pooled(slots)
+        self.layers: dict[int, SparseLayer] = dict(builder.sparse_layers)
+        self.slots = {index: min(slots, layer.num_experts) for index, layer in self.layers.items()}
+        device = builder.device
+        # per layer [num_experts]: the slot holding each expert, -1 where it is not resident
+        self.slot_of = {
+            index: torch.full((layer.num_experts,), -1, dtype=torch.long, device=device)
+            for index, layer in self.layers.items()
+        }
+        self._masks = RouterMasks(
+            self.model, builder.family, builder.config, {index: layer.prefix for index, layer in self.layers.items()}
+        )
+        self._masks.cache_size = 64 * max(1, len(self.layers))  # room for many patterns' restricted routers
+        self._masks_lock = threading.Lock()  # the restricted routers' cache is shared by every thread
+        self._local = threading.local()  # the current forward pass's routes, one per row, per thread
+        self._handles = [
+            self.model.get_submodule(layer.prefix).gate.register_forward_hook(self._hook(index))
+            for index, layer in self.layers.items()
+        ]
+
+    @property
+    def device(self) -> torch.device:
+        return self.builder.device
+
+    @property
+    def slot_bytes(self) -> int:
+        """Bytes of all slot memory (every layer)."""
+        return sum(self.slots[index] * self.builder.expert_bytes(index) for index in self.layers)
+
+    # -- running ---------------------------------------------------------------------------------
+
+    @contextmanager
+    def rows(self, routes: Sequence[RowRoute]) -> Iterator[None]:
+        """Forward passes of this thread inside the block route row i of the batch as `routes[i]`."""
+        previous = getattr(self._local, "routes", None)
+        self._local.routes = list(routes)
+        try:
+            yield
+        finally:
+            self._local.routes = previous
+
+    def routed(self, route: RowRoute) -> RoutedModel:
+        """A model-like view that runs every row of every batch as `route`."""
+        return RoutedModel(self, route)
+
+    def _restricted(self, layer: int, kept: tuple[int, ...]) -> tuple[nn.Module, torch.Tensor]:
+        with self._masks_lock:
+            return self._masks._restricted(layer, kept)
+
+    def _hook(self, layer: int) -> Callable[[nn.Module, tuple[Any, ...], Any], Any]:
+        table = self.slot_of[layer]
+
+        def on_router(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+            routes = getattr(self._local, "routes", None)
+            if routes is None:
+                raise RuntimeError("a pooled model runs inside PooledModel.rows(...) (each row needs its route)")
+            logits, weights, experts = output
+            hidden = args[0].reshape(-1, args[0].shape[-1])  # [tokens, H], row-major over [rows, seq]
+            groups: dict[tuple[int, ...] | None, list[int]] = {}
+            for row, route in enumerate(routes):
+                groups.setdefault(route.kept.get(layer), []).append(row)
+            if len(groups) == 1:
+                (kept,) = groups
+                if kept is not None:
+                    restricted, ids = self._restricted(layer, kept)
+                    _, weights, positions = restricted(hidden)
+                    experts = ids[positions]
+                return logits, weights, _slots(table, experts)
+            per_row = hidden.shape[0] // len(routes)
+            weights_out, slots_out = torch.empty_like(weights), torch.empty_like(experts)
+            offsets = torch.arange(per_row, device=hidden.device)
+            for kept, members in groups.items():
+                tokens = (torch.tensor(members, device=hidden.device)[:, None] * per_row + offsets).reshape(-1)
+                if kept is None:
+                    chosen_weights, chosen = weights[tokens], experts[tokens]
+                else:
+                    restricted, ids = self._restricted(layer, kept)
+                    _, chosen_weights, positions = restricted(hidden[tokens])
+                    chosen = ids[positions]
+                weights_out[tokens] = chosen_weights.to(weights_out.dtype)
+                slots_out[tokens] = _slots(table, chosen)
+            return logits, weights_out, slots_out
+
+        return on_router
+
+    def check(self, route: RowRoute) -> None:
+        """Raise (with the routing rule's reason) if `route` cannot be served exactly."""
+        for layer, kept in route.kept.items():
+            if layer not in self.layers:
+                raise KeyError(f"layer {layer} has no routed experts")
+            self._restricted(layer, kept)
+
+    # -- loading ---------------------------------------------------------------------------------
+
+    def load(self, layer: int, experts: Sequence[int], slots: Sequence[int]) -> None:
+        """Copy `experts` from the checkpoint into `slots` of `layer` (the caller owns those slots)."""
+        block = self.model.get_submodule(self.layers[layer].prefix).experts
+        self.builder.load_experts(self.layers[layer], experts, slots, block.gate_up_proj.data, block.down_proj.data)
+
+    def place(self, layer: int, expert: int, slot: int) -> None:
+        """Make `expert` route to `slot` (-1: not resident) from the next forward pass on."""
+        self.slot_of[layer][expert] = slot
+
+
+def _slots(table: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+    """The slots of the chosen experts. A row only ever runs while its pattern's experts are pinned in the
+    pool; on the CPU (where it costs nothing) a miss is caught rather than read from a wrong slot."""
+    slots = table[experts]
+    if slots.device.type == "cpu" and bool((slots < 0).any()):
+        missing = sorted(set(experts[slots < 0].tolist()))
+        raise RuntimeError(f"experts {missing} were routed to but are not resident in the pool")
+    return slots
+
+
+class RoutedModel:
+    """What `Generation` and the batched decoder need of a model, with every row routed as one `RowRoute`."""
+
+    def __init__(self, pooled: PooledModel, route: RowRoute) -> None:
+        self.pooled, self.route = pooled, route
+        self.config = pooled.model.config
+
+    def parameters(self) -> Iterator[nn.Parameter]:
+        return self.pooled.model.parameters()
+
+    def __call__(self, **inputs: Any) -> Any:
+        reference = inputs.get("input_ids")
+        rows = int(reference.shape[0]) if reference is not None else int(inputs["inputs_embeds"].shape[0])
+        with self.pooled.rows([self.route] * rows):
+            return self.pooled.model(**inputs)
