@@ -137,10 +137,14 @@ class ExpertPool:
             patterns = []
             for label, (key, route) in sorted(self._routes.items()):
                 needed = resident = 0
+                missing: dict[str, list[int]] = {}
                 for index, state in self.layers.items():
                     wanted = state.needs(route, index)
                     needed += len(wanted)
-                    resident += sum(1 for expert in wanted if expert in state.where)
+                    absent = [expert for expert in wanted if expert not in state.where]
+                    resident += len(wanted) - len(absent)
+                    if absent:
+                        missing[str(index)] = absent
                 patterns.append(
                     {
                         "pattern": label,
@@ -149,6 +153,7 @@ class ExpertPool:
                         "resident_experts": resident,
                         "resident_fraction": round(resident / needed, 4) if needed else 1.0,
                         "bytes": self._route_bytes_locked(route),
+                        "missing_experts": missing,  # per layer, the experts a request would load
                     }
                 )
             used = sum(len(state.where) for state in self.layers.values())

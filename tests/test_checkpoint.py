@@ -69,3 +69,17 @@ def test_errors_are_clear(sharded, tmp_path_factory) -> None:
     (directory / "model-00002-of-00002.safetensors").unlink()
     with pytest.raises(CheckpointError, match="missing"):
         CheckpointReader(directory)
+
+
+def test_row_views_point_into_the_file_and_count_their_bytes(sharded) -> None:
+    """The expert pool copies experts from these views straight into its slots: they must be the rows,
+    without a copy of their own, and counted like reads."""
+    directory, a, b = sharded
+    reader = CheckpointReader(directory)
+    rows = reader.rows_view("a", 2, 5)
+    assert torch.equal(rows, a[2:5])
+    assert torch.equal(reader.rows_view("b", 1, 2), b[1:2])
+    assert reader.bytes_read == 3 * 4 * 3 * 4 + 7 * 2
+    assert reader.rows_view("a", 3, 4).data_ptr() == rows.data_ptr() + 4 * 3 * 4, "views of one map, no copies"
+    with pytest.raises(CheckpointError, match="out of range"):
+        reader.rows_view("a", 4, 7)

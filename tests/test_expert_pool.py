@@ -105,6 +105,12 @@ def test_a_switch_loads_only_what_is_missing_and_evicted_experts_reload_correctl
             assert set(kept[layer]) <= resident[layer]
             assert len(resident[layer]) <= 4
     assert pool.evicted_experts > 0
+    report = {entry["pattern"]: entry for entry in pool.snapshot()["patterns"]}
+    assert report["a"]["resident_fraction"] == 1.0 and report["a"]["missing_experts"] == {}
+    absent = {int(layer): experts for layer, experts in report["b"]["missing_experts"].items()}
+    assert absent and all(
+        set(experts) == set(patterns["b"][layer]) - resident[layer] for layer, experts in absent.items()
+    )
 
 
 def test_a_cached_set_of_patterns_that_fits_evicts_nothing_when_cycled(checkpoints) -> None:

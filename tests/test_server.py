@@ -535,6 +535,7 @@ def test_patterns_share_the_expert_pool_and_the_cache_report_shows_it(server, cl
     report = admin(server, "GET", "/cache").json()
     entries = {entry["pattern"]: entry for entry in report["data"]}
     assert entries["arith"]["resident_fraction"] == 1.0 and entries["sort"]["resident_fraction"] == 1.0
+    assert entries["arith"]["missing_experts"] == {}
     for layer, occupancy in report["pool"]["layers"].items():
         union = set(store.get("arith").selection.kept(int(layer))) | set(store.get("sort").selection.kept(int(layer)))
         assert occupancy["resident"] >= len(union)

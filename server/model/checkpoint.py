@@ -11,6 +11,7 @@ import json
 import mmap
 import struct
 import threading
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -185,17 +186,20 @@ class CheckpointReader:
         begin, _ = header[name]["data_offsets"]
         row = info.nbytes // max(1, info.shape[0])
         count = (stop - start) * row // info.element_size
-        view = torch.frombuffer(mapped, dtype=info.dtype, count=count, offset=data_start + begin + start * row)
+        with warnings.catch_warnings():  # the map is read-only, and so is every use of the view: copies from it
+            warnings.simplefilter("ignore", UserWarning)
+            view = torch.frombuffer(mapped, dtype=info.dtype, count=count, offset=data_start + begin + start * row)
         return self._count(view.view(stop - start, *info.shape[1:]))
 
     def _mapped(self, file: Path) -> tuple[mmap.mmap, int, dict[str, Any]]:
-        """The file mapped copy-on-write (torch wants a writable buffer; nothing ever writes to it), with its
-        safetensors header: 8 bytes of header length, the JSON header, then the data."""
+        """The file mapped read-only and shared (a private, copy-on-write map faults its pages in one by one,
+        much slower on a first pass), with its safetensors header: 8 bytes of header length, the JSON header,
+        then the data."""
         with self._lock:
             entry = self._maps.get(file)
             if entry is None:
                 with open(file, "rb") as handle:
-                    mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
+                    mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
                 (length,) = struct.unpack("<Q", mapped[:8])
                 entry = self._maps[file] = (mapped, 8 + length, json.loads(bytes(mapped[8 : 8 + length])))
             return entry

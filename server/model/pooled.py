@@ -78,12 +78,12 @@ class PooledModel:
     @contextmanager
     def rows(self, routes: Sequence[RowRoute]) -> Iterator[None]:
         """Forward passes of this thread inside the block route row i of the batch as `routes[i]`."""
-        previous = getattr(self._local, "routes", None)
-        self._local.routes = list(routes)
+        previous = getattr(self._local, "batch", None)
+        self._local.batch = _Batch(list(routes), self.device)
         try:
             yield
         finally:
-            self._local.routes = previous
+            self._local.batch = previous
 
     def routed(self, route: RowRoute) -> RoutedModel:
         """A model-like view that runs every row of every batch as `route`."""
@@ -97,35 +97,29 @@ class PooledModel:
         table = self.slot_of[layer]
 
         def on_router(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
-            routes = getattr(self._local, "routes", None)
-            if routes is None:
+            batch: _Batch | None = getattr(self._local, "batch", None)
+            if batch is None:
                 raise RuntimeError("a pooled model runs inside PooledModel.rows(...) (each row needs its route)")
             logits, weights, experts = output
             hidden = args[0].reshape(-1, args[0].shape[-1])  # [tokens, H], row-major over [rows, seq]
-            groups: dict[tuple[int, ...] | None, list[int]] = {}
-            for row, route in enumerate(routes):
-                groups.setdefault(route.kept.get(layer), []).append(row)
-            if len(groups) == 1:
-                (kept,) = groups
+            if len(batch.groups) == 1:
+                kept = batch.groups[0][0].kept.get(layer)
                 if kept is not None:
                     restricted, ids = self._restricted(layer, kept)
                     _, weights, positions = restricted(hidden)
                     experts = ids[positions]
                 return logits, weights, _slots(table, experts)
-            per_row = hidden.shape[0] // len(routes)
-            weights_out, slots_out = torch.empty_like(weights), torch.empty_like(experts)
-            offsets = torch.arange(per_row, device=hidden.device)
-            for kept, members in groups.items():
-                tokens = (torch.tensor(members, device=hidden.device)[:, None] * per_row + offsets).reshape(-1)
+            chosen_experts = experts.clone()  # rows of full routes keep the full router's choice
+            chosen_weights = weights.clone()
+            for route, tokens in batch.tokens(hidden.shape[0]):
+                kept = route.kept.get(layer)
                 if kept is None:
-                    chosen_weights, chosen = weights[tokens], experts[tokens]
-                else:
-                    restricted, ids = self._restricted(layer, kept)
-                    _, chosen_weights, positions = restricted(hidden[tokens])
-                    chosen = ids[positions]
-                weights_out[tokens] = chosen_weights.to(weights_out.dtype)
-                slots_out[tokens] = _slots(table, chosen)
-            return logits, weights_out, slots_out
+                    continue
+                restricted, ids = self._restricted(layer, kept)
+                _, group_weights, positions = restricted(hidden.index_select(0, tokens))
+                chosen_weights.index_copy_(0, tokens, group_weights.to(chosen_weights.dtype))
+                chosen_experts.index_copy_(0, tokens, ids[positions])
+            return logits, chosen_weights, _slots(table, chosen_experts)
 
         return on_router
 
@@ -146,6 +140,29 @@ class PooledModel:
     def place(self, layer: int, expert: int, slot: int) -> None:
         """Make `expert` route to `slot` (-1: not resident) from the next forward pass on."""
         self.slot_of[layer][expert] = slot
+
+
+class _Batch:
+    """The routes of one forward pass's rows, grouped: the rows (and, per sequence length, the tokens) of
+    each distinct route, computed once per pass rather than once per layer."""
+
+    def __init__(self, routes: list[RowRoute], device: torch.device) -> None:
+        self.rows = len(routes)
+        members: dict[int, tuple[RowRoute, list[int]]] = {}
+        for row, route in enumerate(routes):
+            members.setdefault(id(route), (route, []))[1].append(row)
+        self.groups = [(route, torch.tensor(rows, device=device)) for route, rows in members.values()]
+        self._tokens: dict[int, list[tuple[RowRoute, torch.Tensor]]] = {}
+
+    def tokens(self, count: int) -> list[tuple[RowRoute, torch.Tensor]]:
+        """Each route with the indices of its tokens among `count` (rows x sequence length, row-major)."""
+        found = self._tokens.get(count)
+        if found is None:
+            per_row = count // self.rows
+            offsets = torch.arange(per_row, device=self.groups[0][1].device)
+            found = [(route, (rows[:, None] * per_row + offsets).reshape(-1)) for route, rows in self.groups]
+            self._tokens[count] = found
+        return found
 
 
 def _slots(table: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:

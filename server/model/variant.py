@@ -147,6 +147,8 @@ class VariantBuilder:
         )
         self._backbone: dict[str, torch.Tensor] = {}
         self._lock = threading.Lock()
+        self._staging: torch.Tensor | None = None  # pinned host buffer for copies into GPU memory
+        self._staging_lock = threading.Lock()
         generation = self.model_dir / "generation_config.json"
         self.generation_config = GenerationConfig.from_pretrained(self.model_dir) if generation.is_file() else None
 
@@ -422,13 +424,19 @@ class VariantBuilder:
                 self._copy(down[target], self.reader.rows_view(names[2], 0, self.reader.info(names[2]).shape[0]))
 
     def _copy(self, target: torch.Tensor, source: torch.Tensor) -> None:
+        """`target.copy_(source)`; into GPU memory through one reused pinned host buffer (pinned memory is
+        costly to allocate, and a copy from pageable memory is staged by the driver anyway)."""
         if target.device.type != "cuda":
             target.copy_(source)
             return
-        staging = torch.empty(source.shape, dtype=target.dtype, pin_memory=True)
-        staging.copy_(source)
-        target.copy_(staging, non_blocking=True)
-        torch.cuda.current_stream(target.device).synchronize()  # the staging buffer is freed after this
+        nbytes = target.numel() * target.element_size()
+        with self._staging_lock:
+            if self._staging is None or self._staging.numel() < nbytes:
+                self._staging = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+            staging = self._staging[:nbytes].view(target.dtype).view(target.shape)
+            staging.copy_(source)
+            target.copy_(staging, non_blocking=True)
+            torch.cuda.current_stream(target.device).synchronize()  # before the buffer is written again
 
     def _assign_experts(self, model: nn.Module, plan: dict[int, tuple[tuple[int, ...], dict[str, Any]]]) -> set[str]:
         assigned = set()
