@@ -9,6 +9,7 @@ old pattern or the new one (see `store.py`).
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,6 +19,8 @@ import torch
 from pattern_store.selection import Selection, SelectionError
 
 FORMAT_VERSION = 1
+EMBEDDING_NORM_TOLERANCE = 0.01
+"""How far from 1 an example embedding's L2 norm may be (they are stored normalised)."""
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -59,6 +62,21 @@ class TaskPattern:
             raise PatternError(
                 f"pattern {self.name}: {len(self.examples)} examples but {self.example_embeddings.shape[0]} embeddings"
             )
+        if embeddings is not None and embeddings.numel():
+            # routing fits a classifier on every pattern's embeddings together: one bad row would fail them all
+            if not bool(torch.isfinite(embeddings).all()):
+                raise PatternError(f"pattern {self.name}: example embeddings contain NaN or infinite values")
+            norms = embeddings.float().norm(dim=1)
+            if bool(((norms - 1).abs() > EMBEDDING_NORM_TOLERANCE).any()):
+                raise PatternError(
+                    f"pattern {self.name}: example embeddings must be L2-normalised (row norms "
+                    f"{float(norms.min()):.3g} to {float(norms.max()):.3g})"
+                )
+        if not math.isfinite(self.created):
+            raise PatternError(f"pattern {self.name}: 'created' must be a finite timestamp")
+        for layer, values in self.scores.items():
+            if not isinstance(values, torch.Tensor) or bool(torch.isnan(values).any()):
+                raise PatternError(f"pattern {self.name}: scores of layer {layer} must be a tensor without NaN")
 
     @property
     def kind(self) -> str:

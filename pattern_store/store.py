@@ -109,6 +109,7 @@ class PatternStore:
                         raise PatternError(f"its tensor file name {tensors!r} is not this pattern's")
                     if not (self.pattern_dir / tensors).is_file():
                         raise PatternError(f"its tensor file {tensors!r} is missing")
+                    self._read(document)  # a truncated, empty or non-finite tensor file is reported now
                     documents[path.stem] = document
                 except (OSError, ValueError, RecursionError) as error:  # JSON, Unicode and pattern errors
                     problems[path.name] = f"skipped: {error}"
@@ -153,11 +154,14 @@ class PatternStore:
             document = self._documents.get(name)
             if document is None:
                 raise KeyError(self._unknown(name))
-            try:
-                tensors = load_file(str(self.pattern_dir / document["tensors"]))
-            except Exception as error:  # safetensors raises its own error types for corrupt files
-                raise PatternError(f"pattern {name!r}: its tensor file cannot be read ({error})") from None
-            return TaskPattern.from_parts(document, tensors)
+            return self._read(document)
+
+    def _read(self, document: dict[str, Any]) -> TaskPattern:
+        try:
+            tensors = load_file(str(self.pattern_dir / document["tensors"]))
+        except Exception as error:  # safetensors raises its own error types for corrupt files
+            raise PatternError(f"pattern {document['name']!r}: its tensor file cannot be read ({error})") from None
+        return TaskPattern.from_parts(document, tensors)
 
     def _unknown(self, name: str) -> str:
         known = ", ".join(self.names()) or "none"

@@ -13,6 +13,7 @@ task and is served by the fallback (None: the full model).
 
 from __future__ import annotations
 
+import logging
 import threading
 from dataclasses import dataclass
 
@@ -23,6 +24,7 @@ from pattern_store.embedder import Embedder
 from pattern_store.store import PatternStore, SearchHit
 
 RULES = ("classifier", "centroid", "knn")
+log = logging.getLogger("taskmoe.routing")
 
 
 @dataclass(frozen=True)
@@ -100,6 +102,20 @@ class Router:
         choice = int(learnt.classifier(query).argmax())
         return RouteDecision(learnt.names[choice], nearest, "classifier", hits)
 
+    @staticmethod
+    def _fit(x: torch.Tensor, y: torch.Tensor, names: list[str]) -> torch.nn.Linear | None:
+        """The classifier, or None (routing by centroid, which cannot fail) when fitting fails or gives
+        non-finite weights: one bad pattern must not take routing down for all the others."""
+        try:
+            classifier = fit_linear_classifier(x, y, len(names))
+        except Exception:
+            log.exception("routing: fitting the classifier on %d examples failed; routing by centroid", len(y))
+            return None
+        if not all(bool(torch.isfinite(p).all()) for p in classifier.parameters()):
+            log.error("routing: the classifier fitted on %d examples is not finite; routing by centroid", len(y))
+            return None
+        return classifier
+
     def _learn(self) -> _Learnt:
         """Centroids and classifier of the store as it is now; relearnt only when the store changed."""
         with self._lock:
@@ -112,6 +128,6 @@ class Router:
             centroids = torch.nn.functional.normalize(
                 torch.stack([x[y == i].mean(0) for i in range(len(names))]), dim=1
             )
-            classifier = fit_linear_classifier(x, y, len(names)) if len(names) > 1 else None
+            classifier = self._fit(x, y, names) if len(names) > 1 else None
             self._learnt = _Learnt(version, names, centroids, classifier)
             return self._learnt

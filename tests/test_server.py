@@ -339,6 +339,28 @@ def test_admin_errors_are_clear(server) -> None:
     assert len(server.service.store.names()) == 7  # nothing lost
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), 1e30])
+def test_an_import_with_non_finite_embeddings_is_refused_and_routing_stays_up(server, client, bad) -> None:
+    """Such a pattern used to be accepted (201) and then failed every routed request with a 500."""
+    import torch
+    from safetensors.torch import save
+
+    pattern = server.service.store.get("upper")
+    document = pattern.document(tensor_file="")
+    document["name"] = "poison"
+    tensors = pattern.tensors()
+    tensors["example_embeddings"] = torch.full_like(tensors["example_embeddings"], bad)
+    bundle = save(tensors, metadata={"taskmoe_pattern": json.dumps(document)})
+    refused = admin(server, "POST", "/patterns/import", content=bundle)
+    assert refused.status_code == 400 and "embeddings" in refused.json()["error"]["message"]
+    assert "poison" not in server.service.store.names()
+    _, headers = chat(client, get_task("upper").examples(1, EVAL_SEED)[0].prompt, max_tokens=2)
+    assert headers["x-taskmoe-pattern"] == "upper"
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+    routed = httpx.post(f"{server.url}/v1/route", json={"input": "Sort: 3, 1"}, headers=auth, timeout=30)
+    assert routed.status_code == 200
+
+
 # -- errors -----------------------------------------------------------------------------------------
 
 

@@ -115,12 +115,23 @@ def test_corrupt_and_foreign_files_are_skipped_not_fatal(tmp_path) -> None:
     assert list((tmp_path / "patterns").glob("broken.*.safetensors")), "a skipped pattern's tensors are kept"
 
 
-def test_corrupt_tensor_file_is_a_clear_error(tmp_path) -> None:
+@pytest.mark.parametrize("damage", ["garbage", "empty", "truncated"])
+def test_a_corrupt_tensor_file_is_reported_at_open_and_not_listed(tmp_path, damage) -> None:
+    """A pattern whose tensor file is damaged was listed and served, then silently dropped out of routing:
+    it is now checked when the store is opened, reported, and neither listed nor routed."""
     store = PatternStore(tmp_path)
     store.add(make_pattern("a", 0))
-    next((tmp_path / "patterns").glob("a.*.safetensors")).write_bytes(b"garbage")
-    with pytest.raises(PatternError, match="cannot be read"):
-        PatternStore(tmp_path).get("a")
+    store.add(make_pattern("b", 1))
+    tensor_file = next((tmp_path / "patterns").glob("a.*.safetensors"))
+    data = tensor_file.read_bytes()
+    tensor_file.write_bytes({"garbage": b"garbage", "empty": b"", "truncated": data[: len(data) // 2]}[damage])
+    reopened = PatternStore(tmp_path)
+    assert reopened.names() == ["b"]
+    assert "cannot be read" in reopened.problems["a.json"]
+    assert {owner for owner in reopened.examples()[2]} == {"b"}
+    with pytest.raises(KeyError):
+        reopened.get("a")
+    assert tensor_file.exists(), "the damaged file is kept for the operator to look at"
 
 
 def test_fingerprint_mismatch_is_a_clear_error() -> None:
@@ -221,3 +232,33 @@ def test_a_second_process_view_is_seen_before_writing(tmp_path) -> None:
     with pytest.raises(PatternError, match="exists"):
         second.add(make_pattern("a", 2))
     assert PatternStore(tmp_path).get("a").selection == make_pattern("a", 0).selection
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), 1e30])
+def test_non_finite_or_absurd_embeddings_are_refused_and_never_loaded(tmp_path, bad) -> None:
+    """One pattern with NaN, infinite or unnormalised example embeddings once made every routed request a
+    500, even after a restart: it is refused when made, and a file on disk that has them is skipped."""
+    broken = make_pattern("broken", 2)
+    with pytest.raises(PatternError, match="embeddings"):
+        TaskPattern(**{**vars(broken), "example_embeddings": torch.full((3, DIM), bad)})
+    with pytest.raises(PatternError, match="created"):
+        TaskPattern(**{**vars(broken), "created": float("nan")})
+    with pytest.raises(PatternError, match="scores"):
+        TaskPattern(**{**vars(broken), "scores": {0: torch.tensor([float("nan")] * 8)}})
+    store = PatternStore(tmp_path)
+    store.add(make_pattern("good", 0))
+    store.add(broken)
+    from safetensors.torch import load_file, save_file
+
+    tensor_file = next((tmp_path / "patterns").glob("broken.*.safetensors"))
+    tensors = load_file(str(tensor_file))
+    tensors["example_embeddings"] = torch.full_like(tensors["example_embeddings"], bad)
+    save_file(tensors, str(tensor_file))
+    (tmp_path / "index.faiss").unlink(missing_ok=True)
+    for cached in tmp_path.glob("*.faiss*"):
+        cached.unlink()
+    reopened = PatternStore(tmp_path)
+    assert reopened.names() == ["good"] and "embeddings" in reopened.problems["broken.json"]
+    assert reopened.search(_unit(_basis(0))[0])[0].name == "good"
+    version, vectors, owners = reopened.examples()
+    assert "broken" not in owners and bool(torch.isfinite(torch.as_tensor(vectors)).all())
