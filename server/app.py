@@ -14,6 +14,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from server.api import admin_routes, openai_routes, ops_routes
+from server.api.body_limit import BodyLimit
 from server.api.errors import install_error_handlers
 from server.api.observe import RequestObserver
 from server.config import ServerConfig
@@ -56,6 +57,7 @@ def create_app(config: ServerConfig) -> FastAPI:
     if config.admin_key:
         app.include_router(admin_routes.router)
     app.add_middleware(RequestObserver)
+    app.add_middleware(BodyLimit, max_bytes=config.max_request_bytes)  # outermost: before anything reads
     return app
 
 

@@ -309,6 +309,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             torch_threads=int(args.torch_threads) if args.torch_threads else None,
             max_batch=int(args.max_batch),
             expert_pool=args.expert_pool == "true",
+            max_request_bytes=parse_bytes(args.max_request_bytes),
             embedder=args.embedder or None,
             upstreams=tuple(args.upstream or [spec for spec in (env_default("upstream") or "").split(",") if spec]),
         ).validate()
@@ -366,6 +367,7 @@ def _add_serve_parser(commands: argparse._SubParsersAction) -> None:
         "bytes for routed experts (MoE: the expert pool's slots, allocated at start) or cached dense variants, "
         "beyond the shared backbone (default 4GiB)",
     )
+    flag("max-request-bytes", "8MiB", "request bodies larger than this get 413 before they are read (default 8MiB)")
     flag(
         "expert-pool",
         "true",

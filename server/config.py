@@ -54,6 +54,7 @@ class ServerConfig:
     torch_threads: int | None = None  # intra-op threads; None: 1 on the CPU (see Service), torch's default on GPU
     embedder: str | None = None  # a local sentence-transformers model; default: all-MiniLM-L6-v2
     max_n: int = 16
+    max_request_bytes: int = 8 * 2**20  # larger bodies get 413 before anything reads them
     upstreams: tuple[str, ...] = ()  # "PATTERN=URL[#MODEL]": that pattern's requests go to another server
 
     @property
@@ -83,6 +84,8 @@ class ServerConfig:
             raise ValueError("--cache-budget must be positive")
         if self.max_batch < 1:
             raise ValueError("--max-batch must be at least 1")
+        if self.max_request_bytes < 1024:
+            raise ValueError("--max-request-bytes must be at least 1KiB")
         if self.cache_wait < 0:
             raise ValueError("--cache-wait must not be negative")
         if self.torch_threads is not None and self.torch_threads < 1:

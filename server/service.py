@@ -41,6 +41,9 @@ MAX_CHOICES = 128
 MAX_CHARACTERS_PER_TOKEN = 32
 """A text prompt longer than this many characters per context token cannot fit: refused untokenized."""
 
+MAX_ROUTED_CHARACTERS = 16_384
+"""Routing embeds the start of a query only: its embedder truncates at a few hundred tokens anyway."""
+
 Lease = Variant | PoolLease
 """What serves a request: a cached variant (dense models, or MoE without the pool) or a pool lease."""
 
@@ -207,7 +210,8 @@ class Service:
 
     def route(self, query: str) -> Resolved:
         with self.metrics.route_seconds.time():
-            decision = self.router.route(query)
+            # the embedder reads a few hundred tokens; tokenizing megabytes to throw them away is a DoS
+            decision = self.router.route(query[:MAX_ROUTED_CHARACTERS])
         resolved = Resolved(decision.pattern, decision.reason, decision.score, decision)
         self.metrics.routes.labels(resolved.label, decision.reason).inc()
         return resolved
@@ -327,6 +331,16 @@ class Service:
     # -- prompts -------------------------------------------------------------------------------
 
     def chat_prompt_ids(self, messages: Sequence[dict[str, str]]) -> list[int]:
+        """Token ids of a conversation through the model's chat template; a conversation too long for the
+        context at any tokenization is refused before it is tokenized (that is where the time goes)."""
+        characters = sum(len(str(message.get("content") or "")) for message in messages)
+        if characters > self._character_limit():
+            raise APIError(
+                400,
+                f"messages of {characters} characters cannot fit this model's context of {self.context_length} tokens",
+                code="context_length_exceeded",
+                param="messages",
+            )
         try:
             encoded = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True)
         except Exception as error:  # the model's own template rejects the conversation (jinja raises)
@@ -340,7 +354,7 @@ class Service:
         spending time on them."""
         if len(texts) * n > MAX_CHOICES:
             raise APIError(400, f"at most {MAX_CHOICES} choices per request (prompts x n)", param="prompt")
-        limit = MAX_CHARACTERS_PER_TOKEN * (self.context_length or 2**20)
+        limit = self._character_limit()
         for text in texts:
             if len(text) > limit:
                 raise APIError(
@@ -351,6 +365,9 @@ class Service:
                     param="prompt",
                 )
         return [list(self.tokenizer(text, add_special_tokens=True)["input_ids"]) for text in texts]
+
+    def _character_limit(self) -> int:
+        return MAX_CHARACTERS_PER_TOKEN * (self.context_length or 2**20)
 
     def check_length(self, prompt_tokens: int, max_tokens: int | None, param: str) -> int:
         return tokens_to_generate(self.context_length, prompt_tokens, max_tokens, param)

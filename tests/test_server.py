@@ -566,3 +566,37 @@ def test_patterns_share_the_expert_pool_and_the_cache_report_shows_it(server, cl
     assert server.metric("taskmoe_pool_slots_used") == report["pool"]["used_slots"]
     chat(client, get_task("arith").examples(1, EVAL_SEED)[0].prompt, model="demo-moe@arith", max_tokens=4)
     assert server.metric("taskmoe_pool_experts_loaded_total") == loaded, "resident experts are not loaded again"
+
+
+def test_oversized_bodies_get_413_before_they_are_read(server) -> None:
+    auth = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
+    big = b'{"model": "demo-moe", "messages": [{"role": "user", "content": "' + b"a" * (9 * 2**20) + b'"}]}'
+    declared = httpx.post(f"{server.url}/v1/chat/completions", content=big, headers=auth, timeout=60)
+    assert _error(declared, 413)["code"] == "request_too_large"
+
+    def chunks():
+        for start in range(0, len(big), 2**20):
+            yield big[start : start + 2**20]
+
+    streamed = httpx.post(f"{server.url}/v1/chat/completions", content=chunks(), headers=auth, timeout=60)
+    assert _error(streamed, 413)["code"] == "request_too_large"
+
+
+def test_long_inputs_are_refused_or_cut_before_tokenizing(server) -> None:
+    """A chat message far beyond the context used to be tokenized whole (seconds of CPU each) before the
+    400; routing used to tokenize a whole 10 MB input to embed its first few hundred tokens."""
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+    huge = "word " * 400_000  # 2 MB: under the body limit, far beyond the demo's context
+    started = time.perf_counter()
+    refused = httpx.post(
+        f"{server.url}/v1/chat/completions",
+        json={"model": "demo-moe", "messages": [{"role": "user", "content": huge}]},
+        headers=auth,
+        timeout=60,
+    )
+    assert _error(refused, 400)["code"] == "context_length_exceeded"
+    routed = httpx.post(f"{server.url}/v1/route", json={"input": "Sort: 3, 1, 2. " + huge}, headers=auth, timeout=60)
+    assert routed.status_code == 200
+    assert time.perf_counter() - started < 10, "neither request should tokenize megabytes"
+    empty = httpx.post(f"{server.url}/v1/route", json={"prompt": []}, headers=auth, timeout=30)
+    assert _error(empty, 400)["param"] == "prompt"

@@ -260,5 +260,5 @@ def test_non_finite_or_absurd_embeddings_are_refused_and_never_loaded(tmp_path, 
     reopened = PatternStore(tmp_path)
     assert reopened.names() == ["good"] and "embeddings" in reopened.problems["broken.json"]
     assert reopened.search(_unit(_basis(0))[0])[0].name == "good"
-    version, vectors, owners = reopened.examples()
+    _, vectors, owners = reopened.examples()
     assert "broken" not in owners and bool(torch.isfinite(torch.as_tensor(vectors)).all())

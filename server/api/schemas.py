@@ -191,7 +191,9 @@ class RouteRequest(BaseModel):
         if self.messages:
             return ChatCompletionRequest(model="-", messages=self.messages).query()
         if self.prompt is not None:
-            return self.prompt if isinstance(self.prompt, str) else (self.prompt[0] if self.prompt else "")
+            if isinstance(self.prompt, list) and not self.prompt:
+                raise APIError(400, "prompt is an empty list: give at least one prompt", param="prompt")
+            return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
         if self.input is not None:
             return self.input
         raise APIError(400, "give messages, prompt or input", param="input")
