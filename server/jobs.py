@@ -48,25 +48,48 @@ class Job:
         }
 
 
+class JobRefused(Exception):
+    """A job that cannot be taken now: one for the same subject is queued or running (`busy`), or the queue
+    is full."""
+
+    def __init__(self, message: str, busy: bool) -> None:
+        super().__init__(message)
+        self.busy = busy
+
+
 class JobRunner:
-    def __init__(self, keep: int = 200, on_error: Callable[[Job, str], None] | None = None) -> None:
+    def __init__(
+        self, keep: int = 200, on_error: Callable[[Job, str], None] | None = None, max_pending: int = 8
+    ) -> None:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="taskmoe-job")
         self._jobs: dict[str, Job] = {}
+        self._subjects: dict[str, str] = {}  # subject -> id of its queued or running job
         self._lock = threading.Lock()
         self._keep = keep
         self._on_error = on_error
+        self.max_pending = max_pending
 
-    def submit(self, kind: str, description: str, function: JobFunction) -> Job:
+    def submit(self, kind: str, description: str, function: JobFunction, subject: str | None = None) -> Job:
+        """Queue a job. With a `subject` (a pattern name), a second job for it while the first is queued or
+        running is refused; so is any job when `max_pending` are queued or running."""
         job = Job(id=f"job-{uuid.uuid4().hex[:16]}", kind=kind, description=description)
         with self._lock:
+            pending = [j for j in self._jobs.values() if j.finished is None]
+            if subject is not None and subject in self._subjects:
+                other = self._jobs[self._subjects[subject]]
+                raise JobRefused(f"job {other.id} for {subject!r} is still {other.status}", busy=True)
+            if len(pending) >= self.max_pending:
+                raise JobRefused(f"{len(pending)} jobs are queued or running, the most this server takes", busy=False)
+            if subject is not None:
+                self._subjects[subject] = job.id
             self._jobs[job.id] = job
             finished = [j for j in self._jobs.values() if j.finished is not None]
             for old in sorted(finished, key=lambda j: j.finished or 0)[: max(0, len(self._jobs) - self._keep)]:
                 del self._jobs[old.id]
-        self._executor.submit(self._run, job, function)
+        self._executor.submit(self._run, job, function, subject)
         return job
 
-    def _run(self, job: Job, function: JobFunction) -> None:
+    def _run(self, job: Job, function: JobFunction, subject: str | None = None) -> None:
         job.status, job.started = "running", time.time()
 
         def progress(fraction: float) -> None:
@@ -81,6 +104,9 @@ class JobRunner:
                 self._on_error(job, traceback.format_exc())
         finally:
             job.finished = time.time()
+            with self._lock:
+                if subject is not None and self._subjects.get(subject) == job.id:
+                    del self._subjects[subject]
 
     def get(self, job_id: str) -> Job | None:
         with self._lock:

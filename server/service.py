@@ -25,10 +25,10 @@ from server.cache import CacheFull, Variant, VariantBuildFailed, VariantCache, V
 from server.config import FULL_MODEL, ServerConfig
 from server.errors import APIError
 from server.expert_pool import ExpertPool, PoolLease
-from server.jobs import Job, JobRunner
+from server.jobs import Job, JobRefused, JobRunner
 from server.metrics import Metrics
 from server.model.pooled import PooledModel, RowRoute
-from server.model.pruning import model_fingerprint
+from server.model.pruning import keep_count, model_fingerprint
 from server.model.variant import VariantBuilder
 from server.patterns import CalibrationText, PatternRecipe, load_tokenizer, make_pattern
 from server.proxy import parse_upstreams
@@ -388,6 +388,7 @@ class Service:
     ) -> Job:
         """Start calibrating a pattern; it is routable as soon as the job succeeds."""
         self._check_new_name(name)
+        self._check_calibration_input(texts, examples, recipe)
         if recipe.refine == "e2e":
             # the answer-loss refinement holds the whole model beside the cached variants: only when it fits
             whole = self.builder.variant_bytes(None)
@@ -418,7 +419,45 @@ class Service:
                 self._forget(name)  # a replaced pattern's old variant must not serve again
             return self.pattern_summary(name)
 
-        return self.jobs.submit("calibrate", f"calibrate pattern {name!r} from {len(texts)} prompts", calibrate)
+        try:
+            return self.jobs.submit(
+                "calibrate", f"calibrate pattern {name!r} from {len(texts)} prompts", calibrate, subject=name
+            )
+        except JobRefused as refused:
+            if refused.busy:
+                raise APIError(409, str(refused), code="job_in_progress", param="name") from None
+            raise APIError(429, str(refused), code="too_many_jobs", headers={"Retry-After": "30"}) from None
+
+    def _check_calibration_input(
+        self, texts: Sequence[CalibrationText], examples: Sequence[str], recipe: PatternRecipe
+    ) -> None:
+        """Everything about a calibration job that can be checked before it is queued (so that a 202 means
+        the job can run): text a tokenizer can take, prompts that fit the context, a keep the model allows."""
+        limit = self._character_limit()
+        for param, values in (
+            ("prompts", [t.prompt for t in texts] + [t.response or "" for t in texts]),
+            ("examples", list(examples)),
+        ):
+            for text in values:
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise APIError(
+                        400, f"{param} must be valid Unicode text (a lone surrogate?)", param=param
+                    ) from None
+                if len(text) > limit:
+                    raise APIError(
+                        400, f"a text in {param} of {len(text)} characters cannot fit the model's context", param=param
+                    )
+        if self.builder.family.kind != "moe":
+            return
+        top_k = int(self.builder.config.num_experts_per_tok)
+        experts = min(layer.num_experts for layer in self.builder.sparse_layers.values())
+        param = "keep_experts" if recipe.keep_experts is not None else "keep"
+        try:
+            keep_count(experts, top_k, recipe.keep_ratio, recipe.keep_experts)
+        except ValueError as error:
+            raise APIError(400, f"{param}: {error}", param=param) from None
 
     def _check_new_name(self, name: str) -> None:
         try:

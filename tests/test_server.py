@@ -59,6 +59,7 @@ def direct():
 
 def admin(server, method: str, path: str, key: str | None = ADMIN_KEY, **kwargs) -> httpx.Response:
     headers = {"Authorization": f"Bearer {key}".encode("latin-1")} if key else {}
+    headers |= kwargs.pop("headers", {})
     return httpx.request(method, f"{server.url}/admin{path}", headers=headers, timeout=60, **kwargs)
 
 
@@ -600,3 +601,32 @@ def test_long_inputs_are_refused_or_cut_before_tokenizing(server) -> None:
     assert time.perf_counter() - started < 10, "neither request should tokenize megabytes"
     empty = httpx.post(f"{server.url}/v1/route", json={"prompt": []}, headers=auth, timeout=30)
     assert _error(empty, 400)["param"] == "prompt"
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"keep_experts": 1}, "keep_experts"),
+        ({"keep_experts": 1000}, "keep_experts"),
+        ({"keep": 0.01}, "keep"),
+        ({"prompts": ["Sort: 3, 1 \ud800"]}, "prompts"),
+        ({"examples": ["ok", "bad \udfff"]}, "examples"),
+    ],
+)
+def test_calibration_jobs_that_could_not_run_are_refused_before_202(server, extra, param) -> None:
+    body = {"name": "doomed", "prompts": ["Sort: 3, 1, 2"], **extra}
+    json_headers = {"Content-Type": "application/json"}
+    refused = admin(server, "POST", "/patterns", content=json.dumps(body), headers=json_headers)  # lone surrogates
+    assert _error(refused, 400)["param"] == param
+    assert "doomed" not in server.service.store.names()
+
+
+def test_a_second_job_for_the_same_name_is_a_409(server) -> None:
+    body = {"name": "twice", "prompts": [e.prompt for e in get_task("sort").examples(16, 99)]}
+    first = admin(server, "POST", "/patterns", json=body)
+    second = admin(server, "POST", "/patterns", json=body)
+    assert first.status_code == 202
+    assert _error(second, 409)["code"] == "job_in_progress"
+    job = wait_for_job(server, first.json()["id"])
+    assert job["status"] == "succeeded"
+    assert admin(server, "DELETE", "/patterns/twice").status_code == 200

@@ -212,7 +212,9 @@ class RegisterPatternRequest(BaseModel):
 
     name: str
     prompts: list[str | CalibrationPrompt] = Field(min_length=1, max_length=10_000)
-    examples: list[str] | None = Field(default=None, description="what routing matches; default: the prompts")
+    examples: list[str] | None = Field(
+        default=None, max_length=10_000, description="what routing matches; default: the prompts"
+    )
     method: str | None = Field(default=None, description="scoring method (default: reap for MoE, seap for dense)")
     budget: Literal["uniform", "adaptive"] = Field(default="uniform", description="MoE: kept experts per layer")
     refine: Literal["none", "local", "e2e"] = Field(
