@@ -77,6 +77,27 @@ class CacheListener:
     evicted: Callable[[Variant], None] = lambda variant: None
 
 
+class _Line:
+    """One request's place in the line for room (first come, first served); used under the cache's lock."""
+
+    def __init__(self, queue: list[object], room: threading.Condition) -> None:
+        self._queue, self._room, self._in = queue, room, False
+
+    def join(self) -> None:
+        if not self._in:
+            self._queue.append(self)
+            self._in = True
+
+    def behind(self) -> bool:
+        return self._in and self._queue[0] is not self
+
+    def leave(self) -> None:
+        if self._in:
+            self._queue.remove(self)
+            self._in = False
+            self._room.notify_all()
+
+
 @dataclass
 class _Pending:
     size: int
@@ -95,6 +116,7 @@ class VariantCache:
         self._draining: dict[int, Variant] = {}  # dropped while in use: freed when the last lease ends
         self._lock = threading.Lock()
         self._room = threading.Condition(self._lock)  # notified whenever pinned or reserved bytes may be freed
+        self._queue: list[object] = []  # requests waiting for room, first come first served
         self.evictions = 0
 
     # -- accounting --------------------------------------------------------------------------------
@@ -148,38 +170,62 @@ class VariantCache:
         up to `wait` seconds (default: the cache's) for a release."""
         deadline = time.monotonic() + (self.wait if wait is None else wait)
         with self._lock:
-            while True:
-                variant = self._entries.get(key)
-                if variant is not None:
-                    variant.pins += 1
-                    variant.hits += 1
-                    variant.last_used = time.monotonic()
-                    self._entries.move_to_end(key)
-                    self._notify("hit", key)
-                    return variant
-                pending = self._pending.get(key)
-                if pending is not None:
-                    pending.waiters += 1
-                    owner = False
-                    break
-                if callable(size):
-                    size = size()
-                try:
-                    self._make_room(size, key)
-                except CacheFull as full:
-                    remaining = deadline - time.monotonic()
-                    if full.permanent or remaining <= 0:
-                        raise
-                    self._room.wait(timeout=remaining)
-                    continue
-                pending = self._pending[key] = _Pending(size)
-                owner = True
-                break
+            line = _Line(self._queue, self._room)
+            if self._queue:
+                line.join()  # others wait for room: get in line behind them
+            try:
+                found = self._acquire_in_turn(key, size, deadline, line)
+            finally:
+                line.leave()
+        if isinstance(found, Variant):
+            return found
+        pending, owner = found
         if not owner:
             self._notify("hit", key)
             return pending.future.result()
         self._notify("miss", key)
         return self._build(key, pending, build)
+
+    def _acquire_in_turn(
+        self, key: VariantKey, size: int | Callable[[], int], deadline: float, line: _Line
+    ) -> Variant | tuple[_Pending, bool]:
+        """The lease loop (lock held): a hit (pinned), a build in flight to wait for (`owner` False), or room
+        reserved for a build of our own (`owner` True). A request that has to wait for room gets in line,
+        and nobody passes the head of the line: a big variant is not starved by a stream of small ones."""
+        while True:
+            if line.behind():
+                self._wait(deadline, f"{key.label}: requests are waiting ahead for room; retry shortly")
+                continue
+            variant = self._entries.get(key)
+            if variant is not None:
+                variant.pins += 1
+                variant.hits += 1
+                variant.last_used = time.monotonic()
+                self._entries.move_to_end(key)
+                self._notify("hit", key)
+                return variant
+            pending = self._pending.get(key)
+            if pending is not None:
+                pending.waiters += 1
+                return pending, False
+            if callable(size):
+                size = size()
+            try:
+                self._make_room(size, key)
+            except CacheFull as full:
+                if full.permanent or deadline <= time.monotonic():
+                    raise
+                line.join()
+                self._wait(deadline, str(full))
+                continue
+            pending = self._pending[key] = _Pending(size)
+            return pending, True
+
+    def _wait(self, deadline: float, why: str) -> None:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise CacheFull(why)
+        self._room.wait(timeout=remaining)
 
     def _build(self, key: VariantKey, pending: _Pending, build: Callable[[], Any]) -> Variant:
         started = time.perf_counter()

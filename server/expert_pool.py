@@ -12,7 +12,8 @@ What a server under load needs from it, as from the variant cache it replaces:
 - concurrent requests needing the same missing expert share one load (the later ones wait for it);
 - a failed load is reported to every waiter and leaves the slot free, so the next request retries;
 - the slots are never exceeded: when the union of the running patterns' experts cannot fit, a request waits
-  up to `wait` seconds for leases to end, then gets `CacheFull` (503 with Retry-After);
+  up to `wait` seconds for leases to end, then gets `CacheFull` (503 with Retry-After); waiting requests are
+  served first come first served, and while one waits, newcomers queue behind it;
 - a pattern that keeps more experts in some layer than the pool has slots is refused outright.
 """
 
@@ -95,6 +96,7 @@ class ExpertPool:
         self._lock = threading.Lock()
         self._room = threading.Condition(self._lock)
         self._routes: dict[str, tuple[VariantKey, RowRoute]] = {}  # the latest revision of each pattern leased
+        self._queue: list[object] = []  # requests waiting for room, first come first served
         self.loaded_experts = 0
         self.evicted_experts = 0
 
@@ -179,14 +181,8 @@ class ExpertPool:
         deadline = time.monotonic() + (self.wait if wait is None else wait)
         with self._lock:
             self._check_fits(key, route)
-            while not self._has_room(route):
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise CacheFull(
-                        f"the experts of {key.label} do not fit beside the patterns in use ({self._occupancy()}); "
-                        "retry shortly"
-                    )
-                self._room.wait(timeout=remaining)
+            if self._queue or not self._has_room(route):
+                self._wait_in_turn(key, route, deadline)
             mine, theirs, pins = self._reserve(route)
             self._routes[key.label] = (key, route)
         started = time.perf_counter()
@@ -250,6 +246,25 @@ class ExpertPool:
             return 1 if self._routes.pop(pattern, None) is not None else 0
 
     # -- inside the lock ------------------------------------------------------------------------------
+
+    def _wait_in_turn(self, key: VariantKey, route: RowRoute, deadline: float) -> None:
+        """Wait, first come first served, until `route` fits: a request that needs much room (the full
+        model) is not starved by a stream of smaller ones that would each fit. Lock held."""
+        ticket = object()
+        self._queue.append(ticket)
+        try:
+            while self._queue[0] is not ticket or not self._has_room(route):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    ahead = self._queue.index(ticket)
+                    raise CacheFull(
+                        f"the experts of {key.label} do not fit beside the patterns in use ({self._occupancy()}"
+                        f"{f', {ahead} requests waiting ahead' if ahead else ''}); retry shortly"
+                    )
+                self._room.wait(timeout=remaining)
+        finally:
+            self._queue.remove(ticket)
+            self._room.notify_all()
 
     def _check_fits(self, key: VariantKey, route: RowRoute) -> None:
         for index, state in self.layers.items():

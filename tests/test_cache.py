@@ -167,3 +167,33 @@ def test_a_failing_listener_strands_no_waiter() -> None:
     results = []
     concurrently(lambda: results.append(cache.acquire(key("a"), 100, build)), 3, gate)
     assert len(results) == 3 and results[0].pins == 3
+
+
+def test_a_big_variant_waiting_for_room_is_not_starved_by_small_ones() -> None:
+    """Under a tight budget the full model, which needs the whole budget, got none of its requests through
+    while small variants kept taking the room: the line for room is first come, first served."""
+    cache = VariantCache(budget=100, wait=10)
+    small = cache.acquire(VariantKey("small"), 40, lambda: "small")
+    order: list[str] = []
+
+    def big() -> None:
+        variant = cache.acquire(VariantKey(None), 100, lambda: "full")
+        order.append("full")
+        time.sleep(0.05)
+        cache.release(variant)
+
+    def another_small() -> None:
+        time.sleep(0.1)  # arrives after the big one started waiting
+        variant = cache.acquire(VariantKey("small"), 40, lambda: "small")
+        order.append("small")
+        cache.release(variant)
+
+    threads = [threading.Thread(target=big), threading.Thread(target=another_small)]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.3)
+    assert order == [], "the small request must queue behind the waiting big one, although its variant is cached"
+    cache.release(small)
+    for thread in threads:
+        thread.join()
+    assert order == ["full", "small"]

@@ -306,3 +306,30 @@ def test_the_pool_lives_on_the_gpu_and_loads_through_pinned_buffers(checkpoints)
         variant = builder.build(Selection("moe_experts", {k: list(v) for k, v in kept.items()}))
         torch.testing.assert_close(got, variant(x).logits.float(), rtol=2e-2, atol=2e-2)
     pool.release(lease)
+
+
+def test_a_request_waiting_for_room_is_served_before_later_ones(checkpoints) -> None:
+    """First come, first served for room: a pattern that waits for slots is not passed by later requests,
+    not even by ones whose experts are resident (they would keep the slots pinned forever under load)."""
+    builder = VariantBuilder(checkpoints["qwen3_moe"])
+    patterns = _patterns(builder)
+    pool = ExpertPool(PooledModel(builder, slots=4), wait=10)
+    held = pool.acquire(VariantKey("b"), _route("b", patterns["b"]))
+    order: list[str] = []
+
+    def lease(name: str, delay: float) -> None:
+        time.sleep(delay)
+        got = pool.acquire(VariantKey(name), _route(name, patterns[name]))
+        order.append(name)
+        time.sleep(0.05)
+        pool.release(got)
+
+    threads = [threading.Thread(target=lease, args=("a", 0.0)), threading.Thread(target=lease, args=("b", 0.1))]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.3)
+    assert order == [], "b's experts are resident, but a waits ahead of it"
+    pool.release(held)
+    for thread in threads:
+        thread.join()
+    assert order == ["a", "b"]

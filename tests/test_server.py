@@ -630,3 +630,40 @@ def test_a_second_job_for_the_same_name_is_a_409(server) -> None:
     job = wait_for_job(server, first.json()["id"])
     assert job["status"] == "succeeded"
     assert admin(server, "DELETE", "/patterns/twice").status_code == 200
+
+
+@pytest.mark.parametrize("expert_pool", [False, True], ids=["variants", "pool"])
+def test_the_full_model_gets_through_a_stream_of_smaller_patterns(tmp_path, expert_pool) -> None:
+    """Under a budget that holds the whole model only, `@full` got 0 of 20 requests through while the
+    variants kept the room; requests now wait for room first come, first served. (The pool shares the
+    experts the patterns pin with the full model, so there it never had to wait.)"""
+    builder = VariantBuilder(DEMO_MOE)
+    whole = builder.variant_bytes(None)
+    config = ServerConfig(
+        model=DEMO_MOE, store=copy_demo_store(tmp_path), cache_budget=whole, cache_wait=2, expert_pool=expert_pool
+    )
+    with running_server(config) as tight:
+        client = openai.OpenAI(base_url=f"{tight.url}/v1", api_key="unused", max_retries=0, timeout=120)
+        stop = threading.Event()
+
+        def stream_of(task: str) -> None:
+            prompts = [e.prompt for e in get_task(task).examples(50, 123)]
+            for prompt in prompts:
+                if stop.is_set():
+                    return
+                chat(client, prompt, model=f"demo-moe@{task}", max_tokens=8)
+
+        tasks = ("arith", "sort", "upper", "reverse", "spell", "translate")
+        background = [threading.Thread(target=stream_of, args=(task,)) for task in tasks]
+        for thread in background:
+            thread.start()
+        try:
+            answered = 0
+            for example in get_task("spell").examples(5, 321):
+                _, headers = chat(client, example.prompt, model="demo-moe@full", max_tokens=8)
+                answered += headers["x-taskmoe-pattern"] == "full"
+        finally:
+            stop.set()
+            for thread in background:
+                thread.join()
+        assert answered == 5
