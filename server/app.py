@@ -15,7 +15,7 @@ from fastapi import FastAPI
 
 from server.api import admin_routes, openai_routes, ops_routes
 from server.api.body_limit import BodyLimit
-from server.api.errors import install_error_handlers
+from server.api.errors import install_error_handlers, install_openapi
 from server.api.observe import RequestObserver
 from server.config import ServerConfig
 from server.metrics import Metrics
@@ -52,6 +52,7 @@ def create_app(config: ServerConfig) -> FastAPI:
         redoc_url=None,
     )
     install_error_handlers(app)
+    install_openapi(app)
     app.include_router(ops_routes.router)
     app.include_router(openai_routes.router)
     if config.admin_key:

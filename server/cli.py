@@ -310,6 +310,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             max_batch=int(args.max_batch),
             expert_pool=args.expert_pool == "true",
             max_request_bytes=parse_bytes(args.max_request_bytes),
+            metrics_public=args.metrics_public == "true",
             embedder=args.embedder or None,
             upstreams=tuple(args.upstream or [spec for spec in (env_default("upstream") or "").split(",") if spec]),
         ).validate()
@@ -366,6 +367,12 @@ def _add_serve_parser(commands: argparse._SubParsersAction) -> None:
         "4GiB",
         "bytes for routed experts (MoE: the expert pool's slots, allocated at start) or cached dense variants, "
         "beyond the shared backbone (default 4GiB)",
+    )
+    flag(
+        "metrics-public",
+        "true",
+        "true (default): /metrics is open; false: it needs the API or admin key (its labels name the patterns)",
+        choices=["true", "false"],
     )
     flag("max-request-bytes", "8MiB", "request bodies larger than this get 413 before they are read (default 8MiB)")
     flag(

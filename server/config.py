@@ -54,6 +54,7 @@ class ServerConfig:
     torch_threads: int | None = None  # intra-op threads; None: 1 on the CPU (see Service), torch's default on GPU
     embedder: str | None = None  # a local sentence-transformers model; default: all-MiniLM-L6-v2
     max_n: int = 16
+    metrics_public: bool = True  # False: /metrics needs the API or admin key (it names the patterns)
     max_request_bytes: int = 8 * 2**20  # larger bodies get 413 before anything reads them
     upstreams: tuple[str, ...] = ()  # "PATTERN=URL[#MODEL]": that pattern's requests go to another server
 
@@ -84,6 +85,8 @@ class ServerConfig:
             raise ValueError("--cache-budget must be positive")
         if self.max_batch < 1:
             raise ValueError("--max-batch must be at least 1")
+        if not self.metrics_public and not (self.api_key or self.admin_key):
+            raise ValueError("--metrics-public false needs an --api-key or --admin-key to read /metrics with")
         if self.max_request_bytes < 1024:
             raise ValueError("--max-request-bytes must be at least 1KiB")
         if self.cache_wait < 0:

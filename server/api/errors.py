@@ -5,9 +5,11 @@ request id for the logs, never a traceback."""
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -58,3 +60,48 @@ def install_error_handlers(app: FastAPI) -> None:
         request_id = getattr(request.state, "request_id", "?")
         log.exception("unhandled error in %s %s", request.method, request.url.path)
         return error_response(APIError(500, f"internal server error (request id {request_id})", code="internal_error"))
+
+
+ERROR_SCHEMA: dict[str, Any] = {
+    "title": "ErrorResponse",
+    "type": "object",
+    "required": ["error"],
+    "properties": {
+        "error": {
+            "type": "object",
+            "required": ["message", "type"],
+            "properties": {
+                "message": {"type": "string"},
+                "type": {"type": "string"},
+                "param": {"anyOf": [{"type": "string"}, {"type": "null"}]},
+                "code": {"anyOf": [{"type": "string"}, {"type": "null"}]},
+            },
+        }
+    },
+}
+
+
+def install_openapi(app: FastAPI) -> None:
+    """The schema says what the server does: bad requests are 400 with an OpenAI error body (FastAPI would
+    document its own 422 validation error, which this server never sends)."""
+
+    def schema() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            document = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+            components = document.setdefault("components", {}).setdefault("schemas", {})
+            components.pop("HTTPValidationError", None)
+            components.pop("ValidationError", None)
+            components["ErrorResponse"] = ERROR_SCHEMA
+            error_body = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}
+            for operations in document.get("paths", {}).values():
+                for operation in operations.values():
+                    responses = operation.setdefault("responses", {})
+                    if responses.pop("422", None) is not None:
+                        responses["400"] = {
+                            "description": "Invalid request (an OpenAI error body)",
+                            "content": error_body,
+                        }
+            app.openapi_schema = document
+        return app.openapi_schema
+
+    app.openapi = schema  # type: ignore[method-assign]

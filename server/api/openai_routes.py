@@ -308,6 +308,8 @@ async def _respond(request: Request, service: Service, plan: _Plan, stream: bool
     finally:
         watcher.cancel()
     request.state.completion_tokens = sum(g.completion_tokens for g in generations)
+    if cancel.is_set():  # the client left: nobody reads this answer, and the log and metrics say so (nginx's 499)
+        return JSONResponse({"error": {"message": "client closed the request", "type": "cancelled"}}, status_code=499)
     texts = [(choice.text, choice.finish_reason) for generation in generations for choice in generation.choices]
     body = completion_body(
         plan.kind, plan.request_id, plan.created, plan.model_id, plan.fingerprint, texts, _usage(plan, generations)

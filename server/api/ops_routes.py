@@ -1,10 +1,15 @@
-"""Liveness, readiness and Prometheus metrics: open to the cluster, no API key."""
+"""Liveness, readiness and Prometheus metrics: open to the cluster, no API key (metrics: unless
+`--metrics-public false`)."""
 
 from __future__ import annotations
+
+import secrets
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
+from server.api.openai_routes import bearer_token
+from server.errors import APIError
 from server.metrics import CONTENT_TYPE
 
 router = APIRouter()
@@ -31,4 +36,11 @@ async def ready(request: Request) -> JSONResponse:
 
 @router.get("/metrics")
 async def metrics(request: Request) -> Response:
+    """Prometheus metrics; with `--metrics-public false` only for the API or admin key (they name patterns)."""
+    config = request.app.state.config
+    if not config.metrics_public:
+        token = bearer_token(request)
+        keys = [key for key in (config.api_key, config.admin_key) if key]
+        if token is None or not any(secrets.compare_digest(token.encode(), key.encode()) for key in keys):
+            raise APIError(401, "/metrics needs 'Authorization: Bearer <API or admin key>'", code="invalid_api_key")
     return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE)
