@@ -26,6 +26,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+from server.config import FULL_MODEL
+
 log = logging.getLogger("taskmoe.cache")
 
 
@@ -38,7 +40,7 @@ class VariantKey:
 
     @property
     def label(self) -> str:
-        return self.pattern or "full"
+        return self.pattern or FULL_MODEL
 
 
 @dataclass

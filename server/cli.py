@@ -345,7 +345,7 @@ def cmd_bundle(args: argparse.Namespace) -> int:
 
 
 def _add_serve_parser(commands: argparse._SubParsersAction) -> None:
-    from server.config import env_default
+    from server.config import FULL_MODEL, env_default
 
     serve = commands.add_parser(
         "serve",
@@ -385,7 +385,7 @@ def _add_serve_parser(commands: argparse._SubParsersAction) -> None:
     flag("cache-wait", "30", "seconds a request waits for busy variants to free room before a 503 (default 30)")
     flag("route-threshold", "0.3", "similarity below which a query matches no task and gets the fallback")
     flag("route-rule", "classifier", "classifier (default), centroid or knn", choices=["classifier", "centroid", "knn"])
-    flag("fallback", "full", "what serves unmatched queries: full (the whole model) or a pattern name")
+    flag("fallback", FULL_MODEL, "what serves unmatched queries: full (the whole model) or a pattern name")
     flag("api-key", None, "require 'Authorization: Bearer KEY' on /v1 routes")
     flag("admin-key", None, "enable the /admin API, with this key")
     flag("served-model-name", None, "the model id clients use (default: the model directory's name)")

@@ -11,7 +11,6 @@ import logging
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -32,14 +31,20 @@ from server.model.pruning import keep_count, model_fingerprint
 from server.model.variant import VariantBuilder
 from server.patterns import CalibrationText, PatternRecipe, load_tokenizer, make_pattern
 from server.proxy import parse_upstreams
-from server.routing import RouteDecision, Router
+from server.request_path import (
+    Resolved,
+    character_limit,
+    chat_prompt_ids,
+    eos_ids,
+    explicit_choice,
+    model_ids,
+)
+from server.routing import Router
 
 log = logging.getLogger("taskmoe.service")
 
 MAX_CHOICES = 128
 """Prompts x n in one request."""
-MAX_CHARACTERS_PER_TOKEN = 32
-"""A text prompt longer than this many characters per context token cannot fit: refused untokenized."""
 
 MAX_ROUTED_CHARACTERS = 16_384
 """Routing embeds the start of a query only: its embedder truncates at a few hundred tokens anyway."""
@@ -61,77 +66,6 @@ def pool_slots(builder: VariantBuilder, budget: int) -> int:
             f"({top_k * per_slot} bytes)"
         )
     return int(slots)
-
-
-@dataclass(frozen=True)
-class Resolved:
-    """Which pattern serves a request (None: the full model) and how it was chosen."""
-
-    pattern: str | None
-    how: str  # "explicit", or the router's reason ("classifier", "below-threshold", ...)
-    score: float | None = None
-    decision: RouteDecision | None = None
-
-    @property
-    def label(self) -> str:
-        return self.pattern or "full"
-
-
-def explicit_choice(model: str, pattern: str | None, model_name: str, store: PatternStore) -> Resolved | None:
-    """The pattern a request names (`MODEL@PATTERN` or the `pattern` field; `full`: the full model), or
-    None when it names none and must be routed. Unknown models and patterns are errors."""
-    name, at, suffix = model.partition("@")
-    if at and not suffix:
-        raise APIError(400, f"model {model!r} names no pattern after '@'", param="model")
-    if name != model_name:
-        raise APIError(
-            404,
-            f"model {model!r} does not exist; this server serves {model_name!r} (see /v1/models)",
-            code="model_not_found",
-            param="model",
-        )
-    if suffix and pattern and suffix != pattern:
-        raise APIError(400, f"model names pattern {suffix!r} but the pattern field says {pattern!r}", param="pattern")
-    explicit = suffix or pattern
-    if not explicit:
-        return None
-    if explicit == FULL_MODEL:
-        return Resolved(None, "explicit")
-    if explicit not in store:
-        raise APIError(
-            404,
-            f"pattern {explicit!r} does not exist; stored patterns: {', '.join(store.names()) or 'none'}",
-            code="pattern_not_found",
-            param="model" if suffix else "pattern",
-        )
-    return Resolved(explicit, "explicit")
-
-
-def tokens_to_generate(context_length: int | None, prompt_tokens: int, max_tokens: int | None, param: str) -> int:
-    """`max_tokens`, or the rest of the context when not given; a request that cannot fit is a 400."""
-    if prompt_tokens == 0:
-        raise APIError(400, "the prompt is empty", param="prompt")
-    if context_length is None:
-        return max_tokens or 256
-    room = context_length - prompt_tokens
-    if max_tokens is None:
-        if room < 1:
-            raise APIError(
-                400,
-                f"the prompt has {prompt_tokens} tokens; this model's context is {context_length}",
-                code="context_length_exceeded",
-                param="messages",
-            )
-        return room
-    if max_tokens > room:
-        raise APIError(
-            400,
-            f"this model's context is {context_length} tokens; the prompt has {prompt_tokens} and "
-            f"{param} asks for {max_tokens} more. Shorten the prompt or lower {param}.",
-            code="context_length_exceeded",
-            param=param,
-        )
-    return max_tokens
 
 
 class Service:
@@ -166,7 +100,7 @@ class Service:
         self._pool_decoder: BatchedDecoder | None = None
         self.jobs = JobRunner(on_error=lambda job, trace: log.error("job %s failed:\n%s", job.id, trace))
         self.context_length = int(getattr(self.builder.config, "max_position_embeddings", 0) or 0) or None
-        self.eos_ids = self._eos_ids()
+        self.eos_ids = eos_ids(self.tokenizer, self.builder.generation_config)
         self._calibration_lock = threading.Lock()
         self._decoder_lock = threading.Lock()
         self.metrics.budget.set(config.cache_budget)
@@ -181,15 +115,6 @@ class Service:
             torch.set_num_threads(requested)
         return torch.get_num_threads()
 
-    def _eos_ids(self) -> tuple[int, ...]:
-        ids = set()
-        for source in (self.tokenizer.eos_token_id, getattr(self.builder.generation_config, "eos_token_id", None)):
-            if isinstance(source, int):
-                ids.add(source)
-            elif isinstance(source, list | tuple):
-                ids.update(int(i) for i in source)
-        return tuple(sorted(ids))
-
     def close(self) -> None:
         self.jobs.shutdown()
 
@@ -200,7 +125,7 @@ class Service:
         return self.config.served_name
 
     def model_ids(self) -> list[str]:
-        return [self.model_name, *(f"{self.model_name}@{name}" for name in self.store.names())]
+        return model_ids(self.model_name, self.store.names())
 
     # -- choosing the pattern ------------------------------------------------------------------
 
@@ -331,23 +256,7 @@ class Service:
     # -- prompts -------------------------------------------------------------------------------
 
     def chat_prompt_ids(self, messages: Sequence[dict[str, str]]) -> list[int]:
-        """Token ids of a conversation through the model's chat template; a conversation too long for the
-        context at any tokenization is refused before it is tokenized (that is where the time goes)."""
-        characters = sum(len(str(message.get("content") or "")) for message in messages)
-        if characters > self._character_limit():
-            raise APIError(
-                400,
-                f"messages of {characters} characters cannot fit this model's context of {self.context_length} tokens",
-                code="context_length_exceeded",
-                param="messages",
-            )
-        try:
-            encoded = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True)
-        except Exception as error:  # the model's own template rejects the conversation (jinja raises)
-            raise APIError(
-                400, f"the model's chat template rejects these messages: {error}", param="messages"
-            ) from None
-        return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
+        return chat_prompt_ids(self.tokenizer, messages, self.context_length)
 
     def text_prompts_ids(self, texts: Sequence[str], n: int) -> list[list[int]]:
         """Token ids of a batch of text prompts; refuses batches and prompts that could never fit before
@@ -367,10 +276,7 @@ class Service:
         return [list(self.tokenizer(text, add_special_tokens=True)["input_ids"]) for text in texts]
 
     def _character_limit(self) -> int:
-        return MAX_CHARACTERS_PER_TOKEN * (self.context_length or 2**20)
-
-    def check_length(self, prompt_tokens: int, max_tokens: int | None, param: str) -> int:
-        return tokens_to_generate(self.context_length, prompt_tokens, max_tokens, param)
+        return character_limit(self.context_length)
 
     # -- managing patterns ---------------------------------------------------------------------
 

@@ -37,15 +37,17 @@ from pattern_store.store import PatternStore
 from server.api.errors import install_error_handlers
 from server.api.openai_routes import completion_body
 from server.api.schemas import ChatCompletionRequest
+from server.config import FULL_MODEL
 from server.engine import Generation, SamplingParams
 from server.errors import APIError
 from server.model.pruning import model_fingerprint
 from server.model.variant import VariantBuilder
 from server.patterns import load_tokenizer
+from server.request_path import chat_prompt_ids, eos_ids, explicit_choice, model_ids, sampling_params, served_id
 from server.routing import Router
-from server.service import explicit_choice, tokens_to_generate
 
 MAX_VARIANTS_PER_REPLICA = int(os.environ.get("TASKMOE_MAX_VARIANTS_PER_REPLICA", "4"))
+MAX_N = 16  # as `taskmoe serve --max-n`
 
 api = FastAPI(title="taskmoe on Ray Serve")
 install_error_handlers(api)
@@ -62,13 +64,13 @@ class VariantReplica:
         self.fingerprint = model_fingerprint(model)
         self.replica = serve.get_replica_context().replica_id.unique_id
         self.builds: dict[str, int] = {}
-        self.eos_ids = [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
+        self.eos_ids = eos_ids(self.tokenizer, self.builder.generation_config)
 
     @serve.multiplexed(max_num_models_per_replica=MAX_VARIANTS_PER_REPLICA)
     async def variant(self, pattern: str) -> Any:
-        """Build the variant of `pattern` ('full': the whole model); Serve keeps the recent ones."""
+        """Build the variant of `pattern` (FULL_MODEL: the whole model); Serve keeps the recent ones."""
         selection = None
-        if pattern != "full":
+        if pattern != FULL_MODEL:
             self.store.refresh()
             stored = self.store.get(pattern)
             stored.check_model(self.fingerprint)
@@ -77,10 +79,10 @@ class VariantReplica:
         self.builds[pattern] = self.builds.get(pattern, 0) + 1
         return model
 
-    async def generate(self, prompt_ids: list[int], params: dict[str, Any]) -> dict[str, Any]:
+    async def generate(self, prompt_ids: list[int], params: SamplingParams) -> dict[str, Any]:
         pattern = serve.get_multiplexed_model_id()
         model = await self.variant(pattern)
-        generation = Generation(model, self.tokenizer, prompt_ids, SamplingParams(**params), self.eos_ids)
+        generation = Generation(model, self.tokenizer, prompt_ids, params, self.eos_ids)
         await asyncio.to_thread(generation.run)
         return {
             "choices": [(choice.text, choice.finish_reason) for choice in generation.choices],
@@ -101,19 +103,19 @@ class Ingress:
         model: str,
         store: str,
         route_threshold: float = 0.3,
-        fallback: str = "full",
+        fallback: str = FULL_MODEL,
     ) -> None:
         self.replicas = replicas
         self.model_name = Path(model).resolve().name
         self.tokenizer = load_tokenizer(model)
         self.context = int(getattr(AutoConfig.from_pretrained(model), "max_position_embeddings", 0) or 0) or None
         self.store = PatternStore(store, create=False)
-        fallback_pattern = None if fallback == "full" else fallback
+        fallback_pattern = None if fallback == FULL_MODEL else fallback
         self.router = Router(self.store, Embedder(), threshold=route_threshold, fallback=fallback_pattern)
 
     @api.get("/v1/models")
     async def models(self) -> dict[str, Any]:
-        ids = [self.model_name, *(f"{self.model_name}@{name}" for name in self.store.names())]
+        ids = model_ids(self.model_name, self.store.names())
         return {"object": "list", "data": [{"id": i, "object": "model", "owned_by": "taskmoe"} for i in ids]}
 
     def _pattern(self, body: ChatCompletionRequest) -> tuple[str, str]:
@@ -121,35 +123,21 @@ class Ingress:
         if chosen is not None:
             return chosen.label, chosen.how
         decision = self.router.route(body.query())
-        return decision.pattern or "full", decision.reason
+        return decision.pattern or FULL_MODEL, decision.reason
 
     @api.post("/v1/chat/completions")
     async def chat(self, body: ChatCompletionRequest) -> JSONResponse:
         body.unsupported()
         if body.stream:
             raise APIError(400, "streaming is served by `taskmoe serve`; the Ray app answers whole", param="stream")
-        try:
-            encoded = self.tokenizer.apply_chat_template(body.conversation(), add_generation_prompt=True)
-        except Exception as error:  # the model's template rejects the conversation
-            raise APIError(400, f"the chat template rejects these messages: {error}", param="messages") from None
-        prompt = list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
-        limit, param = body.token_limit
-        max_tokens = tokens_to_generate(self.context, len(prompt), limit, param)
+        prompt = chat_prompt_ids(self.tokenizer, body.conversation(), self.context)
+        params = sampling_params(body, len(prompt), body.token_limit, self.context, MAX_N)
         pattern, how = await asyncio.to_thread(self._pattern, body)
-        params = {
-            "max_tokens": max_tokens,
-            "temperature": 1.0 if body.temperature is None else body.temperature,
-            "top_p": 1.0 if body.top_p is None else body.top_p,
-            "seed": body.seed,
-            "stop": body.stops,
-            "n": body.n or 1,
-            "ignore_eos": body.ignore_eos,
-        }
         try:
             result = await self.replicas.options(multiplexed_model_id=pattern).generate.remote(prompt, params)
         except PatternError as error:
             raise APIError(409, str(error), code="pattern_unusable") from None
-        model_id = self.model_name if pattern == "full" else f"{self.model_name}@{pattern}"
+        model_id = served_id(self.model_name, pattern)
         usage = {"prompt_tokens": len(prompt), "completion_tokens": result["completion_tokens"]}
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
         response = completion_body(
@@ -185,5 +173,5 @@ def build_app(args: dict[str, str]) -> serve.Application:
         model,
         store,
         float(args.get("route_threshold", 0.3)),
-        args.get("fallback", "full"),
+        args.get("fallback", FULL_MODEL),
     )

@@ -24,7 +24,8 @@ from starlette.concurrency import run_in_threadpool
 from server.api.schemas import ChatCompletionRequest, CompletionRequest, GenerationRequest, RouteRequest
 from server.engine import Delta, Generation, SamplingParams
 from server.errors import APIError
-from server.service import Resolved, Service
+from server.request_path import Resolved, sampling_params, served_id
+from server.service import Service
 
 log = logging.getLogger("taskmoe.api")
 
@@ -130,24 +131,7 @@ class _Plan:
 
 
 def _served_id(service: Service, resolved: Resolved) -> str:
-    return f"{service.model_name}@{resolved.pattern}" if resolved.pattern else service.model_name
-
-
-def _sampling(
-    service: Service, body: GenerationRequest, prompt_tokens: int, limit: int | None, param: str
-) -> SamplingParams:
-    n = body.n or 1
-    if n > service.config.max_n:
-        raise APIError(400, f"n is at most {service.config.max_n}", param="n")
-    return SamplingParams(
-        max_tokens=service.check_length(prompt_tokens, limit, param),
-        temperature=1.0 if body.temperature is None else body.temperature,
-        top_p=1.0 if body.top_p is None else body.top_p,
-        seed=body.seed,
-        stop=body.stops,
-        n=n,
-        ignore_eos=body.ignore_eos,
-    )
+    return served_id(service.model_name, resolved.pattern)
 
 
 async def _plan(
@@ -160,7 +144,7 @@ async def _plan(
 ) -> _Plan:
     service = service_of(request)
     body.unsupported()
-    params = [_sampling(service, body, len(ids), *limit) for ids in prompts]
+    params = [sampling_params(body, len(ids), limit, service.context_length, service.config.max_n) for ids in prompts]
     resolved = await run_in_threadpool(service.resolve, body.model, body.pattern, query)
     request.state.pattern, request.state.route_reason = resolved.label, resolved.how
     prefix = "chatcmpl" if kind == "chat" else "cmpl"

@@ -1,0 +1,156 @@
+"""What turns an OpenAI request into a generation, shared by `taskmoe serve` and the Ray Serve app so that
+the two answer alike: the model list, the chat template, the length rules, the sampling parameters and the
+tokens that end a generation. No HTTP here beyond the `APIError`s a bad request gets."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from transformers import GenerationConfig, PreTrainedTokenizerBase
+
+from pattern_store.store import PatternStore
+from server.config import FULL_MODEL
+from server.engine import SamplingParams
+from server.errors import APIError
+from server.routing import RouteDecision
+
+MAX_CHARACTERS_PER_TOKEN = 32
+"""A text longer than this many characters per context token cannot fit: refused untokenized."""
+
+
+def model_ids(model_name: str, patterns: Iterable[str]) -> list[str]:
+    """`GET /v1/models`: the model (routed) and `MODEL@PATTERN` for every stored pattern."""
+    return [model_name, *(f"{model_name}@{name}" for name in patterns)]
+
+
+def served_id(model_name: str, pattern: str | None) -> str:
+    """The `model` field of a response: which variant answered (None: the full model)."""
+    return f"{model_name}@{pattern}" if pattern and pattern != FULL_MODEL else model_name
+
+
+def character_limit(context_length: int | None) -> int:
+    return MAX_CHARACTERS_PER_TOKEN * (context_length or 2**20)
+
+
+def chat_prompt_ids(
+    tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict[str, Any]], context_length: int | None
+) -> list[int]:
+    """Token ids of a conversation through the model's chat template. A conversation too long for the
+    context at any tokenization is refused before it is tokenized (that is where the time goes)."""
+    characters = sum(len(str(message.get("content") or "")) for message in messages)
+    if characters > character_limit(context_length):
+        raise APIError(
+            400,
+            f"messages of {characters} characters cannot fit this model's context of {context_length} tokens",
+            code="context_length_exceeded",
+            param="messages",
+        )
+    try:
+        encoded = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True)
+    except Exception as error:  # the model's own template rejects the conversation (jinja raises)
+        raise APIError(400, f"the model's chat template rejects these messages: {error}", param="messages") from None
+    return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """Which pattern serves a request (None: the full model) and how it was chosen."""
+
+    pattern: str | None
+    how: str  # "explicit", or the router's reason ("classifier", "below-threshold", ...)
+    score: float | None = None
+    decision: RouteDecision | None = None
+
+    @property
+    def label(self) -> str:
+        return self.pattern or FULL_MODEL
+
+
+def explicit_choice(model: str, pattern: str | None, model_name: str, store: PatternStore) -> Resolved | None:
+    """The pattern a request names (`MODEL@PATTERN` or the `pattern` field; `full`: the full model), or
+    None when it names none and must be routed. Unknown models and patterns are errors."""
+    name, at, suffix = model.partition("@")
+    if at and not suffix:
+        raise APIError(400, f"model {model!r} names no pattern after '@'", param="model")
+    if name != model_name:
+        raise APIError(
+            404,
+            f"model {model!r} does not exist; this server serves {model_name!r} (see /v1/models)",
+            code="model_not_found",
+            param="model",
+        )
+    if suffix and pattern and suffix != pattern:
+        raise APIError(400, f"model names pattern {suffix!r} but the pattern field says {pattern!r}", param="pattern")
+    explicit = suffix or pattern
+    if not explicit:
+        return None
+    if explicit == FULL_MODEL:
+        return Resolved(None, "explicit")
+    if explicit not in store:
+        raise APIError(
+            404,
+            f"pattern {explicit!r} does not exist; stored patterns: {', '.join(store.names()) or 'none'}",
+            code="pattern_not_found",
+            param="model" if suffix else "pattern",
+        )
+    return Resolved(explicit, "explicit")
+
+
+def tokens_to_generate(context_length: int | None, prompt_tokens: int, max_tokens: int | None, param: str) -> int:
+    """`max_tokens`, or the rest of the context when not given; a request that cannot fit is a 400."""
+    if prompt_tokens == 0:
+        raise APIError(400, "the prompt is empty", param="prompt")
+    if context_length is None:
+        return max_tokens or 256
+    room = context_length - prompt_tokens
+    if max_tokens is None:
+        if room < 1:
+            raise APIError(
+                400,
+                f"the prompt has {prompt_tokens} tokens; this model's context is {context_length}",
+                code="context_length_exceeded",
+                param="messages",
+            )
+        return room
+    if max_tokens > room:
+        raise APIError(
+            400,
+            f"this model's context is {context_length} tokens; the prompt has {prompt_tokens} and "
+            f"{param} asks for {max_tokens} more. Shorten the prompt or lower {param}.",
+            code="context_length_exceeded",
+            param=param,
+        )
+    return max_tokens
+
+
+def sampling_params(
+    body: Any, prompt_tokens: int, limit: tuple[int | None, str], context_length: int | None, max_n: int
+) -> SamplingParams:
+    """The sampling parameters of a chat or completion body (`server.api.schemas.GenerationRequest`);
+    `limit` is the body's token limit and the parameter that set it."""
+    n = body.n or 1
+    if n > max_n:
+        raise APIError(400, f"n is at most {max_n}", param="n")
+    limit, param = limit
+    return SamplingParams(
+        max_tokens=tokens_to_generate(context_length, prompt_tokens, limit, param),
+        temperature=1.0 if body.temperature is None else body.temperature,
+        top_p=1.0 if body.top_p is None else body.top_p,
+        seed=body.seed,
+        stop=body.stops,
+        n=n,
+        ignore_eos=body.ignore_eos,
+    )
+
+
+def eos_ids(tokenizer: PreTrainedTokenizerBase, generation_config: GenerationConfig | None) -> tuple[int, ...]:
+    """The tokens that end a generation: the tokenizer's EOS and the model's `generation_config` ones."""
+    ids: set[int] = set()
+    for source in (tokenizer.eos_token_id, getattr(generation_config, "eos_token_id", None)):
+        if isinstance(source, int):
+            ids.add(source)
+        elif isinstance(source, list | tuple):
+            ids.update(int(i) for i in source)
+    return tuple(sorted(ids))
