@@ -45,6 +45,10 @@ class _Choice:
     text: str = ""
     emitted: int = 0  # characters of `text` already sent
     finish_reason: str | None = None
+    # incremental detokenization: `ids[prefix:read]` is the context that makes the next tokens' text come
+    # out right (a token's text can depend on its neighbours); `ids[read:]` are not in `text` yet
+    prefix: int = 0
+    read: int = 0
 
 
 def _held_back(text: str, stops: Sequence[str]) -> int:
@@ -148,26 +152,42 @@ class Generation:
         return deltas
 
     def _advance(self, index: int, choice: _Choice, token: int, last_step: bool) -> Delta | None:
-        if token in self.eos_ids:
-            choice.finish_reason = "stop"
-        else:
+        end_of_sequence = token in self.eos_ids
+        before = len(choice.text)
+        if not end_of_sequence:
             choice.ids.append(token)
-            choice.text = self.tokenizer.decode(choice.ids, skip_special_tokens=True)
-            stops = self.params.stop
-            cut = min(
-                (p for p in (choice.text.find(s, max(0, choice.emitted - len(s))) for s in stops) if p >= 0), default=-1
-            )
-            if cut >= 0:
-                choice.text = choice.text[:cut]
-                choice.finish_reason = "stop"
-            elif last_step:
-                choice.finish_reason = "length"
+        self._detokenize(choice, final=end_of_sequence or last_step)
+        stops = self.params.stop
+        # only the new text (and the stop's length before it) can hold a stop string that was not there before
+        cut = min((p for p in (choice.text.find(s, max(0, before - len(s) + 1)) for s in stops) if p >= 0), default=-1)
+        if cut >= 0:
+            choice.text = choice.text[:cut]
+            choice.finish_reason = "stop"
+        elif end_of_sequence:
+            choice.finish_reason = "stop"
+        elif last_step:
+            choice.finish_reason = "length"
         end = len(choice.text) if choice.finish_reason else len(choice.text) - _held_back(choice.text, self.params.stop)
         if end <= choice.emitted and choice.finish_reason is None:
             return None
         text = choice.text[choice.emitted : max(end, choice.emitted)]
         choice.emitted = max(end, choice.emitted)
         return Delta(index, text, choice.finish_reason)
+
+    def _detokenize(self, choice: _Choice, final: bool) -> None:
+        """Append the text of the tokens not yet in `choice.text`, decoding only a short window (the whole
+        sequence each step is quadratic in its length). Text that ends in an unfinished character waits for
+        the next token, unless this is the last one."""
+        if choice.read == len(choice.ids):
+            return
+        decode = self.tokenizer.decode
+        known = decode(choice.ids[choice.prefix : choice.read], skip_special_tokens=True)
+        extended = decode(choice.ids[choice.prefix :], skip_special_tokens=True)
+        if len(extended) > len(known) and (final or not extended.endswith("\ufffd")):
+            choice.text += extended[len(known) :]
+            choice.prefix, choice.read = choice.read, len(choice.ids)
+        elif final:
+            choice.read = len(choice.ids)
 
     def run(self) -> Generation:
         """Decode to the end without streaming."""

@@ -108,3 +108,50 @@ def test_cancel_stops_within_a_token(demo) -> None:
         if count == 3:
             cancel.set()
     assert generation.cancelled and generation.completion_tokens == 3
+
+
+def _byte_level_tokenizer():
+    """A byte-level BPE tokenizer (as GPT-2, Llama 3, Qwen use): tokens that split a UTF-8 character."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {symbol: i for i, symbol in enumerate(sorted(alphabet))}
+    merges = []
+    for first, second in [("Ġ", "t"), ("h", "e"), ("Ã", "©")]:
+        vocab[first + second] = len(vocab)
+        merges.append((first, second))
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer)
+
+
+@pytest.mark.parametrize("kind", ["demo", "wordpiece", "byte-level"])
+def test_incremental_detokenization_equals_decoding_the_whole_sequence(demo, kind) -> None:
+    """The decoder appends each token's text from a short window instead of re-decoding everything (that
+    was quadratic in the length); the text must come out exactly as a whole decode, multi-byte characters
+    and word-piece joins included, and streamed deltas must add up to it."""
+    import random
+
+    from transformers import AutoTokenizer
+
+    from pattern_store.embedder import default_model_path
+
+    tokenizer = {
+        "demo": lambda: demo[1],
+        "wordpiece": lambda: AutoTokenizer.from_pretrained(default_model_path()),
+        "byte-level": _byte_level_tokenizer,
+    }[kind]()
+    text = "Sort these: 3, 1, 2. The café's naïve résumé — 東京 ☃ done"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    chooser = random.Random(7)
+    for sample in range(6):
+        sequence = ids if sample == 0 else [chooser.choice(ids) for _ in range(40)]
+        generation = Generation(None, tokenizer, [1], SamplingParams(max_tokens=len(sequence)))
+        streamed = "".join(
+            delta.text for step, token in enumerate(sequence) for delta in generation.accept([token], step)
+        )
+        expected = tokenizer.decode(sequence, skip_special_tokens=True)
+        assert generation.choices[0].text == expected
+        assert streamed == expected
