@@ -41,6 +41,8 @@ class _Request:
     generation: Generation
     emit: Callable[[Delta], None] | None
     route: RowRoute | None = None  # how its rows route, in a pooled model
+    cache: DynamicCache | None = None  # a long prompt's own cache while it is prefilled chunk by chunk
+    prefilled: int = 0  # prompt tokens in `cache`
     generator: torch.Generator | None = None
     step: int = 0
     done: threading.Event = field(default_factory=threading.Event)
@@ -72,10 +74,22 @@ class BatchedDecoder:
     """The decoding loop of one model. For a pooled model (`pooled`), every request brings its pattern's
     `RowRoute` and requests of different patterns share the batch: one loop per model, not per variant."""
 
-    def __init__(self, model: PreTrainedModel, max_batch: int = 32, pooled: PooledModel | None = None) -> None:
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        max_batch: int = 32,
+        pooled: PooledModel | None = None,
+        max_prefill_tokens: int | None = None,
+    ) -> None:
+        """`max_prefill_tokens`: a prompt longer than this is prefilled that many tokens at a time, one chunk
+        between two decode steps, so that the batch's streams keep their pace (None: in one pass)."""
+        if max_prefill_tokens is not None and max_prefill_tokens < 1:
+            raise ValueError("max_prefill_tokens must be at least 1")
         self.model = model
         self.pooled = pooled
         self.max_batch = max_batch
+        self.max_prefill_tokens = max_prefill_tokens
+        self._prefilling: list[_Request] = []  # long prompts being prefilled, in arrival order
         self.device = next(model.parameters()).device
         self._pending: list[_Request] = []
         self._work = threading.Condition()
@@ -112,30 +126,78 @@ class BatchedDecoder:
         with torch.inference_mode():
             while True:
                 with self._work:
-                    if not self._pending and not self._requests:
+                    if not self._pending and not self._requests and not self._prefilling:
                         self._work.wait(timeout=IDLE_SECONDS)  # stay a moment: the next request is likely near
-                    room = self.max_batch - sum(r.generation.params.n for r in self._requests)
+                    busy = self._requests + self._prefilling
+                    room = self.max_batch - sum(r.generation.params.n for r in busy)
                     admitted = []
-                    while self._pending and (
-                        self._pending[0].generation.params.n <= room or not self._requests + admitted
-                    ):
+                    while self._pending and (self._pending[0].generation.params.n <= room or not busy + admitted):
                         request = self._pending.pop(0)
                         room -= request.generation.params.n
                         admitted.append(request)
-                    if not admitted and not self._requests:
+                    if not admitted and not busy:
                         self._thread = None
                         self._cache = self._mask = self._positions = self._tokens = None
                         return
+                long = [r for r in admitted if self._chunked(r)]
+                self._prefilling.extend(long)
+                admitted = [r for r in admitted if not self._chunked(r)]
                 try:
                     if admitted:
                         self._admit(admitted)
+                    if self._prefilling:
+                        self._prefill_chunk(self._prefilling[0])
                     if self._requests:
                         self._step()
                 except BaseException as error:  # fail the requests in the batch, keep serving the rest
                     log.exception("batched decoding failed")
-                    for request in [*self._requests, *admitted]:
+                    for request in [*self._requests, *admitted, *self._prefilling]:
                         self._finish(request, error)
-                    self._requests, self._cache = [], None
+                    self._requests, self._cache, self._prefilling = [], None, []
+
+    def _chunked(self, request: _Request) -> bool:
+        limit = self.max_prefill_tokens
+        return limit is not None and len(request.generation.prompt_ids) > limit
+
+    def _prefill_chunk(self, request: _Request) -> None:
+        """The next `max_prefill_tokens` of a long prompt, in its own cache; after the last chunk its first
+        token is sampled and it joins the batch."""
+        generation = request.generation
+        if generation.cancel.is_set():
+            generation.cancelled = True
+            self._prefilling.remove(request)
+            self._finish(request)
+            return
+        assert self.max_prefill_tokens is not None
+        if request.cache is None:
+            request.cache = DynamicCache(config=self.model.config)
+        prompt = generation.prompt_ids
+        start, stop = request.prefilled, min(len(prompt), request.prefilled + self.max_prefill_tokens)
+        chunk = torch.tensor([prompt[start:stop]], device=self.device)  # [1, chunk]
+        logits = self._forward(
+            [request.route],
+            input_ids=chunk,
+            position_ids=torch.arange(start, stop, device=self.device).unsqueeze(0),
+            past_key_values=request.cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        request.prefilled = stop
+        if stop < len(prompt):
+            return
+        self._prefilling.remove(request)
+        cache, request.cache = request.cache, None
+        request.generator = generation.new_generator(self.device)
+        n = generation.params.n
+        tokens = generation.sample(logits.expand(n, -1), request.generator)
+        self._deliver(request, tokens)
+        if generation.finished:
+            self._finish(request)
+            return
+        cache.batch_repeat_interleave(n)
+        mask = torch.ones((n, len(prompt)), dtype=torch.long, device=self.device)
+        positions = torch.full((n,), len(prompt), dtype=torch.long, device=self.device)
+        self._join([request], cache, mask, positions, torch.tensor(tokens, device=self.device))
 
     def _forward(self, routes: list[RowRoute | None], **inputs: object) -> torch.Tensor:
         """The model's last-position logits [rows, vocab]; in a pooled model row i routes as `routes[i]`."""

@@ -310,6 +310,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             max_batch=int(args.max_batch),
             expert_pool=args.expert_pool == "true",
             max_request_bytes=parse_bytes(args.max_request_bytes),
+            max_prefill_tokens=_prefill_tokens(args.max_prefill_tokens),
             metrics_public=args.metrics_public == "true",
             embedder=args.embedder or None,
             upstreams=tuple(args.upstream or [spec for spec in (env_default("upstream") or "").split(",") if spec]),
@@ -344,6 +345,12 @@ def cmd_bundle(args: argparse.Namespace) -> int:
     return 0
 
 
+def _prefill_tokens(text: str) -> int | None:
+    if str(text).lower() in ("0", "none", ""):
+        return None
+    return int(text)
+
+
 def _add_serve_parser(commands: argparse._SubParsersAction) -> None:
     from server.config import FULL_MODEL, env_default
 
@@ -373,6 +380,12 @@ def _add_serve_parser(commands: argparse._SubParsersAction) -> None:
         "true",
         "true (default): /metrics is open; false: it needs the API or admin key (its labels name the patterns)",
         choices=["true", "false"],
+    )
+    flag(
+        "max-prefill-tokens",
+        "512",
+        "prompts longer than this are prefilled in chunks of it between decode steps, so running streams keep "
+        "their pace (default 512; 0 or none: whole prompts at once)",
     )
     flag("max-request-bytes", "8MiB", "request bodies larger than this get 413 before they are read (default 8MiB)")
     flag(

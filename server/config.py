@@ -50,6 +50,7 @@ class ServerConfig:
     model_name: str | None = None  # the id clients use; default: the model directory's name
     workers: int | None = None  # threads that build variants and generate; None: see `worker_count`
     max_batch: int = 32  # sequences decoded together per model; 1: one request at a time
+    max_prefill_tokens: int | None = 512  # longer prompts are prefilled in chunks between decode steps
     expert_pool: bool = True  # MoE: one pool of expert slots, variants as masks; False: a model per variant
     torch_threads: int | None = None  # intra-op threads; None: 1 on the CPU (see Service), torch's default on GPU
     embedder: str | None = None  # a local sentence-transformers model; default: all-MiniLM-L6-v2
@@ -87,6 +88,8 @@ class ServerConfig:
             raise ValueError("--max-batch must be at least 1")
         if not self.metrics_public and not (self.api_key or self.admin_key):
             raise ValueError("--metrics-public false needs an --api-key or --admin-key to read /metrics with")
+        if self.max_prefill_tokens is not None and self.max_prefill_tokens < 1:
+            raise ValueError("--max-prefill-tokens must be at least 1 (0 or none: whole prompts)")
         if self.max_request_bytes < 1024:
             raise ValueError("--max-request-bytes must be at least 1KiB")
         if self.cache_wait < 0:

@@ -234,10 +234,17 @@ class Service:
             if isinstance(variant, PoolLease):
                 if self._pool_decoder is None:
                     pooled = variant.model.pooled
-                    self._pool_decoder = BatchedDecoder(pooled.model, self.config.max_batch, pooled=pooled)
+                    self._pool_decoder = BatchedDecoder(
+                        pooled.model,
+                        self.config.max_batch,
+                        pooled=pooled,
+                        max_prefill_tokens=self.config.max_prefill_tokens,
+                    )
                 return self._pool_decoder
             if variant.decoder is None:
-                variant.decoder = BatchedDecoder(variant.model, self.config.max_batch)
+                variant.decoder = BatchedDecoder(
+                    variant.model, self.config.max_batch, max_prefill_tokens=self.config.max_prefill_tokens
+                )
             return variant.decoder
 
     @staticmethod

@@ -3,6 +3,7 @@ alone (greedy), each with its own stop rules, choices and cancellation."""
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 
@@ -119,3 +120,40 @@ def test_a_cancelled_request_leaves_and_the_others_finish(demo) -> None:
         thread.join(60)
     assert long.cancelled and len(long.choices[0].ids) < 10
     assert short.choices[0].ids == reference.choices[0].ids
+
+
+def test_long_prompts_are_prefilled_in_chunks_between_decode_steps(demo) -> None:
+    """With `max_prefill_tokens`, a long prompt is prefilled a chunk at a time while the batch keeps
+    decoding: every answer is still what the request gets alone, and the forward passes show chunks of
+    the long prompt interleaved with one-token decode steps of the others."""
+    model, _ = demo
+    texts = prompts()
+    alone = [make(demo, text, n=2 if i == 1 else 1).run() for i, text in enumerate(texts)]
+    decoder = BatchedDecoder(model, max_batch=16, max_prefill_tokens=5)
+    together = [make(demo, text, n=2 if i == 1 else 1) for i, text in enumerate(texts)]
+    shapes: list[tuple[int, int]] = []
+    handle = model.register_forward_hook(
+        lambda module, args, kwargs, output: shapes.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True
+    )
+    try:
+        run_concurrently(decoder, together, stagger=0.01)
+    finally:
+        handle.remove()
+    for got, expected in zip(together, alone, strict=True):
+        assert [c.ids for c in got.choices] == [c.ids for c in expected.choices]
+    assert max(width for _, width in shapes) <= 5, "no pass prefills more than a chunk"
+    chunk_passes = [i for i, (rows, width) in enumerate(shapes) if rows == 1 and width > 1]
+    decode_passes = [i for i, (rows, width) in enumerate(shapes) if width == 1]
+    assert chunk_passes and decode_passes
+    assert any(a < d < b for a, b in itertools.pairwise(chunk_passes) for d in decode_passes), "interleaved"
+
+
+def test_a_cancelled_request_leaves_the_prefill_queue(demo) -> None:
+    model, _ = demo
+    decoder = BatchedDecoder(model, max_batch=4, max_prefill_tokens=3)
+    cancel = threading.Event()
+    cancel.set()
+    generation = make(demo, prompts()[0])
+    generation.cancel = cancel
+    decoder.run(generation)
+    assert generation.cancelled and generation.completion_tokens == 0
