@@ -1,6 +1,6 @@
 """Routing accuracy on real benchmark prompts: how often a query reaches the pattern of its own task.
 
-    python scripts/eval_routing.py [--data ../shared/data/tasks] [--examples 64]
+    python scripts/eval_routing.py [--data data/tasks] [--examples 64]
 
 For each task file, the first `--examples` prompts are the pattern's routing examples (stored in a real
 pattern store, searched with FAISS); the remaining prompts are the queries. Every candidate rule is
@@ -32,7 +32,7 @@ from pattern_store.selection import Selection
 from pattern_store.store import PatternStore
 from server.routing import Router
 
-DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "tasks"
+DEFAULT_DATA = Path(__file__).resolve().parents[1] / "data" / "tasks"  # vendored from the shared notes
 
 
 def load_tasks(data: Path) -> dict[str, list[str]]:
