@@ -7,13 +7,10 @@ inner product of two of them is their cosine similarity.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def default_model_path() -> Path:

@@ -190,7 +190,120 @@ def pruning_targets() -> str:
     return "\n".join(["| target | measured | result |", "|---|---|---|", *rows]) + "\n"
 
 
+def variants() -> str:
+    """`scripts/bench_variants.py`: building variants from disk, the copy floor, and the expert pool."""
+    report = _load("variants.json")
+    settings, machine = report["settings"], report["machine"]
+    model = settings["model"]
+    header = (
+        f"Random Qwen3-MoE checkpoint: {settings['checkpoint_bytes'] / 1024**3:.2f} GiB, {model['num_hidden_layers']} "
+        f"layers x {model['num_experts']} experts (top-{model['num_experts_per_tok']}), bf16; {machine['nproc']} CPUs, "
+        f"torch {machine['torch']}; medians of {settings['repeats']}; cold = {settings['cold']}"
+    )
+    return "\n\n".join([header, report["table"], report["legend"]]) + "\n"
+
+
+def server_overhead() -> str:
+    """`scripts/bench_server.py`: one request through the server against direct generation; routing."""
+    report = _load("server.json")
+    single, routing = report["single_request"], report["routing"]
+    return (
+        "\n".join(
+            [
+                "| measure | measured | target |",
+                "|---|---|---|",
+                f"| one request, pattern named, vs direct `generate` | {single['ratio']:.2f}x "
+                f"({single['server_explicit_p50_ms']:.1f} ms vs {single['direct_generate_p50_ms']:.1f} ms) "
+                "| <= 1.15x |",
+                f"| one request, routed, vs direct `generate` | {single['ratio_routed']:.2f}x "
+                f"({single['server_routed_p50_ms']:.1f} ms) | (routing has its own target) |",
+                f"| routing (embed + search + rule), p50 | {routing['p50_ms']:.1f} ms | <= 15 ms |",
+            ]
+        )
+        + "\n"
+    )
+
+
+def server_load() -> str:
+    """HTTP load with and without the expert pool, and the ratios the issue set targets on."""
+    report = _load("server.json")
+    lines = [
+        "| server | requests of | clients | streamed | tokens/s | latency p50 | latency p99 | TTFT p99 "
+        "| load generator CPU |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    names = {"pool": "expert pool", "variants": "a variant per pattern"}
+    for mode, levels in report["load"].items():
+        for x in levels:
+            ttft = f"{x['ttft_p99_ms']:.0f} ms" if "ttft_p99_ms" in x else "-"
+            lines.append(
+                f"| {names[mode]} | {x['scenario']} | {x['clients']} | {'yes' if x['stream'] else 'no'} | "
+                f"{x['tokens_per_second']:.0f} | {x['latency_p50_ms']:.0f} ms | {x['latency_p99_ms']:.0f} ms "
+                f"| {ttft} | "
+                f"{100 * x['generator_cpu_share']:.0f}% of a core |"
+            )
+    lines += ["", "| ratio of tokens/s | expert pool | a variant per pattern |", "|---|---|---|"]
+    for stream in ("whole", "streamed"):
+        for key, label in (
+            ("one_pattern_32_over_1", "one pattern, 32 clients / 1 client"),
+            ("three_patterns_32_over_one_pattern_32", "three patterns / one pattern, 32 clients"),
+        ):
+            pool, variants = report["ratios"][f"pool_{stream}"][key], report["ratios"][f"variants_{stream}"][key]
+            lines.append(f"| {label} ({stream}) | {pool:.2f} | {variants:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def server_cycling() -> str:
+    report = _load("server.json")
+    lines = [
+        "| server | budget | patterns x rounds | evictions after the first round |",
+        "|---|---|---|---|",
+    ]
+    for c in report["cycling"]:
+        lines.append(
+            f"| {'expert pool' if c['expert_pool'] else 'a variant per pattern'} "
+            f"| {c['budget_bytes'] / 2**20:.1f} MiB | "
+            f"{c['patterns']} x {c['rounds']} | {c['evictions_after_first_round']:.0f} {c['unit']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def server_prefill() -> str:
+    report = _load("server.json")
+    lines = [
+        "| 16 streams, and | inter-token gap p50 | p99 | max | the long prompt's first token |",
+        "|---|---|---|---|---|",
+    ]
+    for p in report["prefill"]:
+        if not p["long_prompt"]:
+            label, ttft = "no long prompt", "-"
+        else:
+            chunk = p["max_prefill_tokens"]
+            label = f"a {p['long_prompt_characters']}-token prompt, " + (
+                f"prefilled {chunk} tokens at a time" if chunk else "prefilled whole"
+            )
+            ttft = f"{p['long_prompt_ttft_ms']:.0f} ms"
+        lines.append(
+            f"| {label} | {p['gap_p50_ms']:.0f} ms | {p['gap_p99_ms']:.0f} ms | {p['gap_max_ms']:.0f} ms | {ttft} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def server_decoder() -> str:
+    report = _load("server.json")
+    lines = ["| decoding in process, no HTTP | concurrent generations | tokens/s |", "|---|---|---|"]
+    for row in report["decoder"]:
+        lines.append(f"| {row['mode']} | {row['clients']} | {row['tokens_per_second']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
 RENDERERS: dict[str, Callable[[], str]] = {
+    "server-overhead": server_overhead,
+    "server-load": server_load,
+    "server-cycling": server_cycling,
+    "server-prefill": server_prefill,
+    "server-decoder": server_decoder,
+    "variants": variants,
     "pruning-targets": pruning_targets,
     "pruning-moe": pruning_moe,
     "pruning-cross": pruning_cross,

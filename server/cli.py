@@ -12,8 +12,6 @@ from typing import Any
 
 from pattern_store.recipes import BUDGETS, DEFAULT_MOE_METHOD, MOE_METHODS, REFINEMENTS  # names only, no torch
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
 
 class CliError(Exception):
     """A user error the command line reports in one line, without a traceback."""
@@ -402,7 +400,12 @@ def _add_serve_parser(commands: argparse._SubParsersAction) -> None:
     flag("api-key", None, "require 'Authorization: Bearer KEY' on /v1 routes")
     flag("admin-key", None, "enable the /admin API, with this key")
     flag("served-model-name", None, "the model id clients use (default: the model directory's name)")
-    flag("workers", None, "concurrent generations (default: one per CPU core on the CPU, 8 on a GPU)")
+    flag(
+        "workers",
+        None,
+        "threads that take requests and wait on their generations (default 64; with --max-batch 1 they run "
+        "the generations: one per CPU core on the CPU, 8 on a GPU)",
+    )
     flag(
         "max-batch",
         "32",
@@ -518,6 +521,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the command never downloads; set before transformers loads
     args = build_parser().parse_args(argv)
     if getattr(args, "seed", 0) is None:
         from server.demo.evaluate import EVAL_SEED

@@ -66,8 +66,7 @@ class ServerConfig:
     def worker_count(self, device_type: str) -> int:
         """Threads that lease variants and wait for (or, without batching, run) generations. With batching
         they mostly wait: 64. Without, one per CPU core: more only contend for the interpreter and the
-        cores (8 clients on 2 cores: p99 latency 1.7 s with 8 workers, 0.55 s with 2, at higher
-        throughput; scripts/bench_server.py); on a GPU 8, whose kernels the device overlaps."""
+        cores (`scripts/bench_server.py` shows it); on a GPU 8, whose kernels the device overlaps."""
         if self.workers is not None:
             return self.workers
         if self.max_batch > 1:

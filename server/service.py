@@ -107,8 +107,8 @@ class Service:
 
     def _set_torch_threads(self, requested: int | None) -> int:
         """On the CPU, each worker thread that runs torch gets its own OpenMP team; several teams on a few
-        cores spin against each other and made one request 3x slower here (scripts/bench_server.py). One
-        intra-op thread per worker, with concurrency across requests, is the default there."""
+        cores spin against each other (`scripts/bench_server.py` measures it). One intra-op thread per
+        worker, with concurrency across requests, is the default there."""
         if requested is None and self.builder.device.type == "cpu":
             requested = 1
         if requested is not None:
