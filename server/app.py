@@ -20,7 +20,7 @@ from server.api.observe import RequestObserver
 from server.config import ServerConfig
 from server.metrics import Metrics
 from server.model.variant import resolve_device
-from server.proxy import UpstreamProxy, parse_upstreams
+from server.proxy import UpstreamProxy
 from server.service import Service
 
 log = logging.getLogger("taskmoe.app")
@@ -33,7 +33,7 @@ def create_app(config: ServerConfig) -> FastAPI:
         app.state.service, app.state.load_error, app.state.started = None, None, time.time()
         workers = config.worker_count(resolve_device(config.device).type)
         app.state.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="taskmoe-worker")
-        app.state.proxy = UpstreamProxy(parse_upstreams(config.upstreams))
+        app.state.proxy = UpstreamProxy(config.upstream_map)
         loading = asyncio.get_running_loop().run_in_executor(app.state.executor, _load, app)
         try:
             yield

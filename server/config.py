@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from dataclasses import dataclass
@@ -33,6 +34,34 @@ def env_default(name: str, default: str | None = None) -> str | None:
 
 
 @dataclass(frozen=True)
+class Upstream:
+    """A pattern whose requests another OpenAI-compatible server (vLLM, SGLang) answers."""
+
+    pattern: str
+    base_url: str  # ends with /v1
+    model: str | None = None
+
+
+def parse_upstreams(specs: list[str] | tuple[str, ...] | str | None) -> dict[str, Upstream]:
+    """`["arith=http://gpu-7:8000/v1#my-arith", ...]` (or one comma-separated string, as in the
+    environment) -> {pattern: Upstream}."""
+    if not specs:
+        return {}
+    if isinstance(specs, str):
+        specs = [part for part in specs.split(",") if part.strip()]
+    upstreams = {}
+    for spec in specs:
+        pattern, sep, rest = spec.strip().partition("=")
+        url, _, model = rest.partition("#")
+        if not sep or not pattern or not url.startswith(("http://", "https://")):
+            raise ValueError(f"--upstream {spec!r}: expected PATTERN=http(s)://HOST:PORT/v1[#MODEL]")
+        if pattern in upstreams:
+            raise ValueError(f"--upstream: pattern {pattern!r} given twice")
+        upstreams[pattern] = Upstream(pattern, url.rstrip("/"), model or None)
+    return upstreams
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     model: Path
     store: Path
@@ -58,6 +87,11 @@ class ServerConfig:
     metrics_public: bool = True  # False: /metrics needs the API or admin key (it names the patterns)
     max_request_bytes: int = 8 * 2**20  # larger bodies get 413 before anything reads them
     upstreams: tuple[str, ...] = ()  # "PATTERN=URL[#MODEL]": that pattern's requests go to another server
+
+    @functools.cached_property
+    def upstream_map(self) -> dict[str, Upstream]:
+        """`--upstream` specs, parsed once: pattern -> the server that answers it."""
+        return parse_upstreams(self.upstreams)
 
     @property
     def served_name(self) -> str:
@@ -99,9 +133,7 @@ class ServerConfig:
             raise ValueError("--workers must be at least 1")
         if not 0 < self.port < 65536:
             raise ValueError(f"--port {self.port} is not a TCP port")
-        from server.proxy import parse_upstreams
-
-        parse_upstreams(self.upstreams)  # raises on a malformed spec
+        _ = self.upstream_map  # raises on a malformed spec
         if "@" in self.served_name:
             raise ValueError(f"model name {self.served_name!r} must not contain '@'")
         return self

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
 from typing import Any
 
 import httpx
 from starlette.background import BackgroundTask
 from starlette.responses import Response, StreamingResponse
 
+from server.config import Upstream
 from server.errors import APIError
 
 log = logging.getLogger("taskmoe.proxy")
@@ -24,37 +24,12 @@ log = logging.getLogger("taskmoe.proxy")
 _PASSED_HEADERS = ("content-type", "retry-after", "x-request-id")
 
 
-@dataclass
-class Upstream:
-    pattern: str
-    base_url: str  # ends with /v1
-    model: str | None = None
-
-
-def parse_upstreams(specs: list[str] | tuple[str, ...] | str | None) -> dict[str, Upstream]:
-    """`["arith=http://gpu-7:8000/v1#my-arith", ...]` (or one comma-separated string, as in the
-    environment) -> {pattern: Upstream}."""
-    if not specs:
-        return {}
-    if isinstance(specs, str):
-        specs = [part for part in specs.split(",") if part.strip()]
-    upstreams = {}
-    for spec in specs:
-        pattern, sep, rest = spec.strip().partition("=")
-        url, _, model = rest.partition("#")
-        if not sep or not pattern or not url.startswith(("http://", "https://")):
-            raise ValueError(f"--upstream {spec!r}: expected PATTERN=http(s)://HOST:PORT/v1[#MODEL]")
-        if pattern in upstreams:
-            raise ValueError(f"--upstream: pattern {pattern!r} given twice")
-        upstreams[pattern] = Upstream(pattern, url.rstrip("/"), model or None)
-    return upstreams
-
-
 class UpstreamProxy:
     def __init__(self, upstreams: dict[str, Upstream], timeout: float = 600.0) -> None:
         self.upstreams = upstreams
         self._client = httpx.AsyncClient(timeout=httpx.Timeout(timeout, connect=10.0))
         self._lock = asyncio.Lock()
+        self._models: dict[str, str] = {}  # pattern -> model name discovered from its upstream
 
     def __contains__(self, pattern: str | None) -> bool:
         return pattern is not None and pattern in self.upstreams
@@ -63,13 +38,16 @@ class UpstreamProxy:
         await self._client.aclose()
 
     async def _model(self, upstream: Upstream) -> str:
-        if upstream.model is None:
+        """The upstream's model name: given in the spec, or asked of the upstream once."""
+        if upstream.model is not None:
+            return upstream.model
+        if upstream.pattern not in self._models:
             async with self._lock:
-                if upstream.model is None:
+                if upstream.pattern not in self._models:
                     response = await self._client.get(f"{upstream.base_url}/models")
                     response.raise_for_status()
-                    upstream.model = response.json()["data"][0]["id"]
-        return upstream.model
+                    self._models[upstream.pattern] = response.json()["data"][0]["id"]
+        return self._models[upstream.pattern]
 
     async def forward(self, pattern: str, path: str, body: dict[str, Any], headers: dict[str, str]) -> Response:
         """Send `body` (its model replaced by the upstream's) to the upstream's `path`; stream the answer

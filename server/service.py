@@ -30,7 +30,6 @@ from server.model.pooled import PooledModel, RowRoute
 from server.model.pruning import keep_count, model_fingerprint
 from server.model.variant import VariantBuilder
 from server.patterns import CalibrationText, PatternRecipe, load_tokenizer, make_pattern
-from server.proxy import parse_upstreams
 from server.request_path import (
     Resolved,
     character_limit,
@@ -83,7 +82,7 @@ class Service:
         fallback = config.fallback_pattern
         if fallback is not None and fallback not in self.store:
             raise ValueError(f"--fallback {fallback}: no such pattern in {config.store}; stored: {self.store.names()}")
-        for pattern in parse_upstreams(config.upstreams):
+        for pattern in config.upstream_map:
             if pattern not in self.store:
                 raise ValueError(f"--upstream {pattern}=...: no such pattern in {config.store} (routing needs it)")
         self.router = Router(
@@ -403,7 +402,7 @@ class Service:
     def delete(self, name: str) -> None:
         if name == self.config.fallback_pattern:
             raise APIError(409, f"pattern {name!r} is the --fallback; unmatched queries need it", code="pattern_in_use")
-        if name in parse_upstreams(self.config.upstreams):
+        if name in self.config.upstream_map:
             raise APIError(409, f"pattern {name!r} is served by an --upstream; routing needs it", code="pattern_in_use")
         try:
             self.store.remove(name)

@@ -8,8 +8,7 @@ import httpx
 import openai
 import pytest
 
-from server.config import ServerConfig
-from server.proxy import parse_upstreams
+from server.config import ServerConfig, parse_upstreams
 
 from conftest import DEMO_MOE
 from server_harness import copy_demo_store, running_server
