@@ -28,6 +28,10 @@ class PatternError(ValueError):
     """A pattern that is invalid, unreadable, or used with a model it was not calibrated on."""
 
 
+class PatternExistsError(PatternError):
+    """A pattern of that name is stored, and the write did not ask to replace it."""
+
+
 def validate_name(name: str) -> str:
     """Pattern names become file names and appear in `MODEL@PATTERN`: letters, digits, `_ . -`, no path tricks."""
     if not isinstance(name, str) or not NAME_PATTERN.match(name) or ".." in name:

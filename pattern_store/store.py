@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from pattern_store.pattern import PatternError, TaskPattern, validate_name
+from pattern_store.pattern import PatternError, PatternExistsError, TaskPattern, validate_name
 
 _TENSOR_FILE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*\.[0-9a-f]{12}\.safetensors$")
 
@@ -188,7 +188,7 @@ class PatternStore:
                 )
             old = self._documents.get(pattern.name)
             if old is not None and not replace:
-                raise PatternError(f"a pattern named {pattern.name!r} exists; remove it or replace it")
+                raise PatternExistsError(f"a pattern named {pattern.name!r} exists; remove it or replace it")
             tensor_file = f"{pattern.name}.{secrets.token_hex(6)}.safetensors"
             tensor_path = self.pattern_dir / tensor_file
             save_file(pattern.tensors(), str(tensor_path))

@@ -35,3 +35,60 @@ class APIError(Exception):
 
     def body(self) -> dict[str, dict[str, str | None]]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+class ServiceError(Exception):
+    """A request the service refuses, in the domain's terms; `server/api/errors.py` maps each kind to its
+    HTTP status and OpenAI error code in one table. `param` names the request field at fault."""
+
+    def __init__(self, message: str, param: str | None = None, retry_after: int | None = None) -> None:
+        super().__init__(message)
+        self.message, self.param, self.retry_after = message, param, retry_after
+
+
+class InvalidRequest(ServiceError):
+    """The request itself is wrong (a value out of range, an empty prompt, text that is not text)."""
+
+
+class ContextTooLong(InvalidRequest):
+    """The prompt and the tokens asked for do not fit the model's context."""
+
+
+class InvalidPattern(InvalidRequest):
+    """A pattern sent to the server (an import) that is not a usable pattern."""
+
+
+class ModelNotFound(ServiceError):
+    """A model name this server does not serve."""
+
+
+class PatternNotFound(ServiceError):
+    """A pattern name the store does not hold."""
+
+
+class PatternExists(ServiceError):
+    """A pattern of that name exists and the request did not ask to replace it."""
+
+
+class PatternInUse(ServiceError):
+    """The configuration relies on the pattern (the fallback, an upstream): it cannot be removed."""
+
+
+class PatternUnusable(ServiceError):
+    """A stored pattern that cannot serve this model (another model's, or a selection the model refuses)."""
+
+
+class JobInProgress(ServiceError):
+    """A calibration job for the same pattern is queued or running."""
+
+
+class TooManyJobs(ServiceError):
+    """The job queue is full."""
+
+
+class NoRoom(ServiceError):
+    """The experts (or variant) a request needs do not fit the cache budget now (or ever)."""
+
+
+class LoadFailed(ServiceError):
+    """Loading a pattern's experts or building its variant failed (the next request retries)."""

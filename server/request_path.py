@@ -1,6 +1,6 @@
 """What turns an OpenAI request into a generation, shared by `taskmoe serve` and the Ray Serve app so that
 the two answer alike: the model list, the chat template, the length rules, the sampling parameters and the
-tokens that end a generation. No HTTP here beyond the `APIError`s a bad request gets."""
+tokens that end a generation. No HTTP here: a bad request raises a domain error (`server.errors`)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from transformers import GenerationConfig, PreTrainedTokenizerBase
 from pattern_store.store import PatternStore
 from server.config import FULL_MODEL
 from server.engine import SamplingParams
-from server.errors import APIError
+from server.errors import ContextTooLong, InvalidRequest, ModelNotFound, PatternNotFound
 from server.routing import RouteDecision
 
 MAX_CHARACTERS_PER_TOKEN = 32
@@ -41,16 +41,14 @@ def chat_prompt_ids(
     context at any tokenization is refused before it is tokenized (that is where the time goes)."""
     characters = sum(len(str(message.get("content") or "")) for message in messages)
     if characters > character_limit(context_length):
-        raise APIError(
-            400,
+        raise ContextTooLong(
             f"messages of {characters} characters cannot fit this model's context of {context_length} tokens",
-            code="context_length_exceeded",
             param="messages",
         )
     try:
         encoded = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True)
     except Exception as error:  # the model's own template rejects the conversation (jinja raises)
-        raise APIError(400, f"the model's chat template rejects these messages: {error}", param="messages") from None
+        raise InvalidRequest(f"the model's chat template rejects these messages: {error}", param="messages") from None
     return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
 
 
@@ -73,26 +71,21 @@ def explicit_choice(model: str, pattern: str | None, model_name: str, store: Pat
     None when it names none and must be routed. Unknown models and patterns are errors."""
     name, at, suffix = model.partition("@")
     if at and not suffix:
-        raise APIError(400, f"model {model!r} names no pattern after '@'", param="model")
+        raise InvalidRequest(f"model {model!r} names no pattern after '@'", param="model")
     if name != model_name:
-        raise APIError(
-            404,
-            f"model {model!r} does not exist; this server serves {model_name!r} (see /v1/models)",
-            code="model_not_found",
-            param="model",
+        raise ModelNotFound(
+            f"model {model!r} does not exist; this server serves {model_name!r} (see /v1/models)", param="model"
         )
     if suffix and pattern and suffix != pattern:
-        raise APIError(400, f"model names pattern {suffix!r} but the pattern field says {pattern!r}", param="pattern")
+        raise InvalidRequest(f"model names pattern {suffix!r} but the pattern field says {pattern!r}", param="pattern")
     explicit = suffix or pattern
     if not explicit:
         return None
     if explicit == FULL_MODEL:
         return Resolved(None, "explicit")
     if explicit not in store:
-        raise APIError(
-            404,
+        raise PatternNotFound(
             f"pattern {explicit!r} does not exist; stored patterns: {', '.join(store.names()) or 'none'}",
-            code="pattern_not_found",
             param="model" if suffix else "pattern",
         )
     return Resolved(explicit, "explicit")
@@ -101,25 +94,20 @@ def explicit_choice(model: str, pattern: str | None, model_name: str, store: Pat
 def tokens_to_generate(context_length: int | None, prompt_tokens: int, max_tokens: int | None, param: str) -> int:
     """`max_tokens`, or the rest of the context when not given; a request that cannot fit is a 400."""
     if prompt_tokens == 0:
-        raise APIError(400, "the prompt is empty", param="prompt")
+        raise InvalidRequest("the prompt is empty", param="prompt")
     if context_length is None:
         return max_tokens or 256
     room = context_length - prompt_tokens
     if max_tokens is None:
         if room < 1:
-            raise APIError(
-                400,
-                f"the prompt has {prompt_tokens} tokens; this model's context is {context_length}",
-                code="context_length_exceeded",
-                param="messages",
+            raise ContextTooLong(
+                f"the prompt has {prompt_tokens} tokens; this model's context is {context_length}", param="messages"
             )
         return room
     if max_tokens > room:
-        raise APIError(
-            400,
+        raise ContextTooLong(
             f"this model's context is {context_length} tokens; the prompt has {prompt_tokens} and "
             f"{param} asks for {max_tokens} more. Shorten the prompt or lower {param}.",
-            code="context_length_exceeded",
             param=param,
         )
     return max_tokens
@@ -132,7 +120,7 @@ def sampling_params(
     `limit` is the body's token limit and the parameter that set it."""
     n = body.n or 1
     if n > max_n:
-        raise APIError(400, f"n is at most {max_n}", param="n")
+        raise InvalidRequest(f"n is at most {max_n}", param="n")
     limit, param = limit
     return SamplingParams(
         max_tokens=tokens_to_generate(context_length, prompt_tokens, limit, param),

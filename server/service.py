@@ -16,13 +16,25 @@ from typing import Any
 import torch
 
 from pattern_store.embedder import Embedder
-from pattern_store.pattern import PatternError, pattern_from_bundle, validate_name
+from pattern_store.pattern import PatternError, PatternExistsError, pattern_from_bundle, validate_name
 from pattern_store.selection import Selection, SelectionError
 from pattern_store.store import PatternStore
 from server.batching import BatchedDecoder, batchable
 from server.cache import CacheFull, Variant, VariantBuildFailed, VariantCache, VariantKey
 from server.config import FULL_MODEL, ServerConfig
-from server.errors import APIError
+from server.errors import (
+    ContextTooLong,
+    InvalidPattern,
+    InvalidRequest,
+    JobInProgress,
+    LoadFailed,
+    NoRoom,
+    PatternExists,
+    PatternInUse,
+    PatternNotFound,
+    PatternUnusable,
+    TooManyJobs,
+)
 from server.expert_pool import ExpertPool, PoolLease
 from server.jobs import Job, JobRefused, JobRunner
 from server.metrics import Metrics
@@ -148,13 +160,11 @@ class Service:
         try:
             document = self.store.summary(name)
         except KeyError:
-            raise APIError(404, f"pattern {name!r} does not exist", code="pattern_not_found") from None
+            raise PatternNotFound(f"pattern {name!r} does not exist") from None
         if document.get("model_fingerprint") != self.fingerprint:
-            raise APIError(
-                409,
+            raise PatternUnusable(
                 f"pattern {name!r} was calibrated on another model ({str(document.get('model_fingerprint'))[:12]}, "
-                f"this one is {self.fingerprint[:12]}); calibrate it again for this model",
-                code="pattern_unusable",
+                f"this one is {self.fingerprint[:12]}); calibrate it again for this model"
             )
         return document
 
@@ -181,17 +191,13 @@ class Service:
         try:
             return self.cache.acquire(key, lambda: self.builder.variant_bytes(selection()), build)
         except (SelectionError, PatternError) as error:
-            raise APIError(
-                409, f"pattern {pattern!r} does not fit this model: {error}", code="pattern_unusable"
-            ) from None
+            raise PatternUnusable(f"pattern {pattern!r} does not fit this model: {error}") from None
         except CacheFull as error:
             self.metrics.cache_refusals.inc()
-            raise APIError(
-                503, str(error), code="cache_full", headers={"Retry-After": str(error.retry_after)}
-            ) from None
+            raise NoRoom(str(error), retry_after=error.retry_after) from None
         except VariantBuildFailed as error:
             log.error("%s", error, exc_info=error.__cause__)
-            raise APIError(500, str(error), code="variant_build_failed") from None
+            raise LoadFailed(str(error)) from None
 
     def _lease_experts(self, key: VariantKey, document: dict[str, Any] | None) -> PoolLease:
         assert self.pool is not None
@@ -205,17 +211,13 @@ class Service:
                 self._routes[key] = route
             return self.pool.acquire(key, route)
         except (SelectionError, PatternError) as error:
-            raise APIError(
-                409, f"pattern {key.pattern!r} does not fit this model: {error}", code="pattern_unusable"
-            ) from None
+            raise PatternUnusable(f"pattern {key.pattern!r} does not fit this model: {error}") from None
         except CacheFull as error:
             self.metrics.cache_refusals.inc()
-            raise APIError(
-                503, str(error), code="cache_full", headers={"Retry-After": str(error.retry_after)}
-            ) from None
+            raise NoRoom(str(error), retry_after=error.retry_after) from None
         except VariantBuildFailed as error:
             log.error("%s", error, exc_info=error.__cause__)
-            raise APIError(500, str(error), code="variant_build_failed") from None
+            raise LoadFailed(str(error)) from None
 
     def release(self, variant: Lease) -> None:
         if isinstance(variant, PoolLease):
@@ -268,15 +270,13 @@ class Service:
         """Token ids of a batch of text prompts; refuses batches and prompts that could never fit before
         spending time on them."""
         if len(texts) * n > MAX_CHOICES:
-            raise APIError(400, f"at most {MAX_CHOICES} choices per request (prompts x n)", param="prompt")
+            raise InvalidRequest(f"at most {MAX_CHOICES} choices per request (prompts x n)", param="prompt")
         limit = self._character_limit()
         for text in texts:
             if len(text) > limit:
-                raise APIError(
-                    400,
+                raise ContextTooLong(
                     f"a prompt of {len(text)} characters cannot fit this model's context of "
                     f"{self.context_length} tokens",
-                    code="context_length_exceeded",
                     param="prompt",
                 )
         return [list(self.tokenizer(text, add_special_tokens=True)["input_ids"]) for text in texts]
@@ -290,7 +290,7 @@ class Service:
         try:
             summary = self.store.summary(name)
         except KeyError:
-            raise APIError(404, f"pattern {name!r} does not exist", code="pattern_not_found") from None
+            raise PatternNotFound(f"pattern {name!r} does not exist") from None
         summary.pop("tensors", None)
         summary["id"] = f"{self.model_name}@{name}"
         return summary
@@ -305,15 +305,14 @@ class Service:
             # the answer-loss refinement holds the whole model beside the cached variants: only when it fits
             whole = self.builder.variant_bytes(None)
             if whole > self.config.cache_budget:
-                raise APIError(
-                    400,
+                raise InvalidRequest(
                     f"refine 'e2e' holds the whole model ({whole / 2**30:.2f} GiB of experts) in this server's memory, "
                     f"more than its cache budget ({self.config.cache_budget / 2**30:.2f} GiB); use refine 'local' "
                     "(any model size), or run 'taskmoe calibrate --refine e2e' where the model fits and import it",
                     param="refine",
                 )
         if name in self.store and not replace:
-            raise APIError(409, f"pattern {name!r} exists; send replace=true to recalibrate it", code="pattern_exists")
+            raise PatternExists(f"pattern {name!r} exists; send replace=true to recalibrate it")
         stages = ["statistics", *(["layer-local refinement"] if recipe.refine != "none" else [])]
         stages += ["answer-loss refinement"] if recipe.refine == "e2e" else []
 
@@ -337,8 +336,8 @@ class Service:
             )
         except JobRefused as refused:
             if refused.busy:
-                raise APIError(409, str(refused), code="job_in_progress", param="name") from None
-            raise APIError(429, str(refused), code="too_many_jobs", headers={"Retry-After": "30"}) from None
+                raise JobInProgress(str(refused), param="name") from None
+            raise TooManyJobs(str(refused), retry_after=30) from None
 
     def _check_calibration_input(
         self, texts: Sequence[CalibrationText], examples: Sequence[str], recipe: PatternRecipe
@@ -354,12 +353,12 @@ class Service:
                 try:
                     text.encode("utf-8")
                 except UnicodeEncodeError:
-                    raise APIError(
-                        400, f"{param} must be valid Unicode text (a lone surrogate?)", param=param
+                    raise InvalidRequest(
+                        f"{param} must be valid Unicode text (a lone surrogate?)", param=param
                     ) from None
                 if len(text) > limit:
-                    raise APIError(
-                        400, f"a text in {param} of {len(text)} characters cannot fit the model's context", param=param
+                    raise InvalidRequest(
+                        f"a text in {param} of {len(text)} characters cannot fit the model's context", param=param
                     )
         if self.builder.family.kind != "moe":
             return
@@ -369,45 +368,46 @@ class Service:
         try:
             keep_count(experts, top_k, recipe.keep_ratio, recipe.keep_experts)
         except ValueError as error:
-            raise APIError(400, f"{param}: {error}", param=param) from None
+            raise InvalidRequest(f"{param}: {error}", param=param) from None
 
     def _check_new_name(self, name: str) -> None:
         try:
             validate_name(name)
         except PatternError as error:
-            raise APIError(400, str(error), param="name") from None
+            raise InvalidRequest(str(error), param="name") from None
         if name == FULL_MODEL:
-            raise APIError(400, f"{FULL_MODEL!r} is reserved: it names the full model", param="name")
+            raise InvalidRequest(f"{FULL_MODEL!r} is reserved: it names the full model", param="name")
 
     def import_bundle(self, data: bytes, replace: bool) -> dict[str, Any]:
         try:
             pattern = pattern_from_bundle(data)
             pattern.check_model(self.fingerprint)
         except PatternError as error:
-            raise APIError(400, str(error), code="invalid_pattern") from None
+            raise InvalidPattern(str(error)) from None
         self._check_new_name(pattern.name)
         if pattern.example_embeddings is None or not pattern.examples:
-            raise APIError(400, f"pattern {pattern.name!r} has no example prompts: routing could never choose it")
+            raise InvalidRequest(f"pattern {pattern.name!r} has no example prompts: routing could never choose it")
         try:
             self.builder.variant_bytes(pattern.selection)  # checks the selection against this model
             self.store.add(pattern, replace=replace)
         except SelectionError as error:
-            raise APIError(400, f"pattern {pattern.name!r} does not fit this model: {error}") from None
+            raise InvalidRequest(f"pattern {pattern.name!r} does not fit this model: {error}") from None
+        except PatternExistsError as error:
+            raise PatternExists(str(error)) from None
         except PatternError as error:
-            status = 409 if "exists" in str(error) else 400
-            raise APIError(status, str(error), code="pattern_exists" if status == 409 else "invalid_pattern") from None
+            raise InvalidPattern(str(error)) from None
         self._forget(pattern.name)
         return self.pattern_summary(pattern.name)
 
     def delete(self, name: str) -> None:
         if name == self.config.fallback_pattern:
-            raise APIError(409, f"pattern {name!r} is the --fallback; unmatched queries need it", code="pattern_in_use")
+            raise PatternInUse(f"pattern {name!r} is the --fallback; unmatched queries need it")
         if name in self.config.upstream_map:
-            raise APIError(409, f"pattern {name!r} is served by an --upstream; routing needs it", code="pattern_in_use")
+            raise PatternInUse(f"pattern {name!r} is served by an --upstream; routing needs it")
         try:
             self.store.remove(name)
         except KeyError:
-            raise APIError(404, f"pattern {name!r} does not exist", code="pattern_not_found") from None
+            raise PatternNotFound(f"pattern {name!r} does not exist") from None
         self._forget(name)
 
     def warm(self, name: str) -> dict[str, Any]:

@@ -13,9 +13,48 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from server.errors import APIError
+from server.errors import (
+    APIError,
+    ContextTooLong,
+    InvalidPattern,
+    InvalidRequest,
+    JobInProgress,
+    LoadFailed,
+    ModelNotFound,
+    NoRoom,
+    PatternExists,
+    PatternInUse,
+    PatternNotFound,
+    PatternUnusable,
+    ServiceError,
+    TooManyJobs,
+)
 
 log = logging.getLogger("taskmoe.api")
+
+
+#: every domain error's HTTP status and OpenAI error code (the most specific class that matches wins)
+SERVICE_ERRORS: dict[type[ServiceError], tuple[int, str | None]] = {
+    ContextTooLong: (400, "context_length_exceeded"),
+    InvalidPattern: (400, "invalid_pattern"),
+    InvalidRequest: (400, None),
+    ModelNotFound: (404, "model_not_found"),
+    PatternNotFound: (404, "pattern_not_found"),
+    PatternExists: (409, "pattern_exists"),
+    PatternInUse: (409, "pattern_in_use"),
+    PatternUnusable: (409, "pattern_unusable"),
+    JobInProgress: (409, "job_in_progress"),
+    TooManyJobs: (429, "too_many_jobs"),
+    NoRoom: (503, "cache_full"),
+    LoadFailed: (500, "variant_build_failed"),
+}
+
+
+def api_error(error: ServiceError) -> APIError:
+    """The HTTP rendering of a domain error."""
+    status, code = next(SERVICE_ERRORS[kind] for kind in type(error).__mro__ if kind in SERVICE_ERRORS)
+    headers = {"Retry-After": str(error.retry_after)} if error.retry_after is not None else None
+    return APIError(status, error.message, code=code, param=error.param, headers=headers)
 
 
 def error_response(error: APIError) -> JSONResponse:
@@ -42,6 +81,10 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def api_error(request: Request, error: APIError) -> JSONResponse:
         return error_response(error)
+
+    @app.exception_handler(ServiceError)
+    async def service_error(request: Request, error: ServiceError) -> JSONResponse:
+        return error_response(api_error(error))
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, error: RequestValidationError) -> JSONResponse:

@@ -44,7 +44,7 @@ def restricted_router(
     clone = type(router).__new__(type(router))
     nn.Module.__init__(clone)
     for key, value in vars(router).items():
-        if not key.startswith("_"):
+        if not key.startswith("_") and key != "forward":  # a pooled model's router has its own forward
             setattr(clone, key, value)
     for name, child in router.named_children():
         clone.add_module(name, child)

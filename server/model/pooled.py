@@ -3,8 +3,8 @@
 A pruned variant computes what the full model computes when its routers cannot select the pruned experts
 (the equivalence contract, see `masking`). So variants need not be separate models: one model holds the
 backbone once and, per sparse layer, `slots` expert slots; a table maps each resident expert to its slot.
-Every row of a batch carries a `RowRoute` (its pattern's kept experts). After each router runs, a hook
-re-routes every group of rows that shares a route with the restricted router of that route (transformers'
+Every row of a batch carries a `RowRoute` (its pattern's kept experts). Each router routes every group of
+rows that shares a route with the restricted router of that route (transformers'
 own routing code over the kept rows: the very computation of the pruned variant, group-limited routing
 and selection bias included) and turns the chosen experts into slots. The experts module then runs all rows
 together, reading each chosen expert from its slot. Rows of different patterns share one forward pass.
@@ -59,10 +59,9 @@ class PooledModel:
         self._masks.cache_size = 64 * max(1, len(self.layers))  # room for many patterns' restricted routers
         self._masks_lock = threading.Lock()  # the restricted routers' cache is shared by every thread
         self._local = threading.local()  # the current forward pass's routes, one per row, per thread
-        self._handles = [
-            self.model.get_submodule(layer.prefix).gate.register_forward_hook(self._hook(index))
-            for index, layer in self.layers.items()
-        ]
+        for index, layer in self.layers.items():
+            gate = self.model.get_submodule(layer.prefix).gate
+            gate.forward = self._routing(index, gate.forward)  # this instance only; the class stays as it was
 
     @property
     def device(self) -> torch.device:
@@ -93,22 +92,28 @@ class PooledModel:
         with self._masks_lock:
             return self._masks._restricted(layer, kept)
 
-    def _hook(self, layer: int) -> Callable[[nn.Module, tuple[Any, ...], Any], Any]:
+    def _routing(self, layer: int, full_router: Callable[[torch.Tensor], Any]) -> Callable[[torch.Tensor], Any]:
+        """The router's forward for this layer: each group of rows that shares a route is routed by that
+        route's restricted router (rows of the full model by the router itself), and the chosen experts
+        become slots. When every row has the same pruned route the full router is not run at all, and the
+        logits returned are the restricted router's (over the kept experts; the MoE blocks ignore them)."""
         table = self.slot_of[layer]
 
-        def on_router(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+        def forward(hidden_states: torch.Tensor) -> Any:
             batch: _Batch | None = getattr(self._local, "batch", None)
             if batch is None:
                 raise RuntimeError("a pooled model runs inside PooledModel.rows(...) (each row needs its route)")
-            logits, weights, experts = output
-            hidden = args[0].reshape(-1, args[0].shape[-1])  # [tokens, H], row-major over [rows, seq]
+            hidden = hidden_states.reshape(-1, hidden_states.shape[-1])  # [tokens, H], row-major over [rows, seq]
             if len(batch.groups) == 1:
                 kept = batch.groups[0][0].kept.get(layer)
-                if kept is not None:
+                if kept is None:
+                    logits, weights, experts = full_router(hidden_states)
+                else:
                     restricted, ids = self._restricted(layer, kept)
-                    _, weights, positions = restricted(hidden)
+                    logits, weights, positions = restricted(hidden)
                     experts = ids[positions]
                 return logits, weights, _slots(table, experts)
+            logits, weights, experts = full_router(hidden_states)
             chosen_experts = experts.clone()  # rows of full routes keep the full router's choice
             chosen_weights = weights.clone()
             for route, tokens in batch.tokens(hidden.shape[0]):
@@ -121,7 +126,7 @@ class PooledModel:
                 chosen_experts.index_copy_(0, tokens, ids[positions])
             return logits, chosen_weights, _slots(table, chosen_experts)
 
-        return on_router
+        return forward
 
     def check(self, route: RowRoute) -> None:
         """Raise (with the routing rule's reason) if `route` cannot be served exactly."""
