@@ -20,3 +20,7 @@ DENSE_METHODS: tuple[str, ...] = ("seap", "seap-wifn", "magnitude", "random")
 BUDGETS: tuple[str, ...] = ("uniform", "adaptive")
 #: refinements of an expert selection (`server.model.refine`)
 REFINEMENTS: tuple[str, ...] = ("none", "local", "e2e")
+
+#: how a query is matched to a pattern (`server.routing`): a classifier on the examples, the nearest
+#: centroid, or a vote of the nearest examples
+ROUTE_RULES: tuple[str, ...] = ("classifier", "centroid", "knn")

@@ -59,12 +59,17 @@ def _fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
+FILE_MODE = 0o644
+"""Permissions of every file the store writes: those of the files it ships with (readable by all)."""
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write `data` to `path` so that readers see the old content or the new one, never a mix."""
     with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False) as tmp:
         tmp.write(data)
         tmp.flush()
         os.fsync(tmp.fileno())
+    os.chmod(tmp.name, FILE_MODE)  # temporary files are private (0600); the store's files are not
     os.replace(tmp.name, path)
     _fsync_directory(path.parent)
 
@@ -119,12 +124,14 @@ class PatternStore:
             self._load_or_rebuild_index()
 
     def _remove_leftovers(self, min_age_seconds: float = 600.0) -> None:
-        """Delete tensor files no document names: a crashed write's. Young ones may be another process's
-        write in progress, and files that a skipped (unreadable) document may name are kept."""
+        """Delete tensor files no document names and temporary files: a crashed write's. Young ones may be
+        another process's write in progress, and files that a skipped (unreadable) document may name are kept."""
         named = {str(d.get("tensors")) for d in self._documents.values()}
         skipped = tuple(f"{Path(name).stem}." for name in self.problems)
         now = time.time()
-        for path in [*self.pattern_dir.glob("*.safetensors"), *self.pattern_dir.glob(".*.tmp")]:
+        leftovers = [*self.pattern_dir.glob("*.safetensors"), *self.pattern_dir.glob(".*.tmp")]
+        leftovers += self.root.glob(".index.*.tmp")  # a crashed write of the index cache
+        for path in leftovers:
             if path.name in named or (skipped and path.name.startswith(skipped)):
                 continue
             try:
@@ -192,6 +199,7 @@ class PatternStore:
             tensor_file = f"{pattern.name}.{secrets.token_hex(6)}.safetensors"
             tensor_path = self.pattern_dir / tensor_file
             save_file(pattern.tensors(), str(tensor_path))
+            os.chmod(tensor_path, FILE_MODE)
             with open(tensor_path, "rb") as handle:
                 os.fsync(handle.fileno())
             _fsync_directory(self.pattern_dir)  # the tensor file's entry is durable before the JSON names it

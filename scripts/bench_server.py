@@ -5,12 +5,21 @@
    non-streamed, greedy) against `model.generate` of the same variant on the same prompt in this process,
    interleaved prompt by prompt. Target: median server latency <= 1.15x median direct latency.
 2. Routing: embed + FAISS search + the routing rule, in this process. Target: p50 <= 15 ms.
-3. Load: N concurrent streaming clients over mixed demo tasks: throughput (completion tokens/s),
-   latency p50/p99, time to first token p50/p99, variant cache hit rate (from /metrics).
+3. Decoding in this process, without HTTP: one at a time against the batched decoder.
+4. HTTP load, from `scripts/load_generator.py` (asyncio, its own process, its CPU time recorded), against
+   a server with the expert pool and one with `--expert-pool false`: one pattern at 1 and 32 clients, three
+   patterns mixed at 8 and 32, non-streamed and streamed, `max_tokens` 64 with `ignore_eos`. Targets: three
+   patterns mixed at 32 clients reach >= 80% of one pattern's tokens/s at 32, and one pattern keeps its
+   scaling over one client.
+5. Cycling: a budget that holds the union of all demo patterns' experts, each pattern asked in turn for
+   three rounds; evictions after the first round (target with the pool: none).
+6. Chunked prefill: a 2,000-token prompt arriving among 16 streams, on a long-context copy of the demo
+   model; the streams' inter-token gaps with whole-prompt prefill and with `--max-prefill-tokens`.
 
-Writes `bench/results/server.json` and prints a Markdown table.
+Writes `bench/results/server.json` (the README's tables are rendered from it by
+`scripts/render_readme.py`) and prints Markdown tables.
 
-    python scripts/bench_server.py [--prompts-per-task 8] [--clients 1 4 8] [--requests 48]
+    python scripts/bench_server.py [--prompts-per-task 8] [--quick]
 """
 
 from __future__ import annotations
@@ -22,8 +31,10 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -47,6 +58,10 @@ from local_server import free_port, start_server
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = ("arith", "reverse", "sort", "upper", "spell", "translate")
 MAX_TOKENS = 32
+LOAD_MAX_TOKENS = 64
+ONE_PATTERN = ["demo-moe@sort"]
+THREE_PATTERNS = ["demo-moe@sort", "demo-moe@upper", "demo-moe@arith"]
+LONG_PROMPT_CHARACTERS = 2000  # the demo tokenizer has one token per character
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -54,8 +69,10 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
 
 
-def launch(model: Path, port: int, budget: str, threads: int, workers: int | None) -> subprocess.Popen:
-    options = ["--cache-budget", budget, "--log-level", "warning", "--torch-threads", str(threads)]
+def launch(
+    model: Path, port: int, budget: str, threads: int, workers: int | None, extra: Sequence[str] = ()
+) -> subprocess.Popen:
+    options = ["--cache-budget", budget, "--log-level", "warning", "--torch-threads", str(threads), *extra]
     return start_server(model, port, options + (["--workers", str(workers)] if workers is not None else []))
 
 
@@ -173,48 +190,191 @@ def decoder_scaling(model_dir: Path, prompts: list[str], clients: list[int]) -> 
     return rows
 
 
-def load(url: str, jobs: list[tuple[str, str]], clients: int, requests: int) -> dict:
-    """`requests` streamed requests of (model, prompt) `jobs` from `clients` concurrent clients."""
-    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=300)
-    hits, misses = metric(url, "taskmoe_cache_hits_total"), metric(url, "taskmoe_cache_misses_total")
-
-    def one(index: int) -> tuple[float, float, int]:
-        model, prompt = jobs[index % len(jobs)]
-        started = time.perf_counter()
-        first, tokens = None, 0
-        stream = client.chat.completions.create(
-            model=model,
-            messages=[{"role": "user", "content": prompt}],
-            temperature=0,
-            max_tokens=MAX_TOKENS,
-            stream=True,
-            stream_options={"include_usage": True},
-        )
-        for chunk in stream:
-            if first is None and chunk.choices and chunk.choices[0].delta.content:
-                first = time.perf_counter() - started
-            if chunk.usage is not None:
-                tokens = chunk.usage.completion_tokens
-        return time.perf_counter() - started, first or 0.0, tokens
-
-    started = time.perf_counter()
-    with ThreadPoolExecutor(clients) as pool:
-        results = list(pool.map(one, range(requests)))
-    wall = time.perf_counter() - started
-    latencies = [r[0] for r in results]
-    ttft = [r[1] for r in results]
-    tokens = sum(r[2] for r in results)
-    hits, misses = metric(url, "taskmoe_cache_hits_total") - hits, metric(url, "taskmoe_cache_misses_total") - misses
-    return {
+def http_load(
+    url: str, models: list[str], prompts: list[str], clients: int, requests: int, stream: bool, **extra: Any
+) -> dict[str, Any]:
+    """`requests` requests from `clients` concurrent clients of `scripts/load_generator.py`, in its own
+    process; returns the generator's raw report (per request results, wall and CPU time)."""
+    spec = {
+        "url": url,
+        "models": models,
+        "prompts": prompts,
         "clients": clients,
         "requests": requests,
-        "tokens_per_second": tokens / wall,
+        "stream": stream,
+        "max_tokens": LOAD_MAX_TOKENS,
+        **extra,
+    }
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "load_generator.py"), json.dumps(spec)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"the load generator failed: {done.stderr[-2000:]}")
+    return json.loads(done.stdout)
+
+
+def summarise_load(report: dict[str, Any]) -> dict[str, Any]:
+    results = report["results"]
+    failed = sum(1 for r in results if r["status"] != 200)
+    latencies = [r["latency"] for r in results]
+    tokens = sum(r["tokens"] for r in results)
+    summary = {
+        "requests": len(results),
+        "failed": failed,
+        "tokens_per_second": tokens / report["wall_s"],
         "latency_p50_ms": statistics.median(latencies) * 1000,
         "latency_p99_ms": percentile(latencies, 99) * 1000,
-        "ttft_p50_ms": statistics.median(ttft) * 1000,
-        "ttft_p99_ms": percentile(ttft, 99) * 1000,
-        "cache_hit_rate": hits / max(1.0, hits + misses),
+        "generator_cpu_s": report["cpu_s"],
+        "generator_cpu_share": report["cpu_share_of_a_core"],
     }
+    ttft = [r["ttft"] for r in results if r.get("ttft") is not None]
+    if ttft:
+        summary["ttft_p50_ms"] = statistics.median(ttft) * 1000
+        summary["ttft_p99_ms"] = percentile(ttft, 99) * 1000
+    return summary
+
+
+def load_levels(url: str, prompts: list[str], quick: bool) -> list[dict[str, Any]]:
+    """One pattern at 1 and 32 clients, three patterns mixed at 8 and 32; non-streamed and streamed."""
+    levels = []
+    scenarios = [("one pattern", ONE_PATTERN, 1), ("one pattern", ONE_PATTERN, 32)]
+    scenarios += [("three patterns", THREE_PATTERNS, 8), ("three patterns", THREE_PATTERNS, 32)]
+    for stream in (False, True):
+        for name, models, clients in scenarios:
+            requests = max(8, (2 if quick else 4) * clients)
+            print(f"  {name}, {clients} clients, {'streamed' if stream else 'whole'} ...", file=sys.stderr)
+            report = http_load(url, models, prompts, clients, requests, stream)
+            levels.append({"scenario": name, "clients": clients, "stream": stream, **summarise_load(report)})
+    return levels
+
+
+def union_budget(model_dir: Path) -> int:
+    """Bytes of the union of every stored pattern's experts (per layer), plus one expert per layer of room:
+    what a pool needs to hold every demo pattern at once."""
+    builder = VariantBuilder(model_dir)
+    store = PatternStore(model_dir / "patterns", create=False)
+    total = 0
+    for layer, sparse in builder.sparse_layers.items():
+        union: set[int] = set()
+        for name in store.names():
+            union |= set(store.get(name).selection.kept(layer) or range(sparse.num_experts))
+        total += (min(len(union) + 1, sparse.num_experts)) * builder.expert_bytes(layer)
+    return total
+
+
+def cycling(model_dir: Path, prompt: str, budget: int, expert_pool: bool, threads: int) -> dict[str, Any]:
+    """Ask each stored pattern in turn for three rounds; count evictions after the first round."""
+    names = PatternStore(model_dir / "patterns", create=False).names()
+    port = free_port()
+    options = ["--expert-pool", "true" if expert_pool else "false"]
+    server = launch(model_dir, port, str(budget), threads, None, options)
+    url = f"http://127.0.0.1:{port}"
+    evictions_metric = "taskmoe_pool_experts_evicted_total" if expert_pool else "taskmoe_cache_evictions_total"
+    try:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=300)
+        after_first = 0.0
+        for round_number in range(3):
+            for name in names:
+                client.chat.completions.create(
+                    model=f"demo-moe@{name}", messages=[{"role": "user", "content": prompt}], max_tokens=4
+                )
+            if round_number == 0:
+                after_first = metric(url, evictions_metric)
+        evicted = metric(url, evictions_metric) - after_first
+        misses = metric(url, "taskmoe_cache_misses_total")
+    finally:
+        server.terminate()
+        server.wait(30)
+    return {
+        "expert_pool": expert_pool,
+        "budget_bytes": budget,
+        "patterns": len(names),
+        "rounds": 3,
+        "evictions_after_first_round": evicted,
+        "misses": misses,
+        "unit": "experts" if expert_pool else "variants",
+    }
+
+
+def long_context_copy(model_dir: Path, context: int) -> Path:
+    """The demo model with a longer context window (its config only; the weights are linked), for timing a
+    long prompt. Its answers past the trained length mean nothing; its costs are what is measured."""
+    target = ROOT / "bench" / "checkpoints" / f"{model_dir.name}-context-{context}"
+    target.mkdir(parents=True, exist_ok=True)
+    for item in model_dir.iterdir():
+        if item.name in ("config.json", "patterns"):
+            continue
+        link = target / item.name
+        if not link.exists():
+            link.symlink_to(item.resolve())
+    config = json.loads((model_dir / "config.json").read_text())
+    config["max_position_embeddings"] = context
+    (target / "config.json").write_text(json.dumps(config, indent=1))
+    return target
+
+
+def prefill_stall(
+    model_dir: Path, threads: int, chunk: int | None, quick: bool, with_long_prompt: bool = True
+) -> dict[str, Any]:
+    """16 streams decoding while one 2,000-token prompt arrives: the streams' inter-token gaps (without the
+    long prompt: the baseline)."""
+    port = free_port()
+    options = ["--max-prefill-tokens", str(chunk or 0), "--served-model-name", "demo-moe"]
+    server = launch(model_dir, port, "4GiB", threads, None, options)
+    url = f"http://127.0.0.1:{port}"
+    long_prompt = ("the quick brown fox jumps over the lazy dog " * 60)[:LONG_PROMPT_CHARACTERS]
+    try:
+        streams_spec = dict(
+            url=url, models=["demo-moe"], prompts=["Sort: 4, 2, 9, 1"], clients=16, requests=16, stream=True
+        )
+        streams_spec["max_tokens"] = 120 if quick else 200
+        long_spec = dict(
+            url=url,
+            models=["demo-moe"],
+            prompts=[long_prompt],
+            clients=1,
+            requests=1,
+            stream=True,
+            max_tokens=4,
+            start_delay=0.5,
+        )
+        with ThreadPoolExecutor(2) as pool:
+            streams_future = pool.submit(_generator, streams_spec)
+            long_future = pool.submit(_generator, long_spec) if with_long_prompt else None
+            streams = streams_future.result()
+            long = long_future.result() if long_future else {"results": [{"status": 200, "ttft": None}]}
+    finally:
+        server.terminate()
+        server.wait(30)
+    failed = [r["status"] for r in [*streams["results"], *long["results"]] if r["status"] != 200]
+    if failed:
+        raise RuntimeError(f"prefill benchmark: requests failed with {failed}")
+    gaps = [gap for r in streams["results"] for gap in r.get("gaps", [])]
+    return {
+        "long_prompt": with_long_prompt,
+        "max_prefill_tokens": chunk,
+        "streams": 16,
+        "long_prompt_characters": len(long_prompt) if with_long_prompt else 0,
+        "gap_p50_ms": statistics.median(gaps) * 1000,
+        "gap_p99_ms": percentile(gaps, 99) * 1000,
+        "gap_max_ms": max(gaps) * 1000,
+        "long_prompt_ttft_ms": (long["results"][0].get("ttft") or 0.0) * 1000,
+    }
+
+
+def _generator(spec: dict[str, Any]) -> dict[str, Any]:
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "load_generator.py"), json.dumps(spec)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"the load generator failed: {done.stderr[-2000:]}")
+    return json.loads(done.stdout)
 
 
 def main() -> int:
@@ -222,87 +382,148 @@ def main() -> int:
     parser.add_argument("--model", type=Path, default=ROOT / "models" / "demo-moe")
     parser.add_argument("--prompts-per-task", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats per prompt in the overhead phase")
-    parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 8])
-    parser.add_argument("--requests", type=int, default=48, help="requests per load level")
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 8, 16], help="in-process decoding levels")
     parser.add_argument("--budget", default="4GiB", help="the server's --cache-budget")
     parser.add_argument("--torch-threads", type=int, default=1, help="intra-op threads, server and direct alike")
     parser.add_argument("--workers", type=int, default=None, help="the server's --workers (default: its own)")
+    parser.add_argument("--quick", action="store_true", help="fewer prompts and requests: a smoke run")
+    parser.add_argument("--only-prefill", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "server.json")
     args = parser.parse_args()
+    if args.quick:
+        args.prompts_per_task, args.repeats = 2, 1
 
     prompts = [e.prompt for task in TASKS for e in get_task(task).examples(args.prompts_per_task, EVAL_SEED + 1)]
     mixed = [prompts[t * args.prompts_per_task + i] for i in range(args.prompts_per_task) for t in range(len(TASKS))]
     torch.set_num_threads(args.torch_threads)
-    port = free_port()
-    server = launch(args.model, port, args.budget, args.torch_threads, args.workers)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=300)
-        print("overhead: one request at a time, server vs direct generate ...", file=sys.stderr)
-        single = overhead(client, args.model, mixed, args.repeats)
-        print("routing cost ...", file=sys.stderr)
-        routing = routing_cost(args.model, mixed)
-        print("decoder scaling, in process ...", file=sys.stderr)
-        decoding = decoder_scaling(args.model, mixed, args.clients)
-        levels = []
-        routed = [("demo-moe", prompt) for prompt in mixed]
-        explicit = [(f"demo-moe@{TASKS[i % len(TASKS)]}", prompt) for i, prompt in enumerate(mixed)]
-        for mode, jobs in (("routed", routed), ("explicit", explicit)):
-            for clients in args.clients:
-                print(f"load: {clients} concurrent clients, {mode} ...", file=sys.stderr)
-                levels.append({"mode": mode, **load(url, jobs, clients, args.requests)})
-    finally:
-        server.terminate()
-        server.wait(30)
+    load: dict[str, list[dict[str, Any]]] = {}
+    for pool in (True, False):
+        port = free_port()
+        server = launch(
+            args.model, port, args.budget, args.torch_threads, args.workers, ["--expert-pool", str(pool).lower()]
+        )
+        url = f"http://127.0.0.1:{port}"
+        try:
+            if pool:
+                client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=300)
+                print("overhead: one request at a time, server vs direct generate ...", file=sys.stderr)
+                single = overhead(client, args.model, mixed, args.repeats)
+                print("routing cost ...", file=sys.stderr)
+                routing = routing_cost(args.model, mixed)
+                print("decoder scaling, in process ...", file=sys.stderr)
+                decoding = decoder_scaling(args.model, mixed, args.clients)
+            print(f"HTTP load, expert pool {pool} ...", file=sys.stderr)
+            http_load(url, THREE_PATTERNS, mixed, 4, 8, False)  # warm-up: every pattern leased once
+            load["pool" if pool else "variants"] = load_levels(url, mixed, args.quick)
+        finally:
+            server.terminate()
+            server.wait(30)
+    print("cycling through every pattern under a union budget ...", file=sys.stderr)
+    budget = union_budget(args.model)
+    cycles = [cycling(args.model, mixed[0], budget, pool, args.torch_threads) for pool in (True, False)]
+    print("a long prompt among 16 streams ...", file=sys.stderr)
+    long_model = long_context_copy(args.model, 4096)
+    prefill = [prefill_stall(long_model, args.torch_threads, None, args.quick, with_long_prompt=False)]
+    prefill += [prefill_stall(long_model, args.torch_threads, chunk, args.quick) for chunk in (None, 512, 128)]
 
+    def level(mode: str, scenario: str, clients: int, stream: bool) -> dict[str, Any]:
+        return next(
+            x for x in load[mode] if x["scenario"] == scenario and x["clients"] == clients and x["stream"] == stream
+        )
+
+    ratios = {}
+    for mode in load:
+        for stream in (False, True):
+            key = f"{mode}_{'streamed' if stream else 'whole'}"
+            one_32 = level(mode, "one pattern", 32, stream)["tokens_per_second"]
+            ratios[key] = {
+                "one_pattern_32_over_1": one_32 / level(mode, "one pattern", 1, stream)["tokens_per_second"],
+                "three_patterns_32_over_one_pattern_32": level(mode, "three patterns", 32, stream)["tokens_per_second"]
+                / one_32,
+            }
+    pool_cycle = next(c for c in cycles if c["expert_pool"])
     result = {
         "settings": {
             "model": str(args.model.relative_to(ROOT) if args.model.is_relative_to(ROOT) else args.model),
             "max_tokens": MAX_TOKENS,
+            "load_max_tokens": LOAD_MAX_TOKENS,
             "prompts": len(mixed),
             "repeats": args.repeats,
             "budget": args.budget,
             "torch_threads": torch.get_num_threads(),
             "workers": args.workers or "server default",
             "cpus": os.cpu_count(),
+            "quick": args.quick,
         },
         "single_request": single,
         "routing": routing,
-        "load": levels,
         "decoder": decoding,
+        "load": load,
+        "ratios": ratios,
+        "cycling": cycles,
+        "prefill": prefill,
         "targets": {
             "server_vs_direct_generate": {"target": 1.15, "measured": single["ratio"], "pass": single["ratio"] <= 1.15},
             "routing_p50_ms": {"target": 15.0, "measured": routing["p50_ms"], "pass": routing["p50_ms"] <= 15.0},
+            "three_patterns_vs_one_at_32_clients": {
+                "target": 0.8,
+                "measured": ratios["pool_whole"]["three_patterns_32_over_one_pattern_32"],
+                "pass": ratios["pool_whole"]["three_patterns_32_over_one_pattern_32"] >= 0.8,
+            },
+            "evictions_after_first_round_with_the_pool": {
+                "target": 0,
+                "measured": pool_cycle["evictions_after_first_round"],
+                "pass": pool_cycle["evictions_after_first_round"] == 0,
+            },
         },
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
-
-    print("\n| measure | measured | target |\n|---|---|---|")
-    print(
-        f"| one request through the server (explicit pattern) vs direct `generate`, median of {single['requests']} | "
-        f"{single['ratio']:.2f}x ({single['server_explicit_p50_ms']:.1f} ms vs "
-        f"{single['direct_generate_p50_ms']:.1f} ms) | <= 1.15x |"
-    )
-    print(
-        f"| the same, routed (embedding the query included) | {single['ratio_routed']:.2f}x "
-        f"({single['server_routed_p50_ms']:.1f} ms) | (routing has its own target) |"
-    )
-    print(f"| routing (embed + search + rule), p50 | {routing['p50_ms']:.1f} ms | <= 15 ms |")
-    print("\n| pattern | clients | tokens/s | latency p50 | latency p99 | TTFT p50 | TTFT p99 | cache hit rate |")
-    print("|---|---|---|---|---|---|---|---|")
-    for level in levels:
-        print(
-            f"| {level['mode']} | {level['clients']} | {level['tokens_per_second']:.0f} | "
-            f"{level['latency_p50_ms']:.0f} ms | "
-            f"{level['latency_p99_ms']:.0f} ms | {level['ttft_p50_ms']:.0f} ms | {level['ttft_p99_ms']:.0f} ms | "
-            f"{level['cache_hit_rate']:.1%} |"
-        )
-    print("\n| decoding in process, no HTTP | clients | tokens/s |\n|---|---|---|")
-    for row in decoding:
-        print(f"| {row['mode']} | {row['clients']} | {row['tokens_per_second']:.0f} |")
+    print(render_tables(result))
     print(f"\nwrote {args.out}", file=sys.stderr)
     return 0
+
+
+def render_tables(result: dict[str, Any]) -> str:
+    """The Markdown tables of a result (the README's are rendered by scripts/render_readme.py)."""
+    single, routing = result["single_request"], result["routing"]
+    lines = [
+        "| measure | measured | target |",
+        "|---|---|---|",
+        f"| one request, pattern named, vs direct `generate` | {single['ratio']:.2f}x | <= 1.15x |",
+        f"| routing p50 | {routing['p50_ms']:.1f} ms | <= 15 ms |",
+        "",
+        "| server | scenario | clients | streamed | tokens/s | latency p50 | latency p99 | generator CPU |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for mode, levels in result["load"].items():
+        for x in levels:
+            lines.append(
+                f"| {mode} | {x['scenario']} | {x['clients']} | {'yes' if x['stream'] else 'no'} | "
+                f"{x['tokens_per_second']:.0f} | {x['latency_p50_ms']:.0f} ms | {x['latency_p99_ms']:.0f} ms | "
+                f"{100 * x['generator_cpu_share']:.0f}% |"
+            )
+    lines += ["", "| ratio | value |", "|---|---|"]
+    for key, values in result["ratios"].items():
+        for name, value in values.items():
+            lines.append(f"| {key}: {name} | {value:.2f} |")
+    lines += ["", "| cycling, union budget | evictions after round 1 |", "|---|---|"]
+    for c in result["cycling"]:
+        lines.append(
+            f"| {'expert pool' if c['expert_pool'] else 'variants'} | {c['evictions_after_first_round']:.0f} |"
+        )
+    lines += [
+        "",
+        "| prefill | gap p50 | gap p99 | gap max | long prompt TTFT |",
+        "|---|---|---|---|---|",
+    ]
+    for p in result["prefill"]:
+        label = f"{p['max_prefill_tokens'] or 'whole prompt'}" if p["long_prompt"] else "no long prompt"
+        lines.append(
+            f"| {label} | {p['gap_p50_ms']:.0f} ms | {p['gap_p99_ms']:.0f} ms | "
+            f"{p['gap_max_ms']:.0f} ms | {p['long_prompt_ttft_ms']:.0f} ms |"
+        )
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

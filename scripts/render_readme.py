@@ -297,7 +297,19 @@ def server_decoder() -> str:
     return "\n".join(lines) + "\n"
 
 
+def routing() -> str:
+    """`scripts/eval_routing.py`: the share of unseen benchmark prompts routed to their own task, per rule."""
+    report = _load("routing.json")
+    tasks = report["settings"]["tasks"]
+    lines = ["| rule | " + " | ".join(tasks) + " | overall |", "|---|" + "---|" * (len(tasks) + 1)]
+    for rule, shares in report["results"].items():
+        cells = " | ".join(_pct(shares[task]) for task in tasks)
+        lines.append(f"| {rule} | {cells} | **{_pct(shares['overall'])}** |")
+    return "\n".join(lines) + "\n"
+
+
 RENDERERS: dict[str, Callable[[], str]] = {
+    "routing": routing,
     "server-overhead": server_overhead,
     "server-load": server_load,
     "server-cycling": server_cycling,

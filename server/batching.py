@@ -163,10 +163,8 @@ class BatchedDecoder:
         """The next `max_prefill_tokens` of a long prompt, in its own cache; after the last chunk its first
         token is sampled and it joins the batch."""
         generation = request.generation
-        if generation.cancel.is_set():
-            generation.cancelled = True
+        if self._cancelled(request):
             self._prefilling.remove(request)
-            self._finish(request)
             return
         assert self.max_prefill_tokens is not None
         if request.cache is None:
@@ -187,13 +185,10 @@ class BatchedDecoder:
             return
         self._prefilling.remove(request)
         cache, request.cache = request.cache, None
-        request.generator = generation.new_generator(self.device)
-        n = generation.params.n
-        tokens = generation.sample(logits.expand(n, -1), request.generator)
-        self._deliver(request, tokens)
-        if generation.finished:
-            self._finish(request)
+        tokens = self._first_tokens(request, logits)
+        if tokens is None:
             return
+        n = generation.params.n
         cache.batch_repeat_interleave(n)
         mask = torch.ones((n, len(prompt)), dtype=torch.long, device=self.device)
         positions = torch.full((n,), len(prompt), dtype=torch.long, device=self.device)
@@ -220,19 +215,39 @@ class BatchedDecoder:
     def _admit(self, requests: list[_Request]) -> None:
         """Prefill the new requests together (left-padded), take their first tokens, and join them to the
         batch."""
-        live = []
-        for request in requests:
-            if request.generation.cancel.is_set():
-                request.generation.cancelled = True
-                self._finish(request)
-            else:
-                live.append(request)
+        live = [request for request in requests if not self._cancelled(request)]
         if not live:
             return
+        cache, mask, logits = self._prefill_together(live)
+        rows, first_tokens, joining = [], [], []
+        for row, request in enumerate(live):
+            tokens = self._first_tokens(request, logits[row : row + 1])
+            if tokens is None:
+                continue
+            rows.extend([row] * request.generation.params.n)  # each choice its own row of the batch
+            first_tokens.extend(tokens)
+            joining.append(request)
+        if not joining:
+            return
+        index = torch.tensor(rows, device=self.device)  # [rows of the joining choices]
+        cache.batch_select_indices(index)
+        lengths = mask[index].sum(-1)  # [rows]: the position of each row's next token
+        self._join(joining, cache, mask[index], lengths, torch.tensor(first_tokens, device=self.device))
+
+    def _cancelled(self, request: _Request) -> bool:
+        if request.generation.cancel.is_set():
+            request.generation.cancelled = True
+            self._finish(request)
+            return True
+        return False
+
+    def _prefill_together(self, live: list[_Request]) -> tuple[DynamicCache, torch.Tensor, torch.Tensor]:
+        """One left-padded forward pass over the prompts: their cache, mask [requests, width] and last
+        logits [requests, vocab]."""
         width = max(len(r.generation.prompt_ids) for r in live)
         pad = int(getattr(self.model.config, "pad_token_id", None) or 0)
-        input_ids = torch.full((len(live), width), pad, dtype=torch.long, device=self.device)
-        mask = torch.zeros((len(live), width), dtype=torch.long, device=self.device)
+        input_ids = torch.full((len(live), width), pad, dtype=torch.long, device=self.device)  # [requests, width]
+        mask = torch.zeros((len(live), width), dtype=torch.long, device=self.device)  # 1 on prompt tokens
         for row, request in enumerate(live):
             ids = request.generation.prompt_ids
             input_ids[row, width - len(ids) :] = torch.tensor(ids, device=self.device)
@@ -248,24 +263,19 @@ class BatchedDecoder:
             use_cache=True,
             logits_to_keep=1,
         )
-        rows, first_tokens, joining = [], [], []
-        for row, request in enumerate(live):
-            generation = request.generation
-            request.generator = generation.new_generator(self.device)
-            tokens = generation.sample(logits[row : row + 1].expand(generation.params.n, -1), request.generator)
-            self._deliver(request, tokens)
-            if generation.finished:
-                self._finish(request)
-                continue
-            rows.extend([row] * generation.params.n)
-            first_tokens.extend(tokens)
-            joining.append(request)
-        if not joining:
-            return
-        index = torch.tensor(rows, device=self.device)
-        cache.batch_select_indices(index)
-        lengths = mask[index].sum(-1)
-        self._join(joining, cache, mask[index], lengths, torch.tensor(first_tokens, device=self.device))
+        return cache, mask, logits
+
+    def _first_tokens(self, request: _Request, logits: torch.Tensor) -> list[int] | None:
+        """Sample and deliver a request's first token per choice from its prompt's last logits [1, vocab];
+        None when that already finishes it."""
+        generation = request.generation
+        request.generator = generation.new_generator(self.device)
+        tokens = generation.sample(logits.expand(generation.params.n, -1), request.generator)
+        self._deliver(request, tokens)
+        if generation.finished:
+            self._finish(request)
+            return None
+        return tokens
 
     def _join(
         self,

@@ -10,7 +10,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from pattern_store.recipes import BUDGETS, DEFAULT_MOE_METHOD, MOE_METHODS, REFINEMENTS  # names only, no torch
+from pattern_store.recipes import (  # names only, no torch
+    BUDGETS,
+    DEFAULT_MOE_METHOD,
+    MOE_METHODS,
+    REFINEMENTS,
+    ROUTE_RULES,
+)
 
 
 class CliError(Exception):
@@ -395,7 +401,7 @@ def _add_serve_parser(commands: argparse._SubParsersAction) -> None:
     )
     flag("cache-wait", "30", "seconds a request waits for busy variants to free room before a 503 (default 30)")
     flag("route-threshold", "0.3", "similarity below which a query matches no task and gets the fallback")
-    flag("route-rule", "classifier", "classifier (default), centroid or knn", choices=["classifier", "centroid", "knn"])
+    flag("route-rule", ROUTE_RULES[0], f"{', '.join(ROUTE_RULES)} (default {ROUTE_RULES[0]})", choices=ROUTE_RULES)
     flag("fallback", FULL_MODEL, "what serves unmatched queries: full (the whole model) or a pattern name")
     flag("api-key", None, "require 'Authorization: Bearer KEY' on /v1 routes")
     flag("admin-key", None, "enable the /admin API, with this key")

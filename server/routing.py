@@ -21,9 +21,10 @@ import numpy as np
 import torch
 
 from pattern_store.embedder import Embedder
+from pattern_store.recipes import ROUTE_RULES
 from pattern_store.store import PatternStore, SearchHit
 
-RULES = ("classifier", "centroid", "knn")
+RULES = ROUTE_RULES
 log = logging.getLogger("taskmoe.routing")
 
 

@@ -262,3 +262,20 @@ def test_non_finite_or_absurd_embeddings_are_refused_and_never_loaded(tmp_path, 
     assert reopened.search(_unit(_basis(0))[0])[0].name == "good"
     _, vectors, owners = reopened.examples()
     assert "broken" not in owners and bool(torch.isfinite(torch.as_tensor(vectors)).all())
+
+
+def test_files_are_written_readable_and_crashed_index_writes_are_cleaned_up(tmp_path) -> None:
+    """Files the server writes had 0600 (temporary files renamed into place) where the shipped ones have
+    0644; a crashed write of the index cache left its temporary file behind for ever."""
+    store = PatternStore(tmp_path)
+    store.add(make_pattern("a", 0))
+    written = [*(tmp_path / "patterns").iterdir(), tmp_path / "index.json", tmp_path / "index.faiss"]
+    assert {oct(path.stat().st_mode & 0o777) for path in written} == {"0o644"}
+    stale = tmp_path / ".index.faiss.abc123.tmp"
+    stale.write_bytes(b"half an index")
+    old = time.time() - 3600
+    os.utime(stale, (old, old))
+    young = tmp_path / ".index.json.def456.tmp"
+    young.write_bytes(b"another process writing now")
+    PatternStore(tmp_path)
+    assert not stale.exists() and young.exists()

@@ -79,7 +79,7 @@ def _validation_message(error: RequestValidationError) -> tuple[str, str | None]
 
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
-    async def api_error(request: Request, error: APIError) -> JSONResponse:
+    async def http_error_body(request: Request, error: APIError) -> JSONResponse:
         return error_response(error)
 
     @app.exception_handler(ServiceError)
