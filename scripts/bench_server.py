@@ -1,25 +1,32 @@
 #!/usr/bin/env python3
-"""Benchmark the server against direct generation, in one run.
+"""Benchmark the server: its overhead over direct generation, and what it serves under HTTP load.
 
-1. Overhead: one request at a time through `taskmoe serve` (a separate process on loopback, routed,
-   non-streamed, greedy) against `model.generate` of the same variant on the same prompt in this process,
-   interleaved prompt by prompt. Target: median server latency <= 1.15x median direct latency.
-2. Routing: embed + FAISS search + the routing rule, in this process. Target: p50 <= 15 ms.
-3. Decoding in this process, without HTTP: one at a time against the batched decoder.
-4. HTTP load, from `scripts/load_generator.py` (asyncio, its own process, its CPU time recorded), against
-   a server with the expert pool and one with `--expert-pool false`: one pattern at 1 and 32 clients, three
-   patterns mixed at 8 and 32, non-streamed and streamed, `max_tokens` 64 with `ignore_eos`. Targets: three
-   patterns mixed at 32 clients reach >= 80% of one pattern's tokens/s at 32, and one pattern keeps its
-   scaling over one client.
-5. Cycling: a budget that holds the union of all demo patterns' experts, each pattern asked in turn for
-   three rounds; evictions after the first round (target with the pool: none).
-6. Chunked prefill: a 2,000-token prompt arriving among 16 streams, on a long-context copy of the demo
-   model; the streams' inter-token gaps with whole-prompt prefill and with `--max-prefill-tokens`.
+Phases (`--phases` picks some; all by default):
 
-Writes `bench/results/server.json` (the README's tables are rendered from it by
-`scripts/render_readme.py`) and prints Markdown tables.
+- overhead: one request at a time through `taskmoe serve` (a separate process on loopback, non-streamed,
+  greedy, pattern named and routed) against `model.generate` of the same variant on the same prompt in this
+  process, interleaved prompt by prompt. Target: median server latency <= 1.15x median direct latency.
+- routing: embed + FAISS search + the routing rule, in this process. Target: p50 <= 15 ms.
+- decoder: decoding in this process, without HTTP: one at a time against the batched decoder.
+- load: HTTP load from `scripts/load_generator.py`, a process of its own (asyncio, one connection per
+  client) whose CPU time is recorded, so that the tables show the generator was not the limit. Against a
+  server with the expert pool and one with `--expert-pool false` (a model and a decoding thread per
+  pattern), same budget: one pattern (demo-moe@sort) at 1 and 32 clients, three patterns mixed
+  (@sort, @upper, @arith, round robin) at 8 and 32, non-streamed and streamed, `max_tokens` 64 with
+  `ignore_eos`, greedy. Targets: one pattern at 32 clients >= 11x the tokens/s of one client; three
+  patterns mixed at 32 clients >= 80% of one pattern's tokens/s at 32 (with the pool).
+- cycling: a budget that holds the union of all stored patterns' experts (plus one expert per layer),
+  each pattern asked in turn for three rounds; evictions after the first round, with the pool and with a
+  variant per pattern. Target with the pool: none.
+- prefill: a 2,000-token prompt arriving among 16 streams, on a long-context copy of the demo model; the
+  streams' inter-token gaps with whole-prompt prefill and with `--max-prefill-tokens`.
 
-    python scripts/bench_server.py [--prompts-per-task 8] [--quick]
+Writes `bench/results/server.json` (the README's tables are rendered from it by `scripts/render_readme.py`)
+and prints the same tables.
+
+    python scripts/bench_server.py                       # the full run, on a quiet machine
+    python scripts/bench_server.py --quick               # a smoke run: fewer prompts, requests and levels
+    python scripts/bench_server.py --phases load cycling --out /tmp/server.json
 """
 
 from __future__ import annotations
@@ -30,9 +37,11 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +50,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import httpx
 import openai
+import render_readme
 import torch
 
 from pattern_store.embedder import Embedder
@@ -57,11 +67,24 @@ from local_server import free_port, start_server
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = ("arith", "reverse", "sort", "upper", "spell", "translate")
+PHASES = ("overhead", "routing", "decoder", "load", "cycling", "prefill")
 MAX_TOKENS = 32
 LOAD_MAX_TOKENS = 64
 ONE_PATTERN = ["demo-moe@sort"]
 THREE_PATTERNS = ["demo-moe@sort", "demo-moe@upper", "demo-moe@arith"]
+# (scenario, models, clients): the levels the ratios below compare
+SCENARIOS = [
+    ("one pattern", ONE_PATTERN, 1),
+    ("one pattern", ONE_PATTERN, 32),
+    ("three patterns", THREE_PATTERNS, 8),
+    ("three patterns", THREE_PATTERNS, 32),
+]
+SCALING_TARGET = 11.0  # one pattern, tokens/s at 32 clients over 1 client
+MIXED_TARGET = 0.8  # three patterns mixed over one pattern, tokens/s at 32 clients
+GENERATOR_CPU_LIMIT = 0.5  # of a core: above it, the generator may be what limits a level
+CYCLING_ROUNDS = 3
 LONG_PROMPT_CHARACTERS = 2000  # the demo tokenizer has one token per character
+GENERATOR = ROOT / "scripts" / "load_generator.py"
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -69,18 +92,34 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
 
 
-def launch(
-    model: Path, port: int, budget: str, threads: int, workers: int | None, extra: Sequence[str] = ()
-) -> subprocess.Popen:
-    options = ["--cache-budget", budget, "--log-level", "warning", "--torch-threads", str(threads), *extra]
-    return start_server(model, port, options + (["--workers", str(workers)] if workers is not None else []))
+@contextmanager
+def serving(
+    model: Path, budget: str | int, threads: int, workers: int | None = None, extra: Sequence[str] = ()
+) -> Iterator[str]:
+    """`taskmoe serve` in its own process for the length of the block; yields its base URL."""
+    port = free_port()
+    options = ["--cache-budget", str(budget), "--log-level", "warning", "--torch-threads", str(threads), *extra]
+    options += ["--workers", str(workers)] if workers is not None else []
+    server = start_server(model, port, options)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.terminate()
+        server.wait(30)
 
 
-def metric(url: str, name: str) -> float:
-    for line in httpx.get(f"{url}/metrics").text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[-1])
-    return 0.0
+def pool_option(pool: bool) -> list[str]:
+    return ["--expert-pool", "true" if pool else "false"]
+
+
+def scrape(url: str) -> dict[str, float]:
+    """The unlabelled samples of `/metrics` (counters, gauges), by name."""
+    samples = {}
+    for line in httpx.get(f"{url}/metrics", trust_env=False).text.splitlines():
+        name, _, value = line.partition(" ")
+        if line and not line.startswith("#") and "{" not in name:
+            samples[name] = float(value)
+    return samples
 
 
 def overhead(client: openai.OpenAI, model_dir: Path, prompts: list[str], repeats: int) -> dict:
@@ -190,12 +229,21 @@ def decoder_scaling(model_dir: Path, prompts: list[str], clients: list[int]) -> 
     return rows
 
 
-def http_load(
-    url: str, models: list[str], prompts: list[str], clients: int, requests: int, stream: bool, **extra: Any
+def run_generator(spec: dict[str, Any]) -> dict[str, Any]:
+    """`scripts/load_generator.py` with `spec`, in a process of its own: its CPU is not the server's
+    interpreter's, and its own CPU time comes back with its results."""
+    done = subprocess.run(
+        [sys.executable, str(GENERATOR), json.dumps(spec)], capture_output=True, text=True, check=False
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"the load generator failed: {done.stderr[-2000:]}")
+    return json.loads(done.stdout)
+
+
+def load_spec(
+    url: str, models: list[str], prompts: list[str], clients: int, requests: int, stream: bool
 ) -> dict[str, Any]:
-    """`requests` requests from `clients` concurrent clients of `scripts/load_generator.py`, in its own
-    process; returns the generator's raw report (per request results, wall and CPU time)."""
-    spec = {
+    return {
         "url": url,
         "models": models,
         "prompts": prompts,
@@ -203,28 +251,24 @@ def http_load(
         "requests": requests,
         "stream": stream,
         "max_tokens": LOAD_MAX_TOKENS,
-        **extra,
+        "ignore_eos": True,
     }
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "load_generator.py"), json.dumps(spec)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if done.returncode != 0:
-        raise RuntimeError(f"the load generator failed: {done.stderr[-2000:]}")
-    return json.loads(done.stdout)
 
 
 def summarise_load(report: dict[str, Any]) -> dict[str, Any]:
+    """Throughput and latency of one level, and what the generator cost; a failed request fails the level
+    (tokens/s with errors in it would compare unlike with like)."""
     results = report["results"]
-    failed = sum(1 for r in results if r["status"] != 200)
+    failed = [r for r in results if r["status"] != 200]
+    if failed:
+        raise RuntimeError(f"{len(failed)} of {len(results)} requests failed, e.g. {failed[0]}")
     latencies = [r["latency"] for r in results]
-    tokens = sum(r["tokens"] for r in results)
     summary = {
         "requests": len(results),
-        "failed": failed,
-        "tokens_per_second": tokens / report["wall_s"],
+        "failed": 0,
+        "completion_tokens": sum(r["tokens"] for r in results),
+        "wall_s": report["wall_s"],
+        "tokens_per_second": sum(r["tokens"] for r in results) / report["wall_s"],
         "latency_p50_ms": statistics.median(latencies) * 1000,
         "latency_p99_ms": percentile(latencies, 99) * 1000,
         "generator_cpu_s": report["cpu_s"],
@@ -237,65 +281,115 @@ def summarise_load(report: dict[str, Any]) -> dict[str, Any]:
     return summary
 
 
-def load_levels(url: str, prompts: list[str], quick: bool) -> list[dict[str, Any]]:
-    """One pattern at 1 and 32 clients, three patterns mixed at 8 and 32; non-streamed and streamed."""
+def load_levels(url: str, prompts: list[str], per_client: int, least: int) -> list[dict[str, Any]]:
+    """Every scenario of SCENARIOS, non-streamed then streamed; `per_client` requests per client (at least
+    `least`) so that a level lasts long enough to be more than its start and its tail."""
     levels = []
-    scenarios = [("one pattern", ONE_PATTERN, 1), ("one pattern", ONE_PATTERN, 32)]
-    scenarios += [("three patterns", THREE_PATTERNS, 8), ("three patterns", THREE_PATTERNS, 32)]
     for stream in (False, True):
-        for name, models, clients in scenarios:
-            requests = max(8, (2 if quick else 4) * clients)
+        for name, models, clients in SCENARIOS:
+            requests = max(least, per_client * clients)
             print(f"  {name}, {clients} clients, {'streamed' if stream else 'whole'} ...", file=sys.stderr)
-            report = http_load(url, models, prompts, clients, requests, stream)
-            levels.append({"scenario": name, "clients": clients, "stream": stream, **summarise_load(report)})
+            report = run_generator(load_spec(url, models, prompts, clients, requests, stream))
+            level = {"scenario": name, "clients": clients, "stream": stream, **summarise_load(report)}
+            if (share := level["generator_cpu_share"]) > GENERATOR_CPU_LIMIT:
+                print(f"  warning: the load generator used {share:.0%} of a core: it may be the limit", file=sys.stderr)
+            levels.append(level)
     return levels
 
 
-def union_budget(model_dir: Path) -> int:
-    """Bytes of the union of every stored pattern's experts (per layer), plus one expert per layer of room:
-    what a pool needs to hold every demo pattern at once."""
+def warm_up(url: str, prompts: list[str], requests: int) -> None:
+    """Every pattern of the load leased, and every code path run, before anything is timed."""
+    for stream in (False, True):
+        summarise_load(run_generator(load_spec(url, THREE_PATTERNS, prompts, 4, requests, stream)))
+
+
+def load_ratios(load: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, float]]:
+    """Per server and stream mode: one pattern 32 / 1 client, and three patterns / one pattern at 32."""
+
+    def tokens(mode: str, scenario: str, clients: int, stream: bool) -> float:
+        return next(
+            x["tokens_per_second"]
+            for x in load[mode]
+            if x["scenario"] == scenario and x["clients"] == clients and x["stream"] == stream
+        )
+
+    ratios = {}
+    for mode in load:
+        for stream in (False, True):
+            one_32 = tokens(mode, "one pattern", 32, stream)
+            ratios[f"{mode}_{'streamed' if stream else 'whole'}"] = {
+                "one_pattern_32_over_1": one_32 / tokens(mode, "one pattern", 1, stream),
+                "three_patterns_32_over_one_pattern_32": tokens(mode, "three patterns", 32, stream) / one_32,
+            }
+    return ratios
+
+
+def server_phases(args: argparse.Namespace, prompts: list[str], phases: set[str]) -> dict[str, Any]:
+    """The overhead phase and the load phase: both need a server; the overhead runs on the pooled one."""
+    out: dict[str, Any] = {}
+    load: dict[str, list[dict[str, Any]]] = {}
+    for pool in (True, False) if "load" in phases else (True,):
+        with serving(args.model, args.budget, args.torch_threads, args.workers, pool_option(pool)) as url:
+            if pool and "overhead" in phases:
+                print("overhead: one request at a time, server vs direct generate ...", file=sys.stderr)
+                client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=300)
+                out["single_request"] = overhead(client, args.model, prompts, args.repeats)
+            if "load" in phases:
+                print(f"HTTP load, expert pool {str(pool).lower()} ...", file=sys.stderr)
+                warm_up(url, prompts, args.warmup_requests)
+                load["pool" if pool else "variants"] = load_levels(url, prompts, args.requests_per_client, args.least)
+    if load:
+        out |= {"load": load, "ratios": load_ratios(load)}
+    return out
+
+
+def union_budget(model_dir: Path) -> dict[str, int]:
+    """What holding every stored pattern at once costs: per sparse layer, the union of the patterns' kept
+    experts times one expert's bytes, summed; the budget adds one expert per layer of room. The pool
+    spends a budget on slots that span every layer, so the budget is raised, if need be, until its slots
+    cover the largest layer's union."""
     builder = VariantBuilder(model_dir)
     store = PatternStore(model_dir / "patterns", create=False)
-    total = 0
+    union_bytes, most, per_slot = 0, 0, 0
     for layer, sparse in builder.sparse_layers.items():
         union: set[int] = set()
         for name in store.names():
-            union |= set(store.get(name).selection.kept(layer) or range(sparse.num_experts))
-        total += (min(len(union) + 1, sparse.num_experts)) * builder.expert_bytes(layer)
-    return total
+            kept = store.get(name).selection.kept(layer)
+            union |= set(range(sparse.num_experts) if kept is None else kept)
+        union_bytes += len(union) * builder.expert_bytes(layer)
+        most, per_slot = max(most, len(union)), per_slot + builder.expert_bytes(layer)
+    budget = max(union_bytes + per_slot, most * per_slot)
+    return {"union_bytes": union_bytes, "budget_bytes": budget, "largest_layer_union": most}
 
 
-def cycling(model_dir: Path, prompt: str, budget: int, expert_pool: bool, threads: int) -> dict[str, Any]:
-    """Ask each stored pattern in turn for three rounds; count evictions after the first round."""
+def cycling(model_dir: Path, prompt: str, budget: dict[str, int], expert_pool: bool, threads: int) -> dict[str, Any]:
+    """Each stored pattern asked in turn (one short request each) for CYCLING_ROUNDS rounds; what the
+    rounds after the first evicted and loaded, from `/metrics`."""
     names = PatternStore(model_dir / "patterns", create=False).names()
-    port = free_port()
-    options = ["--expert-pool", "true" if expert_pool else "false"]
-    server = launch(model_dir, port, str(budget), threads, None, options)
-    url = f"http://127.0.0.1:{port}"
-    evictions_metric = "taskmoe_pool_experts_evicted_total" if expert_pool else "taskmoe_cache_evictions_total"
-    try:
+    evicted = "taskmoe_pool_experts_evicted_total" if expert_pool else "taskmoe_cache_evictions_total"
+    loaded = "taskmoe_pool_experts_loaded_total" if expert_pool else "taskmoe_cache_misses_total"
+    with serving(model_dir, budget["budget_bytes"], threads, None, pool_option(expert_pool)) as url:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=300)
-        after_first = 0.0
-        for round_number in range(3):
+        for round_number in range(CYCLING_ROUNDS):
             for name in names:
                 client.chat.completions.create(
                     model=f"demo-moe@{name}", messages=[{"role": "user", "content": prompt}], max_tokens=4
                 )
             if round_number == 0:
-                after_first = metric(url, evictions_metric)
-        evicted = metric(url, evictions_metric) - after_first
-        misses = metric(url, "taskmoe_cache_misses_total")
-    finally:
-        server.terminate()
-        server.wait(30)
+                first = scrape(url)
+        last = scrape(url)
     return {
         "expert_pool": expert_pool,
-        "budget_bytes": budget,
+        **budget,
+        "pool_slots": last.get("taskmoe_pool_slots") if expert_pool else None,  # every layer's together
         "patterns": len(names),
-        "rounds": 3,
-        "evictions_after_first_round": evicted,
-        "misses": misses,
+        "rounds": CYCLING_ROUNDS,
         "unit": "experts" if expert_pool else "variants",
+        "evictions_first_round": first.get(evicted, 0.0),
+        "evictions_after_first_round": last.get(evicted, 0.0) - first.get(evicted, 0.0),
+        "loads_first_round": first.get(loaded, 0.0),
+        "loads_after_first_round": last.get(loaded, 0.0) - first.get(loaded, 0.0),
+        "misses": last.get("taskmoe_cache_misses_total", 0.0),
     }
 
 
@@ -316,214 +410,155 @@ def long_context_copy(model_dir: Path, context: int) -> Path:
     return target
 
 
-def prefill_stall(
-    model_dir: Path, threads: int, chunk: int | None, quick: bool, with_long_prompt: bool = True
-) -> dict[str, Any]:
-    """16 streams decoding while one 2,000-token prompt arrives: the streams' inter-token gaps (without the
-    long prompt: the baseline)."""
-    port = free_port()
-    options = ["--max-prefill-tokens", str(chunk or 0), "--served-model-name", "demo-moe"]
-    server = launch(model_dir, port, "4GiB", threads, None, options)
-    url = f"http://127.0.0.1:{port}"
-    long_prompt = ("the quick brown fox jumps over the lazy dog " * 60)[:LONG_PROMPT_CHARACTERS]
-    try:
-        streams_spec = dict(
-            url=url, models=["demo-moe"], prompts=["Sort: 4, 2, 9, 1"], clients=16, requests=16, stream=True
-        )
-        streams_spec["max_tokens"] = 120 if quick else 200
-        long_spec = dict(
-            url=url,
-            models=["demo-moe"],
-            prompts=[long_prompt],
-            clients=1,
-            requests=1,
-            stream=True,
-            max_tokens=4,
-            start_delay=0.5,
-        )
-        with ThreadPoolExecutor(2) as pool:
-            streams_future = pool.submit(_generator, streams_spec)
-            long_future = pool.submit(_generator, long_spec) if with_long_prompt else None
-            streams = streams_future.result()
-            long = long_future.result() if long_future else {"results": [{"status": 200, "ttft": None}]}
-    finally:
-        server.terminate()
-        server.wait(30)
-    failed = [r["status"] for r in [*streams["results"], *long["results"]] if r["status"] != 200]
-    if failed:
-        raise RuntimeError(f"prefill benchmark: requests failed with {failed}")
+def stall(url: str, stream_tokens: int, long_prompt: str | None) -> dict[str, Any]:
+    """16 streams decoding while (unless `long_prompt` is None) one long prompt arrives: the gaps between
+    the streams' tokens as their clients see them, and the long prompt's time to first token."""
+    streams_spec = {**load_spec(url, ["demo-moe"], ["Sort: 4, 2, 9, 1"], 16, 16, True), "max_tokens": stream_tokens}
+    long_ttft_ms = 0.0
+    with ThreadPoolExecutor(2) as pool:
+        streams_future = pool.submit(run_generator, streams_spec)
+        if long_prompt is not None:
+            long_spec = {**load_spec(url, ["demo-moe"], [long_prompt], 1, 1, True), "max_tokens": 4}
+            long = pool.submit(run_generator, {**long_spec, "start_delay": 0.5}).result()
+            long_ttft_ms = summarise_load(long)["ttft_p50_ms"]
+        streams = streams_future.result()
+    summarise_load(streams)  # raises if a request failed
     gaps = [gap for r in streams["results"] for gap in r.get("gaps", [])]
     return {
-        "long_prompt": with_long_prompt,
-        "max_prefill_tokens": chunk,
+        "long_prompt": long_prompt is not None,
         "streams": 16,
-        "long_prompt_characters": len(long_prompt) if with_long_prompt else 0,
+        "long_prompt_characters": len(long_prompt or ""),
         "gap_p50_ms": statistics.median(gaps) * 1000,
         "gap_p99_ms": percentile(gaps, 99) * 1000,
         "gap_max_ms": max(gaps) * 1000,
-        "long_prompt_ttft_ms": (long["results"][0].get("ttft") or 0.0) * 1000,
+        "long_prompt_ttft_ms": long_ttft_ms,
     }
 
 
-def _generator(spec: dict[str, Any]) -> dict[str, Any]:
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "load_generator.py"), json.dumps(spec)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if done.returncode != 0:
-        raise RuntimeError(f"the load generator failed: {done.stderr[-2000:]}")
-    return json.loads(done.stdout)
+def prefill_phase(model_dir: Path, threads: int, quick: bool) -> list[dict[str, Any]]:
+    """Whole-prompt prefill (with the no-long-prompt baseline on the same server), then chunked."""
+    long_model = long_context_copy(model_dir, 4096)
+    long_prompt = ("the quick brown fox jumps over the lazy dog " * 60)[:LONG_PROMPT_CHARACTERS]
+    stream_tokens = 60 if quick else 200
+    rows = []
+    for chunk in (None, 512) if quick else (None, 512, 128):
+        options = ["--max-prefill-tokens", str(chunk or 0), "--served-model-name", "demo-moe"]
+        with serving(long_model, "4GiB", threads, None, options) as url:
+            if chunk is None:
+                rows.append({**stall(url, stream_tokens, None), "max_prefill_tokens": None})
+            rows.append({**stall(url, stream_tokens, long_prompt), "max_prefill_tokens": chunk})
+    return rows
 
 
-def main() -> int:
+def targets(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Each target of the phases that ran: its threshold, what was measured, and whether it was met."""
+    out: dict[str, dict[str, Any]] = {}
+
+    def target(name: str, threshold: float, measured: float, at_least: bool) -> None:
+        met = measured >= threshold if at_least else measured <= threshold
+        out[name] = {"target": threshold, "measured": measured, "pass": met}
+
+    if "single_request" in result:
+        target("server_vs_direct_generate", 1.15, result["single_request"]["ratio"], at_least=False)
+    if "routing" in result:
+        target("routing_p50_ms", 15.0, result["routing"]["p50_ms"], at_least=False)
+    if "ratios" in result:
+        for name, key, threshold in (
+            ("one_pattern_32_vs_1_client", "one_pattern_32_over_1", SCALING_TARGET),
+            ("three_patterns_vs_one_at_32_clients", "three_patterns_32_over_one_pattern_32", MIXED_TARGET),
+        ):
+            target(name, threshold, result["ratios"]["pool_whole"][key], at_least=True)
+            target(f"{name}_streamed", threshold, result["ratios"]["pool_streamed"][key], at_least=True)
+        shares = [x["generator_cpu_share"] for levels in result["load"].values() for x in levels]
+        target("load_generator_cpu_share_of_a_core", GENERATOR_CPU_LIMIT, max(shares), at_least=False)
+    if "cycling" in result:
+        pool_cycle = next(c for c in result["cycling"] if c["expert_pool"])
+        target("evictions_after_first_round_with_the_pool", 0, pool_cycle["evictions_after_first_round"], False)
+    return out
+
+
+def arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=ROOT / "models" / "demo-moe")
+    parser.add_argument("--phases", nargs="+", choices=PHASES, default=list(PHASES), help="the phases to run")
     parser.add_argument("--prompts-per-task", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats per prompt in the overhead phase")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 8, 16], help="in-process decoding levels")
-    parser.add_argument("--budget", default="4GiB", help="the server's --cache-budget")
+    parser.add_argument("--requests-per-client", type=int, default=4, help="HTTP load: requests per client")
+    parser.add_argument("--least", type=int, default=8, help="HTTP load: the fewest requests of a level")
+    parser.add_argument("--warmup-requests", type=int, default=12, help="per server and stream mode")
+    parser.add_argument("--budget", default="4GiB", help="the load servers' --cache-budget")
     parser.add_argument("--torch-threads", type=int, default=1, help="intra-op threads, server and direct alike")
     parser.add_argument("--workers", type=int, default=None, help="the server's --workers (default: its own)")
-    parser.add_argument("--quick", action="store_true", help="fewer prompts and requests: a smoke run")
-    parser.add_argument("--only-prefill", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "server.json")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a smoke run: fewer prompts, requests, decoding and prefill levels; writes to a temporary file "
+        "unless --out is given",
+    )
+    parser.add_argument("--out", type=Path, default=None, help="default: bench/results/server.json")
     args = parser.parse_args()
     if args.quick:
-        args.prompts_per_task, args.repeats = 2, 1
+        args.prompts_per_task, args.repeats, args.clients = 2, 1, [1, 4]
+        args.requests_per_client, args.least, args.warmup_requests = 1, 2, 3
+    if args.out is None:
+        quick_out = Path(tempfile.gettempdir()) / "taskmoe-bench-server-quick.json"
+        args.out = quick_out if args.quick else ROOT / "bench" / "results" / "server.json"
+    return args
 
-    prompts = [e.prompt for task in TASKS for e in get_task(task).examples(args.prompts_per_task, EVAL_SEED + 1)]
-    mixed = [prompts[t * args.prompts_per_task + i] for i in range(args.prompts_per_task) for t in range(len(TASKS))]
-    torch.set_num_threads(args.torch_threads)
-    load: dict[str, list[dict[str, Any]]] = {}
-    for pool in (True, False):
-        port = free_port()
-        server = launch(
-            args.model, port, args.budget, args.torch_threads, args.workers, ["--expert-pool", str(pool).lower()]
-        )
-        url = f"http://127.0.0.1:{port}"
-        try:
-            if pool:
-                client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=300)
-                print("overhead: one request at a time, server vs direct generate ...", file=sys.stderr)
-                single = overhead(client, args.model, mixed, args.repeats)
-                print("routing cost ...", file=sys.stderr)
-                routing = routing_cost(args.model, mixed)
-                print("decoder scaling, in process ...", file=sys.stderr)
-                decoding = decoder_scaling(args.model, mixed, args.clients)
-            print(f"HTTP load, expert pool {pool} ...", file=sys.stderr)
-            http_load(url, THREE_PATTERNS, mixed, 4, 8, False)  # warm-up: every pattern leased once
-            load["pool" if pool else "variants"] = load_levels(url, mixed, args.quick)
-        finally:
-            server.terminate()
-            server.wait(30)
-    print("cycling through every pattern under a union budget ...", file=sys.stderr)
-    budget = union_budget(args.model)
-    cycles = [cycling(args.model, mixed[0], budget, pool, args.torch_threads) for pool in (True, False)]
-    print("a long prompt among 16 streams ...", file=sys.stderr)
-    long_model = long_context_copy(args.model, 4096)
-    prefill = [prefill_stall(long_model, args.torch_threads, None, args.quick, with_long_prompt=False)]
-    prefill += [prefill_stall(long_model, args.torch_threads, chunk, args.quick) for chunk in (None, 512, 128)]
 
-    def level(mode: str, scenario: str, clients: int, stream: bool) -> dict[str, Any]:
-        return next(
-            x for x in load[mode] if x["scenario"] == scenario and x["clients"] == clients and x["stream"] == stream
-        )
-
-    ratios = {}
-    for mode in load:
-        for stream in (False, True):
-            key = f"{mode}_{'streamed' if stream else 'whole'}"
-            one_32 = level(mode, "one pattern", 32, stream)["tokens_per_second"]
-            ratios[key] = {
-                "one_pattern_32_over_1": one_32 / level(mode, "one pattern", 1, stream)["tokens_per_second"],
-                "three_patterns_32_over_one_pattern_32": level(mode, "three patterns", 32, stream)["tokens_per_second"]
-                / one_32,
-            }
-    pool_cycle = next(c for c in cycles if c["expert_pool"])
-    result = {
-        "settings": {
-            "model": str(args.model.relative_to(ROOT) if args.model.is_relative_to(ROOT) else args.model),
-            "max_tokens": MAX_TOKENS,
-            "load_max_tokens": LOAD_MAX_TOKENS,
-            "prompts": len(mixed),
-            "repeats": args.repeats,
-            "budget": args.budget,
-            "torch_threads": torch.get_num_threads(),
-            "workers": args.workers or "server default",
-            "cpus": os.cpu_count(),
-            "quick": args.quick,
-        },
-        "single_request": single,
-        "routing": routing,
-        "decoder": decoding,
-        "load": load,
-        "ratios": ratios,
-        "cycling": cycles,
-        "prefill": prefill,
-        "targets": {
-            "server_vs_direct_generate": {"target": 1.15, "measured": single["ratio"], "pass": single["ratio"] <= 1.15},
-            "routing_p50_ms": {"target": 15.0, "measured": routing["p50_ms"], "pass": routing["p50_ms"] <= 15.0},
-            "three_patterns_vs_one_at_32_clients": {
-                "target": 0.8,
-                "measured": ratios["pool_whole"]["three_patterns_32_over_one_pattern_32"],
-                "pass": ratios["pool_whole"]["three_patterns_32_over_one_pattern_32"] >= 0.8,
-            },
-            "evictions_after_first_round_with_the_pool": {
-                "target": 0,
-                "measured": pool_cycle["evictions_after_first_round"],
-                "pass": pool_cycle["evictions_after_first_round"] == 0,
-            },
-        },
+def settings(args: argparse.Namespace, prompts: list[str]) -> dict[str, Any]:
+    model = args.model.relative_to(ROOT) if args.model.is_relative_to(ROOT) else args.model
+    return {
+        "model": str(model),
+        "phases": list(args.phases),
+        "max_tokens": MAX_TOKENS,
+        "load_max_tokens": LOAD_MAX_TOKENS,
+        "prompts": len(prompts),
+        "repeats": args.repeats,
+        "requests_per_client": args.requests_per_client,
+        "least_requests": args.least,
+        "warmup_requests": args.warmup_requests,
+        "budget": args.budget,
+        "torch_threads": args.torch_threads,
+        "workers": args.workers or "server default",
+        "cpus": os.cpu_count(),
+        "load_generator": "scripts/load_generator.py: asyncio + httpx, a process of its own",
+        "quick": args.quick,
     }
+
+
+def main() -> int:
+    args = arguments()
+    phases = set(args.phases)
+    prompts = [e.prompt for task in TASKS for e in get_task(task).examples(args.prompts_per_task, EVAL_SEED + 1)]
+    per_task = args.prompts_per_task
+    mixed = [prompts[t * per_task + i] for i in range(per_task) for t in range(len(TASKS))]
+    torch.set_num_threads(args.torch_threads)
+    result: dict[str, Any] = {"settings": settings(args, mixed)}
+    started = time.perf_counter()
+    if phases & {"overhead", "load"}:
+        result |= server_phases(args, mixed, phases)
+    if "routing" in phases:
+        print("routing cost ...", file=sys.stderr)
+        result["routing"] = routing_cost(args.model, mixed)
+    if "decoder" in phases:
+        print("decoder scaling, in process ...", file=sys.stderr)
+        result["decoder"] = decoder_scaling(args.model, mixed, args.clients)
+    if "cycling" in phases:
+        print("cycling through every pattern under a union budget ...", file=sys.stderr)
+        budget = union_budget(args.model)
+        result["cycling"] = [cycling(args.model, mixed[0], budget, pool, args.torch_threads) for pool in (True, False)]
+    if "prefill" in phases:
+        print("a long prompt among 16 streams ...", file=sys.stderr)
+        result["prefill"] = prefill_phase(args.model, args.torch_threads, args.quick)
+    result["targets"] = targets(result)
+    result["settings"]["seconds"] = time.perf_counter() - started
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
-    print(render_tables(result))
+    print(render_readme.server_tables(result))
     print(f"\nwrote {args.out}", file=sys.stderr)
     return 0
-
-
-def render_tables(result: dict[str, Any]) -> str:
-    """The Markdown tables of a result (the README's are rendered by scripts/render_readme.py)."""
-    single, routing = result["single_request"], result["routing"]
-    lines = [
-        "| measure | measured | target |",
-        "|---|---|---|",
-        f"| one request, pattern named, vs direct `generate` | {single['ratio']:.2f}x | <= 1.15x |",
-        f"| routing p50 | {routing['p50_ms']:.1f} ms | <= 15 ms |",
-        "",
-        "| server | scenario | clients | streamed | tokens/s | latency p50 | latency p99 | generator CPU |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for mode, levels in result["load"].items():
-        for x in levels:
-            lines.append(
-                f"| {mode} | {x['scenario']} | {x['clients']} | {'yes' if x['stream'] else 'no'} | "
-                f"{x['tokens_per_second']:.0f} | {x['latency_p50_ms']:.0f} ms | {x['latency_p99_ms']:.0f} ms | "
-                f"{100 * x['generator_cpu_share']:.0f}% |"
-            )
-    lines += ["", "| ratio | value |", "|---|---|"]
-    for key, values in result["ratios"].items():
-        for name, value in values.items():
-            lines.append(f"| {key}: {name} | {value:.2f} |")
-    lines += ["", "| cycling, union budget | evictions after round 1 |", "|---|---|"]
-    for c in result["cycling"]:
-        lines.append(
-            f"| {'expert pool' if c['expert_pool'] else 'variants'} | {c['evictions_after_first_round']:.0f} |"
-        )
-    lines += [
-        "",
-        "| prefill | gap p50 | gap p99 | gap max | long prompt TTFT |",
-        "|---|---|---|---|---|",
-    ]
-    for p in result["prefill"]:
-        label = f"{p['max_prefill_tokens'] or 'whole prompt'}" if p["long_prompt"] else "no long prompt"
-        lines.append(
-            f"| {label} | {p['gap_p50_ms']:.0f} ms | {p['gap_p99_ms']:.0f} ms | "
-            f"{p['gap_max_ms']:.0f} ms | {p['long_prompt_ttft_ms']:.0f} ms |"
-        )
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -203,9 +203,19 @@ def variants() -> str:
     return "\n\n".join([header, report["table"], report["legend"]]) + "\n"
 
 
-def server_overhead() -> str:
+Report = dict[str, Any]
+SERVERS = {"pool": "expert pool", "variants": "a variant per pattern"}
+
+
+def _server(report: Report | None) -> Report:
+    """The server benchmark's report: the one given (`scripts/bench_server.py` prints its own run), or the
+    file the README is rendered from."""
+    return report if report is not None else _load("server.json")
+
+
+def server_overhead(report: Report | None = None) -> str:
     """`scripts/bench_server.py`: one request through the server against direct generation; routing."""
-    report = _load("server.json")
+    report = _server(report)
     single, routing = report["single_request"], report["routing"]
     return (
         "\n".join(
@@ -224,52 +234,80 @@ def server_overhead() -> str:
     )
 
 
-def server_load() -> str:
-    """HTTP load with and without the expert pool, and the ratios the issue set targets on."""
-    report = _load("server.json")
+def _generator_cpu(level: Report) -> str:
+    seconds = f"{level['generator_cpu_s']:.1f} s, " if "generator_cpu_s" in level else ""
+    return f"{seconds}{100 * level['generator_cpu_share']:.0f}% of a core"
+
+
+def _levels(report: Report, scenario: str) -> list[str]:
+    """One row per server, stream mode and client count of `scenario`."""
     lines = [
-        "| server | requests of | clients | streamed | tokens/s | latency p50 | latency p99 | TTFT p99 "
+        "| server | clients | streamed | requests | tokens/s | latency p50 | latency p99 | TTFT p50 | TTFT p99 "
         "| load generator CPU |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    names = {"pool": "expert pool", "variants": "a variant per pattern"}
     for mode, levels in report["load"].items():
-        for x in levels:
-            ttft = f"{x['ttft_p99_ms']:.0f} ms" if "ttft_p99_ms" in x else "-"
+        for x in (x for x in levels if x["scenario"] == scenario):
+            ttft = [f"{x[key]:.0f} ms" if key in x else "-" for key in ("ttft_p50_ms", "ttft_p99_ms")]
             lines.append(
-                f"| {names[mode]} | {x['scenario']} | {x['clients']} | {'yes' if x['stream'] else 'no'} | "
-                f"{x['tokens_per_second']:.0f} | {x['latency_p50_ms']:.0f} ms | {x['latency_p99_ms']:.0f} ms "
-                f"| {ttft} | "
-                f"{100 * x['generator_cpu_share']:.0f}% of a core |"
+                f"| {SERVERS[mode]} | {x['clients']} | {'yes' if x['stream'] else 'no'} | {x['requests']} | "
+                f"{x['tokens_per_second']:.0f} | {x['latency_p50_ms']:.0f} ms | {x['latency_p99_ms']:.0f} ms | "
+                f"{' | '.join(ttft)} | {_generator_cpu(x)} |"
             )
-    lines += ["", "| ratio of tokens/s | expert pool | a variant per pattern |", "|---|---|---|"]
+    return lines
+
+
+def _ratios(report: Report, key: str, label: str, target: str) -> list[str]:
+    """A tokens/s ratio per server and stream mode, with the target it is held to (on the pool)."""
+    lines = ["| ratio of tokens/s | expert pool | a variant per pattern | target (expert pool) |", "|---|---|---|---|"]
     for stream in ("whole", "streamed"):
-        for key, label in (
-            ("one_pattern_32_over_1", "one pattern, 32 clients / 1 client"),
-            ("three_patterns_32_over_one_pattern_32", "three patterns / one pattern, 32 clients"),
-        ):
-            pool, variants = report["ratios"][f"pool_{stream}"][key], report["ratios"][f"variants_{stream}"][key]
-            lines.append(f"| {label} ({stream}) | {pool:.2f} | {variants:.2f} |")
+        pool, variants = (report["ratios"][f"{mode}_{stream}"][key] for mode in SERVERS)
+        goal = report["targets"].get(target + ("" if stream == "whole" else "_streamed"))
+        verdict = f">= {goal['target']:g}x: {'met' if goal['pass'] else 'missed'}" if goal else "-"
+        lines.append(f"| {label} ({stream}) | {pool:.2f}x | {variants:.2f}x | {verdict} |")
+    return lines
+
+
+def server_load(report: Report | None = None) -> str:
+    """One pattern over HTTP at 1 and 32 clients, with and without the expert pool: how batching scales."""
+    report = _server(report)
+    shares = [x["generator_cpu_share"] for levels in report["load"].values() for x in levels]
+    lines = _levels(report, "one pattern")
+    lines += ["", *_ratios(report, "one_pattern_32_over_1", "32 clients / 1 client", "one_pattern_32_vs_1_client")]
+    lines += ["", f"The load generator used at most {100 * max(shares):.0f}% of a core in any level of this run."]
     return "\n".join(lines) + "\n"
 
 
-def server_cycling() -> str:
-    report = _load("server.json")
+def server_mixed(report: Report | None = None) -> str:
+    """Three patterns mixed at 8 and 32 clients, and against one pattern at 32: do patterns share a batch?"""
+    report = _server(report)
+    lines = _levels(report, "three patterns")
+    key, label = "three_patterns_32_over_one_pattern_32", "three patterns / one pattern, 32 clients"
+    return "\n".join([*lines, "", *_ratios(report, key, label, "three_patterns_vs_one_at_32_clients")]) + "\n"
+
+
+def server_cycling(report: Report | None = None) -> str:
+    """Every pattern in turn under a budget for the union of their experts: what the later rounds cost."""
+    report = _server(report)
     lines = [
-        "| server | budget | patterns x rounds | evictions after the first round |",
-        "|---|---|---|---|",
+        "| server | budget (union of the experts) | patterns x rounds | evictions in round 1 "
+        "| evictions after round 1 | loads after round 1 |",
+        "|---|---|---|---|---|---|",
     ]
     for c in report["cycling"]:
+        union = f" ({c['union_bytes'] / 2**20:.1f} MiB)" if "union_bytes" in c else ""
+        cells = [f"{c[key]:.0f} {c['unit']}" if key in c else "-" for key in ("evictions_first_round",)]
+        cells.append(f"{c['evictions_after_first_round']:.0f} {c['unit']}")
+        cells.append(f"{c['loads_after_first_round']:.0f} {c['unit']}" if "loads_after_first_round" in c else "-")
         lines.append(
-            f"| {'expert pool' if c['expert_pool'] else 'a variant per pattern'} "
-            f"| {c['budget_bytes'] / 2**20:.1f} MiB | "
-            f"{c['patterns']} x {c['rounds']} | {c['evictions_after_first_round']:.0f} {c['unit']} |"
+            f"| {SERVERS['pool' if c['expert_pool'] else 'variants']} | {c['budget_bytes'] / 2**20:.1f} MiB{union} | "
+            f"{c['patterns']} x {c['rounds']} | {' | '.join(cells)} |"
         )
     return "\n".join(lines) + "\n"
 
 
-def server_prefill() -> str:
-    report = _load("server.json")
+def server_prefill(report: Report | None = None) -> str:
+    report = _server(report)
     lines = [
         "| 16 streams, and | inter-token gap p50 | p99 | max | the long prompt's first token |",
         "|---|---|---|---|---|",
@@ -289,12 +327,63 @@ def server_prefill() -> str:
     return "\n".join(lines) + "\n"
 
 
-def server_decoder() -> str:
-    report = _load("server.json")
+def server_decoder(report: Report | None = None) -> str:
+    report = _server(report)
     lines = ["| decoding in process, no HTTP | concurrent generations | tokens/s |", "|---|---|---|"]
     for row in report["decoder"]:
         lines.append(f"| {row['mode']} | {row['clients']} | {row['tokens_per_second']:.0f} |")
     return "\n".join(lines) + "\n"
+
+
+TARGET_LABELS: dict[str, tuple[str, str]] = {
+    # key: (what is held to the target, how the numbers read)
+    "server_vs_direct_generate": ("one request, pattern named, vs direct `generate`: at most", "{:.2f}x"),
+    "routing_p50_ms": ("routing p50: at most", "{:.1f} ms"),
+    "one_pattern_32_vs_1_client": ("expert pool, one pattern, 32 / 1 client (whole): at least", "{:.2f}x"),
+    "one_pattern_32_vs_1_client_streamed": ("expert pool, one pattern, 32 / 1 client (streamed): at least", "{:.2f}x"),
+    "three_patterns_vs_one_at_32_clients": (
+        "expert pool, three patterns / one pattern at 32 clients (whole): at least",
+        "{:.2f}x",
+    ),
+    "three_patterns_vs_one_at_32_clients_streamed": (
+        "expert pool, three patterns / one pattern at 32 clients (streamed): at least",
+        "{:.2f}x",
+    ),
+    "load_generator_cpu_share_of_a_core": ("the load generator's CPU in any level, of a core: at most", "{:.0%}"),
+    "evictions_after_first_round_with_the_pool": ("expert pool, evictions after the first round: at most", "{:.0f}"),
+}
+
+
+def server_targets(report: Report | None = None) -> str:
+    """Every target of the server benchmark, met or missed, in this run."""
+    report = _server(report)
+    lines = ["| target | threshold | measured | result |", "|---|---|---|---|"]
+    for key, goal in report["targets"].items():
+        label, number = TARGET_LABELS.get(key, (key, "{:.2f}"))
+        lines.append(
+            f"| {label} | {number.format(goal['target'])} | {number.format(goal['measured'])} | "
+            f"{'met' if goal['pass'] else 'missed'} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+SERVER_SECTIONS: dict[str, tuple[tuple[str, ...], Callable[[Report | None], str]]] = {
+    # section: (the report keys it needs, its renderer)
+    "server-overhead": (("single_request", "routing"), server_overhead),
+    "server-load": (("load",), server_load),
+    "server-mixed": (("load",), server_mixed),
+    "server-cycling": (("cycling",), server_cycling),
+    "server-prefill": (("prefill",), server_prefill),
+    "server-decoder": (("decoder",), server_decoder),
+    "server-targets": (("targets",), server_targets),
+}
+
+
+def server_tables(report: Report) -> str:
+    """The server sections that `report` has data for (a run of some phases has some), one after another."""
+    return "\n".join(
+        renderer(report) for needs, renderer in SERVER_SECTIONS.values() if all(key in report for key in needs)
+    )
 
 
 def routing() -> str:
@@ -310,11 +399,7 @@ def routing() -> str:
 
 RENDERERS: dict[str, Callable[[], str]] = {
     "routing": routing,
-    "server-overhead": server_overhead,
-    "server-load": server_load,
-    "server-cycling": server_cycling,
-    "server-prefill": server_prefill,
-    "server-decoder": server_decoder,
+    **{name: renderer for name, (_, renderer) in SERVER_SECTIONS.items()},
     "variants": variants,
     "pruning-targets": pruning_targets,
     "pruning-moe": pruning_moe,

@@ -21,7 +21,7 @@ def test_generated_sections_match_the_json() -> None:
     text = (ROOT / "README.md").read_text()
     sections = [m.group("name") for m in renderer.SECTION.finditer(text)]
     expected = {"pruning-moe", "pruning-dense", "variants", "routing", "server-overhead", "server-load"}
-    expected |= {"server-cycling", "server-prefill", "server-decoder"}
+    expected |= {"server-mixed", "server-cycling", "server-prefill", "server-decoder", "server-targets"}
     assert expected <= set(sections), sections
     assert renderer.render(text) == text, "README tables are stale: run python scripts/render_readme.py"
 
