@@ -188,8 +188,14 @@ class Service:
             self.metrics.backbone.set(self.builder.backbone_bytes)
             return model
 
-        try:
+        with self._lease_errors(pattern):
             return self.cache.acquire(key, lambda: self.builder.variant_bytes(selection()), build)
+
+    @contextmanager
+    def _lease_errors(self, pattern: str | None) -> Iterator[None]:
+        """The domain errors of leasing a pattern's variant or experts."""
+        try:
+            yield
         except (SelectionError, PatternError) as error:
             raise PatternUnusable(f"pattern {pattern!r} does not fit this model: {error}") from None
         except CacheFull as error:
@@ -201,7 +207,7 @@ class Service:
 
     def _lease_experts(self, key: VariantKey, document: dict[str, Any] | None) -> PoolLease:
         assert self.pool is not None
-        try:
+        with self._lease_errors(key.pattern):
             route = self._routes.get(key)
             if route is None:
                 selection = None if document is None else Selection.from_json(document["selection"])
@@ -210,14 +216,6 @@ class Service:
                     self._routes.clear()
                 self._routes[key] = route
             return self.pool.acquire(key, route)
-        except (SelectionError, PatternError) as error:
-            raise PatternUnusable(f"pattern {key.pattern!r} does not fit this model: {error}") from None
-        except CacheFull as error:
-            self.metrics.cache_refusals.inc()
-            raise NoRoom(str(error), retry_after=error.retry_after) from None
-        except VariantBuildFailed as error:
-            log.error("%s", error, exc_info=error.__cause__)
-            raise LoadFailed(str(error)) from None
 
     def release(self, variant: Lease) -> None:
         if isinstance(variant, PoolLease):
