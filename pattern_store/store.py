@@ -87,6 +87,7 @@ class PatternStore:
         self._lock = threading.RLock()
         self.problems: dict[str, str] = {}
         self._documents: dict[str, dict[str, Any]] = {}
+        self._embeddings: dict[str, torch.Tensor | None] = {}  # per pattern, as read (and checked) by refresh
         self._index: faiss.Index | None = None
         self._owners: list[str] = []
         self._version = 0
@@ -98,6 +99,7 @@ class PatternStore:
         """Re-read the pattern documents from disk (another process may have written) and the index."""
         with self._lock:
             documents: dict[str, dict[str, Any]] = {}
+            embeddings: dict[str, torch.Tensor | None] = {}
             problems: dict[str, str] = {}
             for path in sorted(self.pattern_dir.glob("*.json")):
                 try:
@@ -114,11 +116,12 @@ class PatternStore:
                         raise PatternError(f"its tensor file name {tensors!r} is not this pattern's")
                     if not (self.pattern_dir / tensors).is_file():
                         raise PatternError(f"its tensor file {tensors!r} is missing")
-                    self._read(document)  # a truncated, empty or non-finite tensor file is reported now
+                    # a truncated, empty or non-finite tensor file is reported now; the index reuses what is read
+                    embeddings[path.stem] = self._read(document).example_embeddings
                     documents[path.stem] = document
                 except (OSError, ValueError, RecursionError) as error:  # JSON, Unicode and pattern errors
                     problems[path.name] = f"skipped: {error}"
-            self._documents = documents
+            self._documents, self._embeddings = documents, embeddings
             self.problems = problems
             self._remove_leftovers()
             self._load_or_rebuild_index()
@@ -208,6 +211,7 @@ class PatternStore:
             if old is not None:
                 (self.pattern_dir / old["tensors"]).unlink(missing_ok=True)
             self._documents[pattern.name] = document
+            self._embeddings[pattern.name] = embeddings
             self.problems.pop(f"{pattern.name}.json", None)
             self._rebuild_index()
 
@@ -221,6 +225,7 @@ class PatternStore:
             _fsync_directory(self.pattern_dir)
             (self.pattern_dir / document["tensors"]).unlink(missing_ok=True)
             del self._documents[name]
+            self._embeddings.pop(name, None)
             self._rebuild_index()
 
     # -- the index -------------------------------------------------------------------------------
@@ -246,11 +251,7 @@ class PatternStore:
         vectors: list[np.ndarray] = []
         owners: list[str] = []
         for name in sorted(self._documents):
-            try:
-                embeddings = self.get(name).example_embeddings
-            except PatternError as error:
-                self.problems[f"{name}.json"] = f"not routable: {error}"
-                continue
+            embeddings = self._embeddings.get(name)
             if embeddings is None or embeddings.numel() == 0:
                 continue
             vectors.append(embeddings.float().numpy())

@@ -352,7 +352,10 @@ def cmd_bundle(args: argparse.Namespace) -> int:
 def _prefill_tokens(text: str) -> int | None:
     if str(text).lower() in ("0", "none", ""):
         return None
-    return int(text)
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"--max-prefill-tokens {text!r}: give a number of tokens (0 or none: whole prompts)") from None
 
 
 def _add_serve_parser(commands: argparse._SubParsersAction) -> None:

@@ -111,13 +111,16 @@ class ExpertPool:
         return sum(state.slots * self._expert_bytes[index] for index, state in self.layers.items())
 
     def route_bytes(self, route: RowRoute) -> int:
-        """Bytes of the experts `route` needs."""
+        """Bytes of the experts `route` needs (fixed by the route and the slot sizes: no lock needed)."""
         return sum(len(state.needs(route, index)) * self._expert_bytes[index] for index, state in self.layers.items())
 
     @property
     def resident_bytes(self) -> int:
         with self._lock:
-            return sum(len(state.where) * self._expert_bytes[index] for index, state in self.layers.items())
+            return self._resident_bytes()
+
+    def _resident_bytes(self) -> int:
+        return sum(len(state.where) * self._expert_bytes[index] for index, state in self.layers.items())
 
     def used_slots(self) -> dict[int, int]:
         """Per layer, the slots holding or receiving an expert (a consistent snapshot)."""
@@ -154,7 +157,7 @@ class ExpertPool:
                         "experts": needed,
                         "resident_experts": resident,
                         "resident_fraction": round(resident / needed, 4) if needed else 1.0,
-                        "bytes": self._route_bytes_locked(route),
+                        "bytes": self.route_bytes(route),
                         "missing_experts": missing,  # per layer, the experts a request would load
                     }
                 )
@@ -163,15 +166,12 @@ class ExpertPool:
                 "slots": self.slots,
                 "used_slots": used,
                 "capacity_bytes": self.capacity_bytes,
-                "resident_bytes": sum(len(s.where) * self._expert_bytes[i] for i, s in self.layers.items()),
+                "resident_bytes": self._resident_bytes(),
                 "loaded_experts": self.loaded_experts,
                 "evicted_experts": self.evicted_experts,
                 "layers": layers,
                 "patterns": patterns,
             }
-
-    def _route_bytes_locked(self, route: RowRoute) -> int:
-        return sum(len(state.needs(route, index)) * self._expert_bytes[index] for index, state in self.layers.items())
 
     # -- leasing -----------------------------------------------------------------------------------------
 

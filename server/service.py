@@ -415,11 +415,12 @@ class Service:
                 warmed["loaded_experts"] = variant.loaded
             return warmed
 
-    def evict(self, name: str) -> int:
-        """Drop a pattern's variant; with the pool, free the slots of its experts that nothing pins."""
+    def evict(self, name: str) -> int | None:
+        """Drop a pattern's variant; with the pool, free the slots of its experts that nothing pins (0 when
+        all of them are in use). None: nothing of that pattern is cached."""
         if self.pool is not None:
-            return self.pool.evict(name) or 0
-        return self.cache.evict(None if name == FULL_MODEL else name)
+            return self.pool.evict(name)
+        return self.cache.evict(None if name == FULL_MODEL else name) or None
 
     def _forget(self, name: str) -> None:
         """A pattern was replaced or removed: its old revision must never serve again."""

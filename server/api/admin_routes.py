@@ -133,6 +133,6 @@ async def warm(name: str, request: Request) -> dict[str, Any]:
 @router.delete("/cache/{name}")
 async def evict(name: str, request: Request) -> dict[str, Any]:
     dropped = service_of(request).evict(name)
-    if not dropped:
+    if dropped is None:
         raise APIError(404, f"no cached variant for {name!r}", code="not_cached")
     return {"pattern": name, "evicted": dropped}
