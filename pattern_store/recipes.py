@@ -22,5 +22,5 @@ BUDGETS: tuple[str, ...] = ("uniform", "adaptive")
 REFINEMENTS: tuple[str, ...] = ("none", "local", "e2e")
 
 #: how a query is matched to a pattern (`server.routing`): a classifier on the examples, the nearest
-#: centroid, or a vote of the nearest examples
-ROUTE_RULES: tuple[str, ...] = ("classifier", "centroid", "knn")
+#: centroid (both calibrated to probabilities)
+ROUTE_RULES: tuple[str, ...] = ("classifier", "centroid")

@@ -124,3 +124,21 @@ class Selection:
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_json(), indent=1) + "\n")
+
+
+def union(selections: Sequence[Selection]) -> Selection:
+    """What a union of patterns keeps: per layer, every index any of them keeps (a layer one of them leaves
+    whole stays whole). A dense union carries no bias compensation: each pattern's bias stands for the
+    channels *it* removed, and the union keeps some of those, so neither bias is right for it."""
+    if not selections:
+        raise SelectionError("a union needs at least one selection")
+    kinds = {selection.kind for selection in selections}
+    if len(kinds) > 1:
+        raise SelectionError(f"cannot unite selections of different kinds ({', '.join(sorted(kinds))})")
+    if len(selections) == 1:
+        return selections[0]
+    pruned = set.intersection(*(set(selection.layers) for selection in selections))
+    layers = {
+        layer: tuple(sorted(set().union(*(selection.layers[layer] for selection in selections)))) for layer in pruned
+    }
+    return Selection(kind=selections[0].kind, layers=layers)

@@ -51,6 +51,16 @@ class SearchHit:
     total: float  # the sum of those examples' similarities: a similarity-weighted vote
 
 
+@dataclass(frozen=True)
+class Examples:
+    """The store's routing examples at one version: embeddings [N, d], and per row its pattern and text."""
+
+    version: int
+    vectors: np.ndarray
+    owners: list[str]
+    texts: list[str]
+
+
 def _fsync_directory(directory: Path) -> None:
     fd = os.open(directory, os.O_RDONLY)
     try:
@@ -91,6 +101,7 @@ class PatternStore:
         self._index: faiss.Index | None = None
         self._owners: list[str] = []
         self._version = 0
+        self._disk_revision: tuple[tuple[str, int, int, int], ...] = ()
         self.refresh()
 
     # -- reading ---------------------------------------------------------------------------------
@@ -98,6 +109,7 @@ class PatternStore:
     def refresh(self) -> None:
         """Re-read the pattern documents from disk (another process may have written) and the index."""
         with self._lock:
+            disk_revision = self.disk_revision()  # taken first: a write during the reading is seen next time
             documents: dict[str, dict[str, Any]] = {}
             embeddings: dict[str, torch.Tensor | None] = {}
             problems: dict[str, str] = {}
@@ -123,8 +135,34 @@ class PatternStore:
                     problems[path.name] = f"skipped: {error}"
             self._documents, self._embeddings = documents, embeddings
             self.problems = problems
+            self._disk_revision = disk_revision
             self._remove_leftovers()
             self._load_or_rebuild_index()
+
+    def disk_revision(self) -> tuple[tuple[str, int, int, int], ...]:
+        """What any write by any process changes, read without opening a file: each pattern document's name,
+        inode, size and modification time (a write renames a new document over the old one)."""
+        entries = []
+        for path in sorted(self.pattern_dir.glob("*.json")):
+            try:
+                stat = path.stat()
+            except FileNotFoundError:  # removed between the listing and the stat
+                continue
+            entries.append((path.name, stat.st_ino, stat.st_size, stat.st_mtime_ns))
+        return tuple(entries)
+
+    def refresh_if_changed(self) -> bool:
+        """Re-read the store if another process wrote to it since the last read; True when it did."""
+        with self._lock:
+            if self.disk_revision() == self._disk_revision:
+                return False
+            self.refresh()
+            return True
+
+    def revisions(self) -> dict[str, str]:
+        """Each pattern's revision: the name of its tensor file, fresh for every write of the pattern."""
+        with self._lock:
+            return {name: str(document["tensors"]) for name, document in self._documents.items()}
 
     def _remove_leftovers(self, min_age_seconds: float = 600.0) -> None:
         """Delete tensor files no document names and temporary files: a crashed write's. Young ones may be
@@ -214,6 +252,7 @@ class PatternStore:
             self._embeddings[pattern.name] = embeddings
             self.problems.pop(f"{pattern.name}.json", None)
             self._rebuild_index()
+            self._disk_revision = self.disk_revision()  # this process's own write needs no reload
 
     def remove(self, name: str) -> None:
         with self._lock, self._write_lock():
@@ -227,6 +266,7 @@ class PatternStore:
             del self._documents[name]
             self._embeddings.pop(name, None)
             self._rebuild_index()
+            self._disk_revision = self.disk_revision()
 
     # -- the index -------------------------------------------------------------------------------
 
@@ -296,13 +336,18 @@ class PatternStore:
         manifest = {"patterns": self._manifest(), "owners": self._owners}
         atomic_write_bytes(manifest_path, json.dumps(manifest).encode())
 
-    def examples(self) -> tuple[int, np.ndarray, list[str]]:
-        """(version, every example embedding [N, d], the pattern of each): what a routing classifier learns
-        from. The version changes whenever the index does, so a learnt rule knows when to learn again."""
+    def examples(self) -> Examples:
+        """Every routable example prompt, its embedding and its pattern: what a router learns from. The
+        version changes whenever the index does, so a learnt router knows when to learn again."""
         with self._lock:
             if self._index is None:
-                return self._version, np.zeros((0, 0), dtype=np.float32), []
-            return self._version, self._index.reconstruct_n(0, self._index.ntotal), list(self._owners)
+                return Examples(self._version, np.zeros((0, 0), dtype=np.float32), [], [])
+            texts: list[str] = []
+            for name in dict.fromkeys(self._owners):  # owners are grouped by pattern, in index order
+                count = self._owners.count(name)
+                stored = [str(text) for text in self._documents[name].get("examples") or []]
+                texts.extend(stored[:count] + [""] * (count - len(stored)))
+            return Examples(self._version, self._index.reconstruct_n(0, self._index.ntotal), list(self._owners), texts)
 
     @property
     def dimension(self) -> int | None:

@@ -1,13 +1,15 @@
-"""Routing accuracy on real benchmark prompts: how often a query reaches the pattern of its own task.
+"""Routing on real benchmark prompts, with the server's defaults: how often a query is served by its own
+task's pattern (or a union containing it), by a wrong one, or by the fallback; and, leaving one task out
+of the store at a time, how often a query of a task with no pattern lands on a wrong single pattern.
 
-    python scripts/eval_routing.py [--data data/tasks] [--examples 64]
+    python scripts/eval_routing.py [--data data/tasks] [--examples 64] [--offset 0]
 
-For each task file, the first `--examples` prompts are the pattern's routing examples (stored in a real
-pattern store, searched with FAISS); the remaining prompts are the queries. Every candidate rule is
-measured on the same queries: k-nearest-neighbour voting at several k, nearest centroid, and a light
-classifier (multinomial logistic regression on the embeddings, the server's default rule), all through
-`server.routing.Router`; also PreMoe's router-signature key. Writes bench/results/routing.json and
-prints a table; the README quotes it.
+For each task file, prompts `offset .. offset+examples` are the pattern's routing examples (stored in a
+real pattern store); all the others are queries, which nothing here tunes on. Every decision goes through
+`server.routing.Router` with the defaults of `taskmoe serve` (`ServerConfig`). Also measured on the same
+queries: the router without the n-gram features, without unions, and the first round's rule (a cut on the
+nearest example's similarity). Writes bench/results/routing.json and the confusion matrix as a PNG
+(docs/images/routing-confusion.png) and prints a table; the README quotes them.
 """
 
 from __future__ import annotations
@@ -19,20 +21,27 @@ import statistics
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
+from tqdm import tqdm
 
 from pattern_store.embedder import Embedder
 from pattern_store.pattern import TaskPattern
-from pattern_store.selection import Selection
+from pattern_store.selection import Selection, union
 from pattern_store.store import PatternStore
+from server.config import ServerConfig
+from server.plots import plot_confusion
+from server.route_features import FeatureWeights, RouteFeatures
 from server.routing import Router
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1] / "data" / "tasks"  # vendored from the shared notes
+DEFAULTS = ServerConfig(model=Path("."), store=Path("."))
+TARGETS = {"wrong_max": 2.0, "served_min": 93.0, "fallback_max": 5.0, "loto_wrong_single_max": 35.0, "p50_ms_max": 15.0}
 
 
 def load_tasks(data: Path) -> dict[str, list[str]]:
@@ -69,117 +78,213 @@ def routing_store(root: Path, examples: dict[str, torch.Tensor], texts: dict[str
     return store
 
 
-class RouterSignature:
-    """PreMoe's own retrieval key: the mean routing distribution of the query at the first MoE layer."""
+def server_router(store: PatternStore, embedder: Embedder, **overrides) -> Router:
+    """The router `taskmoe serve` makes, with its defaults unless overridden."""
+    settings = {
+        "rule": DEFAULTS.route_rule,
+        "threshold": DEFAULTS.route_threshold,
+        "union": DEFAULTS.route_union,
+        "novelty": DEFAULTS.route_novelty,
+    }
+    settings.update(overrides)
+    return Router(store, embedder, **settings)
 
-    def __init__(self, model_dir: Path) -> None:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-        self.max_length = int(self.model.config.max_position_embeddings)
+def outcome(truth: str, patterns: tuple[str, ...]) -> str:
+    if not patterns:
+        return "fallback"
+    if truth in patterns:
+        return "own" if len(patterns) == 1 else "union"
+    return "wrong" if len(patterns) == 1 else "wrong-union"
 
-    @torch.inference_mode()
-    def embed(self, texts: list[str]) -> torch.Tensor:
-        rows = []
-        for text in texts:
-            ids = self.tokenizer.encode(text, add_special_tokens=False)[: self.max_length]
-            out = self.model(torch.tensor([ids]), output_router_logits=True)
-            rows.append(torch.softmax(out.router_logits[0].float(), dim=-1).mean(0))
-        return torch.nn.functional.normalize(torch.stack(rows), dim=1)
+
+def shares(outcomes: list[str]) -> dict[str, float]:
+    counts = Counter(outcomes)
+    return {k: round(100 * counts[k] / len(outcomes), 2) for k in ("own", "union", "wrong", "wrong-union", "fallback")}
+
+
+def union_sizes(store_dir: Path) -> dict[str, float]:
+    """Per pair of a demo store's patterns, the share of the routed experts (or channels) their union keeps,
+    next to each pattern's own share: what serving a union costs over a single pattern."""
+    store = PatternStore(store_dir, create=False)
+    patterns = {name: store.get(name) for name in store.names()}
+
+    def kept_share(selection: Selection, widths: dict[int, int]) -> float:
+        kept = sum(len(selection.kept(layer) or range(width)) for layer, width in widths.items())
+        return round(100 * kept / sum(widths.values()), 1)
+
+    out: dict[str, float] = {}
+    names = sorted(patterns)
+    for i, a in enumerate(names):
+        widths = {layer: len(scores) for layer, scores in patterns[a].scores.items()}
+        out[a] = kept_share(patterns[a].selection, widths)
+        for b in names[i + 1 :]:
+            out[f"{a}+{b}"] = kept_share(union([patterns[a].selection, patterns[b].selection]), widths)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
-    parser.add_argument("--examples", type=int, default=64, help="routing examples per task (the first N prompts)")
+    parser.add_argument("--examples", type=int, default=64, help="routing examples per task (default 64)")
+    parser.add_argument("--offset", type=int, default=0, help="the examples start at this prompt (default 0)")
     parser.add_argument("--out", type=Path, default=Path("bench/results/routing.json"))
+    parser.add_argument("--confusion", type=Path, default=Path("docs/images/routing-confusion.png"))
     parser.add_argument(
-        "--signature-model", type=Path, default=Path("models/demo-moe"), help="MoE whose first router gives the key"
+        "--demo-stores",
+        type=Path,
+        nargs="*",
+        default=[Path("models/demo-moe/patterns"), Path("models/demo-dense/patterns")],
+        help="stores whose unions' sizes are reported (default: the demo models')",
     )
     args = parser.parse_args(argv)
 
     tasks = load_tasks(args.data)
     names = sorted(tasks)
     embedder = Embedder()
+    window = slice(args.offset, args.offset + args.examples)
+    example_texts = {t: tasks[t][window] for t in names}
+    query_texts = {t: tasks[t][: args.offset] + tasks[t][args.offset + args.examples :] for t in names}
     started = time.perf_counter()
-    example_texts = {t: tasks[t][: args.examples] for t in names}
-    query_texts = {t: tasks[t][args.examples :] for t in names}
-    example_vectors = {t: embedder.embed(example_texts[t]) for t in names}
-    query_vectors = {t: embedder.embed(query_texts[t]) for t in names}
+    example_vectors = {t: embedder.embed(example_texts[t]) for t in tqdm(names, desc="embedding examples")}
+    query_vectors = {t: embedder.embed(query_texts[t]) for t in tqdm(names, desc="embedding queries")}
     embed_seconds = time.perf_counter() - started
+    truth = [t for t in names for _ in query_texts[t]]
+    all_texts = [q for t in names for q in query_texts[t]]
+    all_vectors = torch.cat([query_vectors[t] for t in names])
 
-    queries = [(t, v) for t in names for v in query_vectors[t]]
-    results: dict[str, dict[str, float]] = {}
-
-    def record(rule: str, predicted: list[str]) -> None:
-        per_task = {t: 0 for t in names}
-        for (truth, _), guess in zip(queries, predicted, strict=True):
-            per_task[truth] += guess == truth
-        results[rule] = {t: per_task[t] / len(query_texts[t]) for t in names}
-        results[rule]["overall"] = sum(per_task.values()) / len(queries)
-
+    variants = {
+        "served (defaults)": {},
+        "no unions": {"union": 1},
+        "no n-gram features": {"features": RouteFeatures(FeatureWeights(topic=1.0, content=0.0, form=0.0))},
+        "no out-of-store check": {"novelty": 0.0},
+    }
+    results: dict[str, dict[str, object]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         store = routing_store(Path(tmp), example_vectors, example_texts)
-        for rule, k in (("knn", 1), ("knn", 5), ("knn", 10), ("knn", 20), ("centroid", 10), ("classifier", 10)):
-            router = Router(store, embedder, rule=rule, k=k, threshold=-1.0)
-            label = f"knn-vote k={k}" if rule == "knn" else rule
-            record(label, [router.route_vector(v).pattern or "" for _, v in queries])
-        router = Router(store, embedder, threshold=-1.0)  # the default rule
-        timings = []
-        for text in [q for t in names for q in query_texts[t][:20]]:
-            begin = time.perf_counter()
-            router.route(text)
-            timings.append(time.perf_counter() - begin)
+        served_decisions = []
+        for label, overrides in variants.items():
+            router = server_router(store, embedder, **overrides)
+            learn_started = time.perf_counter()
+            router.learn()
+            learn_seconds = time.perf_counter() - learn_started
+            decisions = router.route_embedded(all_texts, all_vectors)
+            outcomes = [outcome(t, d.patterns) for t, d in zip(truth, decisions, strict=True)]
+            per_task = {}
+            for t in names:
+                row = shares([o for o, u in zip(outcomes, truth, strict=True) if u == t])
+                per_task[t] = round(row["own"] + row["union"], 2)
+            results[label] = {**shares(outcomes), "served_by_own_or_union": per_task, "learn_seconds": learn_seconds}
+            if label == "served (defaults)":
+                served_decisions = decisions
+                served_router = router
 
-    centroids = torch.nn.functional.normalize(torch.stack([example_vectors[t].mean(0) for t in names]), dim=1)
+        # the first round's rule, for comparison: a classifier on embeddings, a cut on nearest similarity 0.3
+        first_round = server_router(store, embedder, features=variants["no n-gram features"]["features"], union=1)
+        first_round.threshold = 1e-9  # every query gets the classifier's pick; the similarity cut decides
+        old = []
+        for t, d, v in zip(truth, first_round.route_embedded(all_texts, all_vectors), all_vectors, strict=True):
+            nearest = store.search(v, k=1)
+            old.append(outcome(t, d.patterns if nearest and nearest[0].score >= 0.3 else ()))
+        results["first round (similarity cut 0.3)"] = shares(old)
 
-    if args.signature_model.is_dir():
-        signature = RouterSignature(args.signature_model)
-        example_signatures = {t: signature.embed(example_texts[t]) for t in names}
-        signature_centroids = torch.nn.functional.normalize(
-            torch.stack([example_signatures[t].mean(0) for t in names]), dim=1
+        # `taskmoe serve` runs torch with one intra-op thread per worker on the CPU: that is what users get
+        threads = torch.get_num_threads()
+        timings_by_threads: dict[int, list[float]] = {}
+        for count in sorted({1, threads}):
+            torch.set_num_threads(count)
+            timings_by_threads[count] = timings = []
+            for text in [q for t in names for q in query_texts[t][:20]]:
+                begin = time.perf_counter()
+                served_router.route(text)
+                timings.append(time.perf_counter() - begin)
+        torch.set_num_threads(threads)
+        timings = timings_by_threads[1]
+
+    # unions: which, how often, and how much of the model they keep is for the served store to say
+    unions = Counter("+".join(d.patterns) for d in served_decisions if len(d.patterns) > 1)
+    reasons = Counter(d.reason for d in served_decisions)
+    columns = [*names, "union", "full"]
+    confusion = [[0] * len(columns) for _ in names]
+    for t, d in zip(truth, served_decisions, strict=True):
+        column = "full" if not d.patterns else ("union" if len(d.patterns) > 1 else d.patterns[0])
+        confusion[names.index(t)][columns.index(column)] += 1
+    plot_confusion(
+        confusion,
+        names,
+        columns,
+        args.confusion,
+        f"Routing {len(truth)} unseen benchmark prompts ({args.examples} examples per task, server defaults)",
+    )
+
+    # leave one task out: its queries have no pattern; a single wrong pattern is the harm
+    loto: dict[str, dict[str, float]] = {}
+    for absent in tqdm(names, desc="leave one task out"):
+        kept = [t for t in names if t != absent]
+        with tempfile.TemporaryDirectory() as tmp:
+            store = routing_store(Path(tmp), {t: example_vectors[t] for t in kept}, {t: example_texts[t] for t in kept})
+            decisions = server_router(store, embedder).route_embedded(query_texts[absent], query_vectors[absent])
+        where = Counter(
+            "fallback" if not d.patterns else ("union" if len(d.patterns) > 1 else "single") for d in decisions
         )
-        query_signatures = torch.cat([signature.embed(query_texts[t]) for t in names])
-        record(
-            "router-signature centroid", [names[int(i)] for i in (query_signatures @ signature_centroids.T).argmax(1)]
-        )
+        loto[absent] = {k: round(100 * where[k] / len(decisions), 2) for k in ("single", "union", "fallback")}
+        loto[absent]["most_to"] = Counter(d.patterns[0] for d in decisions if len(d.patterns) == 1).most_common(1)
+    loto_mean = round(statistics.mean(v["single"] for v in loto.values()), 2)
 
-    margins = {}
-    similarity = torch.stack([v for _, v in queries]) @ centroids.T
-    top2 = similarity.topk(2, dim=1).values
-    truth = torch.tensor([names.index(t) for t, _ in queries])
-    right = similarity.argmax(1) == truth
-    for margin in (0.0, 0.02, 0.05, 0.1):
-        answered = (top2[:, 0] - top2[:, 1]) >= margin
-        margins[str(margin)] = {
-            "coverage": float(answered.float().mean()),
-            "accuracy_answered": float(right[answered].float().mean()) if answered.any() else 0.0,
-        }
-
-    best = max(results, key=lambda rule: results[rule]["overall"])
+    served = results["served (defaults)"]
+    p50 = round(1000 * statistics.median(timings), 2)
+    met = {
+        "wrong routes <= 2%": served["wrong"] + served["wrong-union"] <= TARGETS["wrong_max"],
+        "own or union >= 93%": served["own"] + served["union"] >= TARGETS["served_min"],
+        "full fallback <= 5%": served["fallback"] <= TARGETS["fallback_max"],
+        "leave-one-task-out wrong single <= 35%": loto_mean <= TARGETS["loto_wrong_single_max"],
+        "routing p50 <= 15 ms": p50 <= TARGETS["p50_ms_max"],
+    }
     report = {
-        "settings": {"examples_per_task": args.examples, "queries": len(queries), "tasks": names},
+        "settings": {
+            "examples_per_task": args.examples,
+            "offset": args.offset,
+            "queries": len(truth),
+            "tasks": names,
+            "route_threshold": DEFAULTS.route_threshold,
+            "route_union": DEFAULTS.route_union,
+            "route_novelty": DEFAULTS.route_novelty,
+            "route_rule": DEFAULTS.route_rule,
+        },
         "embedder": embedder.model_id,
         "embed_seconds": round(embed_seconds, 1),
-        "route_ms_p50": round(1000 * statistics.median(timings), 2),
+        "route_ms_p50": p50,
+        "route_ms_p50_by_threads": {n: round(1000 * statistics.median(t), 2) for n, t in timings_by_threads.items()},
         "results": results,
-        "best": best,
-        "centroid_margin_rule": margins,
+        "reasons": dict(reasons),
+        "unions": dict(unions.most_common()),
+        "confusion": {"rows": names, "columns": columns, "counts": confusion},
+        "leave_one_task_out": loto,
+        "leave_one_task_out_wrong_single_mean": loto_mean,
+        "targets": {k: bool(v) for k, v in met.items()},
+        "union_kept_percent": {str(d): union_sizes(d) for d in args.demo_stores if (d / "patterns").is_dir()},
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n")
-    print("| rule | " + " | ".join(names) + " | overall |")
-    print("|---|" + "---|" * (len(names) + 1))
-    for rule, values in results.items():
-        cells = " | ".join(f"{100 * values[t]:.1f}" for t in names)
-        print(f"| {rule} | {cells} | **{100 * values['overall']:.1f}** |")
-    print(f"\nbest: {best}; one routing decision (embed + search) p50 {report['route_ms_p50']} ms")
-    print("nearest-centroid with a margin rule (top-1 minus top-2 similarity >= m, else fall back):")
-    for margin, values in margins.items():
+
+    print("| router | own | union with own | wrong | wrong union | fallback |")
+    print("|---|---|---|---|---|---|")
+    for label, row in results.items():
+        cells = " | ".join(str(row[k]) for k in ("own", "union", "wrong", "wrong-union", "fallback"))
+        print(f"| {label} | {cells} |")
+    print("\nleave one task out (share of the absent task's queries):")
+    for absent, row in loto.items():
         print(
-            f"  m={margin}: answers {100 * values['coverage']:.1f}%, right on {100 * values['accuracy_answered']:.1f}%"
+            f"  {absent:<11} wrong single {row['single']:5.1f}%  union {row['union']:5.1f}%  "
+            f"fallback {row['fallback']:5.1f}%"
         )
+    print(f"  mean wrong single: {loto_mean}%")
+    print(f"\nunions served: {dict(unions.most_common())}")
+    by_threads = ", ".join(f"{v} ms with {n} threads" for n, v in report["route_ms_p50_by_threads"].items())
+    print(f"one routing decision (embed + features + decide) p50 {p50} ms as served ({by_threads})")
+    for target, ok in met.items():
+        print(f"  {'met   ' if ok else 'MISSED'} {target}")
+    print(f"wrote {args.out} and {args.confusion}")
     return 0
 
 

@@ -387,18 +387,49 @@ def server_tables(report: Report) -> str:
 
 
 def routing() -> str:
-    """`scripts/eval_routing.py`: the share of unseen benchmark prompts routed to their own task, per rule."""
+    """`scripts/eval_routing.py`: where unseen benchmark prompts go, per router, and the targets."""
     report = _load("routing.json")
-    tasks = report["settings"]["tasks"]
-    lines = ["| rule | " + " | ".join(tasks) + " | overall |", "|---|" + "---|" * (len(tasks) + 1)]
-    for rule, shares in report["results"].items():
-        cells = " | ".join(_pct(shares[task]) for task in tasks)
-        lines.append(f"| {rule} | {cells} | **{_pct(shares['overall'])}** |")
+    columns = ("own", "union", "wrong", "wrong-union", "fallback")
+    lines = [
+        "| router | own pattern | union with own | wrong pattern | union without own | fallback |",
+        "|---|---|---|---|---|---|",
+    ]
+    for label, row in report["results"].items():
+        cells = " | ".join(f"{row[k]:.1f}" for k in columns)
+        lines.append(f"| {label} | {cells} |")
+    return "\n".join(lines) + "\n"
+
+
+def routing_targets() -> str:
+    """`scripts/eval_routing.py`: the targets, met or missed, with the served router's figures."""
+    report = _load("routing.json")
+    served = report["results"]["served (defaults)"]
+    threads = report.get("route_ms_p50_by_threads", {})
+    measured = {
+        "wrong routes <= 2%": f"{served['wrong'] + served['wrong-union']:.1f}%",
+        "own or union >= 93%": f"{served['own'] + served['union']:.1f}%",
+        "full fallback <= 5%": f"{served['fallback']:.1f}%",
+        "leave-one-task-out wrong single <= 35%": f"{report['leave_one_task_out_wrong_single_mean']:.1f}%",
+        "routing p50 <= 15 ms": f"{report['route_ms_p50']:.1f} ms (1 thread, as served)"
+        + "".join(f"; {v:.1f} ms with {n} threads" for n, v in threads.items() if str(n) != "1"),
+    }
+    lines = ["| target | measured | result |", "|---|---|---|"]
+    for target, ok in report["targets"].items():
+        lines.append(f"| {target} | {measured[target]} | {'met' if ok else '**missed**'} |")
+    lines += [
+        "",
+        "| absent task | to a wrong single pattern | to a union | to the fallback | mostly to |",
+        "|---|---|---|---|---|",
+    ]
+    for task, row in report["leave_one_task_out"].items():
+        most = row["most_to"][0][0] if row["most_to"] else "-"
+        lines.append(f"| {task} | {row['single']:.1f} | {row['union']:.1f} | {row['fallback']:.1f} | {most} |")
     return "\n".join(lines) + "\n"
 
 
 RENDERERS: dict[str, Callable[[], str]] = {
     "routing": routing,
+    "routing-targets": routing_targets,
     **{name: renderer for name, (_, renderer) in SERVER_SECTIONS.items()},
     "variants": variants,
     "pruning-targets": pruning_targets,

@@ -33,10 +33,11 @@ log = logging.getLogger("taskmoe.cache")
 
 @dataclass(frozen=True)
 class VariantKey:
-    """A pattern (None: the full model) at one revision; replacing a pattern makes a new key."""
+    """A pattern, a union `a+b` (None: the full model) at one revision (its patterns' tensor files, fresh
+    for every write): replacing a pattern makes a new key, so an old variant can never serve it again."""
 
     pattern: str | None
-    revision: float = 0.0
+    revision: str = ""
 
     @property
     def label(self) -> str:

@@ -218,8 +218,34 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plot_patterns(args: argparse.Namespace) -> int:
+    """`patterns plot`: one picture of what every stored pattern keeps and how much they overlap."""
+    if args.name:
+        raise CliError("patterns plot takes no pattern name: it draws every pattern in the store")
+    if not args.out:
+        raise CliError("patterns plot needs --out FILE.png")
+    store = _open_store(args.store)
+    if not store.names():
+        raise CliError(f"{args.store}: the store holds no patterns; calibrate one first (taskmoe calibrate)")
+    if Path(args.out).is_dir():
+        raise CliError(f"--out {args.out} is a directory; give a file such as {Path(args.out) / 'patterns.png'}")
+    from server.plots import plot_patterns  # matplotlib loads here, not for every command
+
+    try:
+        summary = plot_patterns(store, Path(args.out))
+    except (ValueError, OSError) as error:  # an unknown picture format, an unwritable directory
+        raise CliError(str(error)) from None
+    for file, problem in sorted(store.problems.items()):
+        print(f"warning: {file}: {problem}", file=sys.stderr)
+    print(f"wrote {args.out}")
+    print(summary.line())
+    return 0
+
+
 def cmd_patterns(args: argparse.Namespace) -> int:
-    """List, show or remove stored patterns."""
+    """List, show, remove or plot stored patterns."""
+    if args.action == "plot":
+        return _plot_patterns(args)
     store = _open_store(args.store)
     if args.action == "list":
         rows = [store.summary(name) for name in store.names()]
@@ -251,7 +277,7 @@ def cmd_patterns(args: argparse.Namespace) -> int:
 
 
 def cmd_route(args: argparse.Namespace) -> int:
-    """Which stored pattern would serve a query."""
+    """Which stored pattern would serve a query, and how sure the router is."""
     from pattern_store.embedder import Embedder
     from pattern_store.pattern import PatternError
     from server.patterns import PromptFileError, read_prompts
@@ -263,23 +289,34 @@ def cmd_route(args: argparse.Namespace) -> int:
     store = _open_store(args.store)
     try:
         router = Router(
-            store, Embedder(args.embedder) if args.embedder else Embedder(), k=args.k, threshold=args.threshold
+            store,
+            Embedder(args.embedder) if args.embedder else Embedder(),
+            k=args.k,
+            threshold=args.threshold,
+            union=args.union,
+            novelty=args.novelty,
         )
-        if args.text:
-            decision = router.route(" ".join(args.text))
-        else:
-            queries = read_prompts(args.file)
-            decisions = [router.route(query) for query in queries]
+        queries = [" ".join(args.text)] if args.text else read_prompts(args.file)
+        decisions = router.route_embedded(queries, router.embedder.embed(queries))
     except (PatternError, PromptFileError, ValueError, OSError) as error:
         raise CliError(str(error)) from None
     if args.text:
-        print(f"{'pattern':<20}{'similarity':>11}{'votes':>7}")
-        for hit in decision.hits:
-            print(f"{hit.name:<20}{hit.score:>11.3f}{hit.votes:>7}")
-        print(f"-> {decision.pattern or 'full model'} ({decision.reason})")
+        decision = decisions[0]
+        print(f"{'pattern':<20}{'probability':>12}{'typicality':>11}{'similarity':>11}")
+        for candidate in decision.candidates:
+            similarity = "-" if candidate.similarity is None else f"{candidate.similarity:.3f}"
+            print(f"{candidate.pattern:<20}{candidate.probability:>12.3f}{candidate.typicality:>11.3f}{similarity:>11}")
+        print(f"-> {decision.pattern or 'full model'} ({decision.reason}, p={decision.probability:.3f})")
         return 0
     for query, decision in zip(queries, decisions, strict=True):
-        print(json.dumps({"prompt": query, "pattern": decision.pattern, "score": round(decision.score, 4)}))
+        row = {
+            "prompt": query,
+            "pattern": decision.pattern,
+            "reason": decision.reason,
+            "probability": round(decision.probability, 4),
+            "typicality": None if decision.typicality is None else round(decision.typicality, 4),
+        }
+        print(json.dumps(row))
     return 0
 
 
@@ -305,6 +342,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
             cache_wait=float(args.cache_wait),
             route_threshold=float(args.route_threshold),
             route_rule=args.route_rule,
+            route_union=int(args.route_union),
+            route_novelty=float(args.route_novelty),
+            store_poll=float(args.store_poll),
             fallback=args.fallback,
             api_key=args.api_key or None,
             admin_key=args.admin_key or None,
@@ -403,8 +443,20 @@ def _add_serve_parser(commands: argparse._SubParsersAction) -> None:
         choices=["true", "false"],
     )
     flag("cache-wait", "30", "seconds a request waits for busy variants to free room before a 503 (default 30)")
-    flag("route-threshold", "0.3", "similarity below which a query matches no task and gets the fallback")
+    flag(
+        "route-threshold",
+        "0.9",
+        "calibrated probability a routed pattern (or union) must reach; below it, the fallback (default 0.9)",
+    )
     flag("route-rule", ROUTE_RULES[0], f"{', '.join(ROUTE_RULES)} (default {ROUTE_RULES[0]})", choices=ROUTE_RULES)
+    flag("route-union", "2", "most patterns served together when none alone is probable enough; 1: no unions")
+    flag(
+        "route-novelty",
+        "0.02",
+        "a query less typical of its pattern than this share of the pattern's held-out examples is of no stored "
+        "task and gets the fallback (default 0.02; 0: never)",
+    )
+    flag("store-poll", "2", "seconds between checks for patterns written by other processes (default 2; 0: never)")
     flag("fallback", FULL_MODEL, "what serves unmatched queries: full (the whole model) or a pattern name")
     flag("api-key", None, "require 'Authorization: Bearer KEY' on /v1 routes")
     flag("admin-key", None, "enable the /admin API, with this key")
@@ -501,11 +553,12 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--quiet", action="store_true", help="no progress bar")
     calibrate.set_defaults(func=cmd_calibrate)
 
-    patterns = commands.add_parser("patterns", help="list, show or remove stored patterns")
-    patterns.add_argument("action", choices=["list", "show", "remove"])
+    patterns = commands.add_parser("patterns", help="list, show, remove or plot stored patterns")
+    patterns.add_argument("action", choices=["list", "show", "remove", "plot"])
     patterns.add_argument("name", nargs="?", help="the pattern (show, remove)")
     patterns.add_argument("--store", required=True, help="pattern store directory")
     patterns.add_argument("--json", action="store_true", help="list: one JSON array")
+    patterns.add_argument("--out", help="plot: the picture to write (FILE.png)")
     patterns.set_defaults(func=cmd_patterns)
 
     bundle = commands.add_parser("pattern-file", help="export a stored pattern as one file, or import one")
@@ -522,8 +575,14 @@ def build_parser() -> argparse.ArgumentParser:
     route.add_argument("text", nargs="*", help="the query")
     route.add_argument("--store", required=True, help="pattern store directory")
     route.add_argument("--file", help="JSONL of queries ('prompt' field): one JSON line per query")
-    route.add_argument("-k", type=int, default=10, help="nearest example prompts that vote (default 10)")
-    route.add_argument("--threshold", type=float, default=0.3, help="below this similarity: the full model")
+    route.add_argument("-k", type=int, default=10, help="nearest example prompts reported (default 10)")
+    route.add_argument(
+        "--threshold", type=float, default=0.9, help="calibrated probability a route must reach (default 0.9)"
+    )
+    route.add_argument("--union", type=int, default=2, help="most patterns in a union (default 2; 1: no unions)")
+    route.add_argument(
+        "--novelty", type=float, default=0.02, help="typicality below which a query is out of store (default 0.02)"
+    )
     route.add_argument("--embedder", help="sentence-transformers model directory (default all-MiniLM-L6-v2)")
     route.set_defaults(func=cmd_route)
     return parser

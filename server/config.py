@@ -71,8 +71,11 @@ class ServerConfig:
     dtype: str = "auto"
     cache_budget: int = 4 * 2**30
     cache_wait: float = 30.0  # seconds a request waits for variants in use to free room before 503
-    route_threshold: float = 0.3
+    route_threshold: float = 0.9  # calibrated probability a route must reach (one pattern, or a union)
     route_rule: str = "classifier"
+    route_union: int = 2  # most patterns a union of close candidates may have; 1: no unions
+    route_novelty: float = 0.02  # typicality below which a query is of no stored task (out-of-store)
+    store_poll: float = 2.0  # seconds between checks of the store for other processes' writes; 0: never
     fallback: str = FULL_MODEL  # "full" or a pattern name
     api_key: str | None = None
     admin_key: str | None = None
@@ -125,6 +128,14 @@ class ServerConfig:
             raise ValueError("--max-prefill-tokens must be at least 1 (0 or none: whole prompts)")
         if self.max_request_bytes < 1024:
             raise ValueError("--max-request-bytes must be at least 1KiB")
+        if not 0 < self.route_threshold <= 1:
+            raise ValueError(f"--route-threshold is a probability in (0, 1], got {self.route_threshold}")
+        if self.route_union < 1:
+            raise ValueError("--route-union must be at least 1 (1: never serve a union)")
+        if not 0 <= self.route_novelty < 1:
+            raise ValueError(f"--route-novelty is a share in [0, 1), got {self.route_novelty}")
+        if self.store_poll < 0:
+            raise ValueError("--store-poll must not be negative (0: do not follow the store)")
         if self.cache_wait < 0:
             raise ValueError("--cache-wait must not be negative")
         if self.torch_threads is not None and self.torch_threads < 1:

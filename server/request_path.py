@@ -14,7 +14,7 @@ from pattern_store.store import PatternStore
 from server.config import FULL_MODEL
 from server.engine import SamplingParams
 from server.errors import ContextTooLong, InvalidRequest, ModelNotFound, PatternNotFound
-from server.routing import RouteDecision
+from server.routing import UNION_SEPARATOR, RouteDecision
 
 MAX_CHARACTERS_PER_TOKEN = 32
 """A text longer than this many characters per context token cannot fit: refused untokenized."""
@@ -54,21 +54,27 @@ def chat_prompt_ids(
 
 @dataclass(frozen=True)
 class Resolved:
-    """Which pattern serves a request (None: the full model) and how it was chosen."""
+    """Which pattern serves a request (`a`, a union `a+b`, None: the full model) and how it was chosen."""
 
     pattern: str | None
-    how: str  # "explicit", or the router's reason ("classifier", "below-threshold", ...)
-    score: float | None = None
+    how: str  # "explicit", or the router's reason ("classifier", "union", "below-threshold", ...)
+    probability: float | None = None  # the router's calibrated probability for its choice
     decision: RouteDecision | None = None
 
     @property
     def label(self) -> str:
         return self.pattern or FULL_MODEL
 
+    @property
+    def route_header(self) -> str:
+        """`x-taskmoe-route`: how the pattern was chosen and, when routed, the router's probability."""
+        return self.how if self.probability is None else f"{self.how}; p={self.probability:.3f}"
+
 
 def explicit_choice(model: str, pattern: str | None, model_name: str, store: PatternStore) -> Resolved | None:
-    """The pattern a request names (`MODEL@PATTERN` or the `pattern` field; `full`: the full model), or
-    None when it names none and must be routed. Unknown models and patterns are errors."""
+    """The pattern a request names (`MODEL@PATTERN` or the `pattern` field; `full`: the full model; `a+b`:
+    the union of patterns a and b), or None when it names none and must be routed. Unknown models and
+    patterns are errors."""
     name, at, suffix = model.partition("@")
     if at and not suffix:
         raise InvalidRequest(f"model {model!r} names no pattern after '@'", param="model")
@@ -83,12 +89,14 @@ def explicit_choice(model: str, pattern: str | None, model_name: str, store: Pat
         return None
     if explicit == FULL_MODEL:
         return Resolved(None, "explicit")
-    if explicit not in store:
-        raise PatternNotFound(
-            f"pattern {explicit!r} does not exist; stored patterns: {', '.join(store.names()) or 'none'}",
-            param="model" if suffix else "pattern",
-        )
-    return Resolved(explicit, "explicit")
+    names = sorted(set(explicit.split(UNION_SEPARATOR)))
+    for name in names:
+        if name not in store:
+            raise PatternNotFound(
+                f"pattern {name!r} does not exist; stored patterns: {', '.join(store.names()) or 'none'}",
+                param="model" if suffix else "pattern",
+            )
+    return Resolved(UNION_SEPARATOR.join(names), "explicit")
 
 
 def tokens_to_generate(context_length: int | None, prompt_tokens: int, max_tokens: int | None, param: str) -> int:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import logging
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -17,7 +17,7 @@ import torch
 
 from pattern_store.embedder import Embedder
 from pattern_store.pattern import PatternError, PatternExistsError, pattern_from_bundle, validate_name
-from pattern_store.selection import Selection, SelectionError
+from pattern_store.selection import Selection, SelectionError, union
 from pattern_store.store import PatternStore
 from server.batching import BatchedDecoder, batchable
 from server.cache import CacheFull, Variant, VariantBuildFailed, VariantCache, VariantKey
@@ -50,7 +50,8 @@ from server.request_path import (
     explicit_choice,
     model_ids,
 )
-from server.routing import Router
+from server.routing import UNION_SEPARATOR, Router
+from server.store_watch import StoreWatcher
 
 log = logging.getLogger("taskmoe.service")
 
@@ -98,8 +99,15 @@ class Service:
             if pattern not in self.store:
                 raise ValueError(f"--upstream {pattern}=...: no such pattern in {config.store} (routing needs it)")
         self.router = Router(
-            self.store, self.embedder, rule=config.route_rule, threshold=config.route_threshold, fallback=fallback
+            self.store,
+            self.embedder,
+            rule=config.route_rule,
+            threshold=config.route_threshold,
+            fallback=fallback,
+            union=config.route_union,
+            novelty=config.route_novelty,
         )
+        self.router.learn()  # at start, not on the first request
         self.cache = VariantCache(config.cache_budget, self.metrics.cache_listener(), wait=config.cache_wait)
         self.pool: ExpertPool | None = None
         if config.expert_pool and self.builder.family.kind == "moe":
@@ -108,6 +116,8 @@ class Service:
             self.metrics.watch_pool(self.pool)
             self.metrics.backbone.set(self.builder.backbone_bytes)
         self._routes: dict[VariantKey, RowRoute] = {}
+        self._unions: set[str] = set()  # union labels leased so far: forgotten with any of their patterns
+        self._unions_lock = threading.Lock()
         self._pool_decoder: BatchedDecoder | None = None
         self.jobs = JobRunner(on_error=lambda job, trace: log.error("job %s failed:\n%s", job.id, trace))
         self.context_length = int(getattr(self.builder.config, "max_position_embeddings", 0) or 0) or None
@@ -115,6 +125,10 @@ class Service:
         self._calibration_lock = threading.Lock()
         self._decoder_lock = threading.Lock()
         self.metrics.budget.set(config.cache_budget)
+        self.watcher: StoreWatcher | None = None
+        if config.store_poll > 0:
+            self.watcher = StoreWatcher(self.store, config.store_poll, self._store_changed)
+            self.watcher.start()
 
     def _set_torch_threads(self, requested: int | None) -> int:
         """On the CPU, each worker thread that runs torch gets its own OpenMP team; several teams on a few
@@ -127,7 +141,17 @@ class Service:
         return torch.get_num_threads()
 
     def close(self) -> None:
+        if self.watcher is not None:
+            self.watcher.stop()
         self.jobs.shutdown()
+
+    def _store_changed(self, before: dict[str, str], after: dict[str, str]) -> None:
+        """Another process (or this one) wrote the store: a removed or replaced pattern's variants, and every
+        union with it, never serve again; routing learns the new store now rather than on a request."""
+        for name, revision in before.items():
+            if after.get(name) != revision:
+                self._forget(name)
+        self.router.learn()
 
     # -- names ---------------------------------------------------------------------------------
 
@@ -148,7 +172,7 @@ class Service:
         with self.metrics.route_seconds.time():
             # the embedder reads a few hundred tokens; tokenizing megabytes to throw them away is a DoS
             decision = self.router.route(query[:MAX_ROUTED_CHARACTERS])
-        resolved = Resolved(decision.pattern, decision.reason, decision.score, decision)
+        resolved = Resolved(decision.pattern, decision.reason, decision.probability, decision)
         self.metrics.routes.labels(resolved.label, decision.reason).inc()
         return resolved
 
@@ -169,19 +193,25 @@ class Service:
         return document
 
     def acquire(self, pattern: str | None) -> Lease:
-        """What serves `pattern`, pinned until `release`: with the expert pool a lease on its experts (loading
-        the missing ones), otherwise its cached variant (built if missing). A hit reads only the pattern's
-        revision; its selection is parsed only the first time that revision is served."""
-        key, document = VariantKey(None), None
-        if pattern is not None:
-            document = self._document(pattern)
-            key = VariantKey(pattern, float(document["created"]))
-        if self.pool is not None:
-            return self._lease_experts(key, document)
+        """What serves `pattern` (`a`, a union `a+b`, None: the full model), pinned until `release`: with the
+        expert pool a lease on its experts (loading the missing ones), otherwise its cached variant (built if
+        missing). A hit reads only the patterns' revisions; their selections are parsed only the first time
+        that revision is served. A union keeps what any of its patterns keeps."""
+        names = tuple(pattern.split(UNION_SEPARATOR)) if pattern else ()
+        documents = [self._document(name) for name in names]
+        key = VariantKey(pattern, UNION_SEPARATOR.join(str(document["tensors"]) for document in documents))
+        if len(names) > 1:
+            with self._unions_lock:
+                self._unions.add(key.label)
 
         @functools.cache
         def selection() -> Selection | None:
-            return None if document is None else Selection.from_json(document["selection"])
+            if not documents:
+                return None
+            return union([Selection.from_json(document["selection"]) for document in documents])
+
+        if self.pool is not None:
+            return self._lease_experts(key, selection)
 
         def build() -> Any:
             model = self.builder.build(selection())
@@ -205,13 +235,12 @@ class Service:
             log.error("%s", error, exc_info=error.__cause__)
             raise LoadFailed(str(error)) from None
 
-    def _lease_experts(self, key: VariantKey, document: dict[str, Any] | None) -> PoolLease:
+    def _lease_experts(self, key: VariantKey, selection: Callable[[], Selection | None]) -> PoolLease:
         assert self.pool is not None
         with self._lease_errors(key.pattern):
             route = self._routes.get(key)
             if route is None:
-                selection = None if document is None else Selection.from_json(document["selection"])
-                route = RowRoute(key.label, self.builder.kept_experts(selection))
+                route = RowRoute(key.label, self.builder.kept_experts(selection()))
                 if len(self._routes) >= 1024:  # revisions of replaced patterns pile up otherwise
                     self._routes.clear()
                 self._routes[key] = route
@@ -423,10 +452,15 @@ class Service:
         return self.cache.evict(None if name == FULL_MODEL else name) or None
 
     def _forget(self, name: str) -> None:
-        """A pattern was replaced or removed: its old revision must never serve again."""
-        self.cache.evict(name)
-        if self.pool is not None:
-            self.pool.forget(name)
+        """A pattern was replaced or removed: its old revision, alone or in a union, must never serve again
+        (new revisions have new keys; this frees the old ones now rather than when they age out)."""
+        with self._unions_lock:
+            unions = {label for label in self._unions if name in label.split(UNION_SEPARATOR)}
+            self._unions -= unions
+        for label in (name, *sorted(unions)):
+            self.cache.evict(label)
+            if self.pool is not None:
+                self.pool.forget(label)
 
     def cache_report(self) -> dict[str, Any]:
         """What `GET /admin/cache` shows: the pool's occupancy and per pattern its resident experts, or the

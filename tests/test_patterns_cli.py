@@ -59,7 +59,13 @@ def test_patterns_list_show_remove(store_dir, capsys, tmp_path) -> None:
 
 def test_route_text_and_file(store_dir, capsys, tmp_path) -> None:
     assert main(["route", "--store", str(store_dir), "What is 4 + 3?"]) == 0
-    assert capsys.readouterr().out.strip().endswith("-> arith (classifier)")
+    out = capsys.readouterr().out
+    assert "-> arith (classifier, p=" in out and out.splitlines()[0].split() == [
+        "pattern",
+        "probability",
+        "typicality",
+        "similarity",
+    ]
     queries = tmp_path / "queries.jsonl"
     expected = []
     lines = []
@@ -71,9 +77,13 @@ def test_route_text_and_file(store_dir, capsys, tmp_path) -> None:
     assert main(["route", "--store", str(store_dir), "--file", str(queries)]) == 0
     routed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [r["pattern"] for r in routed] == expected
-    assert all(0.3 < r["score"] <= 1.0001 for r in routed)
-    assert main(["route", "--store", str(store_dir), "--threshold", "0.99", "Tell me a joke about ships"]) == 0
-    assert "full model (below-threshold)" in capsys.readouterr().out
+    assert all(0.9 <= r["probability"] <= 1.0001 and r["reason"] == "classifier" for r in routed)
+    # 24 examples a pattern: the least typical of them has typicality 1/25, so the check needs novelty > 0.04
+    assert main(["route", "--store", str(store_dir), "--novelty", "0.05", "Tell me a joke about ships"]) == 0
+    out = capsys.readouterr().out
+    assert "-> full model (out-of-store" in out or "-> full model (below-threshold" in out, out
+    assert main(["route", "--store", str(store_dir), "--threshold", "1.5", "What is 4 + 3?"]) == 2
+    assert "probability" in capsys.readouterr().err
 
 
 def test_calibrate_errors_are_one_line(store_dir, tmp_path, capsys) -> None:

@@ -1,8 +1,11 @@
-"""The router on synthetic embeddings: its rules, and that a failing classifier never takes routing down."""
+"""The router on synthetic embeddings: calibrated probabilities, unions of close patterns, out-of-store
+queries, the rules, following a store another process writes, and that a failing classifier never takes
+routing down. (A real embedder and real benchmark prompts: `scripts/eval_routing.py` and the server tests.)"""
 
 from __future__ import annotations
 
 import logging
+import time
 
 import numpy as np
 import pytest
@@ -10,68 +13,195 @@ import torch
 
 import server.routing as routing
 from pattern_store.pattern import TaskPattern
-from pattern_store.selection import Selection
+from pattern_store.selection import Selection, SelectionError, union
 from pattern_store.store import PatternStore
-from server.routing import Router
+from server.route_features import FeatureWeights, RouteFeatures
+from server.routing import Router, fit_temperature
+from server.store_watch import StoreWatcher
 
 DIM = 8
+TOPIC_ONLY = FeatureWeights(topic=1.0, content=0.0, form=0.0)
 
 
-class AxisEmbedder:
-    """Texts 'axis N' embed to the unit vector of axis N (a real embedder is tested end to end)."""
+class TableEmbedder:
+    """Each text embeds to the vector registered for it (a real embedder is tested end to end)."""
+
+    def __init__(self) -> None:
+        self.vectors: dict[str, np.ndarray] = {}
+
+    def add(self, text: str, vector: torch.Tensor) -> str:
+        self.vectors[text] = torch.nn.functional.normalize(vector.float(), dim=0).numpy()
+        return text
 
     def embed(self, texts: list[str]) -> np.ndarray:
-        out = np.zeros((len(texts), DIM), dtype=np.float32)
-        for row, text in enumerate(texts):
-            out[row, int(text.split()[1])] = 1.0
-        return out
+        return np.stack([self.vectors[text] for text in texts])
 
 
-def _pattern(name: str, axis: int) -> TaskPattern:
-    rows = torch.eye(DIM)[[axis, axis, axis]] + 0.05 * torch.rand(3, DIM, generator=torch.Generator().manual_seed(axis))
+def _pattern(name: str, texts: list[str], vectors: torch.Tensor, kept: dict[int, list[int]] | None = None):
     return TaskPattern(
         name=name,
-        selection=Selection("moe_experts", {0: [0, 1]}),
+        selection=Selection("moe_experts", kept or {0: [0, 1]}),
         scores={0: torch.ones(4)},
         method="reap",
         parameters={},
         model_fingerprint="f" * 64,
         created=1.0,
-        calibration_prompts=3,
-        examples=[f"{name} {i}" for i in range(3)],
-        example_embeddings=torch.nn.functional.normalize(rows, dim=1),
+        calibration_prompts=len(texts),
+        examples=texts,
+        example_embeddings=torch.nn.functional.normalize(vectors.float(), dim=1),
     )
 
 
-@pytest.fixture()
-def store(tmp_path) -> PatternStore:
+def _gaussian_store(tmp_path, embedder: TableEmbedder, means: dict[str, torch.Tensor], per: int, noise: float, seed=0):
+    generator = torch.Generator().manual_seed(seed)
     store = PatternStore(tmp_path)
-    for axis, name in enumerate(["arith", "sort", "upper"]):
-        store.add(_pattern(name, axis))
+    for name, mean in means.items():
+        vectors = mean + noise * torch.randn(per, DIM, generator=generator)
+        texts = [embedder.add(f"{name} example {i}", v) for i, v in enumerate(vectors)]
+        store.add(_pattern(name, texts, vectors))
     return store
 
 
-@pytest.mark.parametrize("rule", ["classifier", "centroid", "knn"])
-def test_each_rule_routes_to_the_nearest_task(store, rule) -> None:
-    router = Router(store, AxisEmbedder(), rule=rule, threshold=0.3)
-    assert router.route("axis 1").pattern == "sort"
-    below = router.route("axis 6")
-    assert below.pattern is None and below.reason == "below-threshold"
+def _axis(i: int) -> torch.Tensor:
+    return torch.eye(DIM)[i]
 
 
-def test_a_classifier_that_cannot_be_fitted_falls_back_to_centroids_loudly(store, monkeypatch, caplog) -> None:
+@pytest.fixture()
+def separated(tmp_path):
+    embedder = TableEmbedder()
+    store = _gaussian_store(tmp_path, embedder, {"arith": _axis(0), "sort": _axis(1), "upper": _axis(2)}, 20, 0.05)
+    return store, embedder
+
+
+@pytest.mark.parametrize("rule", ["classifier", "centroid"])
+def test_each_rule_routes_a_clear_query_to_its_task_with_high_probability(separated, rule) -> None:
+    store, embedder = separated
+    router = Router(store, embedder, rule=rule, features=RouteFeatures(TOPIC_ONLY))
+    decision = router.route(embedder.add("a sorting query", _axis(1) + 0.02 * _axis(3)))
+    assert decision.patterns == ("sort",) and decision.pattern == "sort" and decision.reason == rule
+    assert decision.probability >= 0.9
+    assert decision.candidates[0].pattern == "sort"
+    assert sum(c.probability for c in decision.candidates) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_a_query_between_tasks_gets_the_fallback_below_the_threshold(separated) -> None:
+    store, embedder = separated
+    query = embedder.add("half arith, half sort, half upper", _axis(0) + _axis(1) + _axis(2))
+    decision = Router(store, embedder, features=RouteFeatures(TOPIC_ONLY), fallback="upper").route(query)
+    assert decision.reason == "below-threshold" and decision.patterns == ()
+    assert decision.pattern == "upper", "the fallback pattern serves"
+    assert decision.probability < 0.9
+
+
+def test_probabilities_are_calibrated_on_queries_the_router_never_saw(tmp_path) -> None:
+    """Overlapping classes, 30 examples each: a router whose probabilities are right says 0.75 where it is
+    right 75% of the time. The classifier alone (temperature 1) is overconfident here by 12 points on
+    average; the temperature fitted on held-out examples removes most of that. Three stores, to average
+    out the luck of 30 examples."""
+    means = {name: 0.6 * _axis(i) for i, name in enumerate(["a", "b", "c"])}
+    calibrated_gaps, raw_gaps = [], []
+    for seed in range(3):
+        embedder = TableEmbedder()
+        store = _gaussian_store(tmp_path / str(seed), embedder, means, 30, 0.35, seed=seed)
+        router = Router(store, embedder, features=RouteFeatures(TOPIC_ONLY))
+        generator = torch.Generator().manual_seed(99)
+        texts, truth = [], []
+        for name, mean in means.items():
+            for i in range(600):
+                texts.append(embedder.add(f"{name} query {i}", mean + 0.35 * torch.randn(DIM, generator=generator)))
+                truth.append(name)
+        decisions = router.route_embedded(texts, embedder.embed(texts))
+        top = np.array([d.candidates[0].probability for d in decisions])
+        right = np.array([d.candidates[0].pattern == t for d, t in zip(decisions, truth, strict=True)])
+        assert 0.6 < right.mean() < 0.9, "the classes must overlap for this test to mean anything"
+        learnt = router.learn()
+        assert learnt is not None and learnt.scorer is not None
+        raw = torch.softmax(learnt.scorer(router.features.transform(texts, embedder.embed(texts))), dim=-1)
+        calibrated_gaps.append(top.mean() - right.mean())
+        raw_gaps.append(float(raw.max(1).values.mean()) - right.mean())
+    assert abs(np.mean(calibrated_gaps)) < 0.04, calibrated_gaps
+    assert np.mean(raw_gaps) > 0.08, "without calibration the classifier must be overconfident (else no test)"
+
+
+def test_fit_temperature_recovers_the_scale_of_sharpened_logits() -> None:
+    generator = torch.Generator().manual_seed(0)
+    logits = 2 * torch.randn(5000, 4, generator=generator)
+    labels = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator)[:, 0]
+    assert fit_temperature(3.0 * logits, labels) == pytest.approx(3.0, rel=0.1)
+
+
+def test_two_close_tasks_are_served_as_a_union_and_a_clear_one_alone(tmp_path) -> None:
+    embedder = TableEmbedder()
+    twins = {"arc": _axis(0) + 0.3 * _axis(4), "obqa": _axis(0) + 0.3 * _axis(5), "gsm8k": _axis(2)}
+    store = _gaussian_store(tmp_path, embedder, twins, 40, 0.15)
+    router = Router(store, embedder, features=RouteFeatures(TOPIC_ONLY))
+    between = embedder.add("a science question", _axis(0) + 0.15 * _axis(4) + 0.15 * _axis(5))
+    decision = router.route(between)
+    assert decision.reason == "union" and decision.patterns == ("arc", "obqa")
+    assert decision.pattern == "arc+obqa" and decision.probability >= 0.9
+    assert router.route(embedder.add("a word problem", _axis(2))).patterns == ("gsm8k",)
+    alone = Router(store, embedder, features=RouteFeatures(TOPIC_ONLY), union=1).route(between)
+    assert alone.reason == "below-threshold" and alone.patterns == ()
+
+
+def test_a_query_of_a_task_with_no_pattern_goes_to_the_fallback(tmp_path) -> None:
+    """Same topic as a stored task, another form: the classifier still picks a pattern (it only compares
+    stored tasks), and the form check sends the query to the fallback."""
+    embedder = TableEmbedder()
+    store = PatternStore(tmp_path)
+    generator = torch.Generator().manual_seed(1)
+    forms = {"boolq": "{} Question: is it so? Answer yes or no.", "wikitext2": "Continue the text: {} ."}
+    for i, (name, form) in enumerate(forms.items()):
+        vectors = _axis(i) + 0.3 * torch.randn(60, DIM, generator=generator)
+        words = [" ".join(f"w{int(x)}" for x in torch.randint(0, 99, (12,), generator=generator)) for _ in range(60)]
+        texts = [embedder.add(form.format(w), v) for w, v in zip(words, vectors, strict=True)]
+        store.add(_pattern(name, texts, vectors))
+    router = Router(store, embedder)
+    fresh = " ".join(f"w{int(x)}" for x in torch.randint(0, 99, (12,), generator=generator))
+    inside = router.route(embedder.add(forms["boolq"].format(fresh), _axis(0)))
+    assert inside.patterns == ("boolq",) and inside.typicality >= 0.02
+    novel = embedder.add("Fill in the blank: w1 w2 _ w3 w4.\nOption 1: w5\nOption 2: w6", _axis(0))
+    decision = router.route(novel)
+    assert decision.reason == "out-of-store" and decision.patterns == () and decision.pattern is None
+    assert decision.typicality is not None and decision.typicality < 0.02
+    assert Router(store, embedder, novelty=0.0).route(novel).patterns == ("boolq",), "novelty 0 turns it off"
+
+
+def test_an_empty_store_and_a_single_pattern_route_sensibly(tmp_path) -> None:
+    embedder = TableEmbedder()
+    store = PatternStore(tmp_path)
+    query = embedder.add("anything", _axis(0))
+    assert Router(store, embedder).route(query).reason == "empty-store"
+    texts = [embedder.add(f"only {i}", _axis(0)) for i in range(3)]
+    store.add(_pattern("only", texts, torch.stack([_axis(0)] * 3)))
+    decision = Router(store, embedder).route(query)
+    assert decision.patterns == ("only",) and decision.probability == 1.0
+
+
+def test_bad_router_settings_are_refused(separated) -> None:
+    store, embedder = separated
+    for settings in ({"threshold": 0.0}, {"threshold": 1.5}, {"union": 0}, {"novelty": 1.0}, {"rule": "knn"}):
+        with pytest.raises(ValueError):
+            Router(store, embedder, **settings)
+
+
+def test_a_classifier_that_cannot_be_fitted_falls_back_to_centroids_loudly(separated, monkeypatch, caplog) -> None:
+    store, embedder = separated
+
     def broken(*args, **kwargs):
         raise FloatingPointError("overflow in the line search")
 
     monkeypatch.setattr(routing, "fit_linear_classifier", broken)
-    router = Router(store, AxisEmbedder())
+    router = Router(store, embedder, features=RouteFeatures(TOPIC_ONLY))
     with caplog.at_level(logging.ERROR, logger="taskmoe.routing"):
-        decision = router.route("axis 2")
-    assert decision.pattern == "upper" and decision.reason == "centroid"
+        decision = router.route(embedder.add("upper query", _axis(2)))
+    assert decision.patterns == ("upper",) and decision.reason == "centroid"
     assert "routing by centroid" in caplog.text
 
 
-def test_a_classifier_with_non_finite_weights_is_not_used(store, monkeypatch) -> None:
+def test_a_classifier_with_non_finite_weights_is_not_used(separated, monkeypatch) -> None:
+    store, embedder = separated
+
     def poisoned(x, y, classes, l2=1e-3):
         layer = torch.nn.Linear(x.shape[1], classes)
         with torch.no_grad():
@@ -79,5 +209,62 @@ def test_a_classifier_with_non_finite_weights_is_not_used(store, monkeypatch) ->
         return layer
 
     monkeypatch.setattr(routing, "fit_linear_classifier", poisoned)
-    decision = Router(store, AxisEmbedder()).route("axis 0")
-    assert decision.pattern == "arith" and decision.reason == "centroid"
+    decision = Router(store, embedder, features=RouteFeatures(TOPIC_ONLY)).route(embedder.add("q", _axis(0)))
+    assert decision.patterns == ("arith",) and decision.reason == "centroid"
+
+
+def test_the_router_follows_a_store_another_process_writes(separated, tmp_path) -> None:
+    """A second `PatternStore` on the same directory stands for another process (`taskmoe calibrate`)."""
+    store, embedder = separated
+    router = Router(store, embedder, features=RouteFeatures(TOPIC_ONLY))
+    seen: list[tuple[dict[str, str], dict[str, str]]] = []
+    watcher = StoreWatcher(store, 0.1, lambda before, after: seen.append((before, after)))
+    query = embedder.add("a reversing query", _axis(3))
+    assert router.route(query).patterns != ("reverse",)
+    assert not watcher.check(), "nothing changed yet"
+
+    other = PatternStore(store.root)
+    vectors = _axis(3) + 0.05 * torch.randn(20, DIM, generator=torch.Generator().manual_seed(7))
+    texts = [embedder.add(f"reverse example {i}", v) for i, v in enumerate(vectors)]
+    other.add(_pattern("reverse", texts, vectors))
+    assert watcher.check() and "reverse" in store.names()
+    assert set(seen[-1][1]) - set(seen[-1][0]) == {"reverse"}
+    assert router.route(query).patterns == ("reverse",)
+
+    old_revision = store.revisions()["sort"]
+    other.add(_pattern("sort", [embedder.add("sort again", _axis(1))], _axis(1)[None]), replace=True)
+    assert watcher.check()
+    before, after = seen[-1]
+    assert before["sort"] == old_revision != after["sort"], "a replaced pattern has a new revision"
+
+    other.remove("upper")
+    assert watcher.check() and "upper" not in store.names()
+    assert "upper" not in {c.pattern for c in router.route(query).candidates}
+    assert not watcher.check()
+
+
+def test_the_watcher_thread_reloads_within_its_interval(separated) -> None:
+    store, _ = separated
+    changed = []
+    watcher = StoreWatcher(store, 0.05, lambda before, after: changed.append(set(after)))
+    watcher.start()
+    try:
+        PatternStore(store.root).remove("arith")
+        deadline = time.monotonic() + 5
+        while not changed and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        watcher.stop()
+    assert changed and "arith" not in changed[-1]
+
+
+def test_a_union_keeps_every_index_either_pattern_keeps() -> None:
+    a = Selection("moe_experts", {0: [0, 1], 1: [2, 3], 2: [4]})
+    b = Selection("moe_experts", {0: [1, 5], 1: [3]})  # layer 2: keeps everything
+    united = union([a, b])
+    assert united.layers == {0: (0, 1, 5), 1: (2, 3)} and united.kept(2) is None
+    assert union([a]) is a
+    dense = Selection("dense_channels", {0: [0, 2]}, bias={0: [0.5, 0.5]})
+    assert union([dense, Selection("dense_channels", {0: [1]})]).bias == {}
+    with pytest.raises(SelectionError):
+        union([a, dense])

@@ -14,6 +14,7 @@ import openai
 import pytest
 
 from pattern_store.pattern import pattern_to_bundle
+from pattern_store.selection import Selection, union
 from pattern_store.store import PatternStore
 from server.config import ServerConfig
 from server.demo.evaluate import EVAL_SEED, greedy_answers
@@ -50,8 +51,11 @@ def direct():
     tokenizer = load_tokenizer(DEMO_MOE)
     store = PatternStore(DEMO_MOE / "patterns", create=False)
 
-    def answers(pattern: str | None, prompts: list[str]) -> list[str]:
-        selection = store.get(pattern).selection if pattern else None
+    def answers(pattern: str | Selection | None, prompts: list[str]) -> list[str]:
+        """`pattern`: a name, a union `a+b`, a selection, or None (the full model)."""
+        selection = pattern
+        if isinstance(pattern, str):
+            selection = union([store.get(name).selection for name in pattern.split("+")])
         return greedy_answers(builder.build(selection), tokenizer, prompts)
 
     return answers
@@ -144,8 +148,58 @@ def test_explicit_pattern_by_model_name_or_field(client) -> None:
 def test_unmatched_query_falls_back_to_the_full_model(client, direct) -> None:
     prompt = "Tell me about the history of Rome"
     response, headers = chat(client, prompt, max_tokens=12)
-    assert headers["x-taskmoe-pattern"] == "full" and headers["x-taskmoe-route"] == "below-threshold"
+    reason, _, probability = headers["x-taskmoe-route"].partition("; p=")
+    assert headers["x-taskmoe-pattern"] == "full" and reason in ("below-threshold", "out-of-store")
+    assert 0.0 <= float(probability) <= 1.0
     assert response.system_fingerprint == "taskmoe-full"
+
+
+def test_a_union_of_patterns_answers_as_the_variant_keeping_what_either_keeps(server, client, direct) -> None:
+    prompts = [example.prompt for example in get_task("sort").examples(3, EVAL_SEED)]
+    expected = direct("arith+sort", prompts)
+    for prompt, answer in zip(prompts, expected, strict=True):
+        response, headers = chat(client, prompt, model="demo-moe@sort+arith", max_tokens=32)
+        assert headers["x-taskmoe-pattern"] == "arith+sort" and response.model == "demo-moe@arith+sort"
+        assert response.choices[0].message.content == answer
+    report = admin(server, "GET", "/cache").json()
+    assert "arith+sort" in {entry["pattern"] for entry in report["data"]}
+    missing = client.with_options(max_retries=0)
+    with pytest.raises(openai.NotFoundError):
+        missing.chat.completions.create(model="demo-moe@sort+poetry", messages=[{"role": "user", "content": "x"}])
+
+
+def test_the_running_server_follows_its_store_written_by_another_process(server, client, direct) -> None:
+    """Another `PatternStore` on the server's directory stands for `taskmoe calibrate` or a second server:
+    a new pattern is served within seconds, a replaced one serves its new experts, a removed one is gone."""
+    other = PatternStore(server.config.store)
+    copy = other.get("upper")
+    copy.name = "upper-copy"
+    other.add(copy)
+    wait_for(lambda: "demo-moe@upper-copy" in {m.id for m in client.models.list().data})
+    prompt = get_task("upper").examples(1, EVAL_SEED)[0].prompt
+    _, headers = chat(client, prompt, model="demo-moe@upper-copy", max_tokens=8)
+    assert headers["x-taskmoe-pattern"] == "upper-copy"
+
+    replacement = other.get("reverse")
+    replacement.name = "upper-copy"
+    other.add(replacement, replace=True)
+    revision = other.revisions()["upper-copy"]
+    wait_for(lambda: server.service.store.revisions().get("upper-copy") == revision)
+    response, _ = chat(client, prompt, model="demo-moe@upper-copy", max_tokens=32)
+    assert response.choices[0].message.content == direct(replacement.selection, [prompt])[0], "the old variant served"
+
+    other.remove("upper-copy")
+    wait_for(lambda: "demo-moe@upper-copy" not in {m.id for m in client.models.list().data})
+    with pytest.raises(openai.NotFoundError):
+        chat(client, prompt, model="demo-moe@upper-copy", max_tokens=4)
+
+
+def wait_for(condition, timeout: float = 15.0) -> None:
+    """The server polls its store every 2 s by default: a change must show within a few polls."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "the server did not follow the store"
+        time.sleep(0.2)
 
 
 def test_route_endpoint_answers_without_generating(server, client) -> None:
@@ -156,6 +210,9 @@ def test_route_endpoint_answers_without_generating(server, client) -> None:
         headers={"Authorization": f"Bearer {API_KEY}"},
     ).json()
     assert answer["pattern"] == "sort" and answer["model"] == "demo-moe@sort" and answer["candidates"]
+    assert answer["reason"] == "classifier" and 0.9 <= answer["probability"] <= 1.0
+    assert answer["candidates"][0]["pattern"] == "sort" and answer["patterns"] == ["sort"]
+    assert sum(c["probability"] for c in answer["candidates"]) == pytest.approx(1.0, abs=1e-3)
     assert server.metric("taskmoe_tokens_total", 'kind="completion"') == before
 
 

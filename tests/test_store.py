@@ -128,7 +128,7 @@ def test_a_corrupt_tensor_file_is_reported_at_open_and_not_listed(tmp_path, dama
     reopened = PatternStore(tmp_path)
     assert reopened.names() == ["b"]
     assert "cannot be read" in reopened.problems["a.json"]
-    assert {owner for owner in reopened.examples()[2]} == {"b"}
+    assert {owner for owner in reopened.examples().owners} == {"b"}
     with pytest.raises(KeyError):
         reopened.get("a")
     assert tensor_file.exists(), "the damaged file is kept for the operator to look at"
@@ -260,8 +260,9 @@ def test_non_finite_or_absurd_embeddings_are_refused_and_never_loaded(tmp_path, 
     reopened = PatternStore(tmp_path)
     assert reopened.names() == ["good"] and "embeddings" in reopened.problems["broken.json"]
     assert reopened.search(_unit(_basis(0))[0])[0].name == "good"
-    _, vectors, owners = reopened.examples()
-    assert "broken" not in owners and bool(torch.isfinite(torch.as_tensor(vectors)).all())
+    examples = reopened.examples()
+    assert "broken" not in examples.owners and bool(torch.isfinite(torch.as_tensor(examples.vectors)).all())
+    assert len(examples.texts) == len(examples.owners)
 
 
 def test_files_are_written_readable_and_crashed_index_writes_are_cleaned_up(tmp_path) -> None:

@@ -10,7 +10,7 @@ not once per request.
     serve run taskmoe_ray:build_app --app-dir deploy/ray model=/models store=/patterns replicas=2 gpus=1
 
 Arguments (all strings, as `serve run` passes them): `model`, `store`, `replicas` (2), `gpus` per replica
-(0), `cpus` per replica (1), `device` (auto), `dtype` (auto), `route_threshold` (0.3),
+(0), `cpus` per replica (1), `device` (auto), `dtype` (auto), `route_threshold` (0.9, a probability),
 `fallback` (full). How many variants a replica keeps is `TASKMOE_MAX_VARIANTS_PER_REPLICA` (default
 4) in the replicas' environment (Serve fixes it when the module is imported).
 The Ray app serves `GET /v1/models` and non-streamed `POST /v1/chat/completions`;
@@ -33,6 +33,7 @@ from transformers import AutoConfig
 
 from pattern_store.embedder import Embedder
 from pattern_store.pattern import PatternError
+from pattern_store.selection import union
 from pattern_store.store import PatternStore
 from server.api.errors import install_error_handlers
 from server.api.openai_routes import completion_body
@@ -44,7 +45,7 @@ from server.model.pruning import model_fingerprint
 from server.model.variant import VariantBuilder
 from server.patterns import load_tokenizer
 from server.request_path import chat_prompt_ids, eos_ids, explicit_choice, model_ids, sampling_params, served_id
-from server.routing import Router
+from server.routing import UNION_SEPARATOR, Router
 
 MAX_VARIANTS_PER_REPLICA = int(os.environ.get("TASKMOE_MAX_VARIANTS_PER_REPLICA", "4"))
 MAX_N = 16  # as `taskmoe serve --max-n`
@@ -68,13 +69,17 @@ class VariantReplica:
 
     @serve.multiplexed(max_num_models_per_replica=MAX_VARIANTS_PER_REPLICA)
     async def variant(self, pattern: str) -> Any:
-        """Build the variant of `pattern` (FULL_MODEL: the whole model); Serve keeps the recent ones."""
+        """Build the variant of `pattern` (a union `a+b` keeps what either keeps; FULL_MODEL: the whole model);
+        Serve keeps the recent ones."""
         selection = None
         if pattern != FULL_MODEL:
             self.store.refresh()
-            stored = self.store.get(pattern)
-            stored.check_model(self.fingerprint)
-            selection = stored.selection
+            selections = []
+            for name in pattern.split(UNION_SEPARATOR):
+                stored = self.store.get(name)
+                stored.check_model(self.fingerprint)
+                selections.append(stored.selection)
+            selection = union(selections)
         model = await asyncio.to_thread(self.builder.build, selection)
         self.builds[pattern] = self.builds.get(pattern, 0) + 1
         return model
@@ -102,7 +107,7 @@ class Ingress:
         replicas: DeploymentHandle,
         model: str,
         store: str,
-        route_threshold: float = 0.3,
+        route_threshold: float = 0.9,
         fallback: str = FULL_MODEL,
     ) -> None:
         self.replicas = replicas
@@ -172,6 +177,6 @@ def build_app(args: dict[str, str]) -> serve.Application:
         replicas,
         model,
         store,
-        float(args.get("route_threshold", 0.3)),
+        float(args.get("route_threshold", 0.9)),
         args.get("fallback", FULL_MODEL),
     )

@@ -90,14 +90,24 @@ async def route(body: RouteRequest, request: Request) -> dict[str, Any]:
     service = service_of(request)
     query = body.query()
     resolved = await run_in_threadpool(service.resolve, body.model or service.model_name, body.pattern, query)
-    hits = resolved.decision.hits if resolved.decision else ()
+    decision = resolved.decision
     return {
         "object": "route",
         "pattern": resolved.label,
+        "patterns": list(decision.patterns) if decision else [p for p in (resolved.pattern or "").split("+") if p],
         "model": _served_id(service, resolved),
         "reason": resolved.how,
-        "score": resolved.score,
-        "candidates": [{"pattern": h.name, "similarity": round(h.score, 4), "votes": h.votes} for h in hits],
+        "probability": None if resolved.probability is None else round(resolved.probability, 4),
+        "typicality": None if decision is None or decision.typicality is None else round(decision.typicality, 4),
+        "candidates": [
+            {
+                "pattern": c.pattern,
+                "probability": round(c.probability, 4),
+                "typicality": round(c.typicality, 4),
+                "similarity": None if c.similarity is None else round(c.similarity, 4),
+            }
+            for c in (decision.candidates if decision else ())
+        ],
     }
 
 
@@ -127,7 +137,7 @@ class _Plan:
 
     @property
     def headers(self) -> dict[str, str]:
-        return {"x-taskmoe-pattern": self.resolved.label, "x-taskmoe-route": self.resolved.how}
+        return {"x-taskmoe-pattern": self.resolved.label, "x-taskmoe-route": self.resolved.route_header}
 
 
 def _served_id(service: Service, resolved: Resolved) -> str:
