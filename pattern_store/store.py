@@ -20,6 +20,7 @@ A corrupt or foreign file is reported in `problems` and skipped; it never takes 
 from __future__ import annotations
 
 import fcntl
+import itertools
 import json
 import os
 import re
@@ -343,11 +344,17 @@ class PatternStore:
             if self._index is None:
                 return Examples(self._version, np.zeros((0, 0), dtype=np.float32), [], [])
             texts: list[str] = []
-            for name in dict.fromkeys(self._owners):  # owners are grouped by pattern, in index order
-                count = self._owners.count(name)
+            for name, rows in itertools.groupby(self._owners):  # grouped by pattern, in index order
                 stored = [str(text) for text in self._documents[name].get("examples") or []]
+                count = len(list(rows))
                 texts.extend(stored[:count] + [""] * (count - len(stored)))
             return Examples(self._version, self._index.reconstruct_n(0, self._index.ntotal), list(self._owners), texts)
+
+    @property
+    def version(self) -> int:
+        """Changes whenever the examples do (`examples().version`), read without copying them."""
+        with self._lock:
+            return self._version
 
     @property
     def dimension(self) -> int | None:

@@ -35,7 +35,7 @@ from pattern_store.pattern import TaskPattern
 from pattern_store.selection import Selection, union
 from pattern_store.store import PatternStore
 from server.config import ServerConfig
-from server.plots import plot_confusion
+from server.plots import kept_pairs, layer_widths, plot_confusion
 from server.route_features import FeatureWeights, RouteFeatures
 from server.routing import Router
 
@@ -90,6 +90,12 @@ def server_router(store: PatternStore, embedder: Embedder, **overrides) -> Route
     return Router(store, embedder, **settings)
 
 
+def seconds(call, *args) -> float:
+    begin = time.perf_counter()
+    call(*args)
+    return time.perf_counter() - begin
+
+
 def outcome(truth: str, patterns: tuple[str, ...]) -> str:
     if not patterns:
         return "fallback"
@@ -110,13 +116,12 @@ def union_sizes(store_dir: Path) -> dict[str, float]:
     patterns = {name: store.get(name) for name in store.names()}
 
     def kept_share(selection: Selection, widths: dict[int, int]) -> float:
-        kept = sum(len(selection.kept(layer) or range(width)) for layer, width in widths.items())
-        return round(100 * kept / sum(widths.values()), 1)
+        return round(100 * len(kept_pairs(selection, widths)) / sum(widths.values()), 1)
 
     out: dict[str, float] = {}
     names = sorted(patterns)
     for i, a in enumerate(names):
-        widths = {layer: len(scores) for layer, scores in patterns[a].scores.items()}
+        widths = layer_widths(patterns[a])
         out[a] = kept_share(patterns[a].selection, widths)
         for b in names[i + 1 :]:
             out[f"{a}+{b}"] = kept_share(union([patterns[a].selection, patterns[b].selection]), widths)
@@ -180,8 +185,10 @@ def main(argv: list[str] | None = None) -> int:
                 served_router = router
 
         # the first round's rule, for comparison: a classifier on embeddings, a cut on nearest similarity 0.3
-        first_round = server_router(store, embedder, features=variants["no n-gram features"]["features"], union=1)
-        first_round.threshold = 1e-9  # every query gets the classifier's pick; the similarity cut decides
+        # the classifier's pick for every query (threshold ~0, no unions, no novelty); the similarity cut decides
+        first_round = server_router(
+            store, embedder, features=variants["no n-gram features"]["features"], union=1, threshold=1e-9, novelty=0.0
+        )
         old = []
         for t, d, v in zip(truth, first_round.route_embedded(all_texts, all_vectors), all_vectors, strict=True):
             nearest = store.search(v, k=1)
@@ -189,15 +196,20 @@ def main(argv: list[str] | None = None) -> int:
         results["first round (similarity cut 0.3)"] = shares(old)
 
         # `taskmoe serve` runs torch with one intra-op thread per worker on the CPU: that is what users get
+        timed = [q for t in names for q in query_texts[t][:20]]
+        timed_vectors = embedder.embed(timed)
         threads = torch.get_num_threads()
         timings_by_threads: dict[int, list[float]] = {}
         for count in sorted({1, threads}):
             torch.set_num_threads(count)
-            timings_by_threads[count] = timings = []
-            for text in [q for t in names for q in query_texts[t][:20]]:
-                begin = time.perf_counter()
-                served_router.route(text)
-                timings.append(time.perf_counter() - begin)
+            timings_by_threads[count] = [seconds(served_router.route, text) for text in timed]
+        torch.set_num_threads(1)
+        # the router's own part of the same decisions (features, probabilities, typicality, search): what
+        # is left when the embedding is known
+        deciding = [
+            seconds(served_router.route_embedded, [text], vector[None])
+            for text, vector in zip(timed, timed_vectors, strict=True)
+        ]
         torch.set_num_threads(threads)
         timings = timings_by_threads[1]
 
@@ -255,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
         "embed_seconds": round(embed_seconds, 1),
         "route_ms_p50": p50,
         "route_ms_p50_by_threads": {n: round(1000 * statistics.median(t), 2) for n, t in timings_by_threads.items()},
+        "decide_ms_p50": round(1000 * statistics.median(deciding), 2),
         "results": results,
         "reasons": dict(reasons),
         "unions": dict(unions.most_common()),
@@ -282,6 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nunions served: {dict(unions.most_common())}")
     by_threads = ", ".join(f"{v} ms with {n} threads" for n, v in report["route_ms_p50_by_threads"].items())
     print(f"one routing decision (embed + features + decide) p50 {p50} ms as served ({by_threads})")
+    print(f"  of which the router without the embedder: p50 {report['decide_ms_p50']} ms")
     for target, ok in met.items():
         print(f"  {'met   ' if ok else 'MISSED'} {target}")
     print(f"wrote {args.out} and {args.confusion}")

@@ -342,9 +342,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
             cache_wait=float(args.cache_wait),
             route_threshold=float(args.route_threshold),
             route_rule=args.route_rule,
-            route_union=int(args.route_union),
-            route_novelty=float(args.route_novelty),
-            store_poll=float(args.store_poll),
+            route_union=args.route_union,
+            route_novelty=args.route_novelty,
+            store_poll=args.store_poll,
             fallback=args.fallback,
             api_key=args.api_key or None,
             admin_key=args.admin_key or None,
@@ -449,14 +449,20 @@ def _add_serve_parser(commands: argparse._SubParsersAction) -> None:
         "calibrated probability a routed pattern (or union) must reach; below it, the fallback (default 0.9)",
     )
     flag("route-rule", ROUTE_RULES[0], f"{', '.join(ROUTE_RULES)} (default {ROUTE_RULES[0]})", choices=ROUTE_RULES)
-    flag("route-union", "2", "most patterns served together when none alone is probable enough; 1: no unions")
+    flag("route-union", "2", "most patterns served together when none alone is probable enough; 1: no unions", type=int)
     flag(
         "route-novelty",
         "0.02",
         "a query less typical of its pattern than this share of the pattern's held-out examples is of no stored "
         "task and gets the fallback (default 0.02; 0: never)",
+        type=float,
     )
-    flag("store-poll", "2", "seconds between checks for patterns written by other processes (default 2; 0: never)")
+    flag(
+        "store-poll",
+        "2",
+        "seconds between checks for patterns written by other processes (default 2; 0: never)",
+        type=float,
+    )
     flag("fallback", FULL_MODEL, "what serves unmatched queries: full (the whole model) or a pattern name")
     flag("api-key", None, "require 'Authorization: Bearer KEY' on /v1 routes")
     flag("admin-key", None, "enable the /admin API, with this key")

@@ -9,10 +9,8 @@ half-written PNG.
 
 from __future__ import annotations
 
-import contextlib
+import io
 import math
-import os
-import tempfile
 from collections.abc import Collection, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +20,8 @@ import numpy as np
 from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
+
+from pattern_store.store import atomic_write_bytes
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -120,17 +120,10 @@ def save_figure(figure: Figure, out: Path, dpi: int = DPI) -> None:
     supported = figure.canvas.get_supported_filetypes()
     if fmt not in supported:
         raise ValueError(f"{out}: cannot write a .{fmt} picture; use one of .{', .'.join(sorted(supported))}")
+    rendered = io.BytesIO()
+    figure.savefig(rendered, format=fmt, dpi=dpi)  # a failed rendering never touches `out`
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, temporary = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            figure.savefig(handle, format=fmt, dpi=dpi)
-        os.chmod(temporary, 0o644)  # temporary files are private; a picture is for everyone to read
-        os.replace(temporary, out)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
-        raise
+    atomic_write_bytes(out, rendered.getvalue())
 
 
 # -- patterns ----------------------------------------------------------------------------------------

@@ -66,6 +66,11 @@ class Resolved:
         return self.pattern or FULL_MODEL
 
     @property
+    def patterns(self) -> list[str]:
+        """The stored patterns that serve (a union has several; the full model none)."""
+        return self.pattern.split(UNION_SEPARATOR) if self.pattern else []
+
+    @property
     def route_header(self) -> str:
         """`x-taskmoe-route`: how the pattern was chosen and, when routed, the router's probability."""
         return self.how if self.probability is None else f"{self.how}; p={self.probability:.3f}"
@@ -90,6 +95,10 @@ def explicit_choice(model: str, pattern: str | None, model_name: str, store: Pat
     if explicit == FULL_MODEL:
         return Resolved(None, "explicit")
     names = sorted(set(explicit.split(UNION_SEPARATOR)))
+    if "" in names:
+        raise InvalidRequest(
+            f"{explicit!r} names an empty pattern; a union is PATTERN+PATTERN", param="model" if suffix else "pattern"
+        )
     for name in names:
         if name not in store:
             raise PatternNotFound(

@@ -68,10 +68,6 @@ class RouteDecision:
         """What serves: `a`, a union `a+b`, or the fallback (None: the full model)."""
         return UNION_SEPARATOR.join(self.patterns) if self.patterns else self.fallback
 
-    @property
-    def hits(self) -> tuple[Candidate, ...]:
-        return self.candidates
-
 
 def fit_linear_classifier(x: torch.Tensor, y: torch.Tensor, classes: int, l2: float = 1e-4) -> torch.nn.Linear:
     """Softmax regression fitted with L-BFGS from zero weights: the problem is convex, so the result is
@@ -244,11 +240,11 @@ class Router:
         """The router of the store as it is now (None: nothing routable); learnt again only when the store
         changed. The store's watcher calls it after a reload, so that requests rarely wait for it."""
         with self._lock:
+            if self._learnt is not None and self._learnt.version == self.store.version:
+                return self._learnt  # every request: checked without reading the examples
             examples = self.store.examples()
-            if self._learnt is not None and self._learnt.version == examples.version:
-                return self._learnt
             if not examples.owners:
-                self._learnt = None
+                self._learnt = None  # relearnt when a routable pattern arrives (the version changes)
                 return None
             names = sorted(set(examples.owners))
             x = self.features.transform(examples.texts, examples.vectors)

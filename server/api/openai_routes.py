@@ -94,7 +94,7 @@ async def route(body: RouteRequest, request: Request) -> dict[str, Any]:
     return {
         "object": "route",
         "pattern": resolved.label,
-        "patterns": list(decision.patterns) if decision else [p for p in (resolved.pattern or "").split("+") if p],
+        "patterns": resolved.patterns,
         "model": _served_id(service, resolved),
         "reason": resolved.how,
         "probability": None if resolved.probability is None else round(resolved.probability, 4),
