@@ -3,21 +3,31 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-# CPU installs pin the CPU build of torch (it lies on local disk); a plain `torch` pulls CUDA.
-TORCH_CPU := torch==2.13.0
+# Installs take the exact versions of the lock (`make lock` refreshes it). Its torch is the CPU build,
+# which pip finds among its local wheels where it lies on disk (this workplace), else on PyTorch's index.
+LOCK := requirements/cpu.txt
+TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
+# pip's extra index for the torch pinned in file $(1): none where pip finds that wheel locally
+torch_index = $$($(BIN)/python -m pip install -q --dry-run --no-index --no-deps "$$(grep -m1 '^torch==' $(1))" \
+	>/dev/null 2>&1 || echo --extra-index-url $(TORCH_CPU_INDEX))
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
 MODEL ?= models/demo-moe
 
-.PHONY: install serve test test-fast lint train-models eval clean
+.PHONY: install serve test test-fast lint lock train-models eval clean
 
-$(BIN)/taskmoe: pyproject.toml
+# pip first (the lock's own), then the lock, then pip-sync removes what an older lock installed, then the
+# package itself without dependencies (built by the lock's setuptools, whose notice about editable installs
+# is information, not a warning); check_lock fails the install if anything differs from the lock.
+$(BIN)/taskmoe: pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet "$(TORCH_CPU)"
-	$(BIN)/python -m pip install --quiet -e ".[dev,ray]"
+	$(BIN)/python -m pip install --quiet "$$(grep -m1 '^pip==' $(LOCK))"
+	index="$(call torch_index,$(LOCK))"; \
+	  $(BIN)/python -m pip install --quiet $$index -r $(LOCK) && $(BIN)/pip-sync --quiet --pip-args "$$index" $(LOCK)
+	PYTHONWARNINGS="ignore:Editable installation" $(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
+	$(BIN)/python scripts/check_lock.py $(LOCK)
 	touch $@
 
 install: $(BIN)/taskmoe
@@ -38,6 +48,21 @@ test-fast: install
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+
+## Refresh the locks from pyproject.toml and requirements/*.in: after changing a dependency there, or to
+## take newer releases. Then run `make test` and commit the locks with the change. The CUDA lock resolves
+## as the image does (PyPI alone, no local wheels or pip configuration), the shared packages held to the
+## CPU lock's versions.
+LOCK_FLAGS := --quiet --upgrade --allow-unsafe --strip-extras --no-emit-index-url --no-emit-find-links \
+	--extra dev --extra ray
+lock: install
+	CUSTOM_COMPILE_COMMAND="make lock" $(BIN)/pip-compile $(LOCK_FLAGS) \
+	  $(call torch_index,requirements/cpu.in) \
+	  --output-file $(LOCK) pyproject.toml requirements/cpu.in
+	grep -v '^torch==' $(LOCK) > $(VENV)/cpu-constraints.txt
+	env -u PIP_FIND_LINKS PIP_CONFIG_FILE=/dev/null CUSTOM_COMPILE_COMMAND="make lock" $(BIN)/pip-compile \
+	  $(LOCK_FLAGS) -c $(VENV)/cpu-constraints.txt --output-file requirements/cuda.txt pyproject.toml requirements/cuda.in
+	$(MAKE) install
 
 ## Retrain the demo models (one process and one CPU thread each); a developer runs this, never CI.
 train-models: install

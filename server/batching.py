@@ -28,6 +28,7 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 
 from server.engine import Delta, Generation
+from server.model.kv_cache import cache_argument
 from server.model.pooled import PooledModel, RowRoute
 
 log = logging.getLogger("taskmoe.batching")
@@ -176,7 +177,7 @@ class BatchedDecoder:
             [request.route],
             input_ids=chunk,
             position_ids=torch.arange(start, stop, device=self.device).unsqueeze(0),
-            past_key_values=request.cache,
+            cache=request.cache,
             use_cache=True,
             logits_to_keep=1,
         )
@@ -194,8 +195,10 @@ class BatchedDecoder:
         positions = torch.full((n,), len(prompt), dtype=torch.long, device=self.device)
         self._join([request], cache, mask, positions, torch.tensor(tokens, device=self.device))
 
-    def _forward(self, routes: list[RowRoute | None], **inputs: object) -> torch.Tensor:
-        """The model's last-position logits [rows, vocab]; in a pooled model row i routes as `routes[i]`."""
+    def _forward(self, routes: list[RowRoute | None], cache: DynamicCache, **inputs: object) -> torch.Tensor:
+        """The model's last-position logits [rows, vocab], extending `cache`; in a pooled model row i routes
+        as `routes[i]`."""
+        inputs |= cache_argument(self.model, cache)
         if self.pooled is None:
             return self.model(**inputs).logits[:, -1, :]
         with self.pooled.rows(routes):  # type: ignore[arg-type]
@@ -259,7 +262,7 @@ class BatchedDecoder:
             input_ids=input_ids,
             attention_mask=mask if padded else None,
             position_ids=(mask.cumsum(-1) - 1).clamp(min=0) if padded else None,
-            past_key_values=cache,
+            cache=cache,
             use_cache=True,
             logits_to_keep=1,
         )
@@ -311,7 +314,7 @@ class BatchedDecoder:
             input_ids=self._tokens.unsqueeze(-1),
             attention_mask=self._mask if padded else None,
             position_ids=self._positions.unsqueeze(-1) if padded else None,
-            past_key_values=self._cache,
+            cache=self._cache,
             use_cache=True,
         )
         self._positions = self._positions + 1

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
+from server.model.kv_cache import cache_argument
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -115,7 +117,8 @@ class Generation:
         with torch.inference_mode():
             input_ids = torch.tensor([self.prompt_ids] * self.params.n, device=device)
             cache = DynamicCache(config=self.model.config)
-            logits = self.model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+            cached = cache_argument(self.model, cache)
+            logits = self.model(input_ids=input_ids, **cached, use_cache=True, logits_to_keep=1).logits
             for step in range(self.params.max_tokens):
                 if self.cancel.is_set():
                     self.cancelled = True
@@ -125,7 +128,7 @@ class Generation:
                 if self.finished:
                     return
                 next_ids = torch.tensor(tokens, device=device).unsqueeze(-1)
-                logits = self.model(input_ids=next_ids, past_key_values=cache, use_cache=True).logits
+                logits = self.model(input_ids=next_ids, **cached, use_cache=True).logits
 
     # -- one decoding step, shared with the batched decoder ------------------------------------------
 

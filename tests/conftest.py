@@ -18,6 +18,15 @@ DEMO_MOE_FINE = ROOT / "models" / "demo-moe-fine"
 DEMO_DENSE = ROOT / "models" / "demo-dense"
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """The suite's warning filters (pyproject's filterwarnings) hold in the Python processes it starts too
+    (the CLI, scripts, a served `taskmoe serve`), through PYTHONWARNINGS: there a filter's message is a
+    literal prefix, not a regular expression, and no filter may contain a comma."""
+    filters = config.getini("filterwarnings")
+    assert not any("," in entry for entry in filters), filters
+    os.environ["PYTHONWARNINGS"] = ",".join(filters)
+
+
 def load_demo(directory: Path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

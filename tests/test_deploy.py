@@ -48,9 +48,35 @@ def test_dockerfile_runs_taskmoe_as_non_root_with_volumes_and_a_healthcheck() ->
     assert re.search(r'^VOLUME \["/models", "/patterns"\]', text, re.M)
     assert "HEALTHCHECK" in text and "/health" in text
     assert "ARG FLAVOUR=cuda" in text and "FROM base-${FLAVOUR}" in text
-    assert "download.pytorch.org/whl/cu" in text and "download.pytorch.org/whl/cpu" in text
     ignored = (ROOT / ".dockerignore").read_text()
     assert "!server/" in ignored and "!pattern_store/" in ignored and "\n*\n" in f"\n{ignored}"
+    assert "!requirements/" in ignored
+
+
+def pip_installs_off_the_lock(dockerfile: str) -> list[str]:
+    """Every `pip install` of a Dockerfile that the copied lock does not constrain."""
+    lines = [line for line in dockerfile.splitlines() if not line.lstrip().startswith("#")]
+    commands = re.split(r"&&|;|\n(?!\s)", "\n".join(lines).replace("\\\n", " "))
+    installs = [command.strip() for command in commands if re.search(r"\bpip3? install\b", command)]
+    return [command for command in installs if "--constraint requirements.lock" not in command]
+
+
+def test_dockerfile_installs_every_package_from_its_flavours_lock() -> None:
+    text = DOCKERFILE.read_text()
+    assert "COPY requirements/${FLAVOUR}.txt ./requirements.lock" in text
+    assert "pip install --constraint requirements.lock" in text and pip_installs_off_the_lock(text) == []
+    flavours = re.findall(r"^FROM base AS base-(\w+)$", text, re.M)
+    assert sorted(flavours) == ["cpu", "cuda"]
+    assert all((ROOT / "requirements" / f"{flavour}.txt").is_file() for flavour in flavours)
+    assert "PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu" in text  # the CPU lock's torch+cpu
+
+
+def test_an_install_off_the_lock_is_caught() -> None:
+    good = "RUN pip install --constraint requirements.lock pip \\\n"
+    good += "    && pip install --constraint requirements.lock .\n"
+    assert pip_installs_off_the_lock(good) == []
+    for bad in ("RUN pip install torch==2.13.0\n", good.replace(" .", " . \\\n    && pip install flask")):
+        assert pip_installs_off_the_lock(bad), bad
 
 
 def interpolate(text: str, environment: dict[str, str]) -> str:

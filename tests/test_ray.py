@@ -3,6 +3,7 @@ replica that holds its variant, and variants are built once per task, not once p
 
 from __future__ import annotations
 
+import os
 import socket
 import sys
 import time
@@ -30,12 +31,19 @@ def ray_app():
     sys.path.insert(0, str(APP_DIR))
     import taskmoe_ray
 
-    ray.init(
-        num_cpus=4,
-        include_dashboard=False,
-        log_to_driver=False,
-        runtime_env={"env_vars": {"PYTHONPATH": str(APP_DIR), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}},
-    )
+    # Ray's processes keep Python's default warning filters, not the suite's (PYTHONWARNINGS, see conftest):
+    # Ray 2.60's dashboard and Serve controller still call pydantic v1's API at import. The code they run for
+    # taskmoe is the same that runs in this process, under the suite's filters.
+    warning_filters = os.environ.pop("PYTHONWARNINGS")
+    try:
+        ray.init(
+            num_cpus=4,
+            include_dashboard=False,
+            log_to_driver=False,
+            runtime_env={"env_vars": {"PYTHONPATH": str(APP_DIR), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}},
+        )
+    finally:
+        os.environ["PYTHONWARNINGS"] = warning_filters
     port = free_port()
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
