@@ -21,7 +21,7 @@ from server.config import ServerConfig
 from server.metrics import Metrics
 from server.model.variant import resolve_device
 from server.proxy import UpstreamProxy
-from server.service import Service
+from server.runtime import Runtime
 
 log = logging.getLogger("taskmoe.app")
 
@@ -30,7 +30,7 @@ def create_app(config: ServerConfig) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.config, app.state.metrics = config, Metrics()
-        app.state.service, app.state.load_error, app.state.started = None, None, time.time()
+        app.state.runtime, app.state.load_error, app.state.started = None, None, time.time()
         workers = config.worker_count(resolve_device(config.device).type)
         app.state.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="taskmoe-worker")
         app.state.proxy = UpstreamProxy(config.upstream_map)
@@ -40,8 +40,8 @@ def create_app(config: ServerConfig) -> FastAPI:
         finally:
             await loading  # a shutdown during loading waits for it, then frees what it loaded
             await app.state.proxy.close()
-            if app.state.service is not None:
-                app.state.service.close()
+            if app.state.runtime is not None:
+                app.state.runtime.close()
             app.state.executor.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(
@@ -66,16 +66,16 @@ def _load(app: FastAPI) -> None:
     config = app.state.config
     started = time.perf_counter()
     try:
-        service = Service(config, app.state.metrics)
+        runtime = Runtime(config, app.state.executor, app.state.metrics)
     except Exception as error:
         app.state.load_error = f"{type(error).__name__}: {error}"
         log.exception("loading %s failed", config.model)
         return
-    app.state.service = service
+    app.state.runtime = runtime
     log.info(
         "ready: %s with %d patterns from %s in %.1f s",
-        service.model_name,
-        len(service.store.names()),
+        runtime.info.name,
+        len(runtime.store.names()),
         config.store,
         time.perf_counter() - started,
     )

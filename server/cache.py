@@ -6,7 +6,7 @@ What a server under load needs from it:
 - concurrent requests for the same missing variant build it once and all wait for that build;
 - a failed build is reported to every waiter and leaves nothing behind, so the next request retries;
 - the budget is never exceeded: a build reserves its bytes (known before reading anything) and evicts
-  unpinned variants to make room; when even that cannot make room the request is refused (`CacheFull`,
+  unpinned variants to make room; when even that cannot make room the request is refused (`NoRoom`,
   which the API turns into 503 with Retry-After);
 - an evicted variant is dropped by the cache entirely, so its memory is freed as soon as no lease holds it.
 
@@ -20,13 +20,14 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Future
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+from server.admission import Admission
 from server.config import FULL_MODEL
+from server.errors import LoadFailed, NoRoom
 
 log = logging.getLogger("taskmoe.cache")
 
@@ -57,19 +58,6 @@ class Variant:
     decoder: Any = None  # the variant's batched decoder (server.batching), made on first use
 
 
-class CacheFull(Exception):
-    """No room for a variant even after evicting everything unpinned."""
-
-    def __init__(self, message: str, retry_after: int = 1, permanent: bool = False) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
-        self.permanent = permanent  # bigger than the whole budget: waiting cannot help
-
-
-class VariantBuildFailed(Exception):
-    """Building a variant failed; every request waiting for that build gets this."""
-
-
 @dataclass
 class CacheListener:
     """Hooks for metrics and logs; all optional."""
@@ -78,27 +66,6 @@ class CacheListener:
     miss: Callable[[VariantKey], None] = lambda key: None
     built: Callable[[Variant], None] = lambda variant: None
     evicted: Callable[[Variant], None] = lambda variant: None
-
-
-class _Line:
-    """One request's place in the line for room (first come, first served); used under the cache's lock."""
-
-    def __init__(self, queue: list[object], room: threading.Condition) -> None:
-        self._queue, self._room, self._in = queue, room, False
-
-    def join(self) -> None:
-        if not self._in:
-            self._queue.append(self)
-            self._in = True
-
-    def behind(self) -> bool:
-        return self._in and self._queue[0] is not self
-
-    def leave(self) -> None:
-        if self._in:
-            self._queue.remove(self)
-            self._in = False
-            self._room.notify_all()
 
 
 @dataclass
@@ -112,14 +79,13 @@ class VariantCache:
     def __init__(self, budget: int, listener: CacheListener | None = None, wait: float = 30.0) -> None:
         if budget <= 0:
             raise ValueError("the cache budget must be positive")
-        self.budget, self.wait = budget, wait
+        self.budget = budget
         self.listener = listener or CacheListener()
         self._entries: OrderedDict[VariantKey, Variant] = OrderedDict()  # least recently used first
         self._pending: dict[VariantKey, _Pending] = {}
         self._draining: dict[int, Variant] = {}  # dropped while in use: freed when the last lease ends
         self._lock = threading.Lock()
-        self._room = threading.Condition(self._lock)  # notified whenever pinned or reserved bytes may be freed
-        self._queue: list[object] = []  # requests waiting for room, first come first served
+        self._admission = Admission(self._lock, wait)
         self.evictions = 0
 
     # -- accounting --------------------------------------------------------------------------------
@@ -156,31 +122,18 @@ class VariantCache:
 
     # -- leasing -----------------------------------------------------------------------------------
 
-    @contextmanager
-    def lease(self, key: VariantKey, size: int | Callable[[], int], build: Callable[[], Any]) -> Iterator[Variant]:
-        variant = self.acquire(key, size, build)
-        try:
-            yield variant
-        finally:
-            self.release(variant)
-
     def acquire(
         self, key: VariantKey, size: int | Callable[[], int], build: Callable[[], Any], wait: float | None = None
     ) -> Variant:
         """The variant for `key`, pinned until `release`; built (once) by `build()` when missing.
         `size` is the bytes the build will allocate (or a function that computes them, called only on a
         miss), reserved against the budget before it starts. When the room is held by variants in use, wait
-        up to `wait` seconds (default: the cache's) for a release."""
-        deadline = time.monotonic() + (self.wait if wait is None else wait)
+        up to `wait` seconds (default: the cache's) for a release, first come first served."""
+        deadline = self._admission.deadline(wait)
         with self._lock:
-            line = _Line(self._queue, self._room)
-            if self._queue:
-                line.join()  # others wait for room: get in line behind them
-            try:
-                found = self._acquire_in_turn(key, size, deadline, line)
-            finally:
-                line.leave()
+            found = self._admit(key, size, deadline)
         if isinstance(found, Variant):
+            self._notify("hit", key)
             return found
         pending, owner = found
         if not owner:
@@ -189,46 +142,44 @@ class VariantCache:
         self._notify("miss", key)
         return self._build(key, pending, build)
 
-    def _acquire_in_turn(
-        self, key: VariantKey, size: int | Callable[[], int], deadline: float, line: _Line
+    def _admit(
+        self, key: VariantKey, size: int | Callable[[], int], deadline: float
     ) -> Variant | tuple[_Pending, bool]:
-        """The lease loop (lock held): a hit (pinned), a build in flight to wait for (`owner` False), or room
-        reserved for a build of our own (`owner` True). A request that has to wait for room gets in line,
-        and nobody passes the head of the line: a big variant is not starved by a stream of small ones."""
-        while True:
-            if line.behind():
-                self._wait(deadline, f"{key.label}: requests are waiting ahead for room; retry shortly")
-                continue
-            variant = self._entries.get(key)
-            if variant is not None:
-                variant.pins += 1
-                variant.hits += 1
-                variant.last_used = time.monotonic()
-                self._entries.move_to_end(key)
-                self._notify("hit", key)
-                return variant
-            pending = self._pending.get(key)
-            if pending is not None:
-                pending.waiters += 1
-                return pending, False
-            if callable(size):
-                size = size()
-            try:
-                self._make_room(size, key)
-            except CacheFull as full:
-                if full.permanent or deadline <= time.monotonic():
-                    raise
-                line.join()
-                self._wait(deadline, str(full))
-                continue
-            pending = self._pending[key] = _Pending(size)
-            return pending, True
+        """In turn (lock held): a hit (pinned), a build in flight to wait for (`owner` False), or room made
+        and reserved for a build of our own (`owner` True)."""
+        needed: list[int] = []  # the miss's size, computed once
 
-    def _wait(self, deadline: float, why: str) -> None:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise CacheFull(why)
-        self._room.wait(timeout=remaining)
+        def fits() -> bool:
+            if key in self._entries or key in self._pending:
+                return True
+            if not needed:
+                needed.append(size() if callable(size) else size)
+                self._check_budget(needed[0], key)
+            return self._room_after_evicting() >= needed[0]
+
+        def refusal(ahead: int) -> str:
+            if ahead:
+                return f"{key.label}: {ahead} requests are waiting ahead for room; retry shortly"
+            return (
+                f"the variant for {key.label} needs {needed[0]} bytes; {self.budget - self._committed()} of the "
+                f"{self.budget}-byte budget are free and the other variants are in use; retry shortly"
+            )
+
+        self._admission.admit(fits, deadline, refusal)
+        variant = self._entries.get(key)
+        if variant is not None:
+            variant.pins += 1
+            variant.hits += 1
+            variant.last_used = time.monotonic()
+            self._entries.move_to_end(key)
+            return variant
+        pending = self._pending.get(key)
+        if pending is not None:
+            pending.waiters += 1
+            return pending, False
+        self._make_room(needed[0])
+        pending = self._pending[key] = _Pending(needed[0])
+        return pending, True
 
     def _build(self, key: VariantKey, pending: _Pending, build: Callable[[], Any]) -> Variant:
         started = time.perf_counter()
@@ -237,8 +188,8 @@ class VariantCache:
         except BaseException as error:
             with self._lock:
                 del self._pending[key]
-                self._room.notify_all()
-            failure = VariantBuildFailed(f"building the variant for {key.label} failed: {error}")
+                self._admission.freed()
+            failure = LoadFailed(f"building the variant for {key.label} failed: {error}")
             pending.future.set_exception(failure)
             raise failure from error
         variant = Variant(key, model, pending.size, time.perf_counter() - started)
@@ -246,7 +197,7 @@ class VariantCache:
             del self._pending[key]
             variant.pins = 1 + pending.waiters
             self._entries[key] = variant
-            self._room.notify_all()
+            self._admission.freed()
             self._notify("built", variant)  # under the lock: an eviction cannot be reported before it
         pending.future.set_result(variant)
         return variant
@@ -258,27 +209,29 @@ class VariantCache:
             if variant.doomed and variant.pins == 0:
                 self._draining.pop(id(variant), None)
             if variant.pins == 0:
-                self._room.notify_all()
+                self._admission.freed()
 
     # -- making room and evicting --------------------------------------------------------------------
 
-    def _make_room(self, size: int, key: VariantKey) -> None:
-        """Evict unpinned variants, least recently used first, until `size` more bytes fit (lock held)."""
+    def _check_budget(self, size: int, key: VariantKey) -> None:
         if size > self.budget:
-            raise CacheFull(
+            raise NoRoom(
                 f"the variant for {key.label} needs {size} bytes, more than the whole cache budget of "
                 f"{self.budget} bytes; raise --cache-budget",
                 retry_after=60,
                 permanent=True,
             )
-        evictable = [v for v in self._entries.values() if v.pins == 0]
+
+    def _room_after_evicting(self) -> int:
+        """Free bytes once every unpinned variant is evicted (lock held)."""
+        evictable = sum(v.nbytes for v in self._entries.values() if v.pins == 0)
+        return self.budget - self._committed() + evictable
+
+    def _make_room(self, size: int) -> None:
+        """Evict unpinned variants, least recently used first, until `size` more bytes fit (lock held; the
+        admission checked that they can)."""
         free = self.budget - self._committed()
-        if free + sum(v.nbytes for v in evictable) < size:
-            raise CacheFull(
-                f"the variant for {key.label} needs {size} bytes; {free} of the {self.budget}-byte budget are "
-                "free and the other variants are in use; retry shortly"
-            )
-        for victim in evictable:
+        for victim in [v for v in self._entries.values() if v.pins == 0]:
             if free >= size:
                 break
             del self._entries[victim.key]
@@ -313,4 +266,5 @@ class VariantCache:
                     self._draining[id(variant)] = variant
             for variant in dropped:
                 self._evicted(variant)
+            self._admission.freed()
         return marked

@@ -15,7 +15,6 @@ from pattern_store.recipes import (  # names only, no torch
     DEFAULT_MOE_METHOD,
     MOE_METHODS,
     REFINEMENTS,
-    ROUTE_RULES,
 )
 
 
@@ -179,10 +178,10 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         if args.name in store and not args.replace:
             raise CliError(f"pattern {args.name!r} exists in {args.store}; pass --replace to overwrite it")
         builder = VariantBuilder(_model_dir(args.model), device="cpu", dtype="float32")
-        moe = builder.family.kind == "moe"
-        recipe = PatternRecipe(
-            method=args.method or (DEFAULT_MOE_METHOD if moe else "seap"),
-            keep_ratio=None if args.keep_experts else args.keep,
+        recipe = PatternRecipe.for_model(
+            builder.family.kind == "moe",
+            method=args.method,
+            keep=args.keep,
             keep_experts=args.keep_experts,
             threshold=args.threshold,
             sparsity=args.sparsity,
@@ -190,7 +189,6 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
             budget=args.budget,
             refine=args.refine,
         )
-        recipe.validate(moe)
         tokenizer = load_tokenizer(args.model)
         embedder = Embedder(args.embedder) if args.embedder else Embedder()  # fail before the long part
         pattern, stats = make_pattern(args.name, builder, tokenizer, texts, recipe, examples, embedder, progress=bars)
@@ -278,8 +276,11 @@ def cmd_patterns(args: argparse.Namespace) -> int:
 
 def cmd_route(args: argparse.Namespace) -> int:
     """Which stored pattern would serve a query, and how sure the router is."""
+    from pydantic import ValidationError
+
     from pattern_store.embedder import Embedder
     from pattern_store.pattern import PatternError
+    from server.config import RoutingPolicy, explain
     from server.patterns import PromptFileError, read_prompts
     from server.routing import Router
 
@@ -288,14 +289,11 @@ def cmd_route(args: argparse.Namespace) -> int:
 
     store = _open_store(args.store)
     try:
-        router = Router(
-            store,
-            Embedder(args.embedder) if args.embedder else Embedder(),
-            k=args.k,
-            threshold=args.threshold,
-            union=args.union,
-            novelty=args.novelty,
-        )
+        policy = RoutingPolicy(**{name: getattr(args, name) for name in RoutingPolicy.model_fields if name in args})
+    except ValidationError as error:
+        raise CliError(explain(error, RoutingPolicy)) from None
+    try:
+        router = Router(store, Embedder(args.embedder) if args.embedder else Embedder(), policy=policy)
         queries = [" ".join(args.text)] if args.text else read_prompts(args.file)
         decisions = router.route_embedded(queries, router.embedder.embed(queries))
     except (PatternError, PromptFileError, ValueError, OSError) as error:
@@ -320,49 +318,26 @@ def cmd_route(args: argparse.Namespace) -> int:
     return 0
 
 
+def serve_config(args: argparse.Namespace):  # -> ServerConfig
+    """The server's settings: the flags given, over `TASKMOE_*` variables, over the defaults."""
+    from server.config import ConfigError, ServerConfig, load_config
+
+    try:
+        return load_config(**{name: value for name, value in vars(args).items() if name in ServerConfig.model_fields})
+    except ConfigError as error:
+        raise CliError(str(error)) from None
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     """Serve the OpenAI-compatible API."""
     import uvicorn
 
     from server.app import create_app
-    from server.config import ServerConfig, env_default, parse_bytes
     from server.logs import configure_logging
 
-    if not args.model:
-        raise CliError("give --model DIR (or set TASKMOE_MODEL)")
-    try:
-        config = ServerConfig(
-            model=Path(args.model),
-            store=Path(args.store) if args.store else Path(args.model) / "patterns",
-            host=args.host,
-            port=int(args.port),
-            device=args.device,
-            dtype=args.dtype,
-            cache_budget=parse_bytes(args.cache_budget),
-            cache_wait=float(args.cache_wait),
-            route_threshold=float(args.route_threshold),
-            route_rule=args.route_rule,
-            route_union=args.route_union,
-            route_novelty=args.route_novelty,
-            store_poll=args.store_poll,
-            fallback=args.fallback,
-            api_key=args.api_key or None,
-            admin_key=args.admin_key or None,
-            model_name=args.served_model_name or None,
-            workers=int(args.workers) if args.workers else None,
-            torch_threads=int(args.torch_threads) if args.torch_threads else None,
-            max_batch=int(args.max_batch),
-            expert_pool=args.expert_pool == "true",
-            max_request_bytes=parse_bytes(args.max_request_bytes),
-            max_prefill_tokens=_prefill_tokens(args.max_prefill_tokens),
-            metrics_public=args.metrics_public == "true",
-            embedder=args.embedder or None,
-            upstreams=tuple(args.upstream or [spec for spec in (env_default("upstream") or "").split(",") if spec]),
-        ).validate()
-    except ValueError as error:
-        raise CliError(str(error)) from None
-    configure_logging(args.log_level, json_lines=args.log_format == "json")
-    uvicorn.run(create_app(config), host=config.host, port=config.port, log_level=args.log_level, access_log=False)
+    config = serve_config(args)
+    configure_logging(config.log_level, json_lines=config.log_format == "json")
+    uvicorn.run(create_app(config), host=config.host, port=config.port, log_level=config.log_level, access_log=False)
     return 0
 
 
@@ -389,110 +364,53 @@ def cmd_bundle(args: argparse.Namespace) -> int:
     return 0
 
 
-def _prefill_tokens(text: str) -> int | None:
-    if str(text).lower() in ("0", "none", ""):
-        return None
-    try:
-        return int(text)
-    except ValueError:
-        raise ValueError(f"--max-prefill-tokens {text!r}: give a number of tokens (0 or none: whole prompts)") from None
+def add_settings(parser: argparse.ArgumentParser, model: Any, flags: dict[str, str] | None = None) -> None:
+    """One flag per field of a settings model (`ServerConfig`, `RoutingPolicy`), its help, choices and default
+    taken from the field. A flag that is not given is absent from the parsed arguments, so that the
+    environment and the field's default apply (pydantic-settings)."""
+    from server.config import shown_default
+
+    for name, field in model.model_fields.items():
+        option = (flags or {}).get(name, "--" + name.replace("_", "-"))
+        kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "dest": name}
+        choices = field_choices(field)
+        if choices:
+            kwargs["choices"] = choices
+        if name == "upstream":
+            kwargs |= {"action": "append", "metavar": "PATTERN=URL[#MODEL]"}
+        default = shown_default(field)
+        kwargs["help"] = field.description + (f" (default {default})" if default is not None else "")
+        parser.add_argument(*option.split(","), **kwargs)
+
+
+def field_choices(field: Any) -> list[str] | None:
+    """The values a Literal or bool field takes, as the command line writes them."""
+    import typing
+
+    annotation = field.annotation
+    if annotation is bool:
+        return ["true", "false"]
+    if typing.get_origin(annotation) is typing.Literal:
+        return [str(value) for value in typing.get_args(annotation)]
+    return None
 
 
 def _add_serve_parser(commands: argparse._SubParsersAction) -> None:
-    from server.config import FULL_MODEL, env_default
+    from server.config import ServerConfig
 
     serve = commands.add_parser(
         "serve",
         help="serve the OpenAI-compatible API",
-        description="Every flag can also be set as TASKMOE_<FLAG> (e.g. TASKMOE_CACHE_BUDGET=8GiB).",
+        description="Every flag can also be set as TASKMOE_<FLAG> (e.g. TASKMOE_CACHE_BUDGET=8GiB); a flag wins "
+        "over its variable. docs/serving.md lists them all.",
     )
-
-    def flag(name: str, default: str | None, help: str, **kwargs) -> None:
-        serve.add_argument(f"--{name}", default=env_default(name, default), help=help, **kwargs)
-
-    flag("model", None, "model directory (safetensors)")
-    flag("store", None, "pattern store directory (default: MODEL/patterns)")
-    flag("host", "127.0.0.1", "address to listen on (default 127.0.0.1)")
-    flag("port", "8000", "port (default 8000)")
-    flag("device", "auto", "auto (cuda when available), cpu, cuda, cuda:1, ...")
-    flag("dtype", "auto", "auto (the checkpoint's), bfloat16, float16 or float32")
-    flag(
-        "cache-budget",
-        "4GiB",
-        "bytes for routed experts (MoE: the expert pool's slots, allocated at start) or cached dense variants, "
-        "beyond the shared backbone (default 4GiB)",
-    )
-    flag(
-        "metrics-public",
-        "true",
-        "true (default): /metrics is open; false: it needs the API or admin key (its labels name the patterns)",
-        choices=["true", "false"],
-    )
-    flag(
-        "max-prefill-tokens",
-        "512",
-        "prompts longer than this are prefilled in chunks of it between decode steps, so running streams keep "
-        "their pace (default 512; 0 or none: whole prompts at once)",
-    )
-    flag("max-request-bytes", "8MiB", "request bodies larger than this get 413 before they are read (default 8MiB)")
-    flag(
-        "expert-pool",
-        "true",
-        "MoE: true (default) serves every pattern from one pool of expert slots, mixing patterns in one batch; "
-        "false builds a separate model per variant",
-        choices=["true", "false"],
-    )
-    flag("cache-wait", "30", "seconds a request waits for busy variants to free room before a 503 (default 30)")
-    flag(
-        "route-threshold",
-        "0.9",
-        "calibrated probability a routed pattern (or union) must reach; below it, the fallback (default 0.9)",
-    )
-    flag("route-rule", ROUTE_RULES[0], f"{', '.join(ROUTE_RULES)} (default {ROUTE_RULES[0]})", choices=ROUTE_RULES)
-    flag("route-union", "2", "most patterns served together when none alone is probable enough; 1: no unions", type=int)
-    flag(
-        "route-novelty",
-        "0.02",
-        "a query less typical of its pattern than this share of the pattern's held-out examples is of no stored "
-        "task and gets the fallback (default 0.02; 0: never)",
-        type=float,
-    )
-    flag(
-        "store-poll",
-        "2",
-        "seconds between checks for patterns written by other processes (default 2; 0: never)",
-        type=float,
-    )
-    flag("fallback", FULL_MODEL, "what serves unmatched queries: full (the whole model) or a pattern name")
-    flag("api-key", None, "require 'Authorization: Bearer KEY' on /v1 routes")
-    flag("admin-key", None, "enable the /admin API, with this key")
-    flag("served-model-name", None, "the model id clients use (default: the model directory's name)")
-    flag(
-        "workers",
-        None,
-        "threads that take requests and wait on their generations (default 64; with --max-batch 1 they run "
-        "the generations: one per CPU core on the CPU, 8 on a GPU)",
-    )
-    flag(
-        "max-batch",
-        "32",
-        "sequences decoded together (default 32; 1: one at a time); with the expert pool, of any patterns",
-    )
-    flag("torch-threads", None, "intra-op threads per worker (default: 1 on the CPU, torch's default on GPU)")
-    flag("embedder", None, "sentence-transformers model directory (default all-MiniLM-L6-v2)")
-    serve.add_argument(
-        "--upstream",
-        action="append",
-        metavar="PATTERN=URL[#MODEL]",
-        help="serve PATTERN from another OpenAI-compatible server (vLLM, SGLang) at URL (its /v1 base); "
-        "repeatable; TASKMOE_UPSTREAM takes a comma-separated list",
-    )
-    flag("log-level", "info", "debug, info, warning or error")
-    flag("log-format", "json", "json (one object per line) or text", choices=["json", "text"])
+    add_settings(serve, ServerConfig)
     serve.set_defaults(func=cmd_serve)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from server.config import RoutingPolicy
+
     parser = argparse.ArgumentParser(prog="taskmoe", description="Task-specialised pruned-model inference server.")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -581,15 +499,8 @@ def build_parser() -> argparse.ArgumentParser:
     route.add_argument("text", nargs="*", help="the query")
     route.add_argument("--store", required=True, help="pattern store directory")
     route.add_argument("--file", help="JSONL of queries ('prompt' field): one JSON line per query")
-    route.add_argument("-k", type=int, default=10, help="nearest example prompts reported (default 10)")
-    route.add_argument(
-        "--threshold", type=float, default=0.9, help="calibrated probability a route must reach (default 0.9)"
-    )
-    route.add_argument("--union", type=int, default=2, help="most patterns in a union (default 2; 1: no unions)")
-    route.add_argument(
-        "--novelty", type=float, default=0.02, help="typicality below which a query is out of store (default 0.02)"
-    )
     route.add_argument("--embedder", help="sentence-transformers model directory (default all-MiniLM-L6-v2)")
+    add_settings(route, RoutingPolicy, flags={"neighbours": "-k,--neighbours"})
     route.set_defaults(func=cmd_route)
     return parser
 

@@ -1,4 +1,9 @@
-"""Server configuration: one frozen dataclass, filled from `taskmoe serve` flags or `TASKMOE_*` variables."""
+"""Configuration, declared once: every setting's default, range, help text and environment variable.
+
+`ServerConfig` (pydantic-settings, prefix `TASKMOE_`) is the single source: `taskmoe serve`'s flags are
+generated from its fields (`server.cli_settings`), `docs/serving.md`'s flag table is rendered from them, and
+`RoutingPolicy` holds the routing settings that `taskmoe serve`, `taskmoe route` and the router share.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,12 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from pattern_store.recipes import ROUTE_RULES
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9}
 _UNITS |= {"t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -18,7 +29,7 @@ FULL_MODEL = "full"
 
 
 def parse_bytes(text: str | int) -> int:
-    """'4GiB', '512MiB', '2.5GB' or a plain byte count."""
+    """'4GiB', '512MiB', '2.5GB' or a plain byte count: the one parser of sizes."""
     if isinstance(text, int):
         return text
     match = _SIZE.match(str(text))
@@ -28,9 +39,19 @@ def parse_bytes(text: str | int) -> int:
     return int(float(match.group(1)) * _UNITS[unit])
 
 
-def env_default(name: str, default: str | None = None) -> str | None:
-    """The value of `TASKMOE_<NAME>` (flag names with '-' as '_'), or `default`."""
-    return os.environ.get(ENV_PREFIX + name.upper().replace("-", "_"), default)
+def _optional_count(value: Any) -> Any:
+    """'0', 'none' or '' mean no limit."""
+    return None if str(value).strip().lower() in ("0", "none", "") else value
+
+
+def _comma_list(value: Any) -> Any:
+    """A list as the environment writes it: `a,b`; a flag repeated gives a list already."""
+    if isinstance(value, str):
+        return tuple(part.strip() for part in value.split(",") if part.strip())
+    return value
+
+
+Bytes = Annotated[int, BeforeValidator(parse_bytes)]
 
 
 @dataclass(frozen=True)
@@ -42,15 +63,11 @@ class Upstream:
     model: str | None = None
 
 
-def parse_upstreams(specs: list[str] | tuple[str, ...] | str | None) -> dict[str, Upstream]:
-    """`["arith=http://gpu-7:8000/v1#my-arith", ...]` (or one comma-separated string, as in the
-    environment) -> {pattern: Upstream}."""
-    if not specs:
-        return {}
-    if isinstance(specs, str):
-        specs = [part for part in specs.split(",") if part.strip()]
+def parse_upstreams(specs: tuple[str, ...] | list[str] | str) -> dict[str, Upstream]:
+    """`["arith=http://gpu-7:8000/v1#my-arith", ...]` (or one comma-separated string, as in the environment)
+    -> {pattern: Upstream}."""
     upstreams = {}
-    for spec in specs:
+    for spec in _comma_list(specs):
         pattern, sep, rest = spec.strip().partition("=")
         url, _, model = rest.partition("#")
         if not sep or not pattern or not url.startswith(("http://", "https://")):
@@ -61,44 +78,150 @@ def parse_upstreams(specs: list[str] | tuple[str, ...] | str | None) -> dict[str
     return upstreams
 
 
-@dataclass(frozen=True)
-class ServerConfig:
-    model: Path
-    store: Path
-    host: str = "127.0.0.1"
-    port: int = 8000
-    device: str = "auto"
-    dtype: str = "auto"
-    cache_budget: int = 4 * 2**30
-    cache_wait: float = 30.0  # seconds a request waits for variants in use to free room before 503
-    route_threshold: float = 0.9  # calibrated probability a route must reach (one pattern, or a union)
-    route_rule: str = "classifier"
-    route_union: int = 2  # most patterns a union of close candidates may have; 1: no unions
-    route_novelty: float = 0.02  # typicality below which a query is of no stored task (out-of-store)
-    store_poll: float = 2.0  # seconds between checks of the store for other processes' writes; 0: never
-    fallback: str = FULL_MODEL  # "full" or a pattern name
-    api_key: str | None = None
-    admin_key: str | None = None
-    model_name: str | None = None  # the id clients use; default: the model directory's name
-    workers: int | None = None  # threads that build variants and generate; None: see `worker_count`
-    max_batch: int = 32  # sequences decoded together per model; 1: one request at a time
-    max_prefill_tokens: int | None = 512  # longer prompts are prefilled in chunks between decode steps
-    expert_pool: bool = True  # MoE: one pool of expert slots, variants as masks; False: a model per variant
-    torch_threads: int | None = None  # intra-op threads; None: 1 on the CPU (see Service), torch's default on GPU
-    embedder: str | None = None  # a local sentence-transformers model; default: all-MiniLM-L6-v2
-    max_n: int = 16
-    metrics_public: bool = True  # False: /metrics needs the API or admin key (it names the patterns)
-    max_request_bytes: int = 8 * 2**20  # larger bodies get 413 before anything reads them
-    upstreams: tuple[str, ...] = ()  # "PATTERN=URL[#MODEL]": that pattern's requests go to another server
+class RoutingPolicy(BaseModel):
+    """How a query becomes a pattern: shared by `taskmoe serve` (as `--route-*`), `taskmoe route` and the
+    router itself, so that the three never disagree on a default."""
+
+    model_config = ConfigDict(frozen=True)
+
+    rule: Literal[ROUTE_RULES] = Field(  # type: ignore[valid-type]
+        ROUTE_RULES[0], description="classifier (on the examples) or centroid (nearest pattern centroid)"
+    )
+    threshold: float = Field(
+        0.9,
+        gt=0,
+        le=1,
+        description="calibrated probability a routed pattern (or union) must reach; below it, the fallback",
+    )
+    union: int = Field(
+        2, ge=1, description="most patterns served together when none alone is probable enough; 1: no unions"
+    )
+    novelty: float = Field(
+        0.02,
+        ge=0,
+        lt=1,
+        description="a query less typical of its pattern than this share of the pattern's held-out examples is of no "
+        "stored task and gets the fallback; 0: never",
+    )
+    neighbours: int = Field(10, ge=1, description="nearest example prompts whose similarity a decision reports")
+
+
+def _routing_field(name: str) -> Any:
+    """A `RoutingPolicy` field, as a `--route-*` setting of the server (the same default, range and help)."""
+    return RoutingPolicy.model_fields[name]
+
+
+class ServerConfig(BaseSettings):
+    """`taskmoe serve`'s settings: flags (`--cache-budget 8GiB`) or environment (`TASKMOE_CACHE_BUDGET=8GiB`)."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="forbid", validate_default=True)
+
+    model: Path = Field(description="model directory (safetensors)")
+    store: Path | None = Field(None, description="pattern store directory (default: MODEL/patterns)")
+    host: str = Field("127.0.0.1", description="address to listen on")
+    port: int = Field(8000, gt=0, lt=65536, description="port")
+    device: str = Field("auto", description="auto (cuda when available), cpu, cuda, cuda:1, ...")
+    dtype: str = Field("auto", description="auto (the checkpoint's), bfloat16, float16 or float32")
+    cache_budget: Bytes = Field(
+        4 * 2**30,
+        gt=0,
+        description="bytes for routed experts (MoE: the expert pool's slots, allocated at start) or cached dense "
+        "variants, beyond the shared backbone (4GiB, 512MiB, 8GB, ...)",
+    )
+    cache_wait: float = Field(
+        30.0, ge=0, description="seconds a request waits for busy variants to free room before a 503"
+    )
+    expert_pool: bool = Field(
+        True,
+        description="MoE: true serves every pattern from one pool of expert slots, mixing patterns in one batch; "
+        "false builds a separate model per variant",
+    )
+    route_rule: Literal[ROUTE_RULES] = _routing_field("rule")  # type: ignore[valid-type]
+    route_threshold: float = _routing_field("threshold")
+    route_union: int = _routing_field("union")
+    route_novelty: float = _routing_field("novelty")
+    store_poll: float = Field(
+        2.0, ge=0, description="seconds between checks for patterns written by other processes; 0: never"
+    )
+    fallback: str = Field(
+        FULL_MODEL, description="what serves unmatched queries: full (the whole model) or a pattern name"
+    )
+    upstream: Annotated[tuple[str, ...], NoDecode, BeforeValidator(_comma_list)] = Field(
+        (),
+        description="PATTERN=URL[#MODEL]: serve PATTERN from another OpenAI-compatible server (vLLM, SGLang) at URL "
+        "(its /v1 base); repeatable, or comma-separated in the environment",
+    )
+    api_key: str | None = Field(None, repr=False, description="require 'Authorization: Bearer KEY' on /v1 routes")
+    admin_key: str | None = Field(None, repr=False, description="enable the /admin API, with this key")
+    metrics_public: bool = Field(
+        True, description="true: /metrics is open; false: it needs the API or admin key (its labels name the patterns)"
+    )
+    served_model_name: str | None = Field(
+        None, description="the model id clients use (default: the model directory's name)"
+    )
+    max_batch: int = Field(
+        32, ge=1, description="sequences decoded together; with the expert pool, of any patterns; 1: one at a time"
+    )
+    max_prefill_tokens: Annotated[int | None, BeforeValidator(_optional_count)] = Field(
+        512,
+        ge=1,
+        description="prompts longer than this are prefilled in chunks of it between decode steps, so running streams "
+        "keep their pace; 0 or none: whole prompts at once",
+    )
+    max_n: int = Field(16, ge=1, description="most choices (n) one request may ask for")
+    max_request_bytes: Bytes = Field(
+        8 * 2**20, ge=1024, description="request bodies larger than this get 413 before they are read"
+    )
+    workers: int | None = Field(
+        None,
+        ge=1,
+        description="threads that take requests and wait on their generations (default 64; with --max-batch 1 they "
+        "run the generations: one per CPU core on the CPU, 8 on a GPU)",
+    )
+    torch_threads: int | None = Field(
+        None, ge=1, description="intra-op threads per worker (default: 1 on the CPU, torch's default on a GPU)"
+    )
+    embedder: str | None = Field(None, description="sentence-transformers model directory (default all-MiniLM-L6-v2)")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
+    log_format: Literal["json", "text"] = Field("json", description="json (one object per line) or text")
+
+    @field_validator("model")
+    @classmethod
+    def _a_model_directory(cls, model: Path) -> Path:
+        if not (model / "config.json").is_file():
+            raise ValueError(f"{model}: not a model directory (no config.json)")
+        return model
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ServerConfig:
+        if self.store is None:
+            object.__setattr__(self, "store", self.model / "patterns")
+        if not self.metrics_public and not (self.api_key or self.admin_key):
+            raise ValueError("--metrics-public false needs an --api-key or --admin-key to read /metrics with")
+        parse_upstreams(self.upstream)  # raises on a malformed spec
+        if "@" in self.served_name:
+            raise ValueError(f"model name {self.served_name!r} must not contain '@'")
+        return self
 
     @functools.cached_property
     def upstream_map(self) -> dict[str, Upstream]:
-        """`--upstream` specs, parsed once: pattern -> the server that answers it."""
-        return parse_upstreams(self.upstreams)
+        """`--upstream` specs, parsed: pattern -> the server that answers it."""
+        return parse_upstreams(self.upstream)
+
+    @property
+    def routing(self) -> RoutingPolicy:
+        return RoutingPolicy(
+            rule=self.route_rule, threshold=self.route_threshold, union=self.route_union, novelty=self.route_novelty
+        )
 
     @property
     def served_name(self) -> str:
-        return self.model_name or self.model.resolve().name
+        return self.served_model_name or self.model.resolve().name
+
+    @property
+    def fallback_pattern(self) -> str | None:
+        """None when the fallback is the full model."""
+        return None if self.fallback == FULL_MODEL else self.fallback
 
     def worker_count(self, device_type: str) -> int:
         """Threads that lease variants and wait for (or, without batching, run) generations. With batching
@@ -110,41 +233,70 @@ class ServerConfig:
             return 64
         return max(2, os.cpu_count() or 2) if device_type == "cpu" else 8
 
-    @property
-    def fallback_pattern(self) -> str | None:
-        """None when the fallback is the full model."""
-        return None if self.fallback == FULL_MODEL else self.fallback
 
-    def validate(self) -> ServerConfig:
-        if not (self.model / "config.json").is_file():
-            raise ValueError(f"--model {self.model}: not a model directory (no config.json)")
-        if self.cache_budget <= 0:
-            raise ValueError("--cache-budget must be positive")
-        if self.max_batch < 1:
-            raise ValueError("--max-batch must be at least 1")
-        if not self.metrics_public and not (self.api_key or self.admin_key):
-            raise ValueError("--metrics-public false needs an --api-key or --admin-key to read /metrics with")
-        if self.max_prefill_tokens is not None and self.max_prefill_tokens < 1:
-            raise ValueError("--max-prefill-tokens must be at least 1 (0 or none: whole prompts)")
-        if self.max_request_bytes < 1024:
-            raise ValueError("--max-request-bytes must be at least 1KiB")
-        if not 0 < self.route_threshold <= 1:
-            raise ValueError(f"--route-threshold is a probability in (0, 1], got {self.route_threshold}")
-        if self.route_union < 1:
-            raise ValueError("--route-union must be at least 1 (1: never serve a union)")
-        if not 0 <= self.route_novelty < 1:
-            raise ValueError(f"--route-novelty is a share in [0, 1), got {self.route_novelty}")
-        if self.store_poll < 0:
-            raise ValueError("--store-poll must not be negative (0: do not follow the store)")
-        if self.cache_wait < 0:
-            raise ValueError("--cache-wait must not be negative")
-        if self.torch_threads is not None and self.torch_threads < 1:
-            raise ValueError("--torch-threads must be at least 1")
-        if self.workers is not None and self.workers < 1:
-            raise ValueError("--workers must be at least 1")
-        if not 0 < self.port < 65536:
-            raise ValueError(f"--port {self.port} is not a TCP port")
-        _ = self.upstream_map  # raises on a malformed spec
-        if "@" in self.served_name:
-            raise ValueError(f"model name {self.served_name!r} must not contain '@'")
-        return self
+def flag(name: str) -> str:
+    """The command-line flag of setting `name`."""
+    return "--" + name.replace("_", "-")
+
+
+def env_variable(name: str) -> str:
+    """The environment variable of setting `name`."""
+    return ENV_PREFIX + name.upper()
+
+
+def format_bytes(size: int) -> str:
+    """A byte count as a size flag would write it: exact binary units where they fit (4GiB, 8MiB)."""
+    for unit, factor in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if size >= factor and size % factor == 0:
+            return f"{size // factor}{unit}"
+    return str(size)
+
+
+def shown_default(field: Any) -> str | None:
+    """A setting's default as its flag would take it (None: no default worth showing)."""
+    default = field.default
+    if default is None or default == () or field.is_required():
+        return None
+    if any(getattr(meta, "func", None) is parse_bytes for meta in field.metadata):
+        return format_bytes(default)
+    if isinstance(default, bool):
+        return str(default).lower()
+    return str(default)
+
+
+def settings_rows(model: type[BaseModel] = ServerConfig) -> list[tuple[str, str, str, str]]:
+    """(flag, environment variable, default, meaning) of every setting: the docs' flag table."""
+    return [
+        (flag(name), env_variable(name), shown_default(field) or "", field.description or "")
+        for name, field in model.model_fields.items()
+    ]
+
+
+class ConfigError(ValueError):
+    """Settings that cannot serve, explained in terms of flags and environment variables."""
+
+
+def load_config(**given: Any) -> ServerConfig:
+    """`ServerConfig` from the given settings (flags) over the environment over the defaults; a
+    `ConfigError` that names each bad flag and its variable instead of pydantic's report."""
+    try:
+        return ServerConfig(**given)
+    except ValidationError as error:
+        raise ConfigError(explain(error, ServerConfig, with_variables=True)) from None
+
+
+def explain(error: ValidationError, model: type[BaseModel], with_variables: bool = False) -> str:
+    """Pydantic's report, in the words of the command line: each bad flag (and its variable), what is wrong,
+    and what the setting is."""
+    problems = []
+    for detail in error.errors():
+        where = str(detail["loc"][0]) if detail["loc"] else ""
+        message = "required" if detail["type"] == "missing" else str(detail["msg"]).removeprefix("Value error, ")
+        if not where:
+            problems.append(message)
+            continue
+        field = model.model_fields.get(where)
+        meaning = f" ({field.description})" if field is not None and field.description else ""
+        variable = f" ({env_variable(where)})" if with_variables else ""
+        problems.append(f"{flag(where)}{variable}: {message}{meaning}")
+    return "; ".join(problems)

@@ -87,7 +87,12 @@ class TooManyJobs(ServiceError):
 
 
 class NoRoom(ServiceError):
-    """The experts (or variant) a request needs do not fit the cache budget now (or ever)."""
+    """The experts (or variant) a request needs do not fit the cache budget now, or ever (`permanent`: bigger
+    than the whole budget, so waiting cannot help)."""
+
+    def __init__(self, message: str, retry_after: int = 1, permanent: bool = False) -> None:
+        super().__init__(message, retry_after=retry_after)
+        self.permanent = permanent
 
 
 class LoadFailed(ServiceError):

@@ -12,8 +12,8 @@ What a server under load needs from it, as from the variant cache it replaces:
 - concurrent requests needing the same missing expert share one load (the later ones wait for it);
 - a failed load is reported to every waiter and leaves the slot free, so the next request retries;
 - the slots are never exceeded: when the union of the running patterns' experts cannot fit, a request waits
-  up to `wait` seconds for leases to end, then gets `CacheFull` (503 with Retry-After); waiting requests are
-  served first come first served, and while one waits, newcomers queue behind it;
+  up to `wait` seconds for leases to end, then gets `NoRoom` (503 with Retry-After); waiting requests are
+  served first come first served, and while one waits, newcomers queue behind it (`server.admission`);
 - a pattern that keeps more experts in some layer than the pool has slots is refused outright.
 """
 
@@ -28,7 +28,9 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-from server.cache import CacheFull, VariantBuildFailed, VariantKey
+from server.admission import Admission
+from server.cache import VariantKey
+from server.errors import LoadFailed, NoRoom
 from server.model.pooled import PooledModel, RoutedModel, RowRoute
 
 log = logging.getLogger("taskmoe.pool")
@@ -88,15 +90,13 @@ class ExpertPool:
     def __init__(self, pooled: PooledModel, listener: PoolListener | None = None, wait: float = 30.0) -> None:
         self.pooled = pooled
         self.listener = listener or PoolListener()
-        self.wait = wait
         self.layers = {
             index: _LayerState(pooled.slots[index], layer.num_experts) for index, layer in pooled.layers.items()
         }
         self._expert_bytes = {index: pooled.builder.expert_bytes(index) for index in pooled.layers}
         self._lock = threading.Lock()
-        self._room = threading.Condition(self._lock)
+        self._admission = Admission(self._lock, wait)
         self._routes: dict[str, tuple[VariantKey, RowRoute]] = {}  # the latest revision of each pattern leased
-        self._queue: list[object] = []  # requests waiting for room, first come first served
         self.loaded_experts = 0
         self.evicted_experts = 0
 
@@ -178,11 +178,10 @@ class ExpertPool:
     def acquire(self, key: VariantKey, route: RowRoute, wait: float | None = None) -> PoolLease:
         """Pin `route`'s experts, loading the missing ones; wait up to `wait` seconds (default: the pool's)
         for room held by leases in use."""
-        deadline = time.monotonic() + (self.wait if wait is None else wait)
+        deadline = self._admission.deadline(wait)
         with self._lock:
             self._check_fits(key, route)
-            if self._queue or not self._has_room(route):
-                self._wait_in_turn(key, route, deadline)
+            self._admission.admit(lambda: self._has_room(route), deadline, lambda ahead: self._refusal(key, ahead))
             mine, theirs, pins = self._reserve(route)
             self._routes[key.label] = (key, route)
         started = time.perf_counter()
@@ -195,7 +194,7 @@ class ExpertPool:
                 future.result()
         except BaseException as error:
             self.release(lease)
-            raise VariantBuildFailed(f"loading the experts of {key.label} failed: {error}") from error
+            raise LoadFailed(f"loading the experts of {key.label} failed: {error}") from error
         lease.build_seconds = time.perf_counter() - started
         lease.loaded = loaded
         if loaded:
@@ -215,7 +214,7 @@ class ExpertPool:
                         if expert in state.where:
                             state.idle[expert] = None  # most recently used last
             lease.pins = {}
-            self._room.notify_all()
+            self._admission.freed()
 
     def evict(self, pattern: str) -> int | None:
         """Free the slots of `pattern`'s experts that no lease pins (other patterns reload them on demand).
@@ -236,7 +235,7 @@ class ExpertPool:
             if freed:
                 self.evicted_experts += freed
                 self._notify("evicted", freed)
-            self._room.notify_all()
+            self._admission.freed()
             return freed
 
     def forget(self, pattern: str) -> int:
@@ -247,30 +246,16 @@ class ExpertPool:
 
     # -- inside the lock ------------------------------------------------------------------------------
 
-    def _wait_in_turn(self, key: VariantKey, route: RowRoute, deadline: float) -> None:
-        """Wait, first come first served, until `route` fits: a request that needs much room (the full
-        model) is not starved by a stream of smaller ones that would each fit. Lock held."""
-        ticket = object()
-        self._queue.append(ticket)
-        try:
-            while self._queue[0] is not ticket or not self._has_room(route):
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    ahead = self._queue.index(ticket)
-                    raise CacheFull(
-                        f"the experts of {key.label} do not fit beside the patterns in use ({self._occupancy()}"
-                        f"{f', {ahead} requests waiting ahead' if ahead else ''}); retry shortly"
-                    )
-                self._room.wait(timeout=remaining)
-        finally:
-            self._queue.remove(ticket)
-            self._room.notify_all()
+    def _refusal(self, key: VariantKey, ahead: int) -> str:
+        waiting = f", {ahead} requests waiting ahead" if ahead else ""
+        occupancy = f"{self._occupancy()}{waiting}"
+        return f"the experts of {key.label} do not fit beside the patterns in use ({occupancy}); retry shortly"
 
     def _check_fits(self, key: VariantKey, route: RowRoute) -> None:
         for index, state in self.layers.items():
             needed = len(state.needs(route, index))
             if needed > state.slots:
-                raise CacheFull(
+                raise NoRoom(
                     f"{key.label} keeps {needed} experts in layer {index}, more than the pool's {state.slots} slots "
                     "per layer; raise --cache-budget",
                     retry_after=60,
@@ -347,7 +332,7 @@ class ExpertPool:
                     for expert, slot in pairs:
                         state.free.append(slot)
                         state.loading.pop(expert).set_exception(error)
-                self._room.notify_all()
+                self._admission.freed()
             raise
 
     def _notify(self, event: str, *args: Any) -> None:

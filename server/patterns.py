@@ -18,7 +18,7 @@ from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from pattern_store.embedder import Embedder
 from pattern_store.pattern import TaskPattern, validate_name
-from pattern_store.recipes import BUDGETS, DENSE_METHODS, MOE_METHODS, OUTPUT_METHODS, REFINEMENTS
+from pattern_store.recipes import BUDGETS, DEFAULT_MOE_METHOD, DENSE_METHODS, MOE_METHODS, OUTPUT_METHODS, REFINEMENTS
 from pattern_store.selection import Selection
 from server.model.answer_loss_refinement import refine_by_answer_loss
 from server.model.calibrate import CalibrationStatistics, collect_statistics
@@ -32,6 +32,7 @@ from server.model.pruning import (
     moe_selection,
 )
 from server.model.variant import VariantBuilder
+from server.model_info import context_length, end_of_generation_ids, template_ids
 
 
 class PromptFileError(ValueError):
@@ -81,11 +82,6 @@ def read_prompts(path: str | Path) -> list[str]:
     return [record.prompt for record in read_calibration(path)]
 
 
-def _chat_ids(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], generation_prompt: bool) -> list[int]:
-    encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=True)
-    return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
-
-
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     """Where the answer begins: the prompt's tokens are a prefix of the exchange's (up to the template)."""
     for index, (x, y) in enumerate(zip(a, b, strict=False)):
@@ -111,11 +107,11 @@ def calibration_set(
     token_ids, starts = [], []
     for text in texts:
         if tokenizer.chat_template:
-            prompt = _chat_ids(tokenizer, [{"role": "user", "content": text.prompt}], True)
+            prompt = template_ids(tokenizer, [{"role": "user", "content": text.prompt}])
             ids = prompt
             if text.response is not None:
                 messages = [{"role": "user", "content": text.prompt}, {"role": "assistant", "content": text.response}]
-                ids = _chat_ids(tokenizer, messages, False)
+                ids = template_ids(tokenizer, messages, generation_prompt=False)
         else:
             prompt = tokenizer.encode(text.prompt)
             ids = tokenizer.encode(text.prompt + (f" {text.response}" if text.response else ""))
@@ -128,12 +124,20 @@ def calibration_set(
 StageProgress = Callable[[str, int, "int | None"], None]
 
 
+class RecipeError(ValueError):
+    """A recipe that cannot be calibrated; `param` names the input at fault."""
+
+    def __init__(self, message: str, param: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
 @dataclass
 class PatternRecipe:
     """How to turn statistics into a selection: MoE (keep ratio or count, method, layer budget, refinement)
-    or dense (sparsity)."""
+    or dense (sparsity). Made from user input by `for_model`, which fills the documented defaults."""
 
-    method: str = "tcess"
+    method: str = DEFAULT_MOE_METHOD
     keep_ratio: float | None = 0.5
     keep_experts: int | None = None
     threshold: float = 0.0
@@ -143,21 +147,52 @@ class PatternRecipe:
     refine: str = "none"
     search: SearchOptions = field(default_factory=SearchOptions)
 
+    @classmethod
+    def for_model(
+        cls,
+        moe: bool,
+        method: str | None = None,
+        keep: float | None = None,
+        keep_experts: int | None = None,
+        threshold: float = 0.0,
+        sparsity: float = 0.2,
+        seed: int = 0,
+        budget: str = "uniform",
+        refine: str = "none",
+    ) -> PatternRecipe:
+        """The recipe for user input (the CLI's flags or the admin API's JSON), defaults filled by the model's
+        kind (method: reap for MoE, seap for dense; keep 0.5 unless a count is given) and validated."""
+        recipe = cls(
+            method=method or (DEFAULT_MOE_METHOD if moe else "seap"),
+            keep_ratio=None if keep_experts else (0.5 if keep is None else keep),
+            keep_experts=keep_experts,
+            threshold=threshold,
+            sparsity=sparsity,
+            seed=seed,
+            budget=budget,
+            refine=refine,
+        )
+        recipe.validate(moe)
+        return recipe
+
     def validate(self, moe: bool) -> None:
         """Fail before calibrating (which takes a while) rather than after."""
         methods = MOE_METHODS if moe else DENSE_METHODS
         if self.method not in methods:
-            raise ValueError(f"unknown method {self.method!r} for this model; expected one of {', '.join(methods)}")
+            raise RecipeError(
+                f"unknown method {self.method!r} for this model; expected one of {', '.join(methods)}", "method"
+            )
         if moe and self.keep_ratio is not None and not 0 < self.keep_ratio <= 1:
-            raise ValueError("keep must be in (0, 1]")
+            raise RecipeError("keep must be in (0, 1]", "keep")
         if not moe and not 0 <= self.sparsity < 1:
-            raise ValueError("sparsity must be in [0, 1)")
+            raise RecipeError("sparsity must be in [0, 1)", "sparsity")
         if self.budget not in BUDGETS:
-            raise ValueError(f"unknown layer budget {self.budget!r}; expected one of {', '.join(BUDGETS)}")
+            raise RecipeError(f"unknown layer budget {self.budget!r}; expected one of {', '.join(BUDGETS)}", "budget")
         if self.refine not in REFINEMENTS:
-            raise ValueError(f"unknown refinement {self.refine!r}; expected one of {', '.join(REFINEMENTS)}")
+            raise RecipeError(f"unknown refinement {self.refine!r}; expected one of {', '.join(REFINEMENTS)}", "refine")
         if not moe and (self.refine != "none" or self.budget != "uniform"):
-            raise ValueError("refinement and layer budgets choose experts; a dense model's pattern has none")
+            param = "refine" if self.refine != "none" else "budget"
+            raise RecipeError(f"{param} chooses experts; a dense model's pattern has none", param)
 
     def parameters(self, kind: str) -> dict[str, Any]:
         if kind == "moe_experts":
@@ -171,8 +206,12 @@ class PatternRecipe:
         return {"sparsity": self.sparsity}
 
 
+UNKNOWN_CONTEXT = 2048
+"""Calibration texts are cut to the model's context; a config that does not say is taken to have this one."""
+
+
 def max_context(builder: VariantBuilder) -> int:
-    return int(getattr(builder.config, "max_position_embeddings", 2048) or 2048)
+    return context_length(builder.config) or UNKNOWN_CONTEXT
 
 
 def _stage(progress: StageProgress | None, stage: str, total: int | None) -> Callable[[int], None] | None:
@@ -183,7 +222,7 @@ def _stage(progress: StageProgress | None, stage: str, total: int | None) -> Cal
 
 @torch.inference_mode()
 def complete_answers(
-    model: PreTrainedModel, calibration: CalibrationSet, eos_token_id: int | None, max_new_tokens: int = 64
+    model: PreTrainedModel, calibration: CalibrationSet, eos_ids: Sequence[int], max_new_tokens: int = 64
 ) -> CalibrationSet:
     """Exchanges without an answer get the model's own greedy answer: refinement by answer loss then keeps
     what makes the full model answer as it does."""
@@ -193,7 +232,7 @@ def complete_answers(
             token_ids.append(list(ids))
             starts.append(start)
             continue
-        room = max(0, int(getattr(model.config, "max_position_embeddings", 2048)) - len(ids))
+        room = max(0, (context_length(model.config) or UNKNOWN_CONTEXT) - len(ids))
         if room == 0:  # a prompt that fills the context has no room for an answer; it is not scored
             token_ids.append(list(ids))
             starts.append(len(ids))
@@ -202,8 +241,8 @@ def complete_answers(
             torch.tensor([ids], device=model.device),
             max_new_tokens=min(max_new_tokens, room),
             do_sample=False,
-            eos_token_id=eos_token_id,
-            pad_token_id=eos_token_id,
+            eos_token_id=list(eos_ids) or None,
+            pad_token_id=eos_ids[0] if eos_ids else None,
         )
         token_ids.append(output[0].tolist())
         starts.append(len(ids))
@@ -284,10 +323,8 @@ def _refine_by_answer_loss(
     progress: StageProgress | None,
 ) -> tuple[dict[int, list[int]], dict[str, Any]]:
     model = builder.build()
-    eos = builder.generation_config.eos_token_id if builder.generation_config is not None else None
-    if isinstance(eos, list):
-        eos = eos[0] if eos else None
-    answered = complete_answers(model, calibration, eos if eos is not None else builder.config.eos_token_id)
+    eos = end_of_generation_ids(None, builder.generation_config) or end_of_generation_ids(None, builder.config)
+    answered = complete_answers(model, calibration, eos)
     search = refine_by_answer_loss(
         builder,
         answered.token_ids,

@@ -27,16 +27,16 @@ import logging
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
 
 from pattern_store.embedder import Embedder
-from pattern_store.recipes import ROUTE_RULES
 from pattern_store.store import PatternStore, SearchHit
+from server.config import RoutingPolicy
 from server.route_features import RouteFeatures
 
-RULES = ROUTE_RULES
 UNION_SEPARATOR = "+"
 CROSS_VALIDATION_FOLDS = 5
 log = logging.getLogger("taskmoe.routing")
@@ -162,27 +162,17 @@ class Router:
         self,
         store: PatternStore,
         embedder: Embedder,
-        rule: str = "classifier",
-        k: int = 10,
-        threshold: float = 0.9,
+        policy: RoutingPolicy | None = None,
         fallback: str | None = None,
-        union: int = 2,
-        novelty: float = 0.02,
         features: RouteFeatures | None = None,
+        **overrides: Any,
     ) -> None:
-        if rule not in RULES:
-            raise ValueError(f"unknown routing rule {rule!r}; expected one of {', '.join(RULES)}")
-        if k < 1:
-            raise ValueError("k must be at least 1")
-        if not 0.0 < threshold <= 1.0:
-            raise ValueError(f"the route threshold is a probability in (0, 1], got {threshold}")
-        if union < 1:
-            raise ValueError("a union has at least 1 pattern (1: no unions)")
-        if not 0.0 <= novelty < 1.0:
-            raise ValueError(f"novelty is a share of held-out examples in [0, 1), got {novelty}")
-        self.store, self.embedder, self.rule = store, embedder, rule
-        self.k, self.threshold, self.fallback = k, threshold, fallback
-        self.union, self.novelty = union, novelty
+        """`policy`: the routing settings (default: `RoutingPolicy()`'s, the server's); `overrides` replace some
+        of them (`threshold=0.5`), validated as the policy validates them."""
+        policy = RoutingPolicy(**((policy or RoutingPolicy()).model_dump() | overrides))
+        self.store, self.embedder, self.policy, self.fallback = store, embedder, policy, fallback
+        self.rule, self.k, self.threshold = policy.rule, policy.neighbours, policy.threshold
+        self.union, self.novelty = policy.union, policy.novelty
         self.features = features or RouteFeatures()
         self._learnt: LearntRouter | None = None
         self._lock = threading.Lock()

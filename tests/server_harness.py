@@ -28,8 +28,8 @@ class RunningServer:
     config: ServerConfig
 
     @property
-    def service(self):
-        return self.app.state.service
+    def runtime(self):
+        return self.app.state.runtime
 
     def metric(self, name: str, labels: str = "") -> float:
         """The value of one Prometheus sample from /metrics (0 when absent)."""

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from pattern_store.selection import Selection
-from server.cache import CacheFull, CacheListener, VariantBuildFailed, VariantCache, VariantKey
+from server.cache import CacheListener, VariantCache, VariantKey
+from server.errors import LoadFailed, NoRoom
 from server.model.variant import VariantBuilder
 
 from tiny_models import moe_configs, save_random_model
@@ -65,7 +66,7 @@ def test_pinned_variant_is_never_evicted_and_a_full_cache_refuses() -> None:
     cache = VariantCache(budget=250, wait=0)
     a = cache.acquire(key("a"), 100, lambda: Blob(100))
     b = cache.acquire(key("b"), 100, lambda: Blob(100))
-    with pytest.raises(CacheFull) as refused:
+    with pytest.raises(NoRoom) as refused:
         cache.acquire(key("c"), 100, lambda: Blob(100))
     assert not refused.value.permanent
     assert key("a") in cache and key("b") in cache and cache.resident_bytes == 200
@@ -78,7 +79,7 @@ def test_pinned_variant_is_never_evicted_and_a_full_cache_refuses() -> None:
 def test_a_variant_larger_than_the_budget_is_refused_at_once() -> None:
     cache = VariantCache(budget=50, wait=10)
     started = time.monotonic()
-    with pytest.raises(CacheFull) as refused:
+    with pytest.raises(NoRoom) as refused:
         cache.acquire(key("a"), 100, lambda: Blob(100))
     assert refused.value.permanent and time.monotonic() - started < 1
     assert cache.resident_bytes == 0
@@ -120,7 +121,7 @@ def test_a_failed_build_reaches_every_waiter_and_does_not_poison_the_cache() -> 
     def request() -> None:
         try:
             cache.acquire(key("a"), 100, failing)
-        except VariantBuildFailed as error:
+        except LoadFailed as error:
             errors.append(str(error))
 
     concurrently(request, 4, gate)

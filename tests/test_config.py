@@ -10,8 +10,8 @@ import pytest
 
 from pattern_store.pattern import PatternError, pattern_from_bundle, pattern_to_bundle
 from pattern_store.store import PatternStore
-from server.cli import build_parser, main
-from server.config import ServerConfig, parse_bytes
+from server.cli import build_parser, main, serve_config
+from server.config import load_config, parse_bytes
 from server.logs import JsonFormatter
 
 from conftest import DEMO_MOE
@@ -34,17 +34,18 @@ def test_every_serve_flag_reads_its_environment_variable(monkeypatch) -> None:
     monkeypatch.setenv("TASKMOE_CACHE_BUDGET", "8GiB")
     monkeypatch.setenv("TASKMOE_ADMIN_KEY", "secret")
     monkeypatch.setenv("TASKMOE_ROUTE_THRESHOLD", "0.5")
-    args = build_parser().parse_args(["serve", "--model", "m"])
-    assert (args.cache_budget, args.admin_key, args.route_threshold) == ("8GiB", "secret", "0.5")
-    assert build_parser().parse_args(["serve", "--cache-budget", "1GiB"]).cache_budget == "1GiB"  # flags win
+    config = serve_config(build_parser().parse_args(["serve", "--model", str(DEMO_MOE)]))
+    assert (config.cache_budget, config.admin_key, config.route_threshold) == (8 * 2**30, "secret", 0.5)
+    flags = build_parser().parse_args(["serve", "--model", str(DEMO_MOE), "--cache-budget", "1GiB"])
+    assert serve_config(flags).cache_budget == 2**30  # flags win
 
 
 def test_config_validation(tmp_path) -> None:
-    assert ServerConfig(model=DEMO_MOE, store=tmp_path).validate().served_name == "demo-moe"
+    assert load_config(model=DEMO_MOE, store=tmp_path).served_name == "demo-moe"
     with pytest.raises(ValueError, match="not a model directory"):
-        ServerConfig(model=tmp_path, store=tmp_path).validate()
+        load_config(model=tmp_path, store=tmp_path)
     with pytest.raises(ValueError, match="cache-budget"):
-        ServerConfig(model=DEMO_MOE, store=tmp_path, cache_budget=0).validate()
+        load_config(model=DEMO_MOE, store=tmp_path, cache_budget=0)
     assert main(["serve", "--model", str(tmp_path)]) == 2  # a clear error, not a traceback
 
 

@@ -17,8 +17,9 @@ import torch
 
 from pattern_store.selection import Selection, SelectionError
 from server.batching import BatchedDecoder
-from server.cache import CacheFull, VariantKey
+from server.cache import VariantKey
 from server.engine import Generation, SamplingParams
+from server.errors import NoRoom
 from server.expert_pool import ExpertPool
 from server.model.pooled import PooledModel, RowRoute
 from server.model.variant import VariantBuilder
@@ -130,7 +131,7 @@ def test_a_pattern_larger_than_the_slots_is_refused_for_good(checkpoints) -> Non
     builder = VariantBuilder(checkpoints["qwen3_moe"])
     pool = ExpertPool(PooledModel(builder, slots=4), wait=5)
     started = time.monotonic()
-    with pytest.raises(CacheFull, match="more than the pool's 4 slots") as refused:
+    with pytest.raises(NoRoom, match="more than the pool's 4 slots") as refused:
         pool.acquire(VariantKey(None), RowRoute("full"))
     assert refused.value.permanent and time.monotonic() - started < 1
 
@@ -140,7 +141,7 @@ def test_pinned_experts_are_never_evicted_and_a_waiter_gets_room_when_a_lease_en
     patterns = _patterns(builder)
     pool = ExpertPool(PooledModel(builder, slots=4), wait=0)
     held = pool.acquire(VariantKey("b"), _route("b", patterns["b"]))  # 4 experts per layer: all slots pinned
-    with pytest.raises(CacheFull, match="do not fit beside"):
+    with pytest.raises(NoRoom, match="do not fit beside"):
         pool.acquire(VariantKey("a"), _route("a", patterns["a"]))
     for layer, kept in patterns["b"].items():
         assert all(int(pool.pooled.slot_of[layer][e]) >= 0 for e in kept), "a refused request evicts nothing"
@@ -198,7 +199,7 @@ def test_the_pool_never_exceeds_its_slots_under_concurrent_mixed_load(checkpoint
                 name = chooser.choice("abc")
                 try:
                     lease = pool.acquire(VariantKey(name), _route(name, patterns[name]))
-                except CacheFull:
+                except NoRoom:
                     continue
                 try:
                     with torch.no_grad():

@@ -16,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from server.config import ServerConfig
+from server.config import ServerConfig, load_config
 from server.demo.tasks import get_task
 
 from conftest import DEMO_MOE
@@ -137,7 +137,7 @@ def test_fuzzed_route_bodies_never_fail_the_server(server, body) -> None:
 @settings(FUZZ, max_examples=25)
 @given(body=register_bodies)
 def test_fuzzed_admin_bodies_never_fail_the_server_nor_lose_a_pattern(server, body) -> None:
-    before = set(server.service.store.names())
+    before = set(server.runtime.store.names())
     response = _post(server, "/admin/patterns", body, key=ADMIN_KEY)
     _check(response)
     if response.status_code == 202:  # a valid job: let it finish before the next example
@@ -149,7 +149,7 @@ def test_fuzzed_admin_bodies_never_fail_the_server_nor_lose_a_pattern(server, bo
             if job["status"] in ("succeeded", "failed"):
                 break
             time.sleep(0.1)
-    assert before <= set(server.service.store.names())
+    assert before <= set(server.runtime.store.names())
 
 
 def test_raw_garbage_and_wrong_content_types_are_400s(server) -> None:
@@ -211,7 +211,7 @@ def test_metrics_can_be_closed_to_anonymous_readers(tmp_path) -> None:
             opened = httpx.get(f"{closed.url}/metrics", headers={"Authorization": f"Bearer {key}"})
             assert opened.status_code == 200 and "taskmoe_requests_total" in opened.text
     with pytest.raises(ValueError, match="metrics-public"):
-        ServerConfig(model=DEMO_MOE, store=tmp_path, metrics_public=False).validate()
+        load_config(model=DEMO_MOE, store=tmp_path, metrics_public=False)
 
 
 def test_concurrent_hostile_bodies_leave_the_server_serving(server) -> None:

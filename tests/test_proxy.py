@@ -30,7 +30,7 @@ def test_pattern_requests_are_forwarded_to_the_upstream(tmp_path) -> None:
     upstream_config = ServerConfig(model=DEMO_MOE, store=copy_demo_store(tmp_path / "b"), workers=2)
     with running_server(upstream_config) as upstream:
         specs = (f"sort={upstream.url}/v1#demo-moe@sort", f"upper={upstream.url}/v1", "arith=http://127.0.0.1:9/v1#x")
-        config = ServerConfig(model=DEMO_MOE, store=copy_demo_store(tmp_path / "a"), upstreams=specs, workers=2)
+        config = ServerConfig(model=DEMO_MOE, store=copy_demo_store(tmp_path / "a"), upstream=specs, workers=2)
         with running_server(config) as front:
             client = openai.OpenAI(base_url=f"{front.url}/v1", api_key="unused", max_retries=0, timeout=60)
             served_before = upstream.metric("taskmoe_requests_total", 'route="/v1/chat/completions",status="200"')
@@ -50,7 +50,7 @@ def test_pattern_requests_are_forwarded_to_the_upstream(tmp_path) -> None:
 
             served = upstream.metric("taskmoe_requests_total", 'route="/v1/chat/completions",status="200"')
             assert served - served_before == 3
-            assert not {"sort", "upper"} & {entry["pattern"] for entry in front.service.cache.snapshot()}
+            assert not {"sort", "upper"} & {entry["pattern"] for entry in front.runtime.leases.report()["data"]}
 
             down = httpx.post(
                 f"{front.url}/v1/chat/completions",

@@ -11,7 +11,10 @@ import time
 import httpx
 import pytest
 
+from server.config import ServerConfig
+
 from conftest import DEMO_MOE, ROOT
+from server_harness import copy_demo_store, running_server
 
 ray = pytest.importorskip("ray", reason="the ray extra is not installed (pip install -e '.[ray]')")
 serve = pytest.importorskip("ray.serve")
@@ -92,3 +95,68 @@ def test_ray_app_errors_are_openai_errors(ray_app) -> None:
     assert response.status_code == 404 and response.json()["error"]["code"] == "model_not_found"
     models = httpx.get(f"{ray_app}/v1/models", timeout=60).json()
     assert "demo-moe@sort" in {m["id"] for m in models["data"]}
+
+
+@pytest.fixture(scope="module")
+def local_server(tmp_path_factory):
+    """`taskmoe serve` on the same model and patterns as the Ray app."""
+    store = copy_demo_store(tmp_path_factory.mktemp("serve"))
+    with running_server(ServerConfig(model=DEMO_MOE, store=store, workers=4)) as running:
+        yield running.url
+
+
+GOOD = [
+    {"model": "demo-moe", "messages": [{"role": "user", "content": "Please sort: 9, 2, 5"}]},
+    {"model": "demo-moe", "messages": [{"role": "user", "content": "Spell 'tanumi' backwards."}]},
+    {"model": "demo-moe@arith+sort", "messages": [{"role": "user", "content": "What is 7 + 5?"}]},
+    {"model": "demo-moe@full", "messages": [{"role": "user", "content": "Make this uppercase: good day"}]},
+]
+BAD = [
+    {"model": "nope", "messages": [{"role": "user", "content": "hi"}]},
+    {"model": "demo-moe@", "messages": [{"role": "user", "content": "hi"}]},
+    {"model": "demo-moe@poetry", "messages": [{"role": "user", "content": "hi"}]},
+    {"model": "demo-moe@sort+", "messages": [{"role": "user", "content": "hi"}]},
+    {"model": "demo-moe", "n": 17, "messages": [{"role": "user", "content": "hi"}]},
+    {"model": "demo-moe", "messages": [{"role": "user", "content": "a" * 20_000}]},
+    {"model": "demo-moe", "max_tokens": 100_000, "messages": [{"role": "user", "content": "hi"}]},
+    {"model": "demo-moe", "logit_bias": {"1": 2}, "messages": [{"role": "user", "content": "hi"}]},
+    {"model": "demo-moe", "temperature": 3, "messages": [{"role": "user", "content": "hi"}]},
+    {"model": "demo-moe", "messages": []},
+]
+
+
+def test_the_ray_app_answers_as_taskmoe_serve_does(ray_app, local_server) -> None:
+    """Greedy answers, the pattern that served and the usage are the same through both front ends."""
+    for body in GOOD:
+        body = {**body, "temperature": 0, "max_tokens": 16}
+        ours, theirs = (
+            httpx.post(f"{url}/v1/chat/completions", json=body, timeout=120) for url in (ray_app, local_server)
+        )
+        assert ours.status_code == theirs.status_code == 200, (ours.text, theirs.text)
+        assert ours.headers["x-taskmoe-pattern"] == theirs.headers["x-taskmoe-pattern"]
+        assert ours.json()["choices"] == theirs.json()["choices"] and ours.json()["usage"] == theirs.json()["usage"]
+        assert ours.json()["model"] == theirs.json()["model"]
+    prompts = {
+        "model": "demo-moe",
+        "prompt": ["Please sort: 3, 1", "What is 2 + 2?"],
+        "temperature": 0,
+        "max_tokens": 8,
+    }
+    ours, theirs = (httpx.post(f"{url}/v1/completions", json=prompts, timeout=120) for url in (ray_app, local_server))
+    assert ours.status_code == theirs.status_code == 200 and ours.json()["choices"] == theirs.json()["choices"]
+
+
+def test_the_ray_app_refuses_what_taskmoe_serve_refuses(ray_app, local_server) -> None:
+    def refusal(url: str, body: dict) -> tuple[int, str | None, str | None]:
+        response = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=120)
+        error = response.json()["error"]
+        return response.status_code, error["code"], error["param"]
+
+    for body in BAD:
+        ours, theirs = refusal(ray_app, body), refusal(local_server, body)
+        assert ours == theirs and ours[0] in (400, 404), (body, ours, theirs)
+    too_many = {"model": "demo-moe", "prompt": ["x"] * 100, "n": 2}
+    statuses = {
+        httpx.post(f"{url}/v1/completions", json=too_many, timeout=60).status_code for url in (ray_app, local_server)
+    }
+    assert statuses == {400}

@@ -17,6 +17,7 @@ from pattern_store.pattern import pattern_to_bundle
 from pattern_store.selection import Selection, union
 from pattern_store.store import PatternStore
 from server.config import ServerConfig
+from server.leases import PoolLeases
 from server.demo.evaluate import EVAL_SEED, greedy_answers
 from server.demo.tasks import get_task, normalise_answer
 from server.model.variant import VariantBuilder
@@ -184,7 +185,7 @@ def test_the_running_server_follows_its_store_written_by_another_process(server,
     replacement.name = "upper-copy"
     other.add(replacement, replace=True)
     revision = other.revisions()["upper-copy"]
-    wait_for(lambda: server.service.store.revisions().get("upper-copy") == revision)
+    wait_for(lambda: server.runtime.store.revisions().get("upper-copy") == revision)
     response, _ = chat(client, prompt, model="demo-moe@upper-copy", max_tokens=32)
     assert response.choices[0].message.content == direct(replacement.selection, [prompt])[0], "the old variant served"
 
@@ -350,7 +351,7 @@ def test_admin_needs_the_admin_key(server) -> None:
 
 def test_admin_register_route_delete_import(server, client) -> None:
     upper_prompt = get_task("upper").examples(1, EVAL_SEED)[0].prompt
-    bundle = pattern_to_bundle(server.service.store.get("upper"))
+    bundle = pattern_to_bundle(server.runtime.store.get("upper"))
     admin(server, "POST", "/cache/upper")
     assert any(entry["pattern"] == "upper" for entry in admin(server, "GET", "/cache").json()["data"])
 
@@ -394,7 +395,7 @@ def test_admin_errors_are_clear(server) -> None:
     assert garbage.status_code == 400 and garbage.json()["error"]["code"] == "invalid_pattern"
     assert admin(server, "GET", "/jobs/job-nope").status_code == 404
     assert admin(server, "DELETE", "/patterns/nope").status_code == 404
-    assert len(server.service.store.names()) == 7  # nothing lost
+    assert len(server.runtime.store.names()) == 7  # nothing lost
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), 1e30])
@@ -403,7 +404,7 @@ def test_an_import_with_non_finite_embeddings_is_refused_and_routing_stays_up(se
     import torch
     from safetensors.torch import save
 
-    pattern = server.service.store.get("upper")
+    pattern = server.runtime.store.get("upper")
     document = pattern.document(tensor_file="")
     document["name"] = "poison"
     tensors = pattern.tensors()
@@ -411,7 +412,7 @@ def test_an_import_with_non_finite_embeddings_is_refused_and_routing_stays_up(se
     bundle = save(tensors, metadata={"taskmoe_pattern": json.dumps(document)})
     refused = admin(server, "POST", "/patterns/import", content=bundle)
     assert refused.status_code == 400 and "embeddings" in refused.json()["error"]["message"]
-    assert "poison" not in server.service.store.names()
+    assert "poison" not in server.runtime.store.names()
     _, headers = chat(client, get_task("upper").examples(1, EVAL_SEED)[0].prompt, max_tokens=2)
     assert headers["x-taskmoe-pattern"] == "upper"
     auth = {"Authorization": f"Bearer {API_KEY}"}
@@ -525,7 +526,7 @@ def test_one_variant_budget_serves_alternating_tasks_without_refusals(tmp_path, 
             served = list(pool.map(ask, prompts))
         assert served == [task for task, _ in prompts]
         assert time.monotonic() - started < 60
-        assert small.service.cache.resident_bytes <= budget
+        assert small.runtime.leases.report()["resident_bytes"] <= budget
 
 
 def test_overload_is_503_with_retry_after_and_no_admin_without_key(tmp_path, variant_size) -> None:
@@ -555,12 +556,12 @@ def test_concurrent_mixed_tasks_under_a_tight_budget(tmp_path, variant_size, exp
         expert_pool=expert_pool,
     )
     with running_server(config) as small:
-        service = small.service
+        leases = small.runtime.leases
 
         def resident() -> int:
-            if service.pool is None:
-                return service.cache.resident_bytes
-            return max(service.pool.used_slots().values()) * variant_size // 8  # the fullest layer, as bytes
+            if not isinstance(leases, PoolLeases):
+                return leases.cache.resident_bytes
+            return max(leases.pool.used_slots().values()) * variant_size // 8  # the fullest layer, as bytes
 
         assert _error(admin(small, "DELETE", "/patterns/general"), 409)["code"] == "pattern_in_use"
         client = openai.OpenAI(base_url=f"{small.url}/v1", api_key="unused", max_retries=0, timeout=120)
@@ -606,9 +607,9 @@ def test_concurrent_mixed_tasks_under_a_tight_budget(tmp_path, variant_size, exp
 def test_patterns_share_the_expert_pool_and_the_cache_report_shows_it(server, client) -> None:
     """Two patterns served one after the other occupy the union of their experts, per layer; the report
     and the metrics say so; serving the first again loads nothing."""
-    service = server.service
-    assert service.pool is not None
-    store = service.store
+    runtime = server.runtime
+    assert isinstance(runtime.leases, PoolLeases)
+    store = runtime.store
     for name in ("arith", "sort"):
         chat(client, get_task(name).examples(1, EVAL_SEED)[0].prompt, model=f"demo-moe@{name}", max_tokens=4)
     loaded = server.metric("taskmoe_pool_experts_loaded_total")
@@ -675,7 +676,7 @@ def test_calibration_jobs_that_could_not_run_are_refused_before_202(server, extr
     json_headers = {"Content-Type": "application/json"}
     refused = admin(server, "POST", "/patterns", content=json.dumps(body), headers=json_headers)  # lone surrogates
     assert _error(refused, 400)["param"] == param
-    assert "doomed" not in server.service.store.names()
+    assert "doomed" not in server.runtime.store.names()
 
 
 def test_a_second_job_for_the_same_name_is_a_409(server) -> None:

@@ -1,182 +1,153 @@
 """taskmoe on Ray Serve, for when one node is not enough.
 
-An ingress deployment routes each query to a pattern (the same router as `taskmoe serve`); the model
-deployment's replicas hold variants through Serve's model multiplexing, with the pattern as
-`multiplexed_model_id`. Serve sends a request to a replica that already holds its variant, and each
-replica keeps its own least-recently-used set of variants; so a task's
-requests keep landing where its experts are, and a variant is built once per replica that serves it,
-not once per request.
+The same request path as `taskmoe serve`, split across processes: the ingress plans each request
+(`server.plan`: the same checks, the same resolver and router, the same tokenization) and sends the plan to
+a replica of the model deployment, chosen through Serve's model multiplexing with the plan's pattern label
+(`a`, `a+b`, `full`) as `multiplexed_model_id`; the replica runs it on its lease manager
+(`server.completions.execute`): the expert pool for an MoE model, with every pattern's rows in one batched
+decoder, or the variant cache. So a task's requests keep landing on the replica whose pool holds its
+experts, and a pattern is loaded once per replica that serves it, not once per request.
 
     serve run taskmoe_ray:build_app --app-dir deploy/ray model=/models store=/patterns replicas=2 gpus=1
 
-Arguments (all strings, as `serve run` passes them): `model`, `store`, `replicas` (2), `gpus` per replica
-(0), `cpus` per replica (1), `device` (auto), `dtype` (auto), `route_threshold` (0.9, a probability),
-`fallback` (full). How many variants a replica keeps is `TASKMOE_MAX_VARIANTS_PER_REPLICA` (default
-4) in the replicas' environment (Serve fixes it when the module is imported).
-The Ray app serves `GET /v1/models` and non-streamed `POST /v1/chat/completions`;
-streaming, text completions and the admin API are `taskmoe serve`'s.
+Arguments (all strings, as `serve run` passes them): every `taskmoe serve` setting by its name
+(`model`, `store`, `cache_budget`, `route_threshold`, `fallback`, `max_batch`, `max_n`, `api_key`, ...;
+`TASKMOE_*` variables in the replicas' environment work too), and for Ray `replicas` (2), `gpus` per
+replica (0), `cpus` per replica (1) and `ingress_cpus` (0.5). How many patterns Serve pins to a replica
+is `TASKMOE_MAX_VARIANTS_PER_REPLICA` (default 4) in the replicas' environment (Serve fixes it when the
+module is imported). The app serves `GET /v1/models` and non-streamed chat and text completions;
+streaming, `/v1/route`, upstream servers and the admin API are `taskmoe serve`'s.
 """
 
 # FastAPI reads the route annotations at run time: no `from __future__ import annotations` here.
 import asyncio
 import os
-import secrets
-import time
-from pathlib import Path
+import threading
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from fastapi.responses import JSONResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
-from transformers import AutoConfig
 
 from pattern_store.embedder import Embedder
-from pattern_store.pattern import PatternError
-from pattern_store.selection import union
-from pattern_store.store import PatternStore
-from server.api.errors import install_error_handlers
-from server.api.openai_routes import completion_body
-from server.api.schemas import ChatCompletionRequest
-from server.config import FULL_MODEL
-from server.engine import Generation, SamplingParams
-from server.errors import APIError
-from server.model.pruning import model_fingerprint
+from server.api.auth import require_api_key
+from server.api.errors import api_error, install_error_handlers
+from server.api.render import whole_body
+from server.api.schemas import ChatCompletionRequest, CompletionRequest, GenerationRequest
+from server.completions import execute
+from server.config import FULL_MODEL, load_config
+from server.errors import APIError, ServiceError
+from server.leases import make_leases
+from server.metrics import Metrics
 from server.model.variant import VariantBuilder
-from server.patterns import load_tokenizer
-from server.request_path import chat_prompt_ids, eos_ids, explicit_choice, model_ids, sampling_params, served_id
-from server.routing import UNION_SEPARATOR, Router
+from server.model_info import ModelInfo
+from server.plan import Plan, plan
+from server.resolver import Choice, Resolver
+from server.routing import UNION_SEPARATOR
+from server.runtime import make_router, open_store, set_torch_threads
+from server.store_watch import StoreWatcher
 
 MAX_VARIANTS_PER_REPLICA = int(os.environ.get("TASKMOE_MAX_VARIANTS_PER_REPLICA", "4"))
-MAX_N = 16  # as `taskmoe serve --max-n`
+RAY_ARGUMENTS = {"replicas": "2", "gpus": "0", "cpus": "1", "ingress_cpus": "0.5"}
 
 api = FastAPI(title="taskmoe on Ray Serve")
 install_error_handlers(api)
 
 
 @serve.deployment
-class VariantReplica:
-    """Holds the backbone once and the variants Serve multiplexes onto it; generates."""
+class ModelReplica:
+    """One copy of the model: its lease manager (the expert pool, or the variant cache) and its decoders."""
 
-    def __init__(self, model: str, store: str, device: str = "auto", dtype: str = "auto") -> None:
-        self.builder = VariantBuilder(model, device=device, dtype=dtype)
-        self.tokenizer = load_tokenizer(model)
-        self.store = PatternStore(store, create=False)
-        self.fingerprint = model_fingerprint(model)
+    def __init__(self, settings: dict[str, str]) -> None:
+        config = load_config(**settings)
+        self.builder = VariantBuilder(config.model, device=config.device, dtype=config.dtype)
+        set_torch_threads(config.torch_threads, self.builder.device)
+        self.info = ModelInfo.load(config.model, config.served_name)
+        self.store = open_store(config)
+        self.metrics = Metrics()
+        self.leases = make_leases(self.builder, self.store, self.info.fingerprint, config, self.metrics)
         self.replica = serve.get_replica_context().replica_id.unique_id
-        self.builds: dict[str, int] = {}
-        self.eos_ids = eos_ids(self.tokenizer, self.builder.generation_config)
+        self.loads: dict[str, int] = {}
 
     @serve.multiplexed(max_num_models_per_replica=MAX_VARIANTS_PER_REPLICA)
-    async def variant(self, pattern: str) -> Any:
-        """Build the variant of `pattern` (a union `a+b` keeps what either keeps; FULL_MODEL: the whole model);
-        Serve keeps the recent ones."""
-        selection = None
-        if pattern != FULL_MODEL:
-            self.store.refresh()
-            selections = []
-            for name in pattern.split(UNION_SEPARATOR):
-                stored = self.store.get(name)
-                stored.check_model(self.fingerprint)
-                selections.append(stored.selection)
-            selection = union(selections)
-        model = await asyncio.to_thread(self.builder.build, selection)
-        self.builds[pattern] = self.builds.get(pattern, 0) + 1
-        return model
+    async def pattern(self, label: str) -> str:
+        """Make this replica hold what serves `label` (Serve then sends that label's requests here)."""
+        self.store.refresh_if_changed()
+        names = () if label == FULL_MODEL else tuple(label.split(UNION_SEPARATOR))
+        lease = await asyncio.to_thread(self.leases.acquire, Choice(names, "explicit"))
+        lease.release()
+        self.loads[label] = self.loads.get(label, 0) + 1
+        return label
 
-    async def generate(self, prompt_ids: list[int], params: SamplingParams) -> dict[str, Any]:
-        pattern = serve.get_multiplexed_model_id()
-        model = await self.variant(pattern)
-        generation = Generation(model, self.tokenizer, prompt_ids, params, self.eos_ids)
-        await asyncio.to_thread(generation.run)
-        return {
-            "choices": [(choice.text, choice.finish_reason) for choice in generation.choices],
-            "completion_tokens": generation.completion_tokens,
-            "replica": self.replica,
-            "builds": dict(self.builds),
-        }
+    async def generate(self, planned: Plan) -> dict[str, Any]:
+        """Run a plan made by the ingress; a refusal comes back as the OpenAI error it is."""
+        try:
+            await self.pattern(serve.get_multiplexed_model_id())
+            answer = await asyncio.to_thread(execute, planned, self.leases, self.info, self.metrics, threading.Event())
+        except ServiceError as error:
+            refused = api_error(error)
+            return {"refused": (refused.status, refused.message, refused.code, refused.param, refused.headers)}
+        return {"answer": answer, "replica": self.replica, "loads": dict(self.loads)}
 
 
 @serve.deployment
 @serve.ingress(api)
 class Ingress:
-    """Routes each query to a pattern and sends it to a replica holding that pattern's variant."""
+    """Plans each request as `taskmoe serve` does and sends it to a replica holding its pattern."""
 
-    def __init__(
-        self,
-        replicas: DeploymentHandle,
-        model: str,
-        store: str,
-        route_threshold: float = 0.9,
-        fallback: str = FULL_MODEL,
-    ) -> None:
+    def __init__(self, replicas: DeploymentHandle, settings: dict[str, str]) -> None:
         self.replicas = replicas
-        self.model_name = Path(model).resolve().name
-        self.tokenizer = load_tokenizer(model)
-        self.context = int(getattr(AutoConfig.from_pretrained(model), "max_position_embeddings", 0) or 0) or None
-        self.store = PatternStore(store, create=False)
-        fallback_pattern = None if fallback == FULL_MODEL else fallback
-        self.router = Router(self.store, Embedder(), threshold=route_threshold, fallback=fallback_pattern)
+        self.config = load_config(**settings)
+        api.state.config = self.config  # what `require_api_key` reads
+        self.info = ModelInfo.load(self.config.model, self.config.served_name)
+        self.store = open_store(self.config)
+        self.router = make_router(
+            self.config, self.store, Embedder(self.config.embedder) if self.config.embedder else Embedder()
+        )
+        self.resolver = Resolver(self.info.name, self.store, self.router, Metrics())
+        if self.config.store_poll > 0:
+            StoreWatcher(self.store, self.config.store_poll, lambda before, after: self.router.learn()).start()
 
-    @api.get("/v1/models")
+    @api.get("/v1/models", dependencies=[Depends(require_api_key)])
     async def models(self) -> dict[str, Any]:
-        ids = model_ids(self.model_name, self.store.names())
-        return {"object": "list", "data": [{"id": i, "object": "model", "owned_by": "taskmoe"} for i in ids]}
+        cards = [{"id": i, "object": "model", "owned_by": "taskmoe"} for i in self.resolver.model_ids()]
+        return {"object": "list", "data": cards}
 
-    def _pattern(self, body: ChatCompletionRequest) -> tuple[str, str]:
-        chosen = explicit_choice(body.model, body.pattern, self.model_name, self.store)
-        if chosen is not None:
-            return chosen.label, chosen.how
-        decision = self.router.route(body.query())
-        return decision.pattern or FULL_MODEL, decision.reason
-
-    @api.post("/v1/chat/completions")
-    async def chat(self, body: ChatCompletionRequest) -> JSONResponse:
-        body.unsupported()
+    async def _complete(self, body: GenerationRequest) -> JSONResponse:
         if body.stream:
             raise APIError(400, "streaming is served by `taskmoe serve`; the Ray app answers whole", param="stream")
-        prompt = chat_prompt_ids(self.tokenizer, body.conversation(), self.context)
-        params = sampling_params(body, len(prompt), body.token_limit, self.context, MAX_N)
-        pattern, how = await asyncio.to_thread(self._pattern, body)
-        try:
-            result = await self.replicas.options(multiplexed_model_id=pattern).generate.remote(prompt, params)
-        except PatternError as error:
-            raise APIError(409, str(error), code="pattern_unusable") from None
-        model_id = served_id(self.model_name, pattern)
-        usage = {"prompt_tokens": len(prompt), "completion_tokens": result["completion_tokens"]}
-        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
-        response = completion_body(
-            "chat",
-            f"chatcmpl-{secrets.token_hex(12)}",
-            int(time.time()),
-            model_id,
-            f"taskmoe-{pattern}",
-            result["choices"],
-            usage,
-        )
-        headers = {
-            "x-taskmoe-pattern": pattern,
-            "x-taskmoe-route": how,
+        planned = await asyncio.to_thread(plan, body.ask(), self.info, self.resolver, self.config.max_n)
+        handle = self.replicas.options(multiplexed_model_id=planned.choice.label)
+        result = await handle.generate.remote(planned)
+        if "refused" in result:
+            status, message, code, param, headers = result["refused"]
+            raise APIError(status, message, code=code, param=param, headers=headers)
+        headers = planned.headers | {
             "x-taskmoe-replica": result["replica"],
-            "x-taskmoe-replica-builds": ",".join(f"{p}={n}" for p, n in sorted(result["builds"].items())),
+            "x-taskmoe-replica-builds": ",".join(f"{p}={n}" for p, n in sorted(result["loads"].items())),
         }
-        return JSONResponse(response, headers=headers)
+        return JSONResponse(whole_body(planned, result["answer"]), headers=headers)
+
+    @api.post("/v1/chat/completions", dependencies=[Depends(require_api_key)])
+    async def chat(self, body: ChatCompletionRequest) -> JSONResponse:
+        return await self._complete(body)
+
+    @api.post("/v1/completions", dependencies=[Depends(require_api_key)])
+    async def completions(self, body: CompletionRequest) -> JSONResponse:
+        return await self._complete(body)
 
 
 def build_app(args: dict[str, str]) -> serve.Application:
     """The application `serve run` (or a RayService's serveConfigV2) starts."""
-    if "model" not in args:
-        raise ValueError("taskmoe on Ray needs model=DIR (and store=DIR, default MODEL/patterns)")
-    model = args["model"]
-    store = args.get("store", str(Path(model) / "patterns"))
-    replicas = VariantReplica.options(
-        num_replicas=int(args.get("replicas", 2)),
-        ray_actor_options={"num_gpus": float(args.get("gpus", 0)), "num_cpus": float(args.get("cpus", 1))},
-    ).bind(model, store, args.get("device", "auto"), args.get("dtype", "auto"))
-    return Ingress.options(ray_actor_options={"num_cpus": float(args.get("ingress_cpus", 0.5))}).bind(
-        replicas,
-        model,
-        store,
-        float(args.get("route_threshold", 0.9)),
-        args.get("fallback", FULL_MODEL),
-    )
+    ray_args = RAY_ARGUMENTS | {name: args[name] for name in RAY_ARGUMENTS if name in args}
+    settings = {name: value for name, value in args.items() if name not in RAY_ARGUMENTS}
+    config = load_config(**settings)  # refuses bad settings here, before any replica starts
+    if config.upstream:
+        raise ValueError("upstream servers are `taskmoe serve`'s; the Ray app serves every pattern itself")
+    replicas = ModelReplica.options(
+        num_replicas=int(ray_args["replicas"]),
+        max_ongoing_requests=config.max_batch,  # concurrent requests decode together in the replica's batch
+        ray_actor_options={"num_gpus": float(ray_args["gpus"]), "num_cpus": float(ray_args["cpus"])},
+    ).bind(settings)
+    return Ingress.options(ray_actor_options={"num_cpus": float(ray_args["ingress_cpus"])}).bind(replicas, settings)

@@ -9,6 +9,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from server.errors import APIError
+from server.plan import Ask, Sampling
 
 
 def _text(value: Any) -> Any:
@@ -62,6 +63,28 @@ class GenerationRequest(BaseModel):
     @property
     def stops(self) -> tuple[str, ...]:
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+
+    def _sampling(self, limit: tuple[int | None, str]) -> Sampling:
+        return Sampling(
+            max_tokens=limit[0],
+            limit_param=limit[1],
+            temperature=self.temperature,
+            top_p=self.top_p,
+            n=self.n,
+            seed=self.seed,
+            stop=self.stops,
+            ignore_eos=self.ignore_eos,
+        )
+
+    def _ask(self, **fields: Any) -> Ask:
+        """The request as the serving code takes it (refusing what it cannot honour first)."""
+        self.unsupported()
+        return Ask(
+            model=self.model,
+            pattern=self.pattern,
+            include_usage=bool(self.stream_options and self.stream_options.include_usage),
+            **fields,
+        )
 
     def unsupported(self) -> None:
         """Refuse what would silently change the answer; ignore the rest."""
@@ -137,6 +160,12 @@ class ChatCompletionRequest(GenerationRequest):
     def conversation(self) -> list[dict[str, str]]:
         return [{"role": m.role, "content": m.text(i)} for i, m in enumerate(self.messages)]
 
+    def ask(self) -> Ask:
+        conversation = tuple(self.conversation())
+        return self._ask(
+            kind="chat", sampling=self._sampling(self.token_limit), messages=conversation, query=self.query()
+        )
+
     def query(self) -> str:
         """What routing looks at: the last user message (the task at hand)."""
         conversation = self.conversation()
@@ -162,6 +191,10 @@ class CompletionRequest(GenerationRequest):
     @property
     def prompts(self) -> list[str]:
         return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+
+    def ask(self) -> Ask:
+        sampling = self._sampling((self.max_tokens, "max_tokens"))
+        return self._ask(kind="text", sampling=sampling, prompts=tuple(self.prompts), query=self.prompts[0])
 
     def unsupported(self) -> None:
         super().unsupported()

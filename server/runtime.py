@@ -1,0 +1,95 @@
+"""Everything one served model needs, built from the configuration at load and closed at shutdown: the
+model's facts, its pattern store (followed on disk), the router and resolver, the lease manager, pattern
+administration and the completion entry point. The app's lifespan owns one; nothing here knows HTTP."""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import Executor
+
+import torch
+
+from pattern_store.embedder import Embedder
+from pattern_store.store import PatternStore
+from server.completions import Completions
+from server.config import ServerConfig
+from server.leases import make_leases
+from server.metrics import Metrics
+from server.model.variant import VariantBuilder
+from server.model_info import ModelInfo
+from server.pattern_admin import PatternAdmin
+from server.resolver import Resolver
+from server.routing import Router
+from server.store_watch import StoreWatcher
+
+log = logging.getLogger("taskmoe.runtime")
+
+
+def set_torch_threads(requested: int | None, device: torch.device) -> int:
+    """On the CPU, each worker thread that runs torch gets its own OpenMP team; several teams on a few cores
+    spin against each other (`scripts/bench_server.py` measures it). One intra-op thread per worker, with
+    concurrency across requests, is the default there."""
+    if requested is None and device.type == "cpu":
+        requested = 1
+    if requested is not None:
+        torch.set_num_threads(requested)
+    return torch.get_num_threads()
+
+
+def open_store(config: ServerConfig) -> PatternStore:
+    """The configured store, checked against the configuration (the fallback and upstream patterns)."""
+    store = PatternStore(config.store, create=True)
+    for file, problem in sorted(store.problems.items()):
+        log.warning("pattern store: skipping %s: %s", file, problem)
+    fallback = config.fallback_pattern
+    if fallback is not None and fallback not in store:
+        raise ValueError(f"--fallback {fallback}: no such pattern in {config.store}; stored: {store.names()}")
+    for pattern in config.upstream_map:
+        if pattern not in store:
+            raise ValueError(f"--upstream {pattern}=...: no such pattern in {config.store} (routing needs it)")
+    return store
+
+
+def make_router(config: ServerConfig, store: PatternStore, embedder: Embedder) -> Router:
+    """The router with the configured policy, trained now rather than on the first request."""
+    router = Router(store, embedder, policy=config.routing, fallback=config.fallback_pattern)
+    router.learn()
+    return router
+
+
+class Runtime:
+    """One served model and everything around it."""
+
+    def __init__(self, config: ServerConfig, executor: Executor, metrics: Metrics | None = None) -> None:
+        self.config = config
+        self.metrics = metrics or Metrics()
+        self.builder = VariantBuilder(config.model, device=config.device, dtype=config.dtype)
+        self.torch_threads = set_torch_threads(config.torch_threads, self.builder.device)
+        self.info = ModelInfo.load(config.model, config.served_name)
+        self.store = open_store(config)
+        self.embedder = Embedder(config.embedder) if config.embedder else Embedder()
+        self.router = make_router(config, self.store, self.embedder)
+        self.resolver = Resolver(self.info.name, self.store, self.router, self.metrics)
+        self.leases = make_leases(self.builder, self.store, self.info.fingerprint, config, self.metrics)
+        self.patterns = PatternAdmin(self.info, self.builder, self.store, self.embedder, self.leases, config)
+        upstream = tuple(config.upstream_map)
+        self.completions = Completions(
+            self.info, self.resolver, self.leases, self.metrics, executor, config.max_n, upstream
+        )
+        self.watcher: StoreWatcher | None = None
+        if config.store_poll > 0:
+            self.watcher = StoreWatcher(self.store, config.store_poll, self._store_changed)
+            self.watcher.start()
+
+    def _store_changed(self, before: dict[str, str], after: dict[str, str]) -> None:
+        """Another process (or this one) wrote the store: a removed or replaced pattern's leases, and every
+        union with it, never serve again; routing learns the new store now rather than on a request."""
+        for name, revision in before.items():
+            if after.get(name) != revision:
+                self.leases.forget(name)
+        self.router.learn()
+
+    def close(self) -> None:
+        if self.watcher is not None:
+            self.watcher.stop()
+        self.patterns.close()
