@@ -40,8 +40,8 @@ def _load(directory: Path):  # -> tuple[PreTrainedModel, PreTrainedTokenizerBase
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """Per-task greedy exact-match accuracy on held-out demo examples."""
-    from server.demo.evaluate import task_accuracy
-    from server.demo.tasks import TASK_NAMES, generate
+    from demo.evaluate import task_accuracy
+    from demo.tasks import TASK_NAMES, generate
 
     tasks = tuple(args.tasks.split(",")) if args.tasks else TASK_NAMES
     unknown = sorted(set(tasks) - set(TASK_NAMES))
@@ -63,7 +63,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_chat(args: argparse.Namespace) -> int:
     """Greedy answers from a model directory: one prompt from the command line, or a prompt loop."""
-    from server.demo.evaluate import greedy_answers
+    from demo.evaluate import greedy_answers
 
     model, tokenizer = _load(_model_dir(args.model))
     if args.prompt:
@@ -598,7 +598,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the command never downloads; set before transformers loads
     args = build_parser().parse_args(argv)
     if getattr(args, "seed", 0) is None:
-        from server.demo.evaluate import EVAL_SEED
+        from demo.evaluate import EVAL_SEED
 
         args.seed = EVAL_SEED
     try:
