@@ -229,8 +229,14 @@ def _plot_patterns(args: argparse.Namespace) -> int:
         raise CliError(f"{args.store}: the store holds no patterns; calibrate one first (taskmoe calibrate)")
     if Path(args.out).is_dir():
         raise CliError(f"--out {args.out} is a directory; give a file such as {Path(args.out) / 'patterns.png'}")
-    from server.plots import plot_patterns  # matplotlib loads here, not for every command
-
+    try:  # matplotlib loads here, not for every command: it is the optional extra `plots`
+        from server.plots import plot_patterns
+    except ModuleNotFoundError as error:
+        if (error.name or "").partition(".")[0] != "matplotlib":
+            raise
+        raise CliError(
+            "patterns plot draws with matplotlib, which is not installed: pip install 'taskmoe[plots]'"
+        ) from None
     try:
         summary = plot_patterns(store, Path(args.out))
     except (ValueError, OSError) as error:  # an unknown picture format, an unwritable directory
