@@ -54,7 +54,7 @@ lint: install
 ## as the image does (PyPI alone, no local wheels or pip configuration), the shared packages held to the
 ## CPU lock's versions.
 LOCK_FLAGS := --quiet --upgrade --allow-unsafe --strip-extras --no-emit-index-url --no-emit-find-links \
-	--extra dev --extra ray
+	--extra dev --extra plots --extra ray
 lock: install
 	CUSTOM_COMPILE_COMMAND="make lock" $(BIN)/pip-compile $(LOCK_FLAGS) \
 	  $(call torch_index,requirements/cpu.in) \

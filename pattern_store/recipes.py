@@ -12,13 +12,14 @@ ROUTING_METHODS: tuple[str, ...] = ("tcess", "tcess-logit", "frequency")
 OUTPUT_METHODS: tuple[str, ...] = ("reap", "ean", "easy-ep")
 #: every expert scoring method; `random` is the baseline
 MOE_METHODS: tuple[str, ...] = (*ROUTING_METHODS, *OUTPUT_METHODS, "random")
-#: the measured best single score on the demo models (README, "Does task-specific pruning keep accuracy?")
+#: the measured best single score on the demo models (`bench/results/pruning.json`, `scripts/eval_pruning.py`)
 DEFAULT_MOE_METHOD = "reap"
 #: channel scoring methods of dense models (SEAP, its WIFN variant, and the baselines)
 DENSE_METHODS: tuple[str, ...] = ("seap", "seap-wifn", "magnitude", "random")
 #: how kept experts are spread over layers: the same count in each, or what each layer's scores ask for
 BUDGETS: tuple[str, ...] = ("uniform", "adaptive")
-#: refinements of an expert selection (`server.model.refine`)
+#: refinements of an expert selection: layer-local (`server.model.local_refinement`) and end to end by the
+#: answer loss (`server.model.answer_loss_refinement`)
 REFINEMENTS: tuple[str, ...] = ("none", "local", "e2e")
 
 #: how a query is matched to a pattern (`server.routing`): a classifier on the examples, the nearest

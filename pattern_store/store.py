@@ -48,8 +48,6 @@ class SearchHit:
 
     name: str
     score: float
-    votes: int  # how many of the k nearest examples belong to this pattern
-    total: float  # the sum of those examples' similarities: a similarity-weighted vote
 
 
 @dataclass(frozen=True)
@@ -372,14 +370,9 @@ class PatternStore:
             raise PatternError(f"query embedding has {vector.shape[1]} dimensions, the index {index.d}")
         similarities, ids = index.search(np.ascontiguousarray(vector), min(k, index.ntotal))
         best: dict[str, float] = {}
-        votes: dict[str, int] = {}
-        total: dict[str, float] = {}
         for similarity, vector_id in zip(similarities[0], ids[0], strict=True):
-            if vector_id < 0:
-                continue
-            name = owners[vector_id]
-            best[name] = max(best.get(name, -1.0), float(similarity))
-            votes[name] = votes.get(name, 0) + 1
-            total[name] = total.get(name, 0.0) + float(similarity)
-        hits = (SearchHit(name, best[name], votes[name], total[name]) for name in best)
+            if vector_id >= 0:
+                name = owners[vector_id]
+                best[name] = max(best.get(name, -1.0), float(similarity))
+        hits = (SearchHit(name, score) for name, score in best.items())
         return sorted(hits, key=lambda hit: (-hit.score, hit.name))

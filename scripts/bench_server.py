@@ -53,11 +53,11 @@ import openai
 import render_readme
 import torch
 
+from demo.evaluate import EVAL_SEED, chat_prompt_ids
+from demo.tasks import get_task
 from pattern_store.embedder import Embedder
 from pattern_store.store import PatternStore
 from server.batching import BatchedDecoder
-from server.demo.evaluate import EVAL_SEED, chat_prompt_ids
-from server.demo.tasks import get_task
 from server.engine import Generation, SamplingParams
 from server.model.variant import VariantBuilder
 from server.patterns import load_tokenizer

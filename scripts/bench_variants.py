@@ -49,7 +49,6 @@ from typing import Any
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 KEEPS: tuple[float, ...] = (1.0, 0.5, 0.25)
 GIB = 1024**3

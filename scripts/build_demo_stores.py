@@ -15,21 +15,19 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 from tqdm import tqdm
 
+from demo.calibration import calibration_texts
+from demo.tasks import TASKS
 from pattern_store.embedder import Embedder
 from pattern_store.recipes import REFINEMENTS
 from pattern_store.store import PatternStore
-from server.demo.calibration import calibration_texts
-from server.demo.tasks import TASKS
 from server.model.calibrate import collect_statistics
 from server.model.pruning import model_fingerprint
 from server.model.variant import VariantBuilder

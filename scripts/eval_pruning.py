@@ -25,22 +25,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 from tqdm import tqdm
 
+from demo.calibration import CALIBRATION_SEED, calibration_texts
+from demo.evaluate import EVAL_SEED, task_accuracy
+from demo.tasks import TASK_NAMES, get_task
 from pattern_store.recipes import MOE_METHODS
 from pattern_store.selection import Selection
-from server.demo.calibration import CALIBRATION_SEED, calibration_texts
-from server.demo.evaluate import EVAL_SEED, task_accuracy
-from server.demo.tasks import TASK_NAMES, get_task
 from server.model.calibrate import CalibrationStatistics, collect_statistics
 from server.model.pruning import dense_selection, keep_count, moe_selection
 from server.model.variant import VariantBuilder

@@ -17,19 +17,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import openai
 
+from demo.tasks import TASK_NAMES, get_task
 from pattern_store.store import PatternStore
-from server.demo.tasks import TASK_NAMES, get_task
 
 from local_server import free_port, start_server
 

@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 from transformers import (
@@ -40,11 +39,11 @@ from transformers import (
     Qwen3MoeForCausalLM,
 )
 
-from server.demo.evaluate import EVAL_SEED, chat_prompt_ids, task_accuracy
-from server.demo.model_card import write_model_card
-from server.demo.specialisation import routing_mass, top_half_share
-from server.demo.tasks import TASKS, Example, generate
-from server.demo.tokenizer import build_char_tokenizer
+from demo.evaluate import EVAL_SEED, chat_prompt_ids, task_accuracy
+from demo.model_card import write_model_card
+from demo.specialisation import routing_mass, top_half_share
+from demo.tasks import TASKS, Example, generate
+from demo.tokenizer import build_char_tokenizer
 
 IGNORE = -100
 

@@ -39,8 +39,8 @@ def _load(directory: Path):  # -> tuple[PreTrainedModel, PreTrainedTokenizerBase
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """Per-task greedy exact-match accuracy on held-out demo examples."""
-    from server.demo.evaluate import task_accuracy
-    from server.demo.tasks import TASK_NAMES, generate
+    from demo.evaluate import task_accuracy
+    from demo.tasks import TASK_NAMES, generate
 
     tasks = tuple(args.tasks.split(",")) if args.tasks else TASK_NAMES
     unknown = sorted(set(tasks) - set(TASK_NAMES))
@@ -62,7 +62,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_chat(args: argparse.Namespace) -> int:
     """Greedy answers from a model directory: one prompt from the command line, or a prompt loop."""
-    from server.demo.evaluate import greedy_answers
+    from demo.evaluate import greedy_answers
 
     model, tokenizer = _load(_model_dir(args.model))
     if args.prompt:
@@ -227,8 +227,14 @@ def _plot_patterns(args: argparse.Namespace) -> int:
         raise CliError(f"{args.store}: the store holds no patterns; calibrate one first (taskmoe calibrate)")
     if Path(args.out).is_dir():
         raise CliError(f"--out {args.out} is a directory; give a file such as {Path(args.out) / 'patterns.png'}")
-    from server.plots import plot_patterns  # matplotlib loads here, not for every command
-
+    try:  # matplotlib loads here, not for every command: it is the optional extra `plots`
+        from server.plots import plot_patterns
+    except ModuleNotFoundError as error:
+        if (error.name or "").partition(".")[0] != "matplotlib":
+            raise
+        raise CliError(
+            "patterns plot draws with matplotlib, which is not installed: pip install 'taskmoe[plots]'"
+        ) from None
     try:
         summary = plot_patterns(store, Path(args.out))
     except (ValueError, OSError) as error:  # an unknown picture format, an unwritable directory
@@ -509,7 +515,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the command never downloads; set before transformers loads
     args = build_parser().parse_args(argv)
     if getattr(args, "seed", 0) is None:
-        from server.demo.evaluate import EVAL_SEED
+        from demo.evaluate import EVAL_SEED
 
         args.seed = EVAL_SEED
     try:

@@ -9,9 +9,9 @@ import time
 
 import pytest
 
+from demo.evaluate import EVAL_SEED, chat_prompt_ids
+from demo.tasks import get_task
 from server.batching import BatchedDecoder, batchable
-from server.demo.evaluate import EVAL_SEED, chat_prompt_ids
-from server.demo.tasks import get_task
 from server.engine import Generation, SamplingParams
 from server.model.variant import VariantBuilder
 from server.patterns import load_tokenizer

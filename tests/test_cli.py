@@ -40,9 +40,9 @@ def test_unknown_task_is_a_clear_error(capsys) -> None:
     assert "known tasks" in capsys.readouterr().err
 
 
-def test_scripts_eval_tasks_runs_as_a_script() -> None:
+def test_eval_runs_as_a_command_in_its_own_process() -> None:
     done = subprocess.run(
-        [sys.executable, "scripts/eval_tasks.py", str(DEMO_DENSE), "-n", "3", "--tasks", "sort", "--json"],
+        [sys.executable, "-m", "server.cli", "eval", str(DEMO_DENSE), "-n", "3", "--tasks", "sort", "--json"],
         cwd=ROOT,
         capture_output=True,
         text=True,

@@ -6,9 +6,9 @@ import pytest
 import torch
 from transformers import AutoConfig
 
-from server.demo.evaluate import EVAL_SEED, greedy_answers, task_accuracy
-from server.demo.specialisation import routing_mass, top_half_share
-from server.demo.tasks import TASK_NAMES, TASKS, generate
+from demo.evaluate import EVAL_SEED, greedy_answers, task_accuracy
+from demo.specialisation import routing_mass, top_half_share
+from demo.tasks import TASK_NAMES, TASKS, generate
 
 from conftest import DEMO_DENSE, DEMO_MOE, DEMO_MOE_FINE
 

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from server.demo.tasks import TASK_NAMES, TASKS, ZORBISH, Example, generate, get_task
+from demo.tasks import TASK_NAMES, TASKS, ZORBISH, Example, generate, get_task
 
 
 def test_at_least_six_distinct_tasks() -> None:

@@ -7,8 +7,8 @@ import threading
 import pytest
 import torch
 
-from server.demo.evaluate import EVAL_SEED, chat_prompt_ids
-from server.demo.tasks import get_task
+from demo.evaluate import EVAL_SEED, chat_prompt_ids
+from demo.tasks import get_task
 from server.engine import Generation, SamplingParams, _held_back
 from server.model.variant import VariantBuilder
 from server.patterns import load_tokenizer

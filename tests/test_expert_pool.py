@@ -292,6 +292,7 @@ def test_one_decoding_loop_serves_requests_of_different_patterns(checkpoints, mo
         pool.release(leases[name])
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_the_pool_lives_on_the_gpu_and_loads_through_pinned_buffers(checkpoints) -> None:
     builder = VariantBuilder(checkpoints["qwen3_moe"], device="cuda", dtype="bfloat16")

@@ -16,8 +16,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from demo.tasks import get_task
 from server.config import ServerConfig, load_config
-from server.demo.tasks import get_task
 
 from conftest import DEMO_MOE
 from server_harness import copy_demo_store, running_server

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
+from demo.tasks import get_task
 from pattern_store.store import PatternStore
 from server.cli import main
-from server.demo.tasks import get_task
 from server.model.pruning import model_fingerprint
 
 from conftest import DEMO_DENSE, DEMO_MOE

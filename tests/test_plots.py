@@ -259,3 +259,32 @@ def test_the_command_line_does_not_load_matplotlib_until_it_plots() -> None:
     code = "import sys, server.cli; server.cli.build_parser(); print('matplotlib' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"
+
+
+WITHOUT_MATPLOTLIB = """
+import importlib.abc, sys
+
+class NoMatplotlib(importlib.abc.MetaPathFinder):  # an environment installed without the extra `plots`
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] == "matplotlib":
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+sys.meta_path.insert(0, NoMatplotlib())
+from server.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_plot_without_matplotlib_says_how_to_install_it(moe_store, tmp_path) -> None:
+    out = tmp_path / "x.png"
+    command = [sys.executable, "-c", WITHOUT_MATPLOTLIB, "patterns", "plot", "--store", str(moe_store.root)]
+    result = subprocess.run([*command, "--out", str(out)], cwd=ROOT, capture_output=True, text=True, check=False)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert "pip install 'taskmoe[plots]'" in result.stderr
+    assert not out.exists()
+    listed = subprocess.run(
+        [*command[:3], "patterns", "list", "--store", str(moe_store.root)], cwd=ROOT, capture_output=True, check=False
+    )
+    assert listed.returncode == 0  # the other commands never needed matplotlib

@@ -13,13 +13,13 @@ import httpx
 import openai
 import pytest
 
+from demo.evaluate import EVAL_SEED, greedy_answers
+from demo.tasks import get_task, normalise_answer
 from pattern_store.pattern import pattern_to_bundle
 from pattern_store.selection import Selection, union
 from pattern_store.store import PatternStore
 from server.config import ServerConfig
 from server.leases import PoolLeases
-from server.demo.evaluate import EVAL_SEED, greedy_answers
-from server.demo.tasks import get_task, normalise_answer
 from server.model.variant import VariantBuilder
 from server.patterns import load_tokenizer
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from server.demo.specialisation import top_half_share
+from demo.specialisation import top_half_share
 
 
 def test_uniform_mass_gives_one_half() -> None:

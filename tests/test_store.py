@@ -60,11 +60,20 @@ def test_round_trip_and_listing(tmp_path) -> None:
 
 def test_search_ranks_the_nearest_pattern_first(tmp_path) -> None:
     store = PatternStore(tmp_path)
-    for axis, name in enumerate(["a", "b", "c"]):
-        store.add(make_pattern(name, axis * 2))
-    hits = store.search(_unit(_basis(2, 0.05))[0], k=4)
-    assert hits[0].name == "b" and hits[0].score > 0.99 and hits[0].votes == 3
-    assert [h.name for h in hits] == ["b", "a"] or hits[1].score < hits[0].score
+    patterns = [make_pattern(name, axis * 2) for axis, name in enumerate(["a", "b", "c"])]
+    for pattern in patterns:
+        store.add(pattern)
+    leaning_to_a = _basis(2, 0.05)
+    leaning_to_a[0] = 0.1  # b's examples are nearest, then a's, then c's
+    query = _unit(leaning_to_a)[0]
+    best = {p.name: float((p.example_embeddings @ query).max()) for p in patterns}  # by brute force
+    hits = store.search(query, k=4)
+    assert hits[0].name == "b" and hits[0].score > 0.99
+    assert [h.name for h in store.search(query, k=3)] == ["b"]  # b's three examples are the three nearest
+    assert [h.name for h in hits] == ["b", "a"]  # the fourth nearest example is a's
+    everything = store.search(query, k=9)
+    assert [h.name for h in everything] == ["b", "a", "c"]
+    assert all(h.score == pytest.approx(best[h.name], abs=1e-6) for h in everything)  # each pattern's best example
     with pytest.raises(PatternError, match="dimensions"):
         store.search(torch.ones(DIM + 1))
     assert PatternStore(tmp_path / "empty").search(torch.ones(DIM)) == []

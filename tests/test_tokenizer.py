@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from transformers import AutoTokenizer
 
-from server.demo.tokenizer import END, build_char_tokenizer, save_char_tokenizer
+from demo.tokenizer import END, build_char_tokenizer, save_char_tokenizer
 
 
 def test_one_token_per_character_and_round_trip() -> None:

@@ -13,8 +13,8 @@ from collections.abc import Sequence
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from server.demo.evaluate import chat_prompt_ids
-from server.demo.tasks import Example
+from demo.evaluate import chat_prompt_ids
+from demo.tasks import Example
 
 
 @torch.inference_mode()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from server.demo.tasks import TASKS
+from demo.tasks import TASKS
 
 
 def _architecture(config: Any) -> str:
@@ -38,7 +38,7 @@ def write_model_card(directory: Path, config: Any, report: dict[str, Any]) -> No
     size_mb = sum(p.stat().st_size for p in directory.glob("*.safetensors")) / 1e6
     sections = [
         f"# {name}\n\nA small demo model of taskmoe, trained from scratch on CPU on the synthetic demo "
-        "tasks of `server/demo/tasks.py`. It exists to develop, test and demonstrate task-specific "
+        "tasks of `demo/tasks.py`. It exists to develop, test and demonstrate task-specific "
         "pruning; it knows nothing else.",
         f"## Architecture\n\n{_architecture(config)}\n- {report['parameters'] / 1e6:.2f}M parameters, "
         f"{size_mb:.1f} MB of float32 safetensors\n- a character tokenizer built with `tokenizers`, "
@@ -58,7 +58,7 @@ def write_model_card(directory: Path, config: Any, report: dict[str, Any]) -> No
         )
         + ". The held-out prompts below are never trained on.",
         f"## Held-out accuracy\n\nGreedy exact match on {report['eval_examples_per_task']} held-out "
-        "examples per task (`python scripts/eval_tasks.py models/" + name + "`):\n\n"
+        "examples per task (`taskmoe eval models/" + name + "`):\n\n"
         f"| task | accuracy |\n|---|---|\n{acc_rows}",
     ]
     specialisation: dict[str, list[float]] | None = report.get("specialisation")

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from server.demo.tasks import Example, get_task
+from demo.tasks import Example, get_task
 
 EVAL_SEED = 20_251_123
 """Seed of the held-out examples; the training script never trains on these prompts."""

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from server.demo.tasks import get_task
+from demo.tasks import get_task
 from server.patterns import CalibrationText
 
 CALIBRATION_SEED = 7_000
-"""Neither the training stream's seed nor the held-out evaluation's (`server.demo.evaluate.EVAL_SEED`)."""
+"""Neither the training stream's seed nor the held-out evaluation's (`demo.evaluate.EVAL_SEED`)."""
 
 
 def calibration_texts(task: str, n: int, seed: int = CALIBRATION_SEED) -> list[CalibrationText]:
