@@ -49,11 +49,11 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-## Refresh the locks from pyproject.toml and requirements/*.in: after changing a dependency there, or to
-## take newer releases. Then run `make test` and commit the locks with the change. The CUDA lock resolves
-## as the image does (PyPI alone, no local wheels or pip configuration), the shared packages held to the
-## CPU lock's versions.
-LOCK_FLAGS := --quiet --upgrade --allow-unsafe --strip-extras --no-emit-index-url --no-emit-find-links \
+## Refresh the locks from pyproject.toml and requirements/*.in after changing a dependency there: every
+## other pin stays. `make lock UPGRADE=1` takes the newest releases of everything instead. Then run
+## `make test` and commit the locks with the change. The CUDA lock resolves as the image does (PyPI alone,
+## no local wheels or pip configuration), the packages it shares with the CPU lock held to their versions.
+LOCK_FLAGS := --quiet $(if $(UPGRADE),--upgrade) --allow-unsafe --strip-extras --no-emit-index-url --no-emit-find-links \
 	--extra dev --extra plots --extra ray
 lock: install
 	CUSTOM_COMPILE_COMMAND="make lock" $(BIN)/pip-compile $(LOCK_FLAGS) \

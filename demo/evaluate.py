@@ -9,17 +9,15 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from demo.tasks import Example, get_task
+from server.model_info import template_ids
 
 EVAL_SEED = 20_251_123
 """Seed of the held-out examples; the training script never trains on these prompts."""
 
 
 def chat_prompt_ids(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[int]:
-    """Token ids of a one-turn chat with the assistant's turn opened."""
-    encoded = tokenizer.apply_chat_template(
-        [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
-    )
-    return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
+    """Token ids of a one-turn chat with the assistant's turn opened, as the server makes them."""
+    return template_ids(tokenizer, [{"role": "user", "content": prompt}])
 
 
 @torch.inference_mode()

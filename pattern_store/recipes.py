@@ -14,6 +14,8 @@ OUTPUT_METHODS: tuple[str, ...] = ("reap", "ean", "easy-ep")
 MOE_METHODS: tuple[str, ...] = (*ROUTING_METHODS, *OUTPUT_METHODS, "random")
 #: the measured best single score on the demo models (`bench/results/pruning.json`, `scripts/eval_pruning.py`)
 DEFAULT_MOE_METHOD = "reap"
+#: the share of each layer's experts a pattern keeps unless told otherwise (PreMoe's 8/128 point is 0.5)
+DEFAULT_KEEP = 0.5
 #: channel scoring methods of dense models (SEAP, its WIFN variant, and the baselines)
 DENSE_METHODS: tuple[str, ...] = ("seap", "seap-wifn", "magnitude", "random")
 #: how kept experts are spread over layers: the same count in each, or what each layer's scores ask for

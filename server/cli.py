@@ -12,6 +12,7 @@ from typing import Any
 
 from pattern_store.recipes import (  # names only, no torch
     BUDGETS,
+    DEFAULT_KEEP,
     DEFAULT_MOE_METHOD,
     MOE_METHODS,
     REFINEMENTS,
@@ -453,7 +454,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     calibrate.add_argument("--examples", help="JSONL of prompts routing matches against (default: --prompts)")
     keep = calibrate.add_mutually_exclusive_group()
-    keep.add_argument("--keep", type=float, default=0.5, help="MoE: share of experts kept per layer (default 0.5)")
+    keep.add_argument("--keep", type=float, help=f"MoE: share of experts kept per layer (default {DEFAULT_KEEP})")
     keep.add_argument("--keep-experts", type=int, help="MoE: number of experts kept per layer")
     calibrate.add_argument(
         "--method",

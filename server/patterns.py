@@ -18,7 +18,15 @@ from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from pattern_store.embedder import Embedder
 from pattern_store.pattern import TaskPattern, validate_name
-from pattern_store.recipes import BUDGETS, DEFAULT_MOE_METHOD, DENSE_METHODS, MOE_METHODS, OUTPUT_METHODS, REFINEMENTS
+from pattern_store.recipes import (
+    BUDGETS,
+    DEFAULT_KEEP,
+    DEFAULT_MOE_METHOD,
+    DENSE_METHODS,
+    MOE_METHODS,
+    OUTPUT_METHODS,
+    REFINEMENTS,
+)
 from pattern_store.selection import Selection
 from server.model.answer_loss_refinement import refine_by_answer_loss
 from server.model.calibrate import CalibrationStatistics, collect_statistics
@@ -138,7 +146,7 @@ class PatternRecipe:
     or dense (sparsity). Made from user input by `for_model`, which fills the documented defaults."""
 
     method: str = DEFAULT_MOE_METHOD
-    keep_ratio: float | None = 0.5
+    keep_ratio: float | None = DEFAULT_KEEP
     keep_experts: int | None = None
     threshold: float = 0.0
     sparsity: float = 0.2
@@ -161,10 +169,10 @@ class PatternRecipe:
         refine: str = "none",
     ) -> PatternRecipe:
         """The recipe for user input (the CLI's flags or the admin API's JSON), defaults filled by the model's
-        kind (method: reap for MoE, seap for dense; keep 0.5 unless a count is given) and validated."""
+        kind (method: reap for MoE, seap for dense; keep `DEFAULT_KEEP` unless a count is given) and validated."""
         recipe = cls(
             method=method or (DEFAULT_MOE_METHOD if moe else "seap"),
-            keep_ratio=None if keep_experts else (0.5 if keep is None else keep),
+            keep_ratio=None if keep_experts else (DEFAULT_KEEP if keep is None else keep),
             keep_experts=keep_experts,
             threshold=threshold,
             sparsity=sparsity,

@@ -16,7 +16,7 @@ from pattern_store.pattern import TaskPattern
 from pattern_store.selection import Selection, SelectionError, union
 from pattern_store.store import PatternStore
 from server.errors import InvalidRequest
-from server.request_path import explicit_choice
+from server.resolver import explicit_choice
 from server.route_features import FeatureWeights, RouteFeatures
 from server.routing import Router, fit_temperature
 from server.store_watch import StoreWatcher
@@ -262,7 +262,7 @@ def test_the_watcher_thread_reloads_within_its_interval(separated) -> None:
 
 def test_a_union_named_with_an_empty_part_is_a_clear_400(separated) -> None:
     store, _ = separated
-    assert explicit_choice("demo@sort+arith", None, "demo", store).pattern == "arith+sort"
+    assert explicit_choice("demo@sort+arith", None, "demo", store).patterns == ("arith", "sort")
     for model in ("demo@+", "demo@sort+", "demo@+sort"):
         with pytest.raises(InvalidRequest, match="empty pattern"):
             explicit_choice(model, None, "demo", store)
