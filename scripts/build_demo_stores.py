@@ -31,7 +31,7 @@ from pattern_store.store import PatternStore
 from server.demo.calibration import calibration_texts
 from server.demo.tasks import TASKS
 from server.model.calibrate import collect_statistics
-from server.model.pruning import model_fingerprint
+from server.model.checkpoint import model_fingerprint
 from server.model.variant import VariantBuilder
 from server.patterns import (
     CalibrationSet,

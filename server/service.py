@@ -38,8 +38,9 @@ from server.errors import (
 from server.expert_pool import ExpertPool, PoolLease
 from server.jobs import Job, JobRefused, JobRunner
 from server.metrics import Metrics
+from server.model.checkpoint import model_fingerprint
 from server.model.pooled import PooledModel, RowRoute
-from server.model.pruning import keep_count, model_fingerprint
+from server.model.pruning import keep_count
 from server.model.variant import VariantBuilder
 from server.patterns import CalibrationText, PatternRecipe, load_tokenizer, make_pattern
 from server.request_path import (

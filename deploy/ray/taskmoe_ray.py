@@ -41,7 +41,7 @@ from server.api.schemas import ChatCompletionRequest
 from server.config import FULL_MODEL
 from server.engine import Generation, SamplingParams
 from server.errors import APIError
-from server.model.pruning import model_fingerprint
+from server.model.checkpoint import model_fingerprint
 from server.model.variant import VariantBuilder
 from server.patterns import load_tokenizer
 from server.request_path import chat_prompt_ids, eos_ids, explicit_choice, model_ids, sampling_params, served_id
