@@ -29,7 +29,7 @@ from pattern_store.embedder import Embedder
 from pattern_store.recipes import REFINEMENTS
 from pattern_store.store import PatternStore
 from server.model.calibrate import collect_statistics
-from server.model.pruning import model_fingerprint
+from server.model.checkpoint import model_fingerprint
 from server.model.variant import VariantBuilder
 from server.patterns import (
     CalibrationSet,

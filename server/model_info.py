@@ -15,8 +15,8 @@ from typing import Any
 from transformers import AutoConfig, AutoTokenizer, GenerationConfig, PretrainedConfig, PreTrainedTokenizerBase
 
 from server.errors import ContextTooLong, InvalidRequest
+from server.model.checkpoint import model_fingerprint
 from server.model.families import family_for
-from server.model.pruning import model_fingerprint
 
 MAX_CHARACTERS_PER_TOKEN = 32
 """A text longer than this many characters per context token cannot fit: refused untokenized."""

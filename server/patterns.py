@@ -30,13 +30,13 @@ from pattern_store.recipes import (
 from pattern_store.selection import Selection
 from server.model.answer_loss_refinement import refine_by_answer_loss
 from server.model.calibrate import CalibrationStatistics, collect_statistics
+from server.model.checkpoint import model_fingerprint
 from server.model.local_refinement import SearchOptions, refine_locally
 from server.model.pruning import (
     PrunedSelection,
     dense_selection,
     expert_counts,
     keep_count,
-    model_fingerprint,
     moe_selection,
 )
 from server.model.variant import VariantBuilder

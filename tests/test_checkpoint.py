@@ -8,7 +8,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from server.model.checkpoint import CheckpointError, CheckpointReader, contiguous_runs
+from server.model.checkpoint import CheckpointError, CheckpointReader, contiguous_runs, model_fingerprint
+
+from tiny_models import moe_configs, save_random_model
 
 
 @pytest.fixture()
@@ -83,3 +85,22 @@ def test_row_views_point_into_the_file_and_count_their_bytes(sharded) -> None:
     assert reader.rows_view("a", 3, 4).data_ptr() == rows.data_ptr() + 4 * 3 * 4, "views of one map, no copies"
     with pytest.raises(CheckpointError, match="out of range"):
         reader.rows_view("a", 4, 7)
+
+
+def test_model_fingerprint_tells_checkpoints_apart(tmp_path) -> None:
+    """A pattern belongs to one model: the same weights and config give the same fingerprint, whatever version
+    of transformers wrote them; a retrained model of the same shapes, or another config, gives another."""
+    config = moe_configs()["qwen3_moe"]
+    first = save_random_model(config, tmp_path / "first")
+    again = save_random_model(config, tmp_path / "again")
+    retrained = save_random_model(config, tmp_path / "retrained", seed=1)
+    assert model_fingerprint(first) == model_fingerprint(again)
+    assert len(model_fingerprint(first)) == 64
+    assert model_fingerprint(retrained) != model_fingerprint(first), "same shapes, other weights"
+    document = json.loads((again / "config.json").read_text())
+    document["transformers_version"] = "0.0.1"
+    (again / "config.json").write_text(json.dumps(document))
+    assert model_fingerprint(again) == model_fingerprint(first), "the writer's version is not the model"
+    document["num_experts_per_tok"] = 3
+    (again / "config.json").write_text(json.dumps(document))
+    assert model_fingerprint(again) != model_fingerprint(first)

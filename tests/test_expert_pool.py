@@ -251,11 +251,11 @@ def test_a_failed_load_frees_its_slots_and_the_next_request_retries(checkpoints,
 
 
 def test_a_route_the_routing_rule_forbids_is_refused(checkpoints) -> None:
+    """A pattern becomes a pool route through `kept_experts`, which checks it against the routing rule."""
     builder = VariantBuilder(checkpoints["deepseek_v3"])
-    pooled = PooledModel(builder, slots=8)
     layer = sorted(builder.sparse_layers)[0]
     with pytest.raises(SelectionError, match="same number"):
-        pooled.check(RowRoute("bad", {layer: (0, 1, 2, 4)}))
+        builder.kept_experts(Selection("moe_experts", {layer: [0, 1, 2, 4]}))
 
 
 @pytest.mark.parametrize("model_type", ["qwen2_moe", "deepseek_v3"])

@@ -59,6 +59,7 @@ def test_exported_dense_bias_needs_mlp_bias(tmp_path) -> None:
     out = export_variant(llama, selection, tmp_path / "llama-variant")
     reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
     assert AutoConfig.from_pretrained(out).intermediate_size == 32
+    assert llama.config.intermediate_size == 64, "the builder's own config is untouched"
     with torch.no_grad():
         torch.testing.assert_close(reloaded(X).logits, llama.build(selection)(X).logits, rtol=1e-5, atol=1e-5)
     qwen3 = VariantBuilder(save_random_model(dense_configs()["qwen3"], tmp_path / "qwen3"))

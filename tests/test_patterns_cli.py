@@ -9,7 +9,7 @@ import pytest
 from demo.tasks import get_task
 from pattern_store.store import PatternStore
 from server.cli import main
-from server.model.pruning import model_fingerprint
+from server.model.checkpoint import model_fingerprint
 
 from conftest import DEMO_DENSE, DEMO_MOE
 

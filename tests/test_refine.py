@@ -14,7 +14,7 @@ import torch
 
 from pattern_store.selection import Selection
 from server.model.answer_loss_refinement import AnswerLoss, refine_by_answer_loss
-from server.model.calibrate import LayerStream
+from server.model.layer_stream import LayerStream
 from server.model.local_refinement import BlockReconstruction, SearchOptions, refine_locally
 from server.model.masking import RouterMasks
 from server.model.variant import VariantBuilder

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel
 
-from server.model.calibrate import LayerStream, Progress
+from server.model.layer_stream import LayerStream, Progress
 from server.model.local_refinement import BlockCapture, BlockReconstruction, Kept, SearchOptions, token_budget
 from server.model.masking import RouterMasks
 from server.model.variant import VariantBuilder
@@ -92,10 +92,7 @@ class AnswerLoss:
             with self.masks:
                 hidden = self._inputs[start]
                 for index in range(start, layer):
-                    hidden = [
-                        self.model.model.layers[index](h, **self.stream.layer_kwargs(index, batch))
-                        for h, batch in zip(hidden, self.stream.batches, strict=True)
-                    ]
+                    hidden = self.stream.forward(index, hidden)
                     self._inputs[index + 1] = hidden
         return self._inputs[layer]
 
@@ -122,9 +119,7 @@ class AnswerLoss:
         inputs = self.inputs(layer)
         self.masks.apply({k: v for k, v in self.selection.items() if k != layer})
         with self.masks, BlockCapture(block, self.stream) as capture:
-            for hidden, batch in zip(inputs, self.stream.batches, strict=True):
-                self.stream.current = batch
-                self.model.model.layers[layer](hidden, **self.stream.layer_kwargs(layer, batch))
+            self.stream.forward(layer, inputs)
         return capture.sample(max_tokens, seed=layer)
 
 
@@ -143,65 +138,97 @@ def refine_by_answer_loss(
     scores order the swaps the layer-local error cannot; `progress(n)` counts forward passes; `model` is the
     full model when the caller has built it already."""
     started = time.perf_counter()
-    options = options or SearchOptions()
     loss = AnswerLoss(builder, token_ids, answer_starts, model)
     full_loss = loss.evaluate({})
     candidate_losses = {}
     for name, selection in candidates.items():
-        candidate_losses[name] = loss.evaluate({k: tuple(sorted(v)) for k, v in selection.items()})
+        candidate_losses[name] = loss.evaluate(_sorted(selection))
         if progress is not None:
             progress(loss.evaluations)
     start = min(candidate_losses, key=lambda name: (candidate_losses[name], name))
-    current = {k: tuple(sorted(v)) for k, v in candidates[start].items()}
-    loss.set(current)
-    best, swaps, stopped = candidate_losses[start], 0, "converged"
-    hidden = int(builder.config.hidden_size)
-
-    def out_of_budget() -> str | None:
-        if loss.evaluations >= options.e2e_evaluations:
-            return "evaluations"
-        if time.perf_counter() - started > options.e2e_seconds:
-            return "seconds"
-        return None
-
-    for _ in range(options.e2e_sweeps):
-        improved = False
-        for layer in sorted(current):
-            if (stopped := out_of_budget() or stopped) != "converged":
-                break
-            x, y = loss.capture(layer, token_budget(options, builder.sparse_layers[layer].num_experts, hidden))
-            block = loss.model.get_submodule(loss.sparse[layer])
-            reconstruction = BlockReconstruction(block, builder.family, builder.config, layer, x, y)
-            for _ in range(options.max_swaps):
-                if (stopped := out_of_budget() or stopped) != "converged":
-                    break
-                ranked = reconstruction.ranked_swaps(current[layer], tiebreak[layer], options.candidates)
-                trials = []
-                for _, kept in ranked[: options.e2e_pairs]:
-                    trials.append((loss.evaluate({**current, layer: kept}, from_layer=layer), kept))
-                    if progress is not None:
-                        progress(loss.evaluations)
-                if not trials:
-                    break
-                value, kept = min(trials)
-                if value >= best * (1 - 1e-4):
-                    break
-                best, current = value, {**current, layer: kept}
-                loss.set(current, changed_from=layer)
-                swaps += 1
-                improved = True
-            del reconstruction
-        if not improved or stopped != "converged":
-            break
+    search = _SwapSearch(builder, loss, tiebreak, options or SearchOptions(), progress, started)
+    search.run(_sorted(candidates[start]), candidate_losses[start])
     return AnswerLossSearch(
         start=start,
-        kept=current,
+        kept=search.current,
         start_loss=candidate_losses[start],
-        loss=best,
+        loss=search.best,
         full_loss=full_loss,
-        swaps=swaps,
+        swaps=search.swaps,
         candidate_losses=candidate_losses,
         evaluations=loss.evaluations,
         seconds=time.perf_counter() - started,
-        stopped=stopped,
+        stopped=search.stopped,
     )
+
+
+def _sorted(selection: Mapping[int, Sequence[int]]) -> dict[int, Kept]:
+    return {layer: tuple(sorted(kept)) for layer, kept in selection.items()}
+
+
+class _SwapSearch:
+    """Best-of-a-few swaps, layer by layer and sweep by sweep, while the answer loss drops and the budget of
+    forward passes (and the safety cap on seconds) lasts."""
+
+    def __init__(
+        self,
+        builder: VariantBuilder,
+        loss: AnswerLoss,
+        tiebreak: Mapping[int, torch.Tensor],
+        options: SearchOptions,
+        progress: Progress | None,
+        started: float,
+    ) -> None:
+        self.builder, self.loss, self.tiebreak, self.options = builder, loss, tiebreak, options
+        self.progress, self.started = progress, started
+        self.current: dict[int, Kept] = {}
+        self.best = float("inf")
+        self.swaps = 0
+        self.stopped = "converged"  # or "evaluations", "seconds": which budget ended the search
+
+    def out_of_budget(self) -> bool:
+        if self.loss.evaluations >= self.options.e2e_evaluations:
+            self.stopped = "evaluations"
+        elif time.perf_counter() - self.started > self.options.e2e_seconds:
+            self.stopped = "seconds"
+        return self.stopped != "converged"
+
+    def run(self, start: dict[int, Kept], start_loss: float) -> None:
+        self.current, self.best = start, start_loss
+        self.loss.set(start)
+        for _ in range(self.options.e2e_sweeps):
+            improved = False
+            for layer in sorted(self.current):
+                if self.out_of_budget():
+                    break
+                improved = self.refine_layer(layer) or improved
+            if not improved or self.stopped != "converged":
+                break
+
+    def refine_layer(self, layer: int) -> bool:
+        """Swaps in `layer`, each the best of the few the layer-local error ranks highest; True if any helped."""
+        experts = self.builder.sparse_layers[layer].num_experts
+        budget = token_budget(self.options, experts, int(self.builder.config.hidden_size))
+        x, y = self.loss.capture(layer, budget)
+        block = self.loss.model.get_submodule(self.loss.sparse[layer])
+        reconstruction = BlockReconstruction(block, self.builder.family, self.builder.config, layer, x, y)
+        improved = False
+        for _ in range(self.options.max_swaps):
+            if self.out_of_budget():
+                break
+            ranked = reconstruction.ranked_swaps(self.current[layer], self.tiebreak[layer], self.options.candidates)
+            trials = []
+            for _, kept in ranked[: self.options.e2e_pairs]:
+                trials.append((self.loss.evaluate({**self.current, layer: kept}, from_layer=layer), kept))
+                if self.progress is not None:
+                    self.progress(self.loss.evaluations)
+            if not trials:
+                break
+            value, kept = min(trials)
+            if value >= self.best * (1 - 1e-4):
+                break
+            self.best, self.current = value, {**self.current, layer: kept}
+            self.loss.set(self.current, changed_from=layer)
+            self.swaps += 1
+            improved = True
+        return improved

@@ -2,11 +2,13 @@
 
 The files are opened with `safe_open` (mmap): nothing is read until a tensor or a slice is asked for,
 and then only its bytes. Every read is counted, so tests and benchmarks can check the contract that
-building a variant reads the backbone and the kept experts and nothing else.
+building a variant reads the backbone and the kept experts and nothing else. A checkpoint's identity, which
+every pattern records, is its `model_fingerprint`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import mmap
 import struct
@@ -222,3 +224,20 @@ class CheckpointReader:
             part = sliced[start:stop] if dim == 0 else sliced[:, start:stop]
             parts.append(self._count(part))
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
+
+
+def model_fingerprint(model_dir: str | Path) -> str:
+    """What makes a checkpoint this model: its config, every tensor's name, shape and dtype (the safetensors
+    headers) and a sample of the weights, which tells a retrained model of the same shapes apart. Reads
+    no more than a few kilobytes per file."""
+    directory = Path(model_dir)
+    digest = hashlib.sha256()
+    config = json.loads((directory / "config.json").read_text())
+    config.pop("transformers_version", None)
+    digest.update(json.dumps(config, sort_keys=True).encode())
+    for file in sorted(directory.glob("*.safetensors")):
+        with open(file, "rb") as handle:
+            size = int.from_bytes(handle.read(8), "little")
+            digest.update(handle.read(size))
+            digest.update(handle.read(4096))  # a sample of the weights: retrained models differ here
+    return digest.hexdigest()

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from pattern_store.selection import Selection, SelectionError
+from pattern_store.selection import SelectionError
 
 
 class UnsupportedModelError(ValueError):
@@ -127,9 +127,3 @@ def family_for(model_type: str) -> Family:
     raise UnsupportedModelError(
         f"model_type {model_type!r} is not supported; supported families: {supported_families()}"
     )
-
-
-def check_selection_kind(family: Family, selection: Selection) -> None:
-    expected = "moe_experts" if family.kind == "moe" else "dense_channels"
-    if selection.kind != expected:
-        raise SelectionError(f"a {family.name} model takes {expected} selections, not {selection.kind}")

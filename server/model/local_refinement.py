@@ -24,8 +24,9 @@ import torch
 from torch import nn
 
 from pattern_store.selection import SelectionError
-from server.model.calibrate import LayerStream, Progress, expert_outputs, streamed_model
+from server.model.calibrate import expert_outputs
 from server.model.families import Family
+from server.model.layer_stream import LayerStream, Progress, StreamedLayers
 from server.model.masking import RouterMasks, restricted_router
 from server.model.variant import VariantBuilder
 
@@ -209,42 +210,41 @@ def refine_locally(
     if not starts:
         raise ValueError("local refinement needs at least one starting selection")
     options = options or SearchOptions()
-    stream = streamed_model(builder, token_ids, batch_size)
-    model = stream.model
-    hidden = int(builder.config.hidden_size)
+    streamed = StreamedLayers(builder.layout, builder.tensors, token_ids, batch_size)
     result: dict[int, LayerSearch] = {}
     with torch.inference_mode():
-        for index in range(builder.config.num_hidden_layers):
-            prefix = f"model.layers.{index}"
-            builder.materialise(model, prefix)
-            sparse = builder.sparse_layers.get(index)
-            if sparse is None:
-                stream.run_layer(index)
+        for index in streamed.layers(progress, after_layer):
+            if index in builder.sparse_layers:
+                result[index] = _refine_layer(builder, streamed, index, starts, tiebreak[index], options)
             else:
-                block = model.get_submodule(sparse.prefix)
-                inputs = [batch.hidden for batch in stream.batches]
-                with BlockCapture(block, stream) as capture:
-                    stream.run_layer(index)
-                x, y = capture.sample(token_budget(options, sparse.num_experts, hidden), seed=index)
-                del capture
-                reconstruction = BlockReconstruction(block, builder.family, builder.config, index, x, y)
-                losses = {
-                    method: reconstruction.error(tuple(sorted(selection[index])))
-                    for method, selection in starts.items()
-                }
-                method = min(losses, key=lambda m: (losses[m], m))
-                refined, error, swaps = reconstruction.search(
-                    tuple(sorted(starts[method][index])), tiebreak[index], options
-                )
-                result[index] = LayerSearch(method, refined, losses[method], error, swaps, losses)
-                del reconstruction
-                masks = RouterMasks(model, builder.family, builder.config, {index: sparse.prefix})
-                masks.apply({index: refined})
-                with masks:
-                    stream.run_layer(index, inputs)  # the next layer sees this layer's refined output
-            builder.release(model, prefix)
-            if after_layer is not None:
-                after_layer(index)
-            if progress is not None:
-                progress(index + 1)
+                streamed.stream.run_layer(index)
     return result
+
+
+def _refine_layer(
+    builder: VariantBuilder,
+    streamed: StreamedLayers,
+    index: int,
+    starts: Mapping[str, Mapping[int, Sequence[int]]],
+    tiebreak: torch.Tensor,
+    options: SearchOptions,
+) -> LayerSearch:
+    """Search sparse layer `index` (its weights read) on the tokens that reach it, then run it with the refined
+    selection: the next layer sees this layer's refined output."""
+    sparse, stream = builder.sparse_layers[index], streamed.stream
+    block = streamed.model.get_submodule(sparse.prefix)
+    inputs = [batch.hidden for batch in stream.batches]
+    with BlockCapture(block, stream) as capture:
+        stream.run_layer(index)
+    x, y = capture.sample(token_budget(options, sparse.num_experts, int(builder.config.hidden_size)), seed=index)
+    del capture
+    reconstruction = BlockReconstruction(block, builder.family, builder.config, index, x, y)
+    losses = {method: reconstruction.error(tuple(sorted(selection[index]))) for method, selection in starts.items()}
+    method = min(losses, key=lambda m: (losses[m], m))
+    refined, error, swaps = reconstruction.search(tuple(sorted(starts[method][index])), tiebreak, options)
+    del reconstruction
+    masks = RouterMasks(streamed.model, builder.family, builder.config, {index: sparse.prefix})
+    masks.apply({index: refined})
+    with masks:
+        stream.run_layer(index, inputs)
+    return LayerSearch(method, refined, losses[method], error, swaps, losses)

@@ -9,8 +9,9 @@ own routing code over the kept rows: the very computation of the pruned variant,
 and selection bias included) and turns the chosen experts into slots. The experts module then runs all rows
 together, reading each chosen expert from its slot. Rows of different patterns share one forward pass.
 
-Which expert goes into which slot, and when, is decided by `server.expert_pool.ExpertPool`; this module
-only routes and copies.
+The pooled model is built here (`build_pooled`: the shared backbone, and zeroed slots in place of the
+experts); experts are copied into slots by `slot_loader`; which expert goes into which slot, and when, is
+decided by `server.expert_pool.ExpertPool`.
 """
 
 from __future__ import annotations
@@ -23,9 +24,34 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers import PreTrainedModel
 
+from server.model.layout import SparseLayer
 from server.model.masking import RouterMasks
-from server.model.variant import SparseLayer, VariantBuilder
+from server.model.module_tree import meta_model, set_tensor
+from server.model.slot_loader import SlotLoader
+from server.model.variant import VariantBuilder
+
+
+def build_pooled(builder: VariantBuilder, slots: int) -> PreTrainedModel:
+    """The full model with `slots` expert slots per sparse layer in place of its experts: preallocated and
+    touched (zeroed), so that loading an expert later is a copy and never a page fault. Routers keep every
+    expert's row (they are part of the backbone)."""
+    if builder.family.kind != "moe":
+        raise ValueError(f"{builder.family.name} has no routed experts to pool")
+    model = meta_model(builder.config)
+    hidden = int(builder.config.hidden_size)
+    assigned = set()
+    for layer in builder.sparse_layers.values():
+        count, size = min(slots, layer.num_experts), layer.intermediate
+        # [slots, 2I, H] and [slots, H, I]: the layout of transformers' fused experts modules
+        gate_up = torch.zeros((count, 2 * size, hidden), dtype=builder.dtype, device=builder.device)
+        down = torch.zeros((count, hidden, size), dtype=builder.dtype, device=builder.device)
+        set_tensor(model, f"{layer.prefix}.experts.gate_up_proj", gate_up)
+        set_tensor(model, f"{layer.prefix}.experts.down_proj", down)
+        model.get_submodule(layer.prefix).experts.num_experts = count
+        assigned.update({f"{layer.prefix}.experts.gate_up_proj", f"{layer.prefix}.experts.down_proj"})
+    return builder.complete(model, assigned)
 
 
 @dataclass(frozen=True)
@@ -44,7 +70,8 @@ class PooledModel:
         if slots < 1:
             raise ValueError("an expert pool needs at least one slot per layer")
         self.builder = builder
-        self.model = builder.build_pooled(slots)
+        self.model = build_pooled(builder, slots)
+        self.loader = SlotLoader(builder.tensors)
         self.layers: dict[int, SparseLayer] = dict(builder.sparse_layers)
         self.slots = {index: min(slots, layer.num_experts) for index, layer in self.layers.items()}
         device = builder.device
@@ -128,19 +155,12 @@ class PooledModel:
 
         return forward
 
-    def check(self, route: RowRoute) -> None:
-        """Raise (with the routing rule's reason) if `route` cannot be served exactly."""
-        for layer, kept in route.kept.items():
-            if layer not in self.layers:
-                raise KeyError(f"layer {layer} has no routed experts")
-            self._restricted(layer, kept)
-
     # -- loading ---------------------------------------------------------------------------------
 
     def load(self, layer: int, experts: Sequence[int], slots: Sequence[int]) -> None:
         """Copy `experts` from the checkpoint into `slots` of `layer` (the caller owns those slots)."""
         block = self.model.get_submodule(self.layers[layer].prefix).experts
-        self.builder.load_experts(self.layers[layer], experts, slots, block.gate_up_proj.data, block.down_proj.data)
+        self.loader.load(self.layers[layer], experts, slots, block.gate_up_proj.data, block.down_proj.data)
 
     def place(self, layer: int, expert: int, slot: int) -> None:
         """Make `expert` route to `slot` (-1: not resident) from the next forward pass on."""

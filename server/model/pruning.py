@@ -7,11 +7,8 @@ the baselines (frequency, raw logit, random, weight magnitude) that every evalua
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -21,23 +18,6 @@ from pattern_store.seap import bias_compensation, channel_scores, logistic_sched
 from pattern_store.selection import Selection
 from server.model.calibrate import CalibrationStatistics
 from server.model.variant import VariantBuilder
-
-
-def model_fingerprint(model_dir: str | Path) -> str:
-    """What makes a checkpoint this model: its config, every tensor's name, shape and dtype (the safetensors
-    headers) and a sample of the weights, which tells a retrained model of the same shapes apart. Reads
-    no more than a few kilobytes per file."""
-    directory = Path(model_dir)
-    digest = hashlib.sha256()
-    config = json.loads((directory / "config.json").read_text())
-    config.pop("transformers_version", None)
-    digest.update(json.dumps(config, sort_keys=True).encode())
-    for file in sorted(directory.glob("*.safetensors")):
-        with open(file, "rb") as handle:
-            size = int.from_bytes(handle.read(8), "little")
-            digest.update(handle.read(size))
-            digest.update(handle.read(4096))  # a sample of the weights: retrained models differ here
-    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -124,13 +104,13 @@ def dense_selection(
     scores: dict[int, torch.Tensor] = {}
     for position, layer in enumerate(layers):
         prefix = builder.dense_layers[layer].prefix
-        down = builder.reader.read(builder._required_name(f"{prefix}.down_proj.weight")).float()
+        down = builder.tensors.stored(f"{prefix}.down_proj.weight").float()
         if method in ("seap", "seap-wifn"):
             raw = channel_scores(stats.channels[layer], down, "wifv" if method == "seap" else "wifn")
             layer_scores = standardise(raw)
         elif method == "magnitude":
-            gate = builder.reader.read(builder._required_name(f"{prefix}.gate_proj.weight")).float()
-            up = builder.reader.read(builder._required_name(f"{prefix}.up_proj.weight")).float()
+            gate = builder.tensors.stored(f"{prefix}.gate_proj.weight").float()
+            up = builder.tensors.stored(f"{prefix}.up_proj.weight").float()
             layer_scores = down.norm(dim=0) * gate.norm(dim=1) * up.norm(dim=1)
         else:
             layer_scores = torch.rand(down.shape[1], generator=torch.Generator().manual_seed(seed + layer))
