@@ -156,19 +156,9 @@ class StageBars:
 def cmd_calibrate(args: argparse.Namespace) -> int:
     """Calibrate a task pattern from prompts and store it."""
     from pattern_store.embedder import Embedder
-    from pattern_store.pattern import PatternError, validate_name
-    from pattern_store.selection import SelectionError
-    from server.model.checkpoint import CheckpointError
-    from server.model.families import UnsupportedModelError
+    from pattern_store.pattern import validate_name
     from server.model.variant import VariantBuilder
-    from server.patterns import (
-        PatternRecipe,
-        PromptFileError,
-        load_tokenizer,
-        make_pattern,
-        read_calibration,
-        read_prompts,
-    )
+    from server.patterns import PatternRecipe, load_tokenizer, make_pattern, read_calibration, read_prompts
 
     bars = StageBars(args.name, args.quiet)
     try:
@@ -194,15 +184,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         embedder = Embedder(args.embedder) if args.embedder else Embedder()  # fail before the long part
         pattern, stats = make_pattern(args.name, builder, tokenizer, texts, recipe, examples, embedder, progress=bars)
         store.add(pattern, replace=args.replace)
-    except (
-        PatternError,
-        SelectionError,
-        CheckpointError,
-        UnsupportedModelError,
-        PromptFileError,
-        ValueError,
-        OSError,
-    ) as error:
+    except (ValueError, OSError) as error:  # bad prompts, names, selections, checkpoints, unsupported models
         raise CliError(str(error)) from None
     finally:
         bars.close()
