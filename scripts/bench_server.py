@@ -21,7 +21,7 @@ Phases (`--phases` picks some; all by default):
 - prefill: a 2,000-token prompt arriving among 16 streams, on a long-context copy of the demo model; the
   streams' inter-token gaps with whole-prompt prefill and with `--max-prefill-tokens`.
 
-Writes `bench/results/server.json` (the README's tables are rendered from it by `scripts/render_readme.py`)
+Writes `bench/results/server.json` (the docs' tables are rendered from it by `scripts/render_docs.py`)
 and prints the same tables.
 
     python scripts/bench_server.py                       # the full run, on a quiet machine
@@ -50,7 +50,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import httpx
 import openai
-import render_readme
 import torch
 
 from demo.evaluate import EVAL_SEED, chat_prompt_ids
@@ -63,7 +62,9 @@ from server.model.variant import VariantBuilder
 from server.patterns import load_tokenizer
 from server.routing import Router
 
+from _measured import measured
 from local_server import free_port, start_server
+from tables_server import server_tables
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = ("arith", "reverse", "sort", "upper", "spell", "translate")
@@ -554,9 +555,10 @@ def main() -> int:
         result["prefill"] = prefill_phase(args.model, args.torch_threads, args.quick)
     result["targets"] = targets(result)
     result["settings"]["seconds"] = time.perf_counter() - started
+    result["measured"] = measured()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
-    print(render_readme.server_tables(result))
+    print(server_tables(result))
     print(f"\nwrote {args.out}", file=sys.stderr)
     return 0
 

@@ -47,6 +47,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from _measured import measured
+
 os.environ["HF_HUB_OFFLINE"] = "1"
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -936,6 +938,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "targets": targets,
         "table": table,
         "legend": legend,
+        "measured": measured(),
     }
     out = args.out.resolve()
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -5,7 +5,7 @@
 
 Each task pattern is calibrated on 64 generated prompts of its task with their answers (a seed that is
 neither the training stream's nor the held-out evaluation's) and routes on the same prompts. MoE patterns
-use the best measured recipe (README, "Does task-specific pruning keep accuracy?"): REAP scores, then the
+use the best measured recipe (docs/benchmarks-pruning.md): REAP scores, then the
 answer-loss refinement; dense patterns SEAP at 20% sparsity. The general pattern is calibrated (and
 refined) on all tasks' prompts together and has no routing examples: it is what a server can fall back to.
 """

@@ -16,8 +16,8 @@ expert) and keep levels 50% and 25% of the routed experts, per task:
 For `demo-dense`: SEAP expert-based (per task) and general (pooled) against weight magnitude and random at
 20%, 50% and 70% channel sparsity. Patterns are calibrated on 64 prompts per task with their answers
 (seed 7000) and judged by greedy exact match on held-out examples (the evaluation seed, never trained on and
-never calibrated on). Writes the JSON, and the README's tables are rendered from it
-(`python scripts/render_readme.py`).
+never calibrated on). Writes the JSON, and the docs' tables are rendered from it
+(`python scripts/render_docs.py`).
 """
 
 from __future__ import annotations
@@ -50,6 +50,8 @@ from server.patterns import (
     max_context,
     select_experts,
 )
+
+import _measured
 
 MOE_MODELS = ("demo-moe", "demo-moe-fine")
 MOE_KEEPS = (0.5, 0.25)
@@ -195,9 +197,12 @@ def main(argv: list[str] | None = None) -> int:
         started = time.perf_counter()
         report["dense"] = evaluate_dense(args.models / "demo-dense", args.n, args.prompts_per_task)
         report["dense"]["seconds"] = round(time.perf_counter() - started, 1)
+    report["measured"] = _measured.measured()
+    if args.only:  # the other models' results are the earlier run's
+        report["measured"] |= {"only": args.only, "rest": previous.get("measured")}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n")
-    print(f"wrote {args.out}; render the README's tables with: python scripts/render_readme.py")
+    print(f"wrote {args.out}; render the docs' tables with: python scripts/render_docs.py")
     return 0
 
 

@@ -29,6 +29,7 @@ import openai
 from demo.tasks import TASK_NAMES, get_task
 from pattern_store.store import PatternStore
 
+from _measured import measured
 from local_server import free_port, start_server
 
 SERVED_SEED = 5_150_001  # used nowhere else: not training's stream, not calibration's 7000, not EVAL_SEED
@@ -112,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         "routed_correct": total["routed"] / total["n"],
         "full_correct": total["full"] / total["n"],
         "ratio": total["routed"] / max(total["full"], 1),
+        "measured": measured(),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n")

@@ -1,0 +1,193 @@
+"""Render the docs' measurement tables from the benchmark JSON, so that pages and results never disagree.
+
+    python scripts/render_docs.py              # rewrite the generated sections of README.md and docs/*.md
+    python scripts/render_docs.py --check      # exit 1 (and say where) if any page is out of date
+
+A generated section sits between `<!-- generated:NAME -->` and `<!-- end:NAME -->`; NAME says which renderer
+fills it. Everything outside the markers is written by hand. Under each section the renderer writes which
+result files it came from and the commit and date each was measured at (their "measured" key).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from tables_models import demo_models
+from tables_pruning import (
+    ANSWER_LOSS,
+    pruning_cross,
+    pruning_dense,
+    pruning_findings,
+    pruning_moe,
+    pruning_seconds,
+    pruning_settings,
+    pruning_targets,
+    relative,
+)
+from tables_routing import SERVED, routing, routing_findings, routing_settings, routing_targets
+from tables_variants import RATIOS, variants, variants_findings
+
+from _measured import ROUTING_REWRITE, describe, predates
+from _results import ROOT, load
+from tables_server import SERVER_SECTIONS, server_routing_note
+
+SECTION = re.compile(r"(<!-- generated:(?P<name>[a-z-]+) -->\n)(?P<body>.*?)(<!-- end:(?P=name) -->)", re.DOTALL)
+ROUTED_RESULTS = ("served.json", "server.json")  # results with routed figures, which the routing rewrite changed
+
+
+@dataclass(frozen=True)
+class Section:
+    """A generated section: its renderer, the result files it reads, and whether their stamps go under it (the
+    headline table stamps each row instead)."""
+
+    render: Callable[[], str]
+    files: tuple[str, ...] = ()
+    footer: bool = True
+
+
+def stamp(name: str) -> str:
+    """`bench/results/NAME` measured at `<commit>` on <date>, and, for routed results taken before the routing
+    rewrite, that they were."""
+    text = f"`bench/results/{name}` {describe(load(name)['measured'])}"
+    if name in ROUTED_RESULTS and predates(load(name)["measured"]):
+        text += f", before the routing rewrite (`{ROUTING_REWRITE['commit'][:7]}`)"
+    return text
+
+
+def _row_stamp(name: str) -> str:
+    measured = load(name)["measured"]
+    old = " (before the routing rewrite)" if name in ROUTED_RESULTS and predates(measured) else ""
+    return f"`{measured['commit'][:10]}`, {measured['date'][:10]}{old}"
+
+
+def headline() -> str:
+    """The README's few numbers, each from its result file, with where the whole table is."""
+    pruning, routing_report, variants_report, server = (
+        load(n) for n in ("pruning.json", "routing.json", "variants.json", "server.json")
+    )
+    moe = pruning["models"]["demo-moe"]
+    kept, worst = relative(moe["keep_0.5"]["methods"][ANSWER_LOSS], moe["full"])
+    served = routing_report["results"][SERVED]
+    ratio = {t["ratio"]: t["value"] for t in variants_report["targets"]}
+    single = server["single_request"]
+    rows = [
+        (
+            f"demo-moe with half its experts ({ANSWER_LOSS})",
+            f"{100 * kept:.1f}% of the full model's accuracy, worst task {100 * worst:.1f}%",
+            "[pruning accuracy](docs/benchmarks-pruning.md)",
+            "pruning.json",
+        ),
+        (
+            f"routing {routing_report['settings']['queries']:,} unseen benchmark prompts",
+            f"{served['own'] + served['union']:.1f}% to their own pattern or a union with it, "
+            f"{served['wrong'] + served['wrong-union']:.1f}% to a wrong one; {routing_report['route_ms_p50']:.1f} ms "
+            "p50 a decision",
+            "[routing accuracy](docs/benchmarks-routing.md)",
+            "routing.json",
+        ),
+        (
+            "building a 50% variant from disk (warm)",
+            f"{ratio[RATIOS['warm_vs_full']]:.2f}x the time of a full `from_pretrained`, "
+            f"{ratio[RATIOS['resident']]:.2f}x its expected memory",
+            "[variant build cost](docs/benchmarks.md#variant-build-cost)",
+            "variants.json",
+        ),
+        (
+            "three patterns in the expert pool",
+            f"{ratio[RATIOS['pool_union']]:.2f}x the backbone plus the union of their experts "
+            f"({ratio[RATIOS['variants_sum']]:.2f}x as separate variants)",
+            "[variant build cost](docs/benchmarks.md#variant-build-cost)",
+            "variants.json",
+        ),
+        (
+            "one request through the server, pattern named",
+            f"{single['ratio']:.2f}x the time of `generate` in process",
+            "[server overhead and load](docs/benchmarks.md#server-overhead-and-load)",
+            "server.json",
+        ),
+    ]
+    lines = ["| | measured | table | measured at |", "|---|---|---|---|"]
+    lines += [f"| {what} | {value} | {link} | {_row_stamp(name)} |" for what, value, link, name in rows]
+    return "\n".join(lines) + "\n"
+
+
+def flags() -> str:
+    """`taskmoe serve`'s settings, from `ServerConfig` itself: the table can never disagree with the flags."""
+    from server.config import settings_rows
+
+    lines = ["| flag | environment | default | what it sets |", "|---|---|---|---|"]
+    for flag, variable, default, meaning in settings_rows():
+        lines.append(f"| `{flag}` | `{variable}` | {f'`{default}`' if default else ''} | {meaning} |")
+    return "\n".join(lines) + "\n"
+
+
+SECTIONS: dict[str, Section] = {
+    "flags": Section(flags),
+    "headline": Section(headline, ("pruning.json", "routing.json", "variants.json", "server.json"), footer=False),
+    "demo-models": Section(demo_models),
+    "routing-settings": Section(routing_settings, ("routing.json",)),
+    "routing": Section(routing, ("routing.json",)),
+    "routing-targets": Section(routing_targets, ("routing.json",)),
+    "routing-findings": Section(routing_findings, ("routing.json",)),
+    **{name: Section(renderer, ("server.json",)) for name, (_, renderer) in SERVER_SECTIONS.items()},
+    "server-routing-note": Section(server_routing_note, ("server.json", "routing.json")),
+    "variants": Section(variants, ("variants.json",)),
+    "variants-findings": Section(variants_findings, ("variants.json",)),
+    "pruning-settings": Section(pruning_settings, ("pruning.json",)),
+    "pruning-targets": Section(pruning_targets, ("pruning.json", "served.json")),
+    "pruning-moe": Section(pruning_moe, ("pruning.json",)),
+    "pruning-cross": Section(pruning_cross, ("pruning.json",)),
+    "pruning-seconds": Section(pruning_seconds, ("pruning.json",)),
+    "pruning-dense": Section(pruning_dense, ("pruning.json",)),
+    "pruning-findings": Section(pruning_findings, ("pruning.json",)),
+}
+
+
+def body(name: str) -> str:
+    """What section `name` holds: its rendering, then its files' stamps."""
+    if name not in SECTIONS:
+        raise KeyError(f"no renderer for generated section {name!r}; known: {', '.join(SECTIONS)}")
+    section = SECTIONS[name]
+    text = section.render().rstrip("\n") + "\n"
+    if section.footer and section.files:
+        text += "\n_" + "; ".join(stamp(f) for f in section.files) + "._\n"
+    return text
+
+
+def render(text: str) -> str:
+    """`text` with every generated section filled from the JSON; unknown section names are an error."""
+    return SECTION.sub(lambda m: f"{m.group(1)}{body(m.group('name'))}{m.group(4)}", text)
+
+
+def pages(root: Path = ROOT) -> list[Path]:
+    """The pages the renderer keeps: the README and every page of docs/."""
+    return [root / "README.md", *sorted((root / "docs").glob("*.md"))]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("pages", nargs="*", type=Path, help="default: README.md and docs/*.md")
+    parser.add_argument("--check", action="store_true", help="fail if a page differs from what the JSON says")
+    args = parser.parse_args(argv)
+    stale = []
+    for page in args.pages or pages():
+        text = page.read_text()
+        rendered = render(text)
+        if args.check:
+            stale += [f"{page}: {m.group('name')}" for m in SECTION.finditer(text) if m.group(0) not in rendered]
+        elif rendered != text:
+            page.write_text(rendered)
+            print(f"rendered {page}")
+    if stale:
+        print("generated sections out of date (run python scripts/render_docs.py):\n  " + "\n  ".join(stale))
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
