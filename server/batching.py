@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
+from server.decoding_rows import DecodingRows, left_padded
 from server.engine import Delta, Generation
 from server.model.kv_cache import cache_argument
 from server.model.pooled import PooledModel, RowRoute
@@ -39,6 +40,8 @@ IDLE_SECONDS = 2.0
 
 @dataclass
 class _Request:
+    """One request in the decoder: its generation, where its deltas go, and its state between steps."""
+
     generation: Generation
     emit: Callable[[Delta], None] | None
     route: RowRoute | None = None  # how its rows route, in a pooled model
@@ -49,6 +52,38 @@ class _Request:
     done: threading.Event = field(default_factory=threading.Event)
     error: BaseException | None = None
 
+    def finish(self, error: BaseException | None = None) -> None:
+        """Hand the generation (or `error`) back to the caller waiting in `BatchedDecoder.run`."""
+        if not self.done.is_set():
+            self.error = error
+            self.done.set()
+
+    def cancelled(self) -> bool:
+        """True, and finished, when its client went away."""
+        if self.generation.cancel.is_set():
+            self.generation.cancelled = True
+            self.finish()
+            return True
+        return False
+
+    def sample(self, logits: torch.Tensor) -> list[int] | None:
+        """Sample each choice's next token from its row of `logits` [n, vocab] and stream the deltas; the
+        tokens, or None when that finishes the request."""
+        tokens = self.generation.sample(logits, self.generator)
+        for delta in self.generation.accept(tokens, self.step):
+            if self.emit is not None:
+                self.emit(delta)
+        self.step += 1
+        if self.generation.finished:
+            self.finish()
+            return None
+        return tokens
+
+    def first_tokens(self, logits: torch.Tensor, device: torch.device) -> list[int] | None:
+        """Each choice's first token, from the prompt's last logits [1, vocab] (`sample`)."""
+        self.generator = self.generation.new_generator(device)
+        return self.sample(logits.expand(self.generation.params.n, -1))
+
 
 def batchable(model: PreTrainedModel) -> bool:
     """Plain per-layer key/value caches (no sliding windows, no linear attention) can be joined by rows."""
@@ -56,19 +91,6 @@ def batchable(model: PreTrainedModel) -> bool:
     if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
         return False
     return all(kind == "full_attention" for kind in getattr(config, "layer_types", None) or [])
-
-
-def _left_pad(tensor: torch.Tensor, length: int) -> torch.Tensor:
-    """Pad the sequence dimension (-2) of a [rows, heads, seq, dim] cache tensor on the left."""
-    missing = length - tensor.shape[-2]
-    if missing == 0:
-        return tensor
-    padding = tensor.new_zeros((*tensor.shape[:-2], missing, tensor.shape[-1]))
-    return torch.cat([padding, tensor], dim=-2)
-
-
-def _left_pad_mask(mask: torch.Tensor, length: int) -> torch.Tensor:
-    return torch.nn.functional.pad(mask, (length - mask.shape[1], 0))
 
 
 class BatchedDecoder:
@@ -95,12 +117,7 @@ class BatchedDecoder:
         self._pending: list[_Request] = []
         self._work = threading.Condition()
         self._thread: threading.Thread | None = None
-        # the batch: one row per choice of every active request
-        self._requests: list[_Request] = []
-        self._cache: DynamicCache | None = None
-        self._mask: torch.Tensor | None = None  # [rows, cached length]: 0 on left padding
-        self._positions: torch.Tensor | None = None  # [rows]: the position of each row's next token
-        self._tokens: torch.Tensor | None = None  # [rows]: each row's latest token, input of the next step
+        self._rows: DecodingRows[_Request] = DecodingRows(model.config, self.device)  # the batch
 
     def run(
         self, generation: Generation, emit: Callable[[Delta], None] | None = None, route: RowRoute | None = None
@@ -126,35 +143,43 @@ class BatchedDecoder:
     def _loop(self) -> None:
         with torch.inference_mode():
             while True:
-                with self._work:
-                    if not self._pending and not self._requests and not self._prefilling:
-                        self._work.wait(timeout=IDLE_SECONDS)  # stay a moment: the next request is likely near
-                    busy = self._requests + self._prefilling
-                    room = self.max_batch - sum(r.generation.params.n for r in busy)
-                    admitted = []
-                    while self._pending and (self._pending[0].generation.params.n <= room or not busy + admitted):
-                        request = self._pending.pop(0)
-                        room -= request.generation.params.n
-                        admitted.append(request)
-                    if not admitted and not busy:
-                        self._thread = None
-                        self._cache = self._mask = self._positions = self._tokens = None
-                        return
-                long = [r for r in admitted if self._chunked(r)]
-                self._prefilling.extend(long)
+                admitted = self._take_pending()
+                if admitted is None:
+                    return
+                self._prefilling.extend(r for r in admitted if self._chunked(r))
                 admitted = [r for r in admitted if not self._chunked(r)]
                 try:
                     if admitted:
                         self._admit(admitted)
                     if self._prefilling:
                         self._prefill_chunk(self._prefilling[0])
-                    if self._requests:
+                    if self._rows.requests:
                         self._step()
                 except BaseException as error:  # fail the requests in the batch, keep serving the rest
                     log.exception("batched decoding failed")
-                    for request in [*self._requests, *admitted, *self._prefilling]:
-                        self._finish(request, error)
-                    self._requests, self._cache, self._prefilling = [], None, []
+                    for request in [*self._rows.requests, *admitted, *self._prefilling]:
+                        request.finish(error)
+                    self._rows.clear()
+                    self._prefilling = []
+
+    def _take_pending(self) -> list[_Request] | None:
+        """The pending requests that fit beside the busy ones (first come, first served; one always fits an
+        idle decoder), after waiting a moment when idle; None when no work is left (the thread ends)."""
+        with self._work:
+            if not self._pending and not self._rows.requests and not self._prefilling:
+                self._work.wait(timeout=IDLE_SECONDS)  # stay a moment: the next request is likely near
+            busy = self._rows.requests + self._prefilling
+            room = self.max_batch - sum(r.generation.params.n for r in busy)
+            admitted: list[_Request] = []
+            while self._pending and (self._pending[0].generation.params.n <= room or not busy + admitted):
+                request = self._pending.pop(0)
+                room -= request.generation.params.n
+                admitted.append(request)
+            if not admitted and not busy:
+                self._thread = None
+                self._rows.clear()
+                return None
+            return admitted
 
     def _chunked(self, request: _Request) -> bool:
         limit = self.max_prefill_tokens
@@ -164,7 +189,7 @@ class BatchedDecoder:
         """The next `max_prefill_tokens` of a long prompt, in its own cache; after the last chunk its first
         token is sampled and it joins the batch."""
         generation = request.generation
-        if self._cancelled(request):
+        if request.cancelled():
             self._prefilling.remove(request)
             return
         assert self.max_prefill_tokens is not None
@@ -186,14 +211,14 @@ class BatchedDecoder:
             return
         self._prefilling.remove(request)
         cache, request.cache = request.cache, None
-        tokens = self._first_tokens(request, logits)
+        tokens = request.first_tokens(logits, self.device)
         if tokens is None:
             return
         n = generation.params.n
         cache.batch_repeat_interleave(n)
         mask = torch.ones((n, len(prompt)), dtype=torch.long, device=self.device)
         positions = torch.full((n,), len(prompt), dtype=torch.long, device=self.device)
-        self._join([request], cache, mask, positions, torch.tensor(tokens, device=self.device))
+        self._rows.join([request], cache, mask, positions, torch.tensor(tokens, device=self.device))
 
     def _forward(self, routes: list[RowRoute | None], cache: DynamicCache, **inputs: object) -> torch.Tensor:
         """The model's last-position logits [rows, vocab], extending `cache`; in a pooled model row i routes
@@ -204,27 +229,16 @@ class BatchedDecoder:
         with self.pooled.rows(routes):  # type: ignore[arg-type]
             return self.model(**inputs).logits[:, -1, :]
 
-    def _finish(self, request: _Request, error: BaseException | None = None) -> None:
-        if not request.done.is_set():
-            request.error = error
-            request.done.set()
-
-    def _deliver(self, request: _Request, tokens: list[int]) -> None:
-        for delta in request.generation.accept(tokens, request.step):
-            if request.emit is not None:
-                request.emit(delta)
-        request.step += 1
-
     def _admit(self, requests: list[_Request]) -> None:
         """Prefill the new requests together (left-padded), take their first tokens, and join them to the
         batch."""
-        live = [request for request in requests if not self._cancelled(request)]
+        live = [request for request in requests if not request.cancelled()]
         if not live:
             return
         cache, mask, logits = self._prefill_together(live)
         rows, first_tokens, joining = [], [], []
         for row, request in enumerate(live):
-            tokens = self._first_tokens(request, logits[row : row + 1])
+            tokens = request.first_tokens(logits[row : row + 1], self.device)
             if tokens is None:
                 continue
             rows.extend([row] * request.generation.params.n)  # each choice its own row of the batch
@@ -235,26 +249,13 @@ class BatchedDecoder:
         index = torch.tensor(rows, device=self.device)  # [rows of the joining choices]
         cache.batch_select_indices(index)
         lengths = mask[index].sum(-1)  # [rows]: the position of each row's next token
-        self._join(joining, cache, mask[index], lengths, torch.tensor(first_tokens, device=self.device))
-
-    def _cancelled(self, request: _Request) -> bool:
-        if request.generation.cancel.is_set():
-            request.generation.cancelled = True
-            self._finish(request)
-            return True
-        return False
+        self._rows.join(joining, cache, mask[index], lengths, torch.tensor(first_tokens, device=self.device))
 
     def _prefill_together(self, live: list[_Request]) -> tuple[DynamicCache, torch.Tensor, torch.Tensor]:
         """One left-padded forward pass over the prompts: their cache, mask [requests, width] and last
         logits [requests, vocab]."""
-        width = max(len(r.generation.prompt_ids) for r in live)
         pad = int(getattr(self.model.config, "pad_token_id", None) or 0)
-        input_ids = torch.full((len(live), width), pad, dtype=torch.long, device=self.device)  # [requests, width]
-        mask = torch.zeros((len(live), width), dtype=torch.long, device=self.device)  # 1 on prompt tokens
-        for row, request in enumerate(live):
-            ids = request.generation.prompt_ids
-            input_ids[row, width - len(ids) :] = torch.tensor(ids, device=self.device)
-            mask[row, width - len(ids) :] = 1
+        input_ids, mask = left_padded([r.generation.prompt_ids for r in live], pad, self.device)
         padded = not bool(mask.all())
         cache = DynamicCache(config=self.model.config)
         logits = self._forward(
@@ -268,84 +269,17 @@ class BatchedDecoder:
         )
         return cache, mask, logits
 
-    def _first_tokens(self, request: _Request, logits: torch.Tensor) -> list[int] | None:
-        """Sample and deliver a request's first token per choice from its prompt's last logits [1, vocab];
-        None when that already finishes it."""
-        generation = request.generation
-        request.generator = generation.new_generator(self.device)
-        tokens = generation.sample(logits.expand(generation.params.n, -1), request.generator)
-        self._deliver(request, tokens)
-        if generation.finished:
-            self._finish(request)
-            return None
-        return tokens
-
-    def _join(
-        self,
-        requests: list[_Request],
-        cache: DynamicCache,
-        mask: torch.Tensor,
-        positions: torch.Tensor,
-        tokens: torch.Tensor,
-    ) -> None:
-        if self._cache is None or not self._requests:
-            self._requests, self._cache = list(requests), cache
-            self._mask, self._positions, self._tokens = mask, positions, tokens
-            return
-        length = max(self._mask.shape[1], mask.shape[1])
-        joined = DynamicCache(config=self.model.config)
-        for index, (old, new) in enumerate(zip(self._cache.layers, cache.layers, strict=True)):
-            keys = torch.cat([_left_pad(old.keys, length), _left_pad(new.keys, length)])
-            values = torch.cat([_left_pad(old.values, length), _left_pad(new.values, length)])
-            joined.update(keys, values, index)
-        self._cache = joined
-        self._mask = torch.cat([_left_pad_mask(self._mask, length), _left_pad_mask(mask, length)])
-        self._positions = torch.cat([self._positions, positions])
-        self._tokens = torch.cat([self._tokens, tokens])
-        self._requests.extend(requests)
-
     def _step(self) -> None:
         """One forward pass for every row; each request samples and streams its own tokens."""
-        rows = self._tokens.shape[0]
-        self._mask = torch.cat([self._mask, self._mask.new_ones((rows, 1))], dim=1)
-        padded = not bool(self._mask.all())  # without padding the model's own causal fast path serves
-        logits = self._forward(
-            [r.route for r in self._requests for _ in range(r.generation.params.n)],
-            input_ids=self._tokens.unsqueeze(-1),
-            attention_mask=self._mask if padded else None,
-            position_ids=self._positions.unsqueeze(-1) if padded else None,
-            cache=self._cache,
-            use_cache=True,
-        )
-        self._positions = self._positions + 1
+        rows = self._rows
+        routes = [r.route for r in rows.requests for _ in range(r.generation.params.n)]
+        logits = self._forward(routes, cache=rows.cache, use_cache=True, **rows.step_inputs())
         keep, start, next_tokens = [], 0, []
-        for request in self._requests:
-            generation, n = request.generation, request.generation.params.n
-            if generation.cancel.is_set():
-                generation.cancelled = True
-                self._finish(request)
-            else:
-                tokens = generation.sample(logits[start : start + n], request.generator)
-                self._deliver(request, tokens)
-                if generation.finished:
-                    self._finish(request)
-                else:
-                    keep.extend(range(start, start + n))
-                    next_tokens.extend(tokens)
+        for request in rows.requests:
+            n = request.generation.params.n
+            tokens = None if request.cancelled() else request.sample(logits[start : start + n])
+            if tokens is not None:
+                keep.extend(range(start, start + n))
+                next_tokens.extend(tokens)
             start += n
-        if len(keep) == rows:
-            self._tokens = torch.tensor(next_tokens, device=self.device)
-            return
-        self._requests = [r for r in self._requests if not r.done.is_set()]
-        if not keep:
-            self._cache = None
-            return
-        index = torch.tensor(keep, device=self.device)
-        self._cache.batch_select_indices(index)
-        self._mask, self._positions = self._mask[index], self._positions[index]
-        self._tokens = torch.tensor(next_tokens, device=self.device)
-        first = int(self._mask.any(dim=0).nonzero()[0])  # columns that are padding for every row: drop them
-        if first > 0:
-            self._mask = self._mask[:, first:]
-            for layer in self._cache.layers:
-                layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
+        rows.advance(keep, next_tokens, [r for r in rows.requests if not r.done.is_set()])

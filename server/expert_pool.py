@@ -85,8 +85,70 @@ class _LayerState:
         wanted = set(needed)
         return len(self.free) + sum(1 for expert in self.idle if expert not in wanted)
 
+    def unpin(self, experts: tuple[int, ...]) -> None:
+        """A lease holding `experts` ended; those no lease holds any more become idle, most recently used last."""
+        for expert in experts:
+            self.refs[expert] -= 1
+            if self.refs[expert] == 0:
+                del self.refs[expert]
+                if expert in self.where:
+                    self.idle[expert] = None
+
+    def take_slot(self) -> tuple[int, int | None]:
+        """A slot for a missing expert: a free one (lowest first), else the least recently used idle expert's;
+        and that evicted expert (None for a free slot)."""
+        if self.free:
+            return self.free.pop(), None
+        victim, _ = self.idle.popitem(last=False)
+        return self.where.pop(victim), victim
+
+    def free_idle(self, experts: tuple[int, ...]) -> list[int]:
+        """Evict those of `experts` that are idle; returns them."""
+        evicted = []
+        for expert in experts:
+            if expert in self.idle:
+                del self.idle[expert]
+                self.free.append(self.where.pop(expert))
+                evicted.append(expert)
+        self.free.sort(reverse=True)  # lowest slot first: cold loads stay in runs
+        return evicted
+
+    def occupancy(self) -> dict[str, int]:
+        return {
+            "slots": self.slots,
+            "resident": len(self.where),
+            "pinned": len(self.refs),
+            "loading": len(self.loading),
+        }
+
+
+def _residency(
+    layers: dict[int, _LayerState], label: str, key: VariantKey, route: RowRoute, nbytes: int
+) -> dict[str, Any]:
+    """How much of a pattern's experts is resident, and per layer the experts a request of it would load."""
+    needed = resident = 0
+    missing: dict[str, list[int]] = {}
+    for index, state in layers.items():
+        wanted = state.needs(route, index)
+        needed += len(wanted)
+        absent = [expert for expert in wanted if expert not in state.where]
+        resident += len(wanted) - len(absent)
+        if absent:
+            missing[str(index)] = absent
+    return {
+        "pattern": label,
+        "revision": key.revision,
+        "experts": needed,
+        "resident_experts": resident,
+        "resident_fraction": round(resident / needed, 4) if needed else 1.0,
+        "bytes": nbytes,
+        "missing_experts": missing,  # per layer, the experts a request would load
+    }
+
 
 class ExpertPool:
+    """The routed-expert slots of one pooled model, leased per pattern (see the module's docstring)."""
+
     def __init__(self, pooled: PooledModel, listener: PoolListener | None = None, wait: float = 30.0) -> None:
         self.pooled = pooled
         self.listener = listener or PoolListener()
@@ -130,47 +192,18 @@ class ExpertPool:
     def snapshot(self) -> dict[str, Any]:
         """Occupancy, and per pattern leased so far how many of its experts are resident."""
         with self._lock:
-            layers = {
-                str(index): {
-                    "slots": state.slots,
-                    "resident": len(state.where),
-                    "pinned": len(state.refs),
-                    "loading": len(state.loading),
-                }
-                for index, state in self.layers.items()
-            }
-            patterns = []
-            for label, (key, route) in sorted(self._routes.items()):
-                needed = resident = 0
-                missing: dict[str, list[int]] = {}
-                for index, state in self.layers.items():
-                    wanted = state.needs(route, index)
-                    needed += len(wanted)
-                    absent = [expert for expert in wanted if expert not in state.where]
-                    resident += len(wanted) - len(absent)
-                    if absent:
-                        missing[str(index)] = absent
-                patterns.append(
-                    {
-                        "pattern": label,
-                        "revision": key.revision,
-                        "experts": needed,
-                        "resident_experts": resident,
-                        "resident_fraction": round(resident / needed, 4) if needed else 1.0,
-                        "bytes": self.route_bytes(route),
-                        "missing_experts": missing,  # per layer, the experts a request would load
-                    }
-                )
-            used = sum(len(state.where) for state in self.layers.values())
             return {
                 "slots": self.slots,
-                "used_slots": used,
+                "used_slots": sum(len(state.where) for state in self.layers.values()),
                 "capacity_bytes": self.capacity_bytes,
                 "resident_bytes": self._resident_bytes(),
                 "loaded_experts": self.loaded_experts,
                 "evicted_experts": self.evicted_experts,
-                "layers": layers,
-                "patterns": patterns,
+                "layers": {str(index): state.occupancy() for index, state in self.layers.items()},
+                "patterns": [
+                    _residency(self.layers, label, key, route, self.route_bytes(route))
+                    for label, (key, route) in sorted(self._routes.items())
+                ],
             }
 
     # -- leasing -----------------------------------------------------------------------------------------
@@ -206,13 +239,7 @@ class ExpertPool:
         """End a lease: its experts stay resident, and become evictable once no other lease pins them."""
         with self._lock:
             for index, experts in lease.pins.items():
-                state = self.layers[index]
-                for expert in experts:
-                    state.refs[expert] -= 1
-                    if state.refs[expert] == 0:
-                        del state.refs[expert]
-                        if expert in state.where:
-                            state.idle[expert] = None  # most recently used last
+                self.layers[index].unpin(experts)
             lease.pins = {}
             self._admission.freed()
 
@@ -225,13 +252,9 @@ class ExpertPool:
                 return None
             freed = 0
             for index, state in self.layers.items():
-                for expert in state.needs(known[1], index):
-                    if expert in state.idle:
-                        del state.idle[expert]
-                        state.free.append(state.where.pop(expert))
-                        self.pooled.place(index, expert, -1)
-                        freed += 1
-                state.free.sort(reverse=True)  # lowest slot first: cold loads stay in runs
+                for expert in state.free_idle(state.needs(known[1], index)):
+                    self.pooled.place(index, expert, -1)
+                    freed += 1
             if freed:
                 self.evicted_experts += freed
                 self._notify("evicted", freed)
@@ -293,11 +316,8 @@ class ExpertPool:
             pins[index] = needed
             evicted = 0
             for expert in missing:
-                if state.free:
-                    slot = state.free.pop()
-                else:
-                    victim, _ = state.idle.popitem(last=False)
-                    slot = state.where.pop(victim)
+                slot, victim = state.take_slot()
+                if victim is not None:
                     self.pooled.place(index, victim, -1)
                     evicted += 1
                 state.loading[expert] = Future()
