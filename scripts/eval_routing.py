@@ -15,9 +15,11 @@ nearest example's similarity). Writes bench/results/routing.json and the confusi
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -39,9 +41,25 @@ from server.plots import kept_pairs, layer_widths, plot_confusion
 from server.route_features import FeatureWeights, RouteFeatures
 from server.routing import Router
 
-DEFAULT_DATA = Path(__file__).resolve().parents[1] / "data" / "tasks"  # vendored from the shared notes
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = ROOT / "data" / "tasks"  # vendored from the shared notes
 DEFAULTS = ServerConfig(model=Path("."), store=Path("."))
 TARGETS = {"wrong_max": 2.0, "served_min": 93.0, "fallback_max": 5.0, "loto_wrong_single_max": 35.0, "p50_ms_max": 15.0}
+
+
+def measured() -> dict[str, str]:
+    """The commit (with "+dirty" when tracked files differ from it; "unknown" without git) and the UTC time the
+    numbers were measured at, which the docs show next to them."""
+    try:
+        git = ["git", "-C", str(ROOT)]
+        commit = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout
+        commit = commit.strip()
+        status = [*git, "status", "--porcelain", "--untracked-files=no"]
+        if subprocess.run(status, capture_output=True, text=True, check=True).stdout.strip():
+            commit += "+dirty"
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    return {"commit": commit, "date": datetime.datetime.now(datetime.UTC).replace(microsecond=0).isoformat()}
 
 
 def load_tasks(data: Path) -> dict[str, list[str]]:
@@ -144,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
 
+    stamp = measured()  # before the run: the code that runs is the code at that commit
     tasks = load_tasks(args.data)
     names = sorted(tasks)
     embedder = Embedder()
@@ -276,6 +295,7 @@ def main(argv: list[str] | None = None) -> int:
         "leave_one_task_out_wrong_single_mean": loto_mean,
         "targets": {k: bool(v) for k, v in met.items()},
         "union_kept_percent": {str(d): union_sizes(d) for d in args.demo_stores if (d / "patterns").is_dir()},
+        "measured": stamp,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n")
