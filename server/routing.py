@@ -25,12 +25,12 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.base import BaseEstimator, ClassifierMixin, clone
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold, cross_val_predict
 from threadpoolctl import threadpool_limits
@@ -42,7 +42,7 @@ from server.route_features import RouteFeatures
 
 UNION_SEPARATOR = "+"
 CROSS_VALIDATION_FOLDS = 5
-L2 = 1e-4  # the classifier's penalty on the mean cross-entropy (`linear_classifier`)
+L2 = 1e-4  # the classifier's penalty on the mean cross-entropy (`SoftmaxRegression`)
 log = logging.getLogger("taskmoe.routing")
 
 
@@ -73,17 +73,36 @@ class RouteDecision:
         return UNION_SEPARATOR.join(self.patterns) if self.patterns else self.fallback
 
 
-def linear_classifier(examples: int, classes: int, l2: float = L2) -> LogisticRegression:
-    """A softmax regression minimising the mean cross-entropy plus `l2 * |W|^2` (W: one weight row per
-    class, the bias free), so that the penalty weighs the same against the data in a store of any size.
+class SoftmaxRegression(ClassifierMixin, BaseEstimator):
+    """scikit-learn's multinomial logistic regression with its L2 penalty stated on the mean loss: it minimises
+    the mean cross-entropy plus `l2 * |W|^2` (W: one weight row per class, the bias free), so that the penalty
+    weighs the same against the data in a store of any size, and in a cross-validation fold of it (one C for
+    all would penalise a fold's fit on 4/5 of the examples 1.25 times as hard, and the temperature fitted on
+    its held-out scores would describe another classifier: on `data/tasks` it moved routing by a point).
 
-    scikit-learn minimises `C * (sum of the losses) + |w|^2 / 2`: with more than two classes w is W (whose
-    rows sum to zero at the optimum either way), so C = 1 / (2 * l2 * examples); with two it is the one row
-    W1 - W0 = 2 * W1, so C = 1 / (l2 * examples). lbfgs starts from zero weights and the problem is convex:
-    the fit is deterministic without touching the global random state (which generation's sampling uses).
+    LogisticRegression minimises `C * (sum of the losses) + |w|^2 / 2`: with more than two classes w is W
+    (whose rows sum to zero at the optimum either way), so C = 1 / (2 * l2 * examples); with two it is the
+    one row W1 - W0 = 2 * W1, so C = 1 / (l2 * examples). lbfgs starts from zero weights and the problem is
+    convex: the fit is deterministic without the global random state (which generation's sampling uses).
     """
-    scale = 1.0 if classes == 2 else 2.0
-    return LogisticRegression(C=1.0 / (scale * l2 * examples), max_iter=200)
+
+    def __init__(self, l2: float = L2) -> None:
+        self.l2 = l2
+
+    def fit(self, x: np.ndarray, y: np.ndarray) -> SoftmaxRegression:
+        scale = 1.0 if len(np.unique(y)) == 2 else 2.0
+        self.regression_ = LogisticRegression(C=1.0 / (scale * self.l2 * len(y)), max_iter=200).fit(x, y)
+        self.classes_ = self.regression_.classes_
+        return self
+
+    def decision_function(self, x: np.ndarray) -> np.ndarray:
+        return self.regression_.decision_function(x)
+
+    def predict_proba(self, x: np.ndarray) -> np.ndarray:
+        return self.regression_.predict_proba(x)
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        return self.regression_.predict(x)
 
 
 class CentroidClassifier(ClassifierMixin, BaseEstimator):
@@ -103,7 +122,7 @@ class CentroidClassifier(ClassifierMixin, BaseEstimator):
         return self.classes_[self.decision_function(x).argmax(axis=1)]
 
 
-Scorer = LogisticRegression | CentroidClassifier
+Scorer = SoftmaxRegression | CentroidClassifier
 
 
 def class_scores(scores: np.ndarray) -> np.ndarray:
@@ -161,15 +180,13 @@ class HeldOut:
         )
 
 
-def calibrated(
-    make: Callable[[int, int], Scorer], x: np.ndarray, labels: np.ndarray, held: HeldOut | None
-) -> tuple[Scorer, float]:
-    """A scorer (`make(examples in the store, classes)`) fitted on every example, and the temperature that
-    calibrates its scores on held-out examples. Raises FloatingPointError when either is not finite."""
-    fitted = make(len(labels), int(labels.max()) + 1).fit(x, labels)
+def calibrated(scorer: Scorer, x: np.ndarray, labels: np.ndarray, held: HeldOut | None) -> tuple[Scorer, float]:
+    """`scorer` fitted on every example, and the temperature that calibrates its scores on held-out examples.
+    Raises FloatingPointError when either is not finite."""
+    fitted = clone(scorer).fit(x, labels)
     temperature = 1.0
     if held is not None and len(held.patterns) > 1:
-        logits = held.scores(make(len(labels), len(held.patterns)), x)
+        logits = held.scores(scorer, x)
         if not np.isfinite(logits).all():
             raise FloatingPointError("held-out scores are not finite")
         temperature = fit_temperature(torch.from_numpy(logits).float(), torch.from_numpy(held.labels))
@@ -319,10 +336,10 @@ class Router:
         way to centroids, which cannot fail: one bad pattern must not take routing down for all the others."""
         if self.rule == "classifier":
             try:
-                return "classifier", *calibrated(linear_classifier, x, labels, held)
+                return "classifier", *calibrated(SoftmaxRegression(), x, labels, held)
             except Exception:
                 log.exception("routing: fitting the classifier on %d examples failed; routing by centroid", len(labels))
-        return "centroid", *calibrated(lambda examples, classes: CentroidClassifier(), x, labels, held)
+        return "centroid", *calibrated(CentroidClassifier(), x, labels, held)
 
     def _fit(self, version: int, names: list[str], x: torch.Tensor, y: torch.Tensor) -> LearntRouter:
         labels = y.numpy()

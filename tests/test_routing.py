@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 from scipy.optimize import minimize_scalar
-from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold
 
 import server.routing as routing
@@ -135,9 +134,9 @@ def test_fit_temperature_recovers_the_scale_of_sharpened_logits() -> None:
     assert fit_temperature(3.0 * logits, labels) == pytest.approx(3.0, rel=0.1)
 
 
-def _penalised_softmax_regression(x: torch.Tensor, y: torch.Tensor, classes: int, penalty: float):
-    """Weights and bias minimising sum(cross-entropy) + penalty * |W|^2, by torch's L-BFGS to a tight
-    tolerance: the objective `routing.linear_classifier` documents, solved without scikit-learn."""
+def _penalised_softmax_regression(x: torch.Tensor, y: torch.Tensor, classes: int, l2: float):
+    """Weights and bias minimising the mean cross-entropy + l2 * |W|^2, by torch's L-BFGS to a tight tolerance:
+    the objective `routing.SoftmaxRegression` documents, solved without scikit-learn. Returns the logits."""
     weight = torch.zeros(classes, x.shape[1], dtype=x.dtype, requires_grad=True)
     bias = torch.zeros(classes, dtype=x.dtype, requires_grad=True)
     optimizer = torch.optim.LBFGS(
@@ -146,8 +145,7 @@ def _penalised_softmax_regression(x: torch.Tensor, y: torch.Tensor, classes: int
 
     def closure() -> torch.Tensor:
         optimizer.zero_grad()
-        logits = x @ weight.T + bias
-        loss = torch.nn.functional.cross_entropy(logits, y, reduction="sum") + penalty * weight.square().sum()
+        loss = torch.nn.functional.cross_entropy(x @ weight.T + bias, y) + l2 * weight.square().sum()
         loss.backward()
         return loss
 
@@ -158,9 +156,9 @@ def _penalised_softmax_regression(x: torch.Tensor, y: torch.Tensor, classes: int
 @pytest.mark.parametrize("patterns", [2, 3])
 def test_probabilities_are_the_documented_regression_at_its_held_out_temperature(tmp_path, patterns) -> None:
     """An independent reference: the mean cross-entropy plus `routing.L2 * |W|^2` minimised with torch, its
-    temperature fitted by scipy on 5-fold held-out logits (the same folds, fitted with the same penalty).
-    Two classes and more take different scikit-learn parametrisations, hence both. A regularisation off by
-    2 moves these probabilities by over 0.02 (checked below), a temperature not applied by more."""
+    temperature fitted by scipy on 5-fold held-out logits (the same folds, each fitted the same way). Two
+    classes and more take different scikit-learn parametrisations, hence both. A penalty off by 2 moves
+    these probabilities by over 0.02 (checked below), a temperature not applied by more."""
     means = {name: 0.6 * _axis(i) for i, name in enumerate("abc"[:patterns])}
     embedder = TableEmbedder()
     store = _gaussian_store(tmp_path, embedder, means, 30, 0.35)
@@ -171,29 +169,30 @@ def test_probabilities_are_the_documented_regression_at_its_held_out_temperature
     used = features.abs().sum(0) > 0  # the topic block: the n-gram blocks weigh 0 here, and zero columns get 0
     x = features[:, used]
     y = torch.tensor([learnt.names.index(owner) for owner in examples.owners])
-    penalty = routing.L2 * len(y)  # the mean loss's penalty, in the sum of the losses of the whole store
 
     held_out = torch.zeros(len(y), patterns, dtype=torch.float64)
     for train, test in StratifiedKFold(5, shuffle=True, random_state=0).split(x.numpy(), y.numpy()):
-        held_out[test] = _penalised_softmax_regression(x[train], y[train], patterns, penalty)(x[test])
+        held_out[test] = _penalised_softmax_regression(x[train], y[train], patterns, routing.L2)(x[test])
 
     def held_out_nll(log_t: float) -> float:
         return float(torch.nn.functional.cross_entropy(held_out / np.exp(log_t), y))
 
-    temperature = float(
-        np.exp(minimize_scalar(held_out_nll, bounds=(-5, 5), method="bounded", options={"xatol": 1e-6}).x)
-    )
+    fitted = minimize_scalar(held_out_nll, bounds=(-5, 5), method="bounded", options={"xatol": 1e-6})
+    temperature = float(np.exp(fitted.x))
     assert learnt.temperature == pytest.approx(temperature, rel=0.01)
 
     generator = torch.Generator().manual_seed(5)
     texts = [embedder.add(f"query {i}", 0.3 * torch.randn(DIM, generator=generator) + 0.3) for i in range(100)]
     queries = router.features.transform(texts, embedder.embed(texts)).double()[:, used]
-    expected = torch.softmax(_penalised_softmax_regression(x, y, patterns, penalty)(queries) / temperature, dim=-1)
+
+    def reference(l2: float) -> torch.Tensor:
+        return torch.softmax(_penalised_softmax_regression(x, y, patterns, l2)(queries) / temperature, dim=-1)
+
+    expected = reference(routing.L2)
     decisions = router.route_embedded(texts, embedder.embed(texts))
     got = torch.tensor([[{c.pattern: c.probability for c in d.candidates}[n] for n in learnt.names] for d in decisions])
     assert (got - expected).abs().max() < 0.01
-    doubled = torch.softmax(_penalised_softmax_regression(x, y, patterns, 2 * penalty)(queries) / temperature, dim=-1)
-    assert (doubled - expected).abs().max() > 0.02, "the queries must tell the penalty from its double"
+    assert (reference(2 * routing.L2) - expected).abs().max() > 0.02, "the queries tell the penalty from its double"
     assert (torch.softmax(temperature * expected.log(), dim=-1) - expected).abs().max() > 0.02, "and T from 1"
 
 
@@ -255,11 +254,11 @@ def test_bad_router_settings_are_refused(separated) -> None:
 def test_a_classifier_that_cannot_be_fitted_falls_back_to_centroids_loudly(separated, monkeypatch, caplog) -> None:
     store, embedder = separated
 
-    class Broken(LogisticRegression):
+    class Broken(routing.SoftmaxRegression):
         def fit(self, x, y):
             raise FloatingPointError("overflow in the line search")
 
-    monkeypatch.setattr(routing, "linear_classifier", lambda examples, classes: Broken())
+    monkeypatch.setattr(routing, "SoftmaxRegression", Broken)
     router = Router(store, embedder, features=RouteFeatures(TOPIC_ONLY))
     with caplog.at_level(logging.ERROR, logger="taskmoe.routing"):
         decision = router.route(embedder.add("upper query", _axis(2)))
@@ -270,13 +269,13 @@ def test_a_classifier_that_cannot_be_fitted_falls_back_to_centroids_loudly(separ
 def test_a_classifier_with_non_finite_weights_is_not_used(separated, monkeypatch) -> None:
     store, embedder = separated
 
-    class Poisoned(LogisticRegression):
+    class Poisoned(routing.SoftmaxRegression):
         def fit(self, x, y):
             super().fit(x, y)
-            self.coef_[:] = float("nan")
+            self.regression_.coef_[:] = float("nan")
             return self
 
-    monkeypatch.setattr(routing, "linear_classifier", lambda examples, classes: Poisoned())
+    monkeypatch.setattr(routing, "SoftmaxRegression", Poisoned)
     decision = Router(store, embedder, features=RouteFeatures(TOPIC_ONLY)).route(embedder.add("q", _axis(0)))
     assert decision.patterns == ("arith",) and decision.reason == "centroid"
 
