@@ -6,10 +6,11 @@ of the store at a time, how often a query of a task with no pattern lands on a w
 
 For each task file, prompts `offset .. offset+examples` are the pattern's routing examples (stored in a
 real pattern store); all the others are queries, which nothing here tunes on. Every decision goes through
-`server.routing.Router` with the defaults of `taskmoe serve` (`ServerConfig`). Also measured on the same
+`server.routing.Router` with the defaults of `taskmoe serve` (`RoutingPolicy`). Also measured on the same
 queries: the router without the n-gram features, without unions, and the first round's rule (a cut on the
 nearest example's similarity). Writes bench/results/routing.json and the confusion matrix as a PNG
-(docs/images/routing-confusion.png) and prints a table; the README quotes them.
+(docs/images/routing-confusion.png) and prints a table; `scripts/render_docs.py` renders them into
+`docs/benchmarks-routing.md`.
 """
 
 from __future__ import annotations
@@ -32,13 +33,16 @@ from pattern_store.embedder import Embedder
 from pattern_store.pattern import TaskPattern
 from pattern_store.selection import Selection, union
 from pattern_store.store import PatternStore
-from server.config import ServerConfig
+from server.config import RoutingPolicy
 from server.plots import kept_pairs, layer_widths, plot_confusion
 from server.route_features import FeatureWeights, RouteFeatures
 from server.routing import Router
 
-DEFAULT_DATA = Path(__file__).resolve().parents[1] / "data" / "tasks"  # vendored from the shared notes
-DEFAULTS = ServerConfig(model=Path("."), store=Path("."))
+from _measured import measured
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = ROOT / "data" / "tasks"  # vendored from the shared notes
+DEFAULTS = RoutingPolicy()
 TARGETS = {"wrong_max": 2.0, "served_min": 93.0, "fallback_max": 5.0, "loto_wrong_single_max": 35.0, "p50_ms_max": 15.0}
 
 
@@ -77,15 +81,8 @@ def routing_store(root: Path, examples: dict[str, torch.Tensor], texts: dict[str
 
 
 def server_router(store: PatternStore, embedder: Embedder, **overrides) -> Router:
-    """The router `taskmoe serve` makes, with its defaults unless overridden."""
-    settings = {
-        "rule": DEFAULTS.route_rule,
-        "threshold": DEFAULTS.route_threshold,
-        "union": DEFAULTS.route_union,
-        "novelty": DEFAULTS.route_novelty,
-    }
-    settings.update(overrides)
-    return Router(store, embedder, **settings)
+    """The router `taskmoe serve` makes (its routing policy's defaults), with some settings overridden."""
+    return Router(store, embedder, policy=DEFAULTS, **overrides)
 
 
 def seconds(call, *args) -> float:
@@ -142,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
 
+    stamp = measured()  # before the run: the code that runs is the code at that commit
     tasks = load_tasks(args.data)
     names = sorted(tasks)
     embedder = Embedder()
@@ -256,10 +254,10 @@ def main(argv: list[str] | None = None) -> int:
             "offset": args.offset,
             "queries": len(truth),
             "tasks": names,
-            "route_threshold": DEFAULTS.route_threshold,
-            "route_union": DEFAULTS.route_union,
-            "route_novelty": DEFAULTS.route_novelty,
-            "route_rule": DEFAULTS.route_rule,
+            "route_threshold": DEFAULTS.threshold,
+            "route_union": DEFAULTS.union,
+            "route_novelty": DEFAULTS.novelty,
+            "route_rule": DEFAULTS.rule,
         },
         "embedder": embedder.model_id,
         "embed_seconds": round(embed_seconds, 1),
@@ -274,6 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         "leave_one_task_out_wrong_single_mean": loto_mean,
         "targets": {k: bool(v) for k, v in met.items()},
         "union_kept_percent": {str(d): union_sizes(d) for d in args.demo_stores if (d / "patterns").is_dir()},
+        "measured": stamp,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n")

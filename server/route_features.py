@@ -11,7 +11,7 @@ no." against "Continue the text:"). Hashed character n-grams see that form, in t
 Digits are folded to 0 (a number's form matters, not its value). Each block is L2-normalised and scaled
 by the square root of its weight, so that with weights summing to 1 the whole vector has unit length
 and an inner product is a weighted sum of the blocks' cosine similarities.
-`scripts/eval_routing.py` measures the blocks' worth on real benchmark prompts (README, "Routing").
+`scripts/eval_routing.py` measures the blocks' worth on real benchmark prompts (docs/benchmarks-routing.md).
 """
 
 from __future__ import annotations

@@ -3,11 +3,11 @@ fallback when the query looks like no stored task.
 
 A wrong route is worse than no route: a query served by another task's variant lacks the experts it
 needs, while the fallback (the full model, or a general pattern) only costs memory. So a decision is made
-in three steps, each measured on real benchmark prompts by `scripts/eval_routing.py` (README, "Routing"):
+in three steps, each measured on real benchmark prompts by `scripts/eval_routing.py` (docs/benchmarks-routing.md):
 
 1. **Probabilities.** A rule scores the query's features (`server.route_features`: its embedding and its
-   character n-grams) against each pattern: `classifier` (the default, a softmax regression on the
-   patterns' example prompts) or `centroid` (cosine to each pattern's mean example). The scores become
+   character n-grams) against each pattern: `classifier` (the default, scikit-learn's multinomial logistic
+   regression on the patterns' example prompts) or `centroid` (cosine to each pattern's mean example). The scores become
    probabilities through a temperature fitted on the examples themselves, cross-validated (each example
    scored by a rule that never saw it), so that "0.9" means right nine times in ten on such queries.
 2. **Confidence or union.** The most probable pattern serves when its probability reaches `threshold`.
@@ -31,6 +31,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from sklearn.base import BaseEstimator, ClassifierMixin, clone
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import StratifiedKFold, cross_val_predict
+from threadpoolctl import threadpool_limits
 
 from pattern_store.embedder import Embedder
 from pattern_store.store import PatternStore, SearchHit
@@ -39,6 +43,7 @@ from server.route_features import RouteFeatures
 
 UNION_SEPARATOR = "+"
 CROSS_VALIDATION_FOLDS = 5
+L2 = 1e-4  # the classifier's penalty on the mean cross-entropy (`SoftmaxRegression`)
 log = logging.getLogger("taskmoe.routing")
 
 
@@ -69,34 +74,62 @@ class RouteDecision:
         return UNION_SEPARATOR.join(self.patterns) if self.patterns else self.fallback
 
 
-def fit_linear_classifier(x: torch.Tensor, y: torch.Tensor, classes: int, l2: float = 1e-4) -> torch.nn.Linear:
-    """Softmax regression fitted with L-BFGS from zero weights: the problem is convex, so the result is
-    deterministic without touching the global random state (which generation's sampling uses)."""
-    model = torch.nn.Linear(x.shape[1], classes)
-    with torch.no_grad():
-        model.weight.zero_()
-        model.bias.zero_()
-    optimizer = torch.optim.LBFGS(model.parameters(), max_iter=200, line_search_fn="strong_wolfe")
+class SoftmaxRegression(ClassifierMixin, BaseEstimator):
+    """scikit-learn's multinomial logistic regression with its L2 penalty stated on the mean loss: it minimises
+    the mean cross-entropy plus `l2 * |W|^2` (W: one weight row per class, the bias free), so that the penalty
+    weighs the same against the data in a store of any size, and in a cross-validation fold of it (one C for
+    all would penalise a fold's fit on 4/5 of the examples 1.25 times as hard, and the temperature fitted on
+    its held-out scores would describe another classifier: on `data/tasks` it moved routing by a point).
 
-    def closure() -> torch.Tensor:
-        optimizer.zero_grad()
-        loss = torch.nn.functional.cross_entropy(model(x), y) + l2 * model.weight.square().sum()
-        loss.backward()
-        return loss
+    LogisticRegression minimises `C * (sum of the losses) + |w|^2 / 2`: with more than two classes w is W
+    (whose rows sum to zero at the optimum either way), so C = 1 / (2 * l2 * examples); with two it is the
+    one row W1 - W0 = 2 * W1, so C = 1 / (l2 * examples). lbfgs starts from zero weights and the problem is
+    convex: the fit is deterministic without the global random state (which generation's sampling uses).
+    """
 
-    with torch.enable_grad():
-        optimizer.step(closure)
-    return model.requires_grad_(False)
+    def __init__(self, l2: float = L2) -> None:
+        self.l2 = l2
+
+    def fit(self, x: np.ndarray, y: np.ndarray) -> SoftmaxRegression:
+        scale = 1.0 if len(np.unique(y)) == 2 else 2.0
+        self.regression_ = LogisticRegression(C=1.0 / (scale * self.l2 * len(y)), max_iter=200).fit(x, y)
+        self.classes_ = self.regression_.classes_
+        return self
+
+    def decision_function(self, x: np.ndarray) -> np.ndarray:
+        return self.regression_.decision_function(x)
+
+    def predict_proba(self, x: np.ndarray) -> np.ndarray:
+        return self.regression_.predict_proba(x)
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        return self.regression_.predict(x)
 
 
-def centroid_scorer(x: torch.Tensor, y: torch.Tensor, classes: int) -> torch.nn.Linear:
-    """Cosine similarity to each class's mean example, as a linear layer (a class without examples scores 0)."""
-    scorer = torch.nn.Linear(x.shape[1], classes)
-    with torch.no_grad():
-        means = torch.zeros(classes, x.shape[1]).index_add_(0, y, x)
-        scorer.weight.copy_(torch.nn.functional.normalize(means, dim=1))
-        scorer.bias.zero_()
-    return scorer.requires_grad_(False)
+class CentroidClassifier(ClassifierMixin, BaseEstimator):
+    """Cosine similarity of a row to each class's mean row: the `centroid` rule, and the typical form that
+    out-of-store detection compares to. Nothing to fit but means, so it cannot fail."""
+
+    def fit(self, x: np.ndarray, y: np.ndarray) -> CentroidClassifier:
+        self.classes_, index = np.unique(y, return_inverse=True)
+        sums = np.eye(len(self.classes_), dtype=x.dtype)[index].T @ x
+        self.centroids_ = sums / np.maximum(np.linalg.norm(sums, axis=1, keepdims=True), 1e-12)
+        return self
+
+    def decision_function(self, x: np.ndarray) -> np.ndarray:
+        return np.asarray(x) @ self.centroids_.T
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        return self.classes_[self.decision_function(x).argmax(axis=1)]
+
+
+Scorer = SoftmaxRegression | CentroidClassifier
+
+
+def class_scores(scores: np.ndarray) -> np.ndarray:
+    """[n, classes] scores whose softmax is the probabilities (a binary classifier gives one logit, class 1's
+    over class 0's)."""
+    return np.stack([np.zeros_like(scores), scores], axis=1) if scores.ndim == 1 else scores
 
 
 def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
@@ -118,15 +151,61 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return min(max(temperature, 1e-3), 1e3) if np.isfinite(temperature) else 1.0
 
 
-def stratified_folds(labels: torch.Tensor, folds: int) -> torch.Tensor:
-    """A fold number per example, each class spread evenly over the folds (a fixed shuffle, no global RNG)."""
-    generator = torch.Generator().manual_seed(0)
-    assignment = torch.empty_like(labels)
-    for label in labels.unique():
-        members = (labels == label).nonzero()[:, 0]
-        members = members[torch.randperm(len(members), generator=generator)]
-        assignment[members] = torch.arange(len(members)) % folds
-    return assignment
+@dataclass(frozen=True)
+class HeldOut:
+    """The examples that can be held out (their pattern has another example, so it stays known to the rest)
+    and stratified folds over them: as many as the smallest such pattern has examples, up to 5, so that every
+    training fold knows every pattern (and scikit-learn has nothing to warn of)."""
+
+    examples: np.ndarray  # indices into the store's examples
+    labels: np.ndarray  # their patterns, numbered among the patterns held out (0 .. patterns - 1)
+    patterns: np.ndarray  # which of the store's patterns those are
+    folds: StratifiedKFold
+
+    @classmethod
+    def of(cls, labels: np.ndarray) -> HeldOut | None:
+        """None: no pattern has two examples, there is nothing to calibrate on."""
+        counts = np.bincount(labels)
+        examples = np.flatnonzero(counts[labels] >= 2)
+        if not len(examples):
+            return None
+        patterns, numbered = np.unique(labels[examples], return_inverse=True)
+        folds = min(CROSS_VALIDATION_FOLDS, int(counts[patterns].min()))
+        return cls(examples, numbered, patterns, StratifiedKFold(folds, shuffle=True, random_state=0))
+
+    def scores(self, estimator: BaseEstimator, x: np.ndarray) -> np.ndarray:
+        """[held-out examples, patterns held out]: each example scored by a fit on the other folds."""
+        held_x = x[self.examples]
+        return class_scores(
+            cross_val_predict(estimator, held_x, self.labels, cv=self.folds, method="decision_function")
+        )
+
+
+def calibrated(scorer: Scorer, x: np.ndarray, labels: np.ndarray, held: HeldOut | None) -> tuple[Scorer, float]:
+    """`scorer` fitted on every example, and the temperature that calibrates its scores on held-out examples.
+    Raises FloatingPointError when either is not finite."""
+    fitted = clone(scorer).fit(x, labels)
+    temperature = 1.0
+    if held is not None and len(held.patterns) > 1:
+        logits = held.scores(scorer, x)
+        if not np.isfinite(logits).all():
+            raise FloatingPointError("held-out scores are not finite")
+        temperature = fit_temperature(torch.from_numpy(logits).float(), torch.from_numpy(held.labels))
+    if not np.isfinite(class_scores(fitted.decision_function(x))).all():
+        raise FloatingPointError("scores are not finite")
+    return fitted, temperature
+
+
+def held_out_form(form: np.ndarray, labels: np.ndarray, held: HeldOut | None, classes: int) -> list[torch.Tensor]:
+    """Per pattern, sorted: how like its pattern's typical form (that of the other folds) each held-out
+    example's form is; out-of-store detection ranks a query among these (empty: never out of store)."""
+    out = [torch.empty(0)] * classes
+    if held is None:
+        return out
+    similarity = held.scores(CentroidClassifier(), form)[np.arange(len(held.labels)), held.labels]
+    for number, pattern in enumerate(held.patterns):
+        out[pattern] = torch.from_numpy(np.sort(similarity[held.labels == number])).float()
+    return out
 
 
 @dataclass
@@ -136,7 +215,7 @@ class LearntRouter:
     version: int
     names: list[str]
     rule: str
-    scorer: torch.nn.Linear | None  # None: a single pattern (its probability is 1)
+    scorer: Scorer | None  # None: a single pattern (its probability is 1)
     temperature: float
     form_centroids: torch.Tensor  # [patterns, form buckets], unit rows
     held_out_form: list[torch.Tensor] = field(default_factory=list)  # per pattern, sorted held-out similarities
@@ -144,7 +223,8 @@ class LearntRouter:
     def probabilities(self, features: torch.Tensor) -> torch.Tensor:
         if self.scorer is None:
             return torch.ones(len(features), 1)
-        return torch.softmax(self.scorer(features) / self.temperature, dim=-1)
+        logits = torch.from_numpy(class_scores(self.scorer.decision_function(features.numpy()))).float()
+        return torch.softmax(logits / self.temperature, dim=-1)
 
     def typicality(self, form: torch.Tensor) -> torch.Tensor:
         """[queries, patterns]: (1 + held-out examples at most as similar) / (1 + held-out examples)."""
@@ -242,49 +322,35 @@ class Router:
             self._learnt = self._fit(examples.version, names, x, y)
             return self._learnt
 
-    def _scorer(self, x: torch.Tensor, y: torch.Tensor, classes: int) -> tuple[str, torch.nn.Linear]:
-        """The rule's scorer; a classifier that cannot be fitted (or is not finite) gives way to centroids,
-        which cannot fail: one bad pattern must not take routing down for all the others."""
+    def _scorer(self, x: np.ndarray, labels: np.ndarray, held: HeldOut | None) -> tuple[str, Scorer, float]:
+        """The rule's scorer and its temperature; a classifier that cannot be fitted (or is not finite) gives
+        way to centroids, which cannot fail: one bad pattern must not take routing down for all the others."""
         if self.rule == "classifier":
             try:
-                classifier = fit_linear_classifier(x, y, classes)
-                if all(bool(torch.isfinite(p).all()) for p in classifier.parameters()):
-                    return "classifier", classifier
-                log.error("routing: the classifier fitted on %d examples is not finite; routing by centroid", len(y))
+                return "classifier", *calibrated(SoftmaxRegression(), x, labels, held)
             except Exception:
-                log.exception("routing: fitting the classifier on %d examples failed; routing by centroid", len(y))
-        return "centroid", centroid_scorer(x, y, classes)
+                log.exception("routing: fitting the classifier on %d examples failed; routing by centroid", len(labels))
+        return "centroid", *calibrated(CentroidClassifier(), x, labels, held)
 
     def _fit(self, version: int, names: list[str], x: torch.Tensor, y: torch.Tensor) -> LearntRouter:
-        classes = len(names)
-        form = self.features.form_block(x)
-        rule, scorer = self._scorer(x, y, classes) if classes > 1 else (self.rule, None)
-        centroids = torch.nn.functional.normalize(torch.zeros(classes, form.shape[1]).index_add_(0, y, form), dim=1)
-        learnt = LearntRouter(version, names, rule, scorer, 1.0, centroids, [torch.empty(0)] * classes)
-        folds = min(CROSS_VALIDATION_FOLDS, int(torch.bincount(y).max()))
-        if folds < 2:
-            return learnt  # one example per pattern: nothing held out to calibrate on
-        fold_of = stratified_folds(y, folds)
-        logits = torch.zeros(len(y), classes)
-        seen = torch.zeros(len(y), dtype=torch.bool)  # the example's pattern was in the training folds
-        similarity = torch.zeros(len(y))
-        for fold in range(folds):
-            train, test = fold_of != fold, fold_of == fold
-            if classes > 1:
-                logits[test] = self._scorer(x[train], y[train], classes)[1](x[test])
-            seen[test] = (torch.bincount(y[train], minlength=classes) > 0)[y[test]]
-            fold_centroids = torch.zeros(classes, form.shape[1]).index_add_(0, y[train], form[train])
-            fold_centroids = torch.nn.functional.normalize(fold_centroids, dim=1)
-            similarity[test] = (form[test] * fold_centroids[y[test]]).sum(1)
-        if classes > 1:
-            learnt.temperature = fit_temperature(logits[seen], y[seen])
-        learnt.held_out_form = [similarity[(y == j) & seen].sort().values for j in range(classes)]
+        labels = y.numpy()
+        held = HeldOut.of(labels)
+        rule, scorer, temperature = self.rule, None, 1.0
+        form = self.features.form_block(x).numpy()
+        # one BLAS thread: the fits are small, and scipy's L-BFGS-B with a multithreaded OpenBLAS learnt the
+        # benchmark store (scripts/eval_routing.py) 4 to 7 times slower on a busy 2-core CPU
+        with threadpool_limits(1, user_api="blas"):
+            if len(names) > 1:
+                rule, scorer, temperature = self._scorer(x.numpy(), labels, held)
+            centroids = torch.from_numpy(CentroidClassifier().fit(form, labels).centroids_)
+            typical = held_out_form(form, labels, held, len(names))
+        learnt = LearntRouter(version, names, rule, scorer, temperature, centroids, typical)
         log.info(
             "routing: learnt %d patterns from %d examples (%s, temperature %.3g, %d-fold)",
-            classes,
-            len(y),
+            len(names),
+            len(labels),
             rule,
-            learnt.temperature,
-            folds,
+            temperature,
+            held.folds.n_splits if held else 0,
         )
         return learnt
