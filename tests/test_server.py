@@ -78,6 +78,33 @@ def chat(client: openai.OpenAI, prompt: str, **kwargs):
 # -- models, routing, answers -----------------------------------------------------------------------
 
 
+def test_a_request_goes_down_and_back_on_one_worker_thread(server, client, monkeypatch) -> None:
+    """Planning (routing, tokenizing), leasing, decoding and releasing happen on one worker thread: the event
+    loop hands a request off once, streamed or not, named or routed (it used to hop four times)."""
+    import anyio.to_thread
+
+    hops: list[str] = []
+    run_sync = anyio.to_thread.run_sync
+
+    async def counted_run_sync(*args, **kwargs):
+        hops.append("threadpool")
+        return await run_sync(*args, **kwargs)
+
+    executor = server.app.state.executor
+    submit = executor.submit
+    monkeypatch.setattr(anyio.to_thread, "run_sync", counted_run_sync)
+    monkeypatch.setattr(executor, "submit", lambda *a, **k: hops.append("worker") or submit(*a, **k))
+    for model in ("demo-moe", "demo-moe@sort"):
+        for stream in (False, True):
+            hops.clear()
+            reply = client.chat.completions.create(
+                model=model, messages=[{"role": "user", "content": "Please sort: 3, 1"}], max_tokens=4, stream=stream
+            )
+            if stream:
+                list(reply)
+            assert hops == ["worker"], (model, stream, hops)
+
+
 def test_models_lists_the_model_and_every_pattern(client) -> None:
     ids = {model.id for model in client.models.list()}
     assert ids == {"demo-moe", *(f"demo-moe@{task}" for task in TASKS), "demo-moe@general"}
