@@ -357,16 +357,20 @@ def add_settings(parser: argparse.ArgumentParser, model: Any, flags: dict[str, s
     """One flag per field of a settings model (`ServerConfig`, `RoutingPolicy`), its help, choices and default
     taken from the field. A flag that is not given is absent from the parsed arguments, so that the
     environment and the field's default apply (pydantic-settings)."""
-    from server.config import shown_default
+    import typing
+
+    from server.config import flag, shown_default
 
     for name, field in model.model_fields.items():
-        option = (flags or {}).get(name, "--" + name.replace("_", "-"))
+        option = (flags or {}).get(name, flag(name))
         kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "dest": name}
         choices = field_choices(field)
         if choices:
             kwargs["choices"] = choices
-        if name == "upstream":
-            kwargs |= {"action": "append", "metavar": "PATTERN=URL[#MODEL]"}
+        if typing.get_origin(field.annotation) is tuple:  # a list setting: the flag is repeated
+            kwargs["action"] = "append"
+        if field.examples:  # how a value is written: the flag's metavar
+            kwargs["metavar"] = field.examples[0]
         default = shown_default(field)
         kwargs["help"] = field.description + (f" (default {default})" if default is not None else "")
         parser.add_argument(*option.split(","), **kwargs)

@@ -38,14 +38,12 @@ class Answer:
 
     texts: tuple[tuple[str, str | None], ...]
     completion_tokens: int
-    cancelled: bool = False
 
     @classmethod
     def of(cls, generations: Sequence[Generation]) -> Answer:
         return cls(
             tuple((choice.text, choice.finish_reason) for generation in generations for choice in generation.choices),
             sum(generation.completion_tokens for generation in generations),
-            any(generation.cancelled for generation in generations),
         )
 
 
@@ -83,7 +81,7 @@ class Started:
         return await self.done
 
     async def stream(self) -> AsyncIterator[Event]:
-        """The deltas as they come, then ("done", generations) or ("error", exception); the generation is
+        """The deltas as they come, then ("done", Answer) or ("error", exception); the generation is
         cancelled when the consumer stops early (the client went away)."""
         assert self.events is not None
         try:
@@ -96,7 +94,7 @@ class Started:
             self.cancel.set()
 
 
-def _resolve(future: asyncio.Future[Any], value: Any = None, error: BaseException | None = None) -> None:
+def _settle(future: asyncio.Future[Any], value: Any = None, error: BaseException | None = None) -> None:
     """Settle `future` on the event loop (scheduled from a worker thread); a cancelled one is left be."""
     if future.done():
         return
@@ -155,7 +153,7 @@ class Completions:
             loop.call_soon_threadsafe(events.put_nowait, ("delta", (position, delta)))  # type: ignore[union-attr]
 
         def ready(planned: Plan | None, error: BaseException | None) -> None:
-            loop.call_soon_threadsafe(_resolve, leased, planned, error)
+            loop.call_soon_threadsafe(_settle, leased, planned, error)
 
         done = loop.run_in_executor(self.executor, self.run, ask, cancel, emit if stream else None, ready)
         try:

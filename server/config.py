@@ -148,6 +148,7 @@ class ServerConfig(BaseSettings):
     )
     upstream: Annotated[tuple[str, ...], NoDecode, BeforeValidator(_comma_list)] = Field(
         (),
+        examples=["PATTERN=URL[#MODEL]"],
         description="PATTERN=URL[#MODEL]: serve PATTERN from another OpenAI-compatible server (vLLM, SGLang) at URL "
         "(its /v1 base); repeatable, or comma-separated in the environment",
     )

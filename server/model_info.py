@@ -15,7 +15,7 @@ from typing import Any
 from transformers import AutoConfig, AutoTokenizer, GenerationConfig, PretrainedConfig, PreTrainedTokenizerBase
 
 from server.errors import ContextTooLong, InvalidRequest
-from server.model.checkpoint import model_fingerprint
+from server.model.checkpoint import model_fingerprint, read_generation_config
 from server.model.families import family_for
 
 MAX_CHARACTERS_PER_TOKEN = 32
@@ -48,10 +48,6 @@ def end_of_generation_ids(tokenizer: PreTrainedTokenizerBase | None, config: Any
     return tuple(sorted(ids))
 
 
-def read_generation_config(directory: Path) -> GenerationConfig | None:
-    return GenerationConfig.from_pretrained(directory) if (directory / "generation_config.json").is_file() else None
-
-
 @dataclass(frozen=True)
 class ModelInfo:
     """One model's facts, as served under `name`."""
@@ -67,13 +63,20 @@ class ModelInfo:
     eos_ids: tuple[int, ...]
 
     @classmethod
-    def load(cls, directory: str | Path, name: str | None = None) -> ModelInfo:
-        """Read the facts of the checkpoint in `directory` (its config, tokenizer, generation config and a
-        few kilobytes per weight file for the fingerprint); `name` defaults to the directory's name."""
+    def load(
+        cls,
+        directory: str | Path,
+        name: str | None = None,
+        config: PretrainedConfig | None = None,
+        generation_config: GenerationConfig | None = None,
+    ) -> ModelInfo:
+        """Read the facts of the checkpoint in `directory` (its tokenizer, a few kilobytes per weight file for
+        the fingerprint, and its config and generation config unless a `VariantBuilder` already read them);
+        `name` defaults to the directory's name."""
         directory = Path(directory)
-        config = AutoConfig.from_pretrained(directory)
+        config = config or AutoConfig.from_pretrained(directory)
         tokenizer = AutoTokenizer.from_pretrained(str(directory))
-        generation_config = read_generation_config(directory)
+        generation_config = generation_config or read_generation_config(directory)
         return cls(
             directory=directory,
             name=name or directory.resolve().name,
@@ -91,19 +94,28 @@ class ModelInfo:
         """Texts longer than this cannot fit the context at any tokenization."""
         return MAX_CHARACTERS_PER_TOKEN * (self.context_length or 2**20)
 
-    def check_fits(self, texts: Sequence[str], param: str) -> None:
-        """Refuse, before tokenizing anything, texts that could never fit the context."""
-        characters = sum(len(text) for text in texts)
+    def check_chat(self, messages: Sequence[dict[str, Any]]) -> None:
+        """Refuse, untokenized, a conversation too long for the context at any tokenization (tokenizing is
+        where the time goes)."""
+        characters = sum(len(str(message.get("content") or "")) for message in messages)
         if characters > self.character_limit:
             raise ContextTooLong(
-                f"{param} of {characters} characters cannot fit this model's context of {self.context_length} tokens",
-                param=param,
+                f"messages of {characters} characters cannot fit this model's context of {self.context_length} tokens",
+                param="messages",
             )
 
+    def check_prompts(self, texts: Sequence[str]) -> None:
+        """Refuse, untokenized, text prompts that could never fit the context."""
+        for text in texts:
+            if len(text) > self.character_limit:
+                raise ContextTooLong(
+                    f"a prompt of {len(text)} characters cannot fit this model's context of "
+                    f"{self.context_length} tokens",
+                    param="prompt",
+                )
+
     def chat_ids(self, messages: Sequence[dict[str, Any]]) -> list[int]:
-        """Token ids of a conversation, the assistant's turn opened. A conversation too long for the context
-        at any tokenization is refused before it is tokenized (that is where the time goes)."""
-        self.check_fits([str(message.get("content") or "") for message in messages], "messages")
+        """Token ids of a conversation, the assistant's turn opened (checked by `check_chat` first)."""
         try:
             return template_ids(self.tokenizer, messages)
         except Exception as error:  # the model's own template rejects the conversation (jinja raises)
@@ -112,12 +124,5 @@ class ModelInfo:
             ) from None
 
     def text_ids(self, texts: Sequence[str]) -> list[list[int]]:
-        """Token ids of text prompts, each refused untokenized if it could never fit."""
-        for text in texts:
-            if len(text) > self.character_limit:
-                raise ContextTooLong(
-                    f"a prompt of {len(text)} characters cannot fit this model's context of "
-                    f"{self.context_length} tokens",
-                    param="prompt",
-                )
+        """Token ids of text prompts (checked by `check_prompts` first)."""
         return [list(self.tokenizer(text, add_special_tokens=True)["input_ids"]) for text in texts]

@@ -123,7 +123,9 @@ def _check_sizes(ask: Ask, info: ModelInfo, max_n: int) -> None:
     if ask.kind == "text" and len(ask.prompts) * n > MAX_CHOICES:
         raise InvalidRequest(f"at most {MAX_CHOICES} choices per request (prompts x n)", param="prompt")
     if ask.kind == "chat":
-        info.check_fits([str(message.get("content") or "") for message in ask.messages], "messages")
+        info.check_chat(ask.messages)
+    else:
+        info.check_prompts(ask.prompts)
 
 
 def plan(ask: Ask, info: ModelInfo, resolver: Resolver, max_n: int, upstream: Sequence[str] = ()) -> Plan:

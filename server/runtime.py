@@ -13,7 +13,7 @@ from pattern_store.embedder import Embedder
 from pattern_store.store import PatternStore
 from server.completions import Completions
 from server.config import ServerConfig
-from server.leases import make_leases
+from server.leases import LeaseManager, make_leases
 from server.metrics import Metrics
 from server.model.variant import VariantBuilder
 from server.model_info import ModelInfo
@@ -50,6 +50,28 @@ def open_store(config: ServerConfig) -> PatternStore:
     return store
 
 
+def follow_store(
+    config: ServerConfig, store: PatternStore, leases: LeaseManager | None = None, router: Router | None = None
+) -> StoreWatcher | None:
+    """Follow what other processes write to the store (every `--store-poll` seconds; 0: never): a removed or
+    replaced pattern's leases, and every union with it, never serve again, and the router learns the new
+    store now rather than on a request."""
+    if config.store_poll <= 0:
+        return None
+
+    def changed(before: dict[str, str], after: dict[str, str]) -> None:
+        if leases is not None:
+            for name, revision in before.items():
+                if after.get(name) != revision:
+                    leases.forget(name)
+        if router is not None:
+            router.learn()
+
+    watcher = StoreWatcher(store, config.store_poll, changed)
+    watcher.start()
+    return watcher
+
+
 def make_router(config: ServerConfig, store: PatternStore, embedder: Embedder) -> Router:
     """The router with the configured policy, trained now rather than on the first request."""
     router = Router(store, embedder, policy=config.routing, fallback=config.fallback_pattern)
@@ -65,7 +87,9 @@ class Runtime:
         self.metrics = metrics or Metrics()
         self.builder = VariantBuilder(config.model, device=config.device, dtype=config.dtype)
         self.torch_threads = set_torch_threads(config.torch_threads, self.builder.device)
-        self.info = ModelInfo.load(config.model, config.served_name)
+        self.info = ModelInfo.load(
+            config.model, config.served_name, self.builder.config, self.builder.generation_config
+        )
         self.store = open_store(config)
         self.embedder = Embedder(config.embedder) if config.embedder else Embedder()
         self.router = make_router(config, self.store, self.embedder)
@@ -76,18 +100,7 @@ class Runtime:
         self.completions = Completions(
             self.info, self.resolver, self.leases, self.metrics, executor, config.max_n, upstream
         )
-        self.watcher: StoreWatcher | None = None
-        if config.store_poll > 0:
-            self.watcher = StoreWatcher(self.store, config.store_poll, self._store_changed)
-            self.watcher.start()
-
-    def _store_changed(self, before: dict[str, str], after: dict[str, str]) -> None:
-        """Another process (or this one) wrote the store: a removed or replaced pattern's leases, and every
-        union with it, never serve again; routing learns the new store now rather than on a request."""
-        for name, revision in before.items():
-            if after.get(name) != revision:
-                self.leases.forget(name)
-        self.router.learn()
+        self.watcher = follow_store(config, self.store, self.leases, self.router)
 
     def close(self) -> None:
         if self.watcher is not None:

@@ -7,10 +7,12 @@ import os
 import socket
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import pytest
 
+from pattern_store.store import PatternStore
 from server.config import ServerConfig
 
 from conftest import DEMO_MOE, ROOT
@@ -30,7 +32,13 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def ray_app():
+def ray_store(tmp_path_factory) -> Path:
+    """The Ray app's pattern store: a copy of the demo's, which a test writes to."""
+    return copy_demo_store(tmp_path_factory.mktemp("ray"))
+
+
+@pytest.fixture(scope="module")
+def ray_app(ray_store):
     sys.path.insert(0, str(APP_DIR))
     import taskmoe_ray
 
@@ -50,7 +58,8 @@ def ray_app():
     port = free_port()
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        app = taskmoe_ray.build_app({"model": str(DEMO_MOE), "replicas": "2", "cpus": "1", "ingress_cpus": "1"})
+        settings = {"model": str(DEMO_MOE), "store": str(ray_store), "store_poll": "1"}
+        app = taskmoe_ray.build_app(settings | {"replicas": "2", "cpus": "1", "ingress_cpus": "1"})
         serve.run(app, name="taskmoe", route_prefix="/")
         yield f"http://127.0.0.1:{port}"
     finally:
@@ -160,3 +169,37 @@ def test_the_ray_app_refuses_what_taskmoe_serve_refuses(ray_app, local_server) -
         httpx.post(f"{url}/v1/completions", json=too_many, timeout=60).status_code for url in (ray_app, local_server)
     }
     assert statuses == {400}
+
+
+def test_the_ray_app_follows_its_store(ray_app, ray_store) -> None:
+    """A pattern written by another process is served, and once replaced, its replacement serves: the
+    ingress and every replica follow the store (last in this file: the tests above route on the demo store)."""
+    other = PatternStore(ray_store)
+    copy = other.get("upper")
+    copy.name = "copied"
+    other.add(copy)
+    body = {"model": "demo-moe@copied", "messages": [{"role": "user", "content": "Make this uppercase: hello happy"}]}
+    body |= {"temperature": 0, "max_tokens": 16}
+
+    def answer(model: str) -> str:
+        response = httpx.post(f"{ray_app}/v1/chat/completions", json=body | {"model": model}, timeout=120)
+        assert response.status_code == 200, response.text
+        return response.json()["choices"][0]["message"]["content"]
+
+    deadline = time.monotonic() + 30
+    while "demo-moe@copied" not in {m["id"] for m in httpx.get(f"{ray_app}/v1/models", timeout=60).json()["data"]}:
+        assert time.monotonic() < deadline, "the ingress did not follow the store"
+        time.sleep(0.5)
+    assert answer("demo-moe@copied") == answer("demo-moe@upper")
+    expected = answer("demo-moe@arith")
+    assert expected != answer("demo-moe@upper"), "the test needs two patterns that answer apart"
+    replacement = other.get("arith")
+    replacement.name = "copied"
+    other.add(replacement, replace=True)
+    deadline = time.monotonic() + 30
+    while answer("demo-moe@copied") != expected:  # every replica that served "copied" forgets its old experts
+        assert time.monotonic() < deadline, "a replica served the replaced pattern's old experts"
+        time.sleep(0.5)
+    for _ in range(4):  # whichever replica Serve picks now
+        assert answer("demo-moe@copied") == expected
+    other.remove("copied")

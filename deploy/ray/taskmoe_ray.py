@@ -45,8 +45,7 @@ from server.model_info import ModelInfo
 from server.plan import Plan, plan
 from server.resolver import Choice, Resolver
 from server.routing import UNION_SEPARATOR
-from server.runtime import make_router, open_store, set_torch_threads
-from server.store_watch import StoreWatcher
+from server.runtime import follow_store, make_router, open_store, set_torch_threads
 
 MAX_VARIANTS_PER_REPLICA = int(os.environ.get("TASKMOE_MAX_VARIANTS_PER_REPLICA", "4"))
 RAY_ARGUMENTS = {"replicas": "2", "gpus": "0", "cpus": "1", "ingress_cpus": "0.5"}
@@ -63,17 +62,19 @@ class ModelReplica:
         config = load_config(**settings)
         self.builder = VariantBuilder(config.model, device=config.device, dtype=config.dtype)
         set_torch_threads(config.torch_threads, self.builder.device)
-        self.info = ModelInfo.load(config.model, config.served_name)
+        self.info = ModelInfo.load(
+            config.model, config.served_name, self.builder.config, self.builder.generation_config
+        )
         self.store = open_store(config)
         self.metrics = Metrics()
         self.leases = make_leases(self.builder, self.store, self.info.fingerprint, config, self.metrics)
+        follow_store(config, self.store, leases=self.leases)  # a replaced pattern never serves its old experts
         self.replica = serve.get_replica_context().replica_id.unique_id
         self.loads: dict[str, int] = {}
 
     @serve.multiplexed(max_num_models_per_replica=MAX_VARIANTS_PER_REPLICA)
     async def pattern(self, label: str) -> str:
         """Make this replica hold what serves `label` (Serve then sends that label's requests here)."""
-        self.store.refresh_if_changed()
         names = () if label == FULL_MODEL else tuple(label.split(UNION_SEPARATOR))
         lease = await asyncio.to_thread(self.leases.acquire, Choice(names, "explicit"))
         lease.release()
@@ -106,8 +107,7 @@ class Ingress:
             self.config, self.store, Embedder(self.config.embedder) if self.config.embedder else Embedder()
         )
         self.resolver = Resolver(self.info.name, self.store, self.router, Metrics())
-        if self.config.store_poll > 0:
-            StoreWatcher(self.store, self.config.store_poll, lambda before, after: self.router.learn()).start()
+        follow_store(self.config, self.store, router=self.router)
 
     @api.get("/v1/models", dependencies=[Depends(require_api_key)])
     async def models(self) -> dict[str, Any]:

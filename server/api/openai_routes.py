@@ -69,10 +69,8 @@ def route_body(choice: Choice, model_name: str) -> dict[str, Any]:
 
 async def _complete(body: GenerationRequest, request: Request) -> Response:
     runtime = runtime_of(request)
-    stream = bool(body.stream)
-    started = await runtime.completions.start(body.ask(), stream)  # type: ignore[attr-defined]
-    sent = body.model_dump(exclude_unset=True, exclude_none=True)  # for an upstream server
-    return await respond(request, started, request.app.state.proxy, runtime.metrics, stream, sent)
+    started = await runtime.completions.start(body.ask(), stream=bool(body.stream))
+    return await respond(request, started, request.app.state.proxy, runtime.metrics, body)
 
 
 @router.post("/v1/chat/completions")

@@ -14,6 +14,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.responses import Response
 
+from server.api.schemas import GenerationRequest
 from server.completions import Answer, Started
 from server.errors import APIError
 from server.metrics import Metrics
@@ -67,15 +68,16 @@ def whole_body(plan: Plan, answer: Answer) -> dict[str, Any]:
 
 
 async def respond(
-    request: Request, started: Started, proxy: UpstreamProxy, metrics: Metrics, stream: bool, body: dict[str, Any]
+    request: Request, started: Started, proxy: UpstreamProxy, metrics: Metrics, body: GenerationRequest
 ) -> Response:
-    """The HTTP response of a started completion (`body`: the request as sent, for an upstream)."""
+    """The HTTP response of a started completion (`body`: the request, passed on to an upstream server)."""
     plan = started.plan
     request.state.pattern, request.state.route_reason = plan.choice.label, plan.choice.how
     if plan.upstream:
         request.state.route_reason = f"{plan.choice.how}, upstream"
-        return await proxy.forward(plan.choice.label, UPSTREAM_PATHS[plan.kind], body, plan.headers)
-    if stream:
+        sent = body.model_dump(exclude_unset=True, exclude_none=True)
+        return await proxy.forward(plan.choice.label, UPSTREAM_PATHS[plan.kind], sent, plan.headers)
+    if started.events is not None:  # streamed
         return StreamingResponse(
             _events(request, started, metrics), media_type="text/event-stream", headers=plan.headers
         )

@@ -86,6 +86,10 @@ class GenerationRequest(BaseModel):
             **fields,
         )
 
+    def ask(self) -> Ask:
+        """The request as the serving code takes it (each kind of completion says how)."""
+        raise NotImplementedError
+
     def unsupported(self) -> None:
         """Refuse what would silently change the answer; ignore the rest."""
         if self.presence_penalty or self.frequency_penalty:

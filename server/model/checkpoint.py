@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
+from transformers import GenerationConfig
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -224,6 +225,12 @@ class CheckpointReader:
             part = sliced[start:stop] if dim == 0 else sliced[:, start:stop]
             parts.append(self._count(part))
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
+
+
+def read_generation_config(model_dir: str | Path) -> GenerationConfig | None:
+    """The checkpoint's `generation_config.json` (its end-of-generation tokens among others), if it has one."""
+    directory = Path(model_dir)
+    return GenerationConfig.from_pretrained(directory) if (directory / "generation_config.json").is_file() else None
 
 
 def model_fingerprint(model_dir: str | Path) -> str:

@@ -20,10 +20,10 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import AutoConfig, GenerationConfig, PretrainedConfig, PreTrainedModel
+from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
 from pattern_store.selection import Selection
-from server.model.checkpoint import CheckpointReader
+from server.model.checkpoint import CheckpointReader, read_generation_config
 from server.model.families import Family, family_for
 from server.model.layout import DenseLayer, LayerExperts, ModelLayout, SparseLayer
 from server.model.masking import configure_router
@@ -71,8 +71,7 @@ class VariantBuilder:
         self.tensors = TensorReader(self.reader, self.family, self.device, self.dtype, int(self.config.hidden_size))
         self.backbone = Backbone(self.tensors)
         self.sizes = VariantSizes(self.layout, self.tensors)
-        generation = self.model_dir / "generation_config.json"
-        self.generation_config = GenerationConfig.from_pretrained(self.model_dir) if generation.is_file() else None
+        self.generation_config = read_generation_config(self.model_dir)
 
     @property
     def sparse_layers(self) -> dict[int, SparseLayer]:
