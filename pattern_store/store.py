@@ -99,10 +99,12 @@ class PatternStore:
             self._load_or_rebuild_index()
 
     def disk_revision(self) -> tuple[tuple[str, int, int, int], ...]:
-        """What any write by any process changes, read without opening a file: each pattern document's name,
-        inode, size and modification time (a write renames a new document over the old one)."""
+        """What any write by any process changes, read without opening a file: each pattern document's and
+        tensor file's name, inode, size and modification time (a write renames a new document over the old
+        one; a tensor file damaged in place changes its size or time while its document stays the same)."""
         entries = []
-        for path in sorted(self.pattern_dir.glob("*.json")):
+        paths = [*self.pattern_dir.glob("*.json"), *self.pattern_dir.glob("*.safetensors")]
+        for path in sorted(paths):
             try:
                 stat = path.stat()
             except FileNotFoundError:  # removed between the listing and the stat
@@ -139,6 +141,11 @@ class PatternStore:
                     path.unlink()
             except OSError:
                 pass  # gone already, or a read-only store: leftovers are harmless
+
+    def problem(self, name: str) -> str | None:
+        """Why pattern `name`'s document was skipped at the last read (None: it was not)."""
+        with self._lock:
+            return self.problems.get(f"{name}.json") if name not in self._documents else None
 
     def names(self) -> list[str]:
         with self._lock:

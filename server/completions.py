@@ -14,16 +14,17 @@ import logging
 import threading
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import Executor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from server.decoding import decode
 from server.engine import Delta, Generation
-from server.leases import LeaseManager
+from server.errors import PatternDamaged, PatternNotFound
+from server.leases import Lease, LeaseManager
 from server.metrics import Metrics
 from server.model_info import ModelInfo
 from server.plan import Ask, Plan, plan
-from server.resolver import Resolver
+from server.resolver import Choice, Resolver
 
 log = logging.getLogger("taskmoe.completions")
 
@@ -47,25 +48,45 @@ class Answer:
         )
 
 
+StoreChanged = Callable[[Choice], Choice]
+"""What serves a routed choice whose patterns left the store before it was leased (`Resolver.store_changed`)."""
+
+
+def lease(planned: Plan, leases: LeaseManager, model_name: str, store_changed: StoreChanged) -> tuple[Plan, Lease]:
+    """The lease of what serves `planned`, and the plan it serves: a routed request whose patterns were
+    removed (or found damaged) since routing is served by `store_changed`'s choice, never refused for
+    patterns its client did not name."""
+    try:
+        return planned, leases.acquire(planned.choice)
+    except (PatternNotFound, PatternDamaged):
+        if not planned.choice.routed:
+            raise
+    choice = store_changed(planned.choice)
+    log.info("routed to %s, which left the store before it was leased: served by %s", choice.replaced, choice.label)
+    planned = replace(planned, choice=choice, model_id=choice.served_id(model_name))
+    return planned, leases.acquire(choice)
+
+
 def execute(
     planned: Plan,
     leases: LeaseManager,
     info: ModelInfo,
     metrics: Metrics,
     cancel: threading.Event,
+    store_changed: StoreChanged,
     emit: Callable[[int, Delta], None] | None = None,
-    on_leased: Callable[[], None] = lambda: None,
+    on_leased: Callable[[Plan], None] = lambda served: None,
 ) -> Answer:
     """Lease what serves `planned`, decode it, release: the model work of one request, on this thread
-    (`on_leased` is called once the lease is held; a refusal raises before it)."""
-    lease = leases.acquire(planned.choice)
-    on_leased()
+    (`on_leased` is called with the plan served once the lease is held; a refusal raises before it)."""
+    planned, held = lease(planned, leases, info.name, store_changed)
+    on_leased(planned)
     metrics.active.inc()
     try:
-        return Answer.of(decode(planned, lease, info, metrics, cancel, emit))
+        return Answer.of(decode(planned, held, info, metrics, cancel, emit))
     finally:
         metrics.active.dec()
-        lease.release()
+        held.release()
 
 
 @dataclass
@@ -137,7 +158,16 @@ class Completions:
             if planned.upstream:
                 ready(planned, None)
                 return Answer((), 0)
-            return execute(planned, self.leases, self.info, self.metrics, cancel, emit, lambda: ready(planned, None))
+            return execute(
+                planned,
+                self.leases,
+                self.info,
+                self.metrics,
+                cancel,
+                self.resolver.store_changed,
+                emit,
+                lambda served: ready(served, None),
+            )
         except BaseException as error:
             ready(None, error)  # ignored once the lease was held: the future is settled
             raise

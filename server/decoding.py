@@ -20,10 +20,12 @@ i * n + j); called on the decoding thread."""
 def decode(
     plan: Plan, lease: Lease, info: ModelInfo, metrics: Metrics, cancel: threading.Event, emit: Emit | None = None
 ) -> list[Generation]:
-    """The generations of `plan`'s prompts, in order; stops early when `cancel` is set (the client left)."""
+    """The generations of `plan`'s prompts, in order; stops early when `cancel` is set (the client left),
+    which counts once in `taskmoe_generations_cancelled` however early it came."""
     done: list[Generation] = []
     for number, (ids, params) in enumerate(zip(plan.prompts, plan.params, strict=True)):
-        if cancel.is_set():
+        if cancel.is_set():  # gone before this prompt began (while the request waited for its lease, say)
+            metrics.cancelled.inc()
             break
         generation = Generation(lease.model, info.tokenizer, ids, params, info.eos_ids, cancel)
         first = number * plan.n

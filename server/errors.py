@@ -16,6 +16,17 @@ _TYPES = {
 }
 
 
+ECHO_LIMIT = 100
+"""The most characters of a client's input an error message quotes (a model name can be megabytes long)."""
+
+
+def shown(text: str, limit: int = ECHO_LIMIT) -> str:
+    """`text` as an error message quotes it: repr'd, and cut to `limit` characters with its length said."""
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}... ({len(text)} characters)"
+
+
 class APIError(Exception):
     def __init__(
         self,
@@ -64,6 +75,10 @@ class ModelNotFound(ServiceError):
 
 class PatternNotFound(ServiceError):
     """A pattern name the store does not hold."""
+
+
+class PatternDamaged(ServiceError):
+    """A stored pattern whose files cannot be read (the store lists it among its problems)."""
 
 
 class PatternExists(ServiceError):

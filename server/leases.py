@@ -32,7 +32,7 @@ from server.expert_pool import ExpertPool, PoolLease
 from server.metrics import Metrics
 from server.model.pooled import PooledModel, RowRoute
 from server.model.variant import VariantBuilder
-from server.resolver import Choice
+from server.resolver import Choice, check_stored
 from server.routing import UNION_SEPARATOR
 
 log = logging.getLogger("taskmoe.leases")
@@ -133,9 +133,10 @@ class PatternSelections:
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def _document(self, name: str) -> dict[str, Any]:
+        check_stored(self.store, name)  # perhaps written by another process since this one last looked
         try:
             document = self.store.summary(name)
-        except KeyError:
+        except KeyError:  # removed since that look
             raise PatternNotFound(f"pattern {name!r} does not exist") from None
         if document.get("model_fingerprint") != self.fingerprint:
             raise PatternUnusable(

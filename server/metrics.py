@@ -7,6 +7,7 @@ import threading
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from pattern_store.store import PatternStore
 from server.cache import CacheListener, Variant, VariantKey
 from server.expert_pool import ExpertPool, PoolListener
 
@@ -36,6 +37,14 @@ class Metrics:
         self.active = Gauge("taskmoe_active_generations", "Generations running now", registry=r)
         self.cancelled = Counter(
             "taskmoe_generations_cancelled", "Generations stopped by a client disconnect", registry=r
+        )
+        self.store_problems = Gauge(
+            "taskmoe_store_problems", "Pattern store files skipped at its last read: damaged or unreadable", registry=r
+        )
+        self.store_changed_routes = Counter(
+            "taskmoe_store_changed_routes",
+            "Routed requests whose patterns left the store before they were leased (served by the fallback)",
+            registry=r,
         )
         self.cache_hits = Counter(
             "taskmoe_cache_hits", "Variant cache hits (shared in-flight builds included)", registry=r
@@ -118,6 +127,10 @@ class Metrics:
         """The pool's size, and its occupancy read when metrics are scraped."""
         self.pool_slots.set(pool.slots)
         self.pool_slots_used.set_function(lambda: sum(pool.used_slots().values()))
+
+    def watch_store(self, store: PatternStore) -> None:
+        """The store's problems, counted when metrics are scraped."""
+        self.store_problems.set_function(lambda: len(store.problems))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

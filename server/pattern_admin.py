@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from pattern_store.embedder import Embedder
@@ -22,6 +22,7 @@ from server.errors import (
     PatternInUse,
     PatternNotFound,
     TooManyJobs,
+    shown,
 )
 from server.jobs import Job, JobRefused, JobRunner
 from server.leases import LeaseManager
@@ -46,9 +47,13 @@ class PatternAdmin:
         embedder: Embedder,
         leases: LeaseManager,
         config: ServerConfig,
+        learn: Callable[[], object] = lambda: None,
     ) -> None:
+        """`learn`: makes routing know the store as it is now (`Router.learn`). It runs after each change
+        made here, on the admin call's (or job's) thread, so that a pattern is routable when its call
+        returns, while routed requests go on meanwhile with the router they have."""
         self.info, self.builder, self.store, self.embedder = info, builder, store, embedder
-        self.leases, self.config = leases, config
+        self.leases, self.config, self.learn = leases, config, learn
         self.jobs = JobRunner(on_error=lambda job, trace: log.error("job %s failed:\n%s", job.id, trace))
         self._calibrating = threading.Lock()
 
@@ -61,7 +66,7 @@ class PatternAdmin:
         try:
             summary = self.store.summary(name)
         except KeyError:
-            raise PatternNotFound(f"pattern {name!r} does not exist") from None
+            raise PatternNotFound(f"pattern {shown(name)} does not exist") from None
         summary.pop("tensors", None)
         summary["id"] = f"{self.info.name}@{name}"
         return summary
@@ -109,6 +114,7 @@ class PatternAdmin:
                 )
                 self.store.add(pattern, replace=replace)
                 self.leases.forget(name)  # a replaced pattern's old variant must not serve again
+            self.learn()
             return self.summary(name)
 
         try:
@@ -139,6 +145,7 @@ class PatternAdmin:
         except PatternError as error:
             raise InvalidPattern(str(error)) from None
         self.leases.forget(pattern.name)
+        self.learn()
         return self.summary(pattern.name)
 
     def delete(self, name: str) -> None:
@@ -149,8 +156,9 @@ class PatternAdmin:
         try:
             self.store.remove(name)
         except KeyError:
-            raise PatternNotFound(f"pattern {name!r} does not exist") from None
+            raise PatternNotFound(f"pattern {shown(name)} does not exist") from None
         self.leases.forget(name)
+        self.learn()
 
     # -- what is resident ------------------------------------------------------------------------------
 

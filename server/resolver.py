@@ -1,5 +1,6 @@
 """Which patterns serve a request: the one it names (`MODEL@PATTERN`, the `pattern` field, a union `a+b`,
-`full`), or, when it names none, the router's choice for its query. The answer is a `Choice`; a union is a
+`full`), or, when it names none, the router's choice for its query (and, when that choice's patterns leave
+the store before it is leased, the fallback: `store_changed`). The answer is a `Choice`; a union is a
 tuple of names from here to the lease, never a string to split again."""
 
 from __future__ import annotations
@@ -9,9 +10,13 @@ from dataclasses import dataclass
 
 from pattern_store.store import PatternStore
 from server.config import FULL_MODEL
-from server.errors import InvalidRequest, ModelNotFound, PatternNotFound
+from server.errors import InvalidRequest, ModelNotFound, PatternDamaged, PatternNotFound, shown
 from server.metrics import Metrics
 from server.routing import UNION_SEPARATOR, RouteDecision, Router
+
+EXPLICIT = "explicit"
+STORE_CHANGED = "store-changed"
+"""How a routed request is served whose patterns left the store between routing and leasing: by the fallback."""
 
 MAX_ROUTED_CHARACTERS = 16_384
 """Routing embeds the start of a query only: its embedder truncates at a few hundred tokens anyway, and
@@ -26,6 +31,7 @@ class Choice:
     how: str  # "explicit", or the router's reason ("classifier", "union", "below-threshold", ...)
     probability: float | None = None  # the router's calibrated probability for its choice
     decision: RouteDecision | None = None
+    replaced: str | None = None  # STORE_CHANGED: the label the router chose, whose patterns left the store
 
     @property
     def label(self) -> str:
@@ -35,7 +41,14 @@ class Choice:
     @property
     def route_header(self) -> str:
         """`x-taskmoe-route`: how the pattern was chosen and, when routed, the router's probability."""
+        if self.replaced is not None:
+            return f"{self.how}; was={self.replaced}"
         return self.how if self.probability is None else f"{self.how}; p={self.probability:.3f}"
+
+    @property
+    def routed(self) -> bool:
+        """Chosen by the router (a request that named no pattern)."""
+        return self.how != EXPLICIT
 
     def served_id(self, model_name: str) -> str:
         """The `model` field of a response: which variant answered."""
@@ -53,28 +66,51 @@ def explicit_choice(model: str, pattern: str | None, model_name: str, store: Pat
     patterns are errors."""
     name, at, suffix = model.partition("@")
     if at and not suffix:
-        raise InvalidRequest(f"model {model!r} names no pattern after '@'", param="model")
+        raise InvalidRequest(f"model {shown(model)} names no pattern after '@'", param="model")
     if name != model_name:
         raise ModelNotFound(
-            f"model {model!r} does not exist; this server serves {model_name!r} (see /v1/models)", param="model"
+            f"model {shown(model)} does not exist; this server serves {model_name!r} (see /v1/models)", param="model"
         )
     if suffix and pattern and suffix != pattern:
-        raise InvalidRequest(f"model names pattern {suffix!r} but the pattern field says {pattern!r}", param="pattern")
+        raise InvalidRequest(
+            f"model names pattern {shown(suffix)} but the pattern field says {shown(pattern)}", param="pattern"
+        )
     explicit = suffix or pattern
     if not explicit:
         return None
-    if explicit == FULL_MODEL:
-        return Choice((), "explicit")
     names = sorted(set(explicit.split(UNION_SEPARATOR)))
     param = "model" if suffix else "pattern"
     if "" in names:
-        raise InvalidRequest(f"{explicit!r} names an empty pattern; a union is PATTERN+PATTERN", param=param)
+        raise InvalidRequest(f"{shown(explicit)} names an empty pattern; a union is PATTERN+PATTERN", param=param)
     for name in names:
-        if name not in store:
-            raise PatternNotFound(
-                f"pattern {name!r} does not exist; stored patterns: {', '.join(store.names()) or 'none'}", param=param
-            )
-    return Choice(tuple(names), "explicit")
+        if name != FULL_MODEL:
+            check_stored(store, name, param)
+    if FULL_MODEL in names:  # the full model holds every expert: its union with anything is itself
+        return Choice((), EXPLICIT)
+    return Choice(tuple(names), EXPLICIT)
+
+
+def check_stored(store: PatternStore, name: str, param: str | None = None) -> None:
+    """Raise unless pattern `name` is stored: `PatternDamaged` when its files are there but cannot be read,
+    else `PatternNotFound`. The store is looked at on disk first (another process may have just written it)."""
+    if name in store:
+        return
+    store.refresh_if_changed()
+    if name in store:
+        return
+    problem = store.problem(name)
+    if problem is not None:
+        raise PatternDamaged(f"pattern {shown(name)} is damaged: {problem}", param=param, retry_after=60)
+    known = ", ".join(store.names()) or "none"
+    raise PatternNotFound(f"pattern {shown(name)} does not exist; stored patterns: {known}", param=param)
+
+
+def store_changed(choice: Choice, store: PatternStore, fallback: str | None) -> Choice:
+    """What serves a routed request whose patterns left the store before it was leased: the fallback
+    pattern while it is stored, else the full model. The client never named the patterns that left, so it
+    gets an answer, and `x-taskmoe-route` says what happened."""
+    names = (fallback,) if fallback is not None and fallback in store else ()
+    return Choice(names, STORE_CHANGED, replaced=choice.label)
 
 
 class Resolver:
@@ -98,6 +134,13 @@ class Resolver:
         choice = Choice(names, decision.reason, decision.probability, decision)
         self.metrics.routes.labels(choice.label, decision.reason).inc()
         return choice
+
+    def store_changed(self, choice: Choice) -> Choice:
+        """The choice that replaces a routed one whose patterns left the store (`store_changed`), counted."""
+        replacement = store_changed(choice, self.store, self.router.fallback)
+        self.metrics.store_changed_routes.inc()
+        self.metrics.routes.labels(replacement.label, STORE_CHANGED).inc()
+        return replacement
 
     def resolve(self, model: str, pattern: str | None, query: str) -> Choice:
         """The named choice or, without one, the routed one."""

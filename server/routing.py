@@ -18,7 +18,9 @@ in three steps, each measured on real benchmark prompts by `scripts/eval_routing
    less like the chosen pattern's than every held-out example of that pattern was (its *typicality*, a
    conformal p-value, below `novelty`) goes to the fallback.
 
-Everything is learnt again when the store changes (a second or two for thousands of examples).
+Everything is learnt again when the store changes (a second or two for thousands of examples), in the
+background (`server.relearning`): requests go on with the router they have until the new one is ready,
+and never with a pattern that has left the store.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from threadpoolctl import threadpool_limits
 from pattern_store.embedder import Embedder
 from pattern_store.store import PatternStore, SearchHit
 from server.config import RoutingPolicy
+from server.relearning import Relearning
 from server.route_features import RouteFeatures
 
 UNION_SEPARATOR = "+"
@@ -63,7 +66,8 @@ class RouteDecision:
 
     patterns: tuple[str, ...]  # () : the fallback
     probability: float  # calibrated probability that the query's task is among `patterns` (or the top one's)
-    reason: str  # the rule ("classifier", "centroid"), "union", "below-threshold", "out-of-store", "empty-store"
+    reason: str  # the rule ("classifier", "centroid"), "union", "below-threshold", "out-of-store", "empty-store",
+    # or "store-changed" (every pattern the router knows has left the store; a new one is being learnt)
     candidates: tuple[Candidate, ...] = ()
     fallback: str | None = None  # the pattern that serves when `patterns` is empty (None: the full model)
     typicality: float | None = None
@@ -254,8 +258,9 @@ class Router:
         self.rule, self.k, self.threshold = policy.rule, policy.neighbours, policy.threshold
         self.union, self.novelty = policy.union, policy.novelty
         self.features = features or RouteFeatures()
-        self._learnt: LearntRouter | None = None
-        self._lock = threading.Lock()
+        self._state: tuple[int, LearntRouter | None] | None = None  # (store version, its router); None: never learnt
+        self._lock = threading.Lock()  # one fit at a time
+        self.relearning = Relearning(self.learn, name="taskmoe-router-learn")
 
     # -- deciding ------------------------------------------------------------------------------
 
@@ -265,26 +270,37 @@ class Router:
     def route_embedded(self, texts: Sequence[str], vectors: torch.Tensor | np.ndarray) -> list[RouteDecision]:
         """Decisions for queries whose embeddings are already known (batch evaluation embeds once)."""
         vectors = torch.as_tensor(np.asarray(vectors, dtype=np.float32)).reshape(len(texts), -1)
-        learnt = self.learn()
+        learnt = self.current()
         if learnt is None:
             return [RouteDecision((), 0.0, "empty-store", fallback=self.fallback) for _ in texts]
         features = self.features.transform(texts, vectors)
         probabilities = learnt.probabilities(features)
         typicality = learnt.typicality(self.features.form_block(features))
+        stored = set(self.store.names())
         return [
-            self._decide(learnt, probabilities[i], typicality[i], self.store.search(vectors[i], k=self.k))
+            self._decide(learnt, probabilities[i], typicality[i], self.store.search(vectors[i], k=self.k), stored)
             for i in range(len(texts))
         ]
 
     def _decide(
-        self, learnt: LearntRouter, probabilities: torch.Tensor, typicality: torch.Tensor, hits: list[SearchHit]
+        self,
+        learnt: LearntRouter,
+        probabilities: torch.Tensor,
+        typicality: torch.Tensor,
+        hits: list[SearchHit],
+        stored: set[str],
     ) -> RouteDecision:
+        """The decision among the patterns still `stored`: one learnt before a pattern left keeps that
+        pattern's probability, so that its queries fall below the threshold rather than go to a neighbour."""
         nearest = {hit.name: hit.score for hit in hits}
         order = probabilities.argsort(descending=True).tolist()
         candidates = tuple(
             Candidate(learnt.names[j], float(probabilities[j]), float(typicality[j]), nearest.get(learnt.names[j]))
             for j in order
         )
+        order = [j for j in order if learnt.names[j] in stored]
+        if not order:  # every pattern it knows has left: the new router is being learnt
+            return RouteDecision((), 0.0, "store-changed", candidates, self.fallback)
         chosen: list[int] = []
         mass = 0.0
         for j in order[: self.union]:
@@ -306,21 +322,39 @@ class Router:
 
     # -- learning ------------------------------------------------------------------------------
 
+    def current(self) -> LearntRouter | None:
+        """The router requests use: the last one learnt, also while the store has moved on (then a new one
+        is learnt in the background and replaces it when ready: a request never waits for a fit). Only the
+        very first is learnt on the calling thread."""
+        state = self._state
+        if state is None:
+            return self.learn()
+        if state[0] != self.store.version:
+            self.relearning.request()
+        return state[1]
+
+    @property
+    def learnt_version(self) -> int | None:
+        """The store version routing uses now (None: never learnt)."""
+        state = self._state
+        return None if state is None else state[0]
+
     def learn(self) -> LearntRouter | None:
-        """The router of the store as it is now (None: nothing routable); learnt again only when the store
-        changed. The store's watcher calls it after a reload, so that requests rarely wait for it."""
+        """The router of the store as it is now (None: nothing routable), learnt on the calling thread when
+        the store changed since the last one; it then serves every request."""
         with self._lock:
-            if self._learnt is not None and self._learnt.version == self.store.version:
-                return self._learnt  # every request: checked without reading the examples
+            state = self._state
+            if state is not None and state[0] == self.store.version:
+                return state[1]  # checked without reading the examples
             examples = self.store.examples()
-            if not examples.owners:
-                self._learnt = None  # relearnt when a routable pattern arrives (the version changes)
-                return None
-            names = sorted(set(examples.owners))
-            x = self.features.transform(examples.texts, examples.vectors)
-            y = torch.tensor([names.index(owner) for owner in examples.owners])
-            self._learnt = self._fit(examples.version, names, x, y)
-            return self._learnt
+            learnt = None
+            if examples.owners:
+                names = sorted(set(examples.owners))
+                x = self.features.transform(examples.texts, examples.vectors)
+                y = torch.tensor([names.index(owner) for owner in examples.owners])
+                learnt = self._fit(examples.version, names, x, y)
+            self._state = (examples.version, learnt)  # one assignment: a request sees the old or the new
+            return learnt
 
     def _scorer(self, x: np.ndarray, labels: np.ndarray, held: HeldOut | None) -> tuple[str, Scorer, float]:
         """The rule's scorer and its temperature; a classifier that cannot be fitted (or is not finite) gives

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 from concurrent.futures import Executor
+from typing import Any
 
 import torch
 
@@ -40,7 +41,7 @@ def open_store(config: ServerConfig) -> PatternStore:
     """The configured store, checked against the configuration (the fallback and upstream patterns)."""
     store = PatternStore(config.store, create=True)
     for file, problem in sorted(store.problems.items()):
-        log.warning("pattern store: skipping %s: %s", file, problem)
+        log.warning("pattern store: %s: %s", store.pattern_dir / file, problem)
     fallback = config.fallback_pattern
     if fallback is not None and fallback not in store:
         raise ValueError(f"--fallback {fallback}: no such pattern in {config.store}; stored: {store.names()}")
@@ -54,8 +55,8 @@ def follow_store(
     config: ServerConfig, store: PatternStore, leases: LeaseManager | None = None, router: Router | None = None
 ) -> StoreWatcher | None:
     """Follow what other processes write to the store (every `--store-poll` seconds; 0: never): a removed or
-    replaced pattern's leases, and every union with it, never serve again, and the router learns the new
-    store now rather than on a request."""
+    replaced pattern's leases, and every union with it, never serve again, and the router starts learning
+    the new store in the background (the poll never waits for it, nor does a request)."""
     if config.store_poll <= 0:
         return None
 
@@ -65,7 +66,7 @@ def follow_store(
                 if after.get(name) != revision:
                     leases.forget(name)
         if router is not None:
-            router.learn()
+            router.relearning.request()
 
     watcher = StoreWatcher(store, config.store_poll, changed)
     watcher.start()
@@ -91,16 +92,34 @@ class Runtime:
             config.model, config.served_name, self.builder.config, self.builder.generation_config
         )
         self.store = open_store(config)
+        self.metrics.watch_store(self.store)
         self.embedder = Embedder(config.embedder) if config.embedder else Embedder()
         self.router = make_router(config, self.store, self.embedder)
         self.resolver = Resolver(self.info.name, self.store, self.router, self.metrics)
         self.leases = make_leases(self.builder, self.store, self.info.fingerprint, config, self.metrics)
-        self.patterns = PatternAdmin(self.info, self.builder, self.store, self.embedder, self.leases, config)
+        self.patterns = PatternAdmin(
+            self.info, self.builder, self.store, self.embedder, self.leases, config, learn=self.router.learn
+        )
         upstream = tuple(config.upstream_map)
         self.completions = Completions(
             self.info, self.resolver, self.leases, self.metrics, executor, config.max_n, upstream
         )
         self.watcher = follow_store(config, self.store, self.leases, self.router)
+
+    def store_report(self) -> dict[str, Any]:
+        """`GET /admin/store`: the store as this server last read it: its patterns, the files it skipped and
+        why, and whether routing has caught up with it."""
+        problems = sorted(self.store.problems.items())
+        return {
+            "object": "pattern_store",
+            "path": str(self.store.root),
+            "revision": self.store.version,
+            "routing_revision": self.router.learnt_version,
+            "relearning": self.router.relearning.busy,
+            "poll_seconds": self.config.store_poll,
+            "patterns": self.store.names(),
+            "problems": [{"file": str(self.store.pattern_dir / file), "reason": reason} for file, reason in problems],
+        }
 
     def close(self) -> None:
         if self.watcher is not None:

@@ -1,8 +1,10 @@
 """The running server follows its pattern store: patterns written by `taskmoe calibrate`, `taskmoe patterns
 remove` or another server on the same directory are seen within `interval` seconds, without a restart.
 
-A poll only stats the pattern documents (`PatternStore.disk_revision`), so polling every second or two
-costs nothing; the store is re-read only when one changed.
+A poll only stats the store's files (`PatternStore.disk_revision`), so polling every second or two costs
+nothing; the store is re-read only when one changed. A file found damaged or unreadable at a read (a
+truncated tensor file, a document overwritten with garbage) is logged as a warning naming it and why,
+once, and again only if its problem changes; `PatternStore.problems` lists the current ones.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ class StoreWatcher:
             raise ValueError("the store's poll interval must be positive")
         self.store, self.interval, self.on_change = store, interval, on_change
         self._known = store.revisions()
+        self._problems = dict(store.problems)  # reported when the store was opened (`server.runtime.open_store`)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -43,6 +46,7 @@ class StoreWatcher:
         """One poll: reload if the store changed on disk, then report any difference from what was last
         reported (this process's own writes included). True when something changed."""
         self.store.refresh_if_changed()
+        self._report_problems()
         after = self.store.revisions()
         before, self._known = self._known, after
         if after == before:
@@ -53,6 +57,15 @@ class StoreWatcher:
         log.info("pattern store changed: added %s, removed %s, replaced %s", added, removed, changed)
         self.on_change(before, after)
         return True
+
+    def _report_problems(self) -> None:
+        problems = dict(self.store.problems)
+        for file, problem in sorted(problems.items()):
+            if self._problems.get(file) != problem:
+                log.warning("pattern store: %s: %s", self.store.pattern_dir / file, problem)
+        for file in sorted(set(self._problems) - set(problems)):
+            log.info("pattern store: %s: no longer a problem", self.store.pattern_dir / file)
+        self._problems = problems
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):

@@ -296,6 +296,8 @@ def test_the_router_follows_a_store_another_process_writes(separated, tmp_path) 
     other.add(_pattern("reverse", texts, vectors))
     assert watcher.check() and "reverse" in store.names()
     assert set(seen[-1][1]) - set(seen[-1][0]) == {"reverse"}
+    assert router.route(query).patterns != ("reverse",), "no request waits for a fit: it routes as before"
+    assert router.relearning.wait(60) and router.learnt_version == store.version, "learnt in the background"
     assert router.route(query).patterns == ("reverse",)
 
     old_revision = store.revisions()["sort"]
@@ -306,6 +308,9 @@ def test_the_router_follows_a_store_another_process_writes(separated, tmp_path) 
 
     other.remove("upper")
     assert watcher.check() and "upper" not in store.names()
+    upper = embedder.add("an upper query", _axis(2))
+    assert router.route(upper).patterns == (), "a pattern that left is never chosen, even before relearning"
+    router.relearning.wait(60)
     assert "upper" not in {c.pattern for c in router.route(query).candidates}
     assert not watcher.check()
 

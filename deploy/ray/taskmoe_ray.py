@@ -37,13 +37,13 @@ from server.api.render import whole_body
 from server.api.schemas import ChatCompletionRequest, CompletionRequest, GenerationRequest
 from server.completions import execute
 from server.config import FULL_MODEL, load_config
-from server.errors import APIError, ServiceError
+from server.errors import APIError, PatternDamaged, PatternNotFound, ServiceError
 from server.leases import make_leases
 from server.metrics import Metrics
 from server.model.variant import VariantBuilder
 from server.model_info import ModelInfo
 from server.plan import Plan, plan
-from server.resolver import Choice, Resolver
+from server.resolver import Choice, Resolver, store_changed
 from server.routing import UNION_SEPARATOR
 from server.runtime import follow_store, make_router, open_store, set_torch_threads
 
@@ -66,6 +66,7 @@ class ModelReplica:
             config.model, config.served_name, self.builder.config, self.builder.generation_config
         )
         self.store = open_store(config)
+        self.fallback = config.fallback_pattern
         self.metrics = Metrics()
         self.leases = make_leases(self.builder, self.store, self.info.fingerprint, config, self.metrics)
         follow_store(config, self.store, leases=self.leases)  # a replaced pattern never serves its old experts
@@ -82,14 +83,30 @@ class ModelReplica:
         return label
 
     async def generate(self, planned: Plan) -> dict[str, Any]:
-        """Run a plan made by the ingress; a refusal comes back as the OpenAI error it is."""
+        """Run a plan made by the ingress, and say which plan it served (a routed plan whose patterns left
+        the store since the ingress routed it is served by the fallback); a refusal comes back as the
+        OpenAI error it is."""
+        served: list[Plan] = []
         try:
-            await self.pattern(serve.get_multiplexed_model_id())
-            answer = await asyncio.to_thread(execute, planned, self.leases, self.info, self.metrics, threading.Event())
+            try:
+                await self.pattern(serve.get_multiplexed_model_id())
+            except (PatternNotFound, PatternDamaged):
+                if not planned.choice.routed:
+                    raise
+            answer = await asyncio.to_thread(
+                execute,
+                planned,
+                self.leases,
+                self.info,
+                self.metrics,
+                threading.Event(),
+                lambda choice: store_changed(choice, self.store, self.fallback),
+                on_leased=served.append,
+            )
         except ServiceError as error:
             refused = api_error(error)
             return {"refused": (refused.status, refused.message, refused.code, refused.param, refused.headers)}
-        return {"answer": answer, "replica": self.replica, "loads": dict(self.loads)}
+        return {"answer": answer, "plan": served[0], "replica": self.replica, "loads": dict(self.loads)}
 
 
 @serve.deployment
@@ -123,11 +140,12 @@ class Ingress:
         if "refused" in result:
             status, message, code, param, headers = result["refused"]
             raise APIError(status, message, code=code, param=param, headers=headers)
-        headers = planned.headers | {
+        served: Plan = result["plan"]
+        headers = served.headers | {
             "x-taskmoe-replica": result["replica"],
             "x-taskmoe-replica-builds": ",".join(f"{p}={n}" for p, n in sorted(result["loads"].items())),
         }
-        return JSONResponse(whole_body(planned, result["answer"]), headers=headers)
+        return JSONResponse(whole_body(served, result["answer"]), headers=headers)
 
     @api.post("/v1/chat/completions", dependencies=[Depends(require_api_key)])
     async def chat(self, body: ChatCompletionRequest) -> JSONResponse:

@@ -9,7 +9,7 @@ from starlette.concurrency import run_in_threadpool
 
 from server.api.auth import require_admin_key, runtime_of
 from server.api.schemas import CalibrationPrompt, RegisterPatternRequest
-from server.errors import APIError, InvalidRequest
+from server.errors import APIError, InvalidRequest, shown
 from server.patterns import CalibrationText, PatternRecipe, RecipeError
 
 MAX_BUNDLE_BYTES = 256 * 2**20
@@ -78,6 +78,15 @@ async def delete_pattern(name: str, request: Request) -> dict[str, Any]:
     return {"id": name, "object": "pattern", "deleted": True}
 
 
+# -- the store --------------------------------------------------------------------------------------
+
+
+@router.get("/store")
+async def show_store(request: Request) -> dict[str, Any]:
+    """The store as the server last read it: patterns, damaged or unreadable files, routing's revision."""
+    return runtime_of(request).store_report()
+
+
 # -- jobs -------------------------------------------------------------------------------------------
 
 
@@ -90,7 +99,7 @@ async def list_jobs(request: Request) -> dict[str, Any]:
 async def show_job(job_id: str, request: Request) -> dict[str, Any]:
     job = runtime_of(request).patterns.jobs.get(job_id)
     if job is None:
-        raise APIError(404, f"no job {job_id!r}", code="job_not_found")
+        raise APIError(404, f"no job {shown(job_id)}", code="job_not_found")
     return job.to_json()
 
 
@@ -112,5 +121,5 @@ async def warm(name: str, request: Request) -> dict[str, Any]:
 async def evict(name: str, request: Request) -> dict[str, Any]:
     dropped = runtime_of(request).patterns.evict(name)
     if dropped is None:
-        raise APIError(404, f"no cached variant for {name!r}", code="not_cached")
+        raise APIError(404, f"no cached variant for {shown(name)}", code="not_cached")
     return {"pattern": name, "evicted": dropped}

@@ -12,7 +12,7 @@ from starlette.responses import Response
 from server.api.auth import require_api_key, runtime_of
 from server.api.render import respond
 from server.api.schemas import ChatCompletionRequest, CompletionRequest, GenerationRequest, RouteRequest
-from server.errors import APIError
+from server.errors import APIError, shown
 from server.resolver import Choice
 
 router = APIRouter(dependencies=[Depends(require_api_key)])
@@ -31,7 +31,7 @@ async def list_models(request: Request) -> dict[str, Any]:
 @router.get("/v1/models/{model_id:path}")
 async def retrieve_model(model_id: str, request: Request) -> dict[str, Any]:
     if model_id not in runtime_of(request).resolver.model_ids():
-        raise APIError(404, f"model {model_id!r} does not exist", code="model_not_found", param="model")
+        raise APIError(404, f"model {shown(model_id)} does not exist", code="model_not_found", param="model")
     return _model_card(model_id, int(request.app.state.started))
 
 

@@ -78,9 +78,7 @@ async def respond(
         sent = body.model_dump(exclude_unset=True, exclude_none=True)
         return await proxy.forward(plan.choice.label, UPSTREAM_PATHS[plan.kind], sent, plan.headers)
     if started.events is not None:  # streamed
-        return StreamingResponse(
-            _events(request, started, metrics), media_type="text/event-stream", headers=plan.headers
-        )
+        return CancellingStream(started, _events(request, started, metrics), headers=plan.headers)
     watcher = asyncio.create_task(_stop_on_disconnect(request, started))
     try:
         answer = await started.answer()
@@ -90,6 +88,23 @@ async def respond(
     if started.cancel.is_set():  # the client left: nobody reads this answer, and the log and metrics say so (499)
         return JSONResponse({"error": {"message": "client closed the request", "type": "cancelled"}}, status_code=499)
     return JSONResponse(whole_body(plan, answer), headers=plan.headers)
+
+
+class CancellingStream(StreamingResponse):
+    """Server-sent events that stop their generation however the response ends. Cancelling in the events'
+    own `finally` is not enough: a client that left while the request waited for its lease makes Starlette
+    cancel the response before the events are first iterated, and a generator that never started never
+    runs its `finally`; the generation would run on to `max_tokens` for nobody."""
+
+    def __init__(self, started: Started, content: AsyncIterator[str], headers: dict[str, str]) -> None:
+        super().__init__(content, media_type="text/event-stream", headers=headers)
+        self.cancel = started.cancel
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.cancel.set()  # after a whole answer it changes nothing: the generation has ended
 
 
 async def _stop_on_disconnect(request: Request, started: Started) -> None:

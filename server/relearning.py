@@ -1,0 +1,76 @@
+"""Work that must follow a changing input but never hold up a request: the router is learnt again after a
+store change on a thread of its own, once for the latest state however many changes came in a burst.
+
+The thread runs at a lower CPU priority (Linux lets a thread have its own nice value): on a machine whose
+cores decode requests, a fit that takes a core for a second should take the time they leave.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Callable
+
+log = logging.getLogger("taskmoe.relearning")
+
+NICENESS = 10
+"""How much lower the relearning thread's CPU priority is than the server's threads (Linux nice steps)."""
+
+
+def lower_this_threads_priority(steps: int = NICENESS) -> None:
+    """Make the calling thread (not the process) yield the CPU to the others; a no-op where the system
+    cannot, or a container forbids it."""
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + steps)
+    except (AttributeError, OSError):
+        pass
+
+
+class Relearning:
+    """Runs `work` in the background on `request()`: at most one run at a time, and requests made while it
+    runs lead to one more run afterwards (which sees the latest state), not one each."""
+
+    def __init__(self, work: Callable[[], object], name: str) -> None:
+        self.work, self.name = work, name
+        self._pending = False
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+        self.runs = 0  # finished runs, failed ones included
+
+    def request(self) -> None:
+        """Ask for a run soon; returns at once."""
+        with self._lock:
+            self._pending = True
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+                self._thread.start()
+
+    @property
+    def busy(self) -> bool:
+        """A run is going on or asked for."""
+        with self._lock:
+            return self._thread is not None
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait until no run is going on or asked for; False when `timeout` passed first."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self._thread is None, timeout)
+
+    def _run(self) -> None:
+        lower_this_threads_priority()
+        while True:
+            with self._lock:
+                if not self._pending:
+                    self._thread = None
+                    self._idle.notify_all()
+                    return
+                self._pending = False
+            try:
+                self.work()
+            except Exception:  # the next change asks again; until then requests keep the router they have
+                log.exception("%s: relearning failed", self.name)
+            with self._lock:
+                self.runs += 1
