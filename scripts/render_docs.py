@@ -30,6 +30,7 @@ from tables_pruning import (
     relative,
 )
 from tables_routing import SERVED, routing, routing_findings, routing_settings, routing_targets
+from tables_store import fit_placement, store_changes
 from tables_variants import RATIOS, variants, variants_findings
 
 from _measured import ROUTING_REWRITE, describe, predates
@@ -136,6 +137,8 @@ SECTIONS: dict[str, Section] = {
     "routing-findings": Section(routing_findings, ("routing.json",)),
     **{name: Section(renderer, ("server.json",)) for name, (_, renderer) in SERVER_SECTIONS.items()},
     "server-routing-note": Section(server_routing_note, ("server.json", "routing.json")),
+    "store-changes": Section(store_changes, ("store_changes.json",)),
+    "fit-placement": Section(fit_placement, ("fit_placement.json",)),
     "variants": Section(variants, ("variants.json",)),
     "variants-findings": Section(variants_findings, ("variants.json",)),
     "pruning-settings": Section(pruning_settings, ("pruning.json",)),

@@ -49,9 +49,10 @@ class PatternAdmin:
         config: ServerConfig,
         learn: Callable[[], object] = lambda: None,
     ) -> None:
-        """`learn`: makes routing know the store as it is now (`Router.learn`). It runs after each change
-        made here, on the admin call's (or job's) thread, so that a pattern is routable when its call
-        returns, while routed requests go on meanwhile with the router they have."""
+        """`learn`: waits until routing knows the store as it is now (`Router.catch_up`: the fit runs in the
+        fitting process). It is called after each change made here, on the admin call's (or job's) thread,
+        so that a pattern is routable when its call returns, while routed requests go on meanwhile with
+        the router they have."""
         self.info, self.builder, self.store, self.embedder = info, builder, store, embedder
         self.leases, self.config, self.learn = leases, config, learn
         self.jobs = JobRunner(on_error=lambda job, trace: log.error("job %s failed:\n%s", job.id, trace))

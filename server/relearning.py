@@ -1,31 +1,14 @@
 """Work that must follow a changing input but never hold up a request: the router is learnt again after a
-store change on a thread of its own, once for the latest state however many changes came in a burst.
-
-The thread runs at a lower CPU priority (Linux lets a thread have its own nice value): on a machine whose
-cores decode requests, a fit that takes a core for a second should take the time they leave.
-"""
+store change in the background, once for the latest state however many changes came in a burst. The thread
+only waits: the fit itself runs in the fitting process (`server.fitting_process`)."""
 
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from collections.abc import Callable
 
 log = logging.getLogger("taskmoe.relearning")
-
-NICENESS = 10
-"""How much lower the relearning thread's CPU priority is than the server's threads (Linux nice steps)."""
-
-
-def lower_this_threads_priority(steps: int = NICENESS) -> None:
-    """Make the calling thread (not the process) yield the CPU to the others; a no-op where the system
-    cannot, or a container forbids it."""
-    try:
-        tid = threading.get_native_id()
-        os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + steps)
-    except (AttributeError, OSError):
-        pass
 
 
 class Relearning:
@@ -60,7 +43,6 @@ class Relearning:
             return self._idle.wait_for(lambda: self._thread is None, timeout)
 
     def _run(self) -> None:
-        lower_this_threads_priority()
         while True:
             with self._lock:
                 if not self._pending:

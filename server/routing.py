@@ -39,10 +39,11 @@ from sklearn.model_selection import StratifiedKFold, cross_val_predict
 from threadpoolctl import threadpool_limits
 
 from pattern_store.embedder import Embedder
-from pattern_store.store import PatternStore, SearchHit
+from pattern_store.store import Examples, PatternStore, SearchHit
 from server.config import RoutingPolicy
+from server.fitting_process import FittingProcess
 from server.relearning import Relearning
-from server.route_features import RouteFeatures
+from server.route_features import FeatureWeights, RouteFeatures
 
 UNION_SEPARATOR = "+"
 CROSS_VALIDATION_FOLDS = 5
@@ -249,10 +250,12 @@ class Router:
         policy: RoutingPolicy | None = None,
         fallback: str | None = None,
         features: RouteFeatures | None = None,
+        fitter: FittingProcess | None = None,
         **overrides: Any,
     ) -> None:
         """`policy`: the routing settings (default: `RoutingPolicy()`'s, the server's); `overrides` replace some
-        of them (`threshold=0.5`), validated as the policy validates them."""
+        of them (`threshold=0.5`), validated as the policy validates them. `fitter`: where background fits
+        run (default: a fitting process of its own, started on the first one)."""
         policy = RoutingPolicy(**((policy or RoutingPolicy()).model_dump() | overrides))
         self.store, self.embedder, self.policy, self.fallback = store, embedder, policy, fallback
         self.rule, self.k, self.threshold = policy.rule, policy.neighbours, policy.threshold
@@ -260,7 +263,8 @@ class Router:
         self.features = features or RouteFeatures()
         self._state: tuple[int, LearntRouter | None] | None = None  # (store version, its router); None: never learnt
         self._lock = threading.Lock()  # one fit at a time
-        self.relearning = Relearning(self.learn, name="taskmoe-router-learn")
+        self.fitter = fitter or FittingProcess()
+        self.relearning = Relearning(self.relearn, name="taskmoe-router-learn")
 
     # -- deciding ------------------------------------------------------------------------------
 
@@ -341,50 +345,78 @@ class Router:
 
     def learn(self) -> LearntRouter | None:
         """The router of the store as it is now (None: nothing routable), learnt on the calling thread when
-        the store changed since the last one; it then serves every request."""
+        the store changed since the last one; it then serves every request. For start-up and tools: a
+        running server learns in the fitting process (`relearn`, `catch_up`)."""
         with self._lock:
             state = self._state
             if state is not None and state[0] == self.store.version:
                 return state[1]  # checked without reading the examples
             examples = self.store.examples()
-            learnt = None
-            if examples.owners:
-                names = sorted(set(examples.owners))
-                x = self.features.transform(examples.texts, examples.vectors)
-                y = torch.tensor([names.index(owner) for owner in examples.owners])
-                learnt = self._fit(examples.version, names, x, y)
-            self._state = (examples.version, learnt)  # one assignment: a request sees the old or the new
+            learnt = fit_router(self.rule, self.features.weights, examples) if examples.owners else None
+            self._adopt(examples.version, learnt)
             return learnt
 
-    def _scorer(self, x: np.ndarray, labels: np.ndarray, held: HeldOut | None) -> tuple[str, Scorer, float]:
-        """The rule's scorer and its temperature; a classifier that cannot be fitted (or is not finite) gives
-        way to centroids, which cannot fail: one bad pattern must not take routing down for all the others."""
-        if self.rule == "classifier":
-            try:
-                return "classifier", *calibrated(SoftmaxRegression(), x, labels, held)
-            except Exception:
-                log.exception("routing: fitting the classifier on %d examples failed; routing by centroid", len(labels))
-        return "centroid", *calibrated(CentroidClassifier(), x, labels, held)
+    def relearn(self) -> None:
+        """Learn the store as it is now in the fitting process, then serve with it; what the background
+        relearning runs (requests go on with the old router meanwhile)."""
+        examples = self.store.examples()
+        state = self._state
+        if state is not None and state[0] >= examples.version:
+            return
+        learnt = self.fitter.run(fit_router, self.rule, self.features.weights, examples) if examples.owners else None
+        with self._lock:
+            self._adopt(examples.version, learnt)
 
-    def _fit(self, version: int, names: list[str], x: torch.Tensor, y: torch.Tensor) -> LearntRouter:
-        labels = y.numpy()
-        held = HeldOut.of(labels)
-        rule, scorer, temperature = self.rule, None, 1.0
-        form = self.features.form_block(x).numpy()
-        # one BLAS thread: the fits are small, and scipy's L-BFGS-B with a multithreaded OpenBLAS learnt the
-        # benchmark store (scripts/eval_routing.py) 4 to 7 times slower on a busy 2-core CPU
-        with threadpool_limits(1, user_api="blas"):
-            if len(names) > 1:
-                rule, scorer, temperature = self._scorer(x.numpy(), labels, held)
-            centroids = torch.from_numpy(CentroidClassifier().fit(form, labels).centroids_)
-            typical = held_out_form(form, labels, held, len(names))
-        learnt = LearntRouter(version, names, rule, scorer, temperature, centroids, typical)
-        log.info(
-            "routing: learnt %d patterns from %d examples (%s, temperature %.3g, %d-fold)",
-            len(names),
-            len(labels),
-            rule,
-            temperature,
-            held.folds.n_splits if held else 0,
-        )
-        return learnt
+    def catch_up(self, timeout: float | None = 300.0) -> bool:
+        """Wait until routing knows the store as it is now (learnt in the background like any change): after
+        an admin call's change, so that the pattern is routable when the call returns. False on timeout."""
+        self.relearning.request()
+        return self.relearning.wait(timeout)
+
+    def _adopt(self, version: int, learnt: LearntRouter | None) -> None:
+        """Serve with `learnt` unless a router of a later store version already serves (under `_lock`)."""
+        if self._state is None or self._state[0] < version:
+            self._state = (version, learnt)  # one assignment: a request sees the old or the new
+
+    def close(self) -> None:
+        self.fitter.close()
+
+
+def _scorer(rule: str, x: np.ndarray, labels: np.ndarray, held: HeldOut | None) -> tuple[str, Scorer, float]:
+    """The rule's scorer and its temperature; a classifier that cannot be fitted (or is not finite) gives way
+    to centroids, which cannot fail: one bad pattern must not take routing down for all the others."""
+    if rule == "classifier":
+        try:
+            return "classifier", *calibrated(SoftmaxRegression(), x, labels, held)
+        except Exception:
+            log.exception("routing: fitting the classifier on %d examples failed; routing by centroid", len(labels))
+    return "centroid", *calibrated(CentroidClassifier(), x, labels, held)
+
+
+def fit_router(rule: str, weights: FeatureWeights, examples: Examples) -> LearntRouter:
+    """The router of `examples` (which name at least one pattern): a module function, so that the fitting
+    process can run it."""
+    names = sorted(set(examples.owners))
+    features = RouteFeatures(weights)
+    x = features.transform(examples.texts, examples.vectors)
+    labels = np.array([names.index(owner) for owner in examples.owners])
+    held = HeldOut.of(labels)
+    scorer, temperature = None, 1.0
+    form = features.form_block(x).numpy()
+    # one BLAS thread: the fits are small, and scipy's L-BFGS-B with a multithreaded OpenBLAS learnt the
+    # benchmark store (scripts/eval_routing.py) 4 to 7 times slower on a busy 2-core CPU
+    with threadpool_limits(1, user_api="blas"):
+        if len(names) > 1:
+            rule, scorer, temperature = _scorer(rule, x.numpy(), labels, held)
+        centroids = torch.from_numpy(CentroidClassifier().fit(form, labels).centroids_)
+        typical = held_out_form(form, labels, held, len(names))
+    learnt = LearntRouter(examples.version, names, rule, scorer, temperature, centroids, typical)
+    log.info(
+        "routing: learnt %d patterns from %d examples (%s, temperature %.3g, %d-fold)",
+        len(names),
+        len(labels),
+        rule,
+        temperature,
+        held.folds.n_splits if held else 0,
+    )
+    return learnt

@@ -98,7 +98,7 @@ class Runtime:
         self.resolver = Resolver(self.info.name, self.store, self.router, self.metrics)
         self.leases = make_leases(self.builder, self.store, self.info.fingerprint, config, self.metrics)
         self.patterns = PatternAdmin(
-            self.info, self.builder, self.store, self.embedder, self.leases, config, learn=self.router.learn
+            self.info, self.builder, self.store, self.embedder, self.leases, config, learn=self.router.catch_up
         )
         upstream = tuple(config.upstream_map)
         self.completions = Completions(
@@ -125,3 +125,4 @@ class Runtime:
         if self.watcher is not None:
             self.watcher.stop()
         self.patterns.close()
+        self.router.close()

@@ -5,6 +5,7 @@ routing down. (A real embedder and real benchmark prompts: `scripts/eval_routing
 from __future__ import annotations
 
 import logging
+import threading
 import time
 
 import numpy as np
@@ -17,7 +18,9 @@ import server.routing as routing
 from pattern_store.pattern import TaskPattern
 from pattern_store.selection import Selection, SelectionError, union
 from pattern_store.store import PatternStore
-from server.errors import InvalidRequest
+from server.errors import InvalidRequest, ModelNotFound, PatternDamaged, PatternNotFound
+from server.fitting_process import FittingProcess
+from server.relearning import Relearning
 from server.resolver import explicit_choice
 from server.route_features import FeatureWeights, RouteFeatures
 from server.routing import Router, fit_temperature
@@ -338,6 +341,35 @@ def test_a_union_named_with_an_empty_part_is_a_clear_400(separated) -> None:
             explicit_choice(model, None, "demo", store)
 
 
+def test_full_inside_a_union_is_the_full_model_and_other_names_are_still_checked(separated) -> None:
+    """`MODEL@full+sort` was a 404 ("pattern 'full' does not exist") although `MODEL@full` works: the full
+    model keeps every expert, so its union with anything is the full model."""
+    store, _ = separated
+    for model in ("demo@full+sort", "demo@sort+full", "demo@full+full"):
+        choice = explicit_choice(model, None, "demo", store)
+        assert choice.patterns == () and choice.label == "full" and not choice.routed
+    with pytest.raises(PatternNotFound, match="'nope'"):
+        explicit_choice("demo@full+nope", None, "demo", store)
+
+
+def test_echoed_input_is_cut_to_a_sensible_length(separated) -> None:
+    store, _ = separated
+    for model, error in (("x" * 100_000, ModelNotFound), ("demo@" + "p" * 100_000, PatternNotFound)):
+        with pytest.raises(error) as raised:
+            explicit_choice(model, None, "demo", store)
+        assert len(raised.value.message) < 400 and "characters)" in raised.value.message, raised.value.message[:500]
+
+
+def test_a_named_pattern_whose_files_are_damaged_is_503_with_the_reason_not_404(separated) -> None:
+    store, _ = separated
+    (store.pattern_dir / "sort.json").write_text("{ not json")
+    assert store.refresh_if_changed()  # what the server's watcher does every --store-poll seconds
+    with pytest.raises(PatternDamaged, match=r"pattern 'sort' is damaged: skipped: "):
+        explicit_choice("demo@sort", None, "demo", store)
+    with pytest.raises(PatternNotFound):
+        explicit_choice("demo@never", None, "demo", store)
+
+
 def test_a_union_keeps_every_index_either_pattern_keeps() -> None:
     a = Selection("moe_experts", {0: [0, 1], 1: [2, 3], 2: [4]})
     b = Selection("moe_experts", {0: [1, 5], 1: [3]})  # layer 2: keeps everything
@@ -348,3 +380,72 @@ def test_a_union_keeps_every_index_either_pattern_keeps() -> None:
     assert union([dense, Selection("dense_channels", {0: [1]})]).bias == {}
     with pytest.raises(SelectionError):
         union([a, dense])
+
+
+def test_relearning_runs_in_the_background_once_per_burst() -> None:
+    """Ten requests while a run is going on lead to one more run (which sees the latest state), not ten;
+    `request` never waits for a run; a failed run is logged and the next request runs again."""
+    started, release = threading.Event(), threading.Event()
+    calls: list[int] = []
+
+    def work() -> None:
+        calls.append(len(calls))
+        started.set()
+        release.wait(10)
+        if len(calls) == 3:
+            raise RuntimeError("a fit that fails")
+
+    relearning = Relearning(work, name="test-relearning")
+    began = time.perf_counter()
+    relearning.request()
+    assert started.wait(10) and relearning.busy
+    for _ in range(10):
+        relearning.request()
+    assert time.perf_counter() - began < 1.0, "request() waited for the work"
+    release.set()
+    assert relearning.wait(10) and not relearning.busy
+    assert len(calls) == 2, f"{len(calls)} runs for a burst of 11 requests"
+    relearning.request()
+    assert relearning.wait(10) and len(calls) == 3 and relearning.runs == 3, "a failure ends nothing"
+    relearning.request()
+    assert relearning.wait(10) and len(calls) == 4
+
+
+class HeldFitter:
+    """Fits (in the real fitting process) only once released: a fit that takes as long as a test needs."""
+
+    def __init__(self) -> None:
+        self.inner = FittingProcess()
+        self.fitting, self.release = threading.Event(), threading.Event()
+
+    def run(self, function, *args):
+        self.fitting.set()
+        self.release.wait(60)
+        return self.inner.run(function, *args)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def test_routing_never_waits_for_a_fit_after_the_first(separated) -> None:
+    """After a store change a decision is made at once by the router it has, while the new one is fitted
+    in the fitting process (a request used to wait for the fit under a lock); the first fit is made at once."""
+    store, embedder = separated
+    fitter = HeldFitter()
+    router = Router(store, embedder, features=RouteFeatures(TOPIC_ONLY), fitter=fitter)
+    query = embedder.add("an arith query", _axis(0))
+    assert router.route(query).patterns == ("arith",)
+    assert not fitter.fitting.is_set(), "the first router is learnt on the calling thread"
+    vectors = _axis(3) + 0.05 * torch.randn(20, DIM, generator=torch.Generator().manual_seed(3))
+    store.add(_pattern("reverse", [embedder.add(f"reverse {i}", v) for i, v in enumerate(vectors)], vectors))
+    began = time.perf_counter()
+    assert router.route(query).patterns == ("arith",)
+    assert fitter.fitting.wait(10), "the change did not start a fit"
+    assert router.route(embedder.add("a reversing query", _axis(3))).patterns != ("reverse",)
+    assert time.perf_counter() - began < 5, "a decision waited for the fit"
+    fitter.release.set()
+    try:
+        assert router.relearning.wait(120) and router.learnt_version == store.version
+        assert router.route(embedder.add("another reversing query", _axis(3))).patterns == ("reverse",)
+    finally:
+        router.close()

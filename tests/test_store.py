@@ -289,3 +289,22 @@ def test_files_are_written_readable_and_crashed_index_writes_are_cleaned_up(tmp_
     young.write_bytes(b"another process writing now")
     PatternStore(tmp_path)
     assert not stale.exists() and young.exists()
+
+
+def test_a_tensor_file_damaged_in_place_is_seen_by_a_running_reader(tmp_path) -> None:
+    """A server's store is open while a tensor file is truncated and its document stays as it was: the
+    cheap change check (`disk_revision`, stats only) must see it, and the pattern is then a problem."""
+    store = PatternStore(tmp_path)
+    store.add(make_pattern("a", 0))
+    store.add(make_pattern("b", 1))
+    running = PatternStore(tmp_path)
+    assert not running.refresh_if_changed()
+    tensor_file = next((tmp_path / "patterns").glob("a.*.safetensors"))
+    data = tensor_file.read_bytes()
+    tensor_file.write_bytes(data[: len(data) // 2])
+    assert running.refresh_if_changed(), "a damaged tensor file under an unchanged document went unnoticed"
+    assert running.names() == ["b"] and running.problem("a") is not None
+    assert "cannot be read" in running.problem("a")
+    assert running.problem("b") is None and running.problem("never-stored") is None
+    tensor_file.write_bytes(data)
+    assert running.refresh_if_changed() and running.names() == ["a", "b"] and running.problem("a") is None
