@@ -67,7 +67,8 @@ class PatternStore:
             if not create:
                 raise PatternError(f"{self.root}: not a pattern store (no patterns/ directory)")
             self.pattern_dir.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.RLock()
+        self._lock = threading.RLock()  # the in-memory view: held only to read it or to swap in a new one
+        self._changing = threading.RLock()  # one refresh or write at a time; files are read outside `_lock`
         self.problems: dict[str, str] = {}
         self._documents: dict[str, dict[str, Any]] = {}
         self._embeddings: dict[str, torch.Tensor | None] = {}  # per pattern, as read (and checked) by refresh
@@ -78,8 +79,10 @@ class PatternStore:
     # -- reading ---------------------------------------------------------------------------------
 
     def refresh(self) -> None:
-        """Re-read the pattern documents from disk (another process may have written) and the index."""
-        with self._lock:
+        """Re-read the pattern documents from disk (another process may have written) and the index. The
+        files are read while the old view goes on answering (a server's requests never wait for a
+        re-read); the new view replaces it in one step."""
+        with self._changing:
             disk_revision = self.disk_revision()  # taken first: a write during the reading is seen next time
             documents: dict[str, dict[str, Any]] = {}
             embeddings: dict[str, torch.Tensor | None] = {}
@@ -92,11 +95,23 @@ class PatternStore:
                     documents[path.stem] = document
                 except (OSError, ValueError, RecursionError) as error:  # JSON, Unicode and pattern errors
                     problems[path.name] = f"skipped: {error}"
-            self._documents, self._embeddings = documents, embeddings
-            self.problems = problems
-            self._disk_revision = disk_revision
-            self._remove_leftovers()
-            self._load_or_rebuild_index()
+            self._remove_leftovers(documents, problems)
+            index, index_problems = ExampleIndex.load_or_build(
+                self.root, self._example_index.version + 1, documents, embeddings
+            )
+            self._swap(documents, embeddings, problems | index_problems, index, disk_revision)
+
+    def _swap(
+        self,
+        documents: dict[str, dict[str, Any]],
+        embeddings: dict[str, torch.Tensor | None],
+        problems: dict[str, str],
+        index: ExampleIndex,
+        disk_revision: tuple[tuple[str, int, int, int], ...],
+    ) -> None:
+        with self._lock:
+            self._documents, self._embeddings, self.problems = documents, embeddings, problems
+            self._example_index, self._disk_revision = index, disk_revision
 
     def disk_revision(self) -> tuple[tuple[str, int, int, int], ...]:
         """What any write by any process changes, read without opening a file: each pattern document's and
@@ -114,7 +129,7 @@ class PatternStore:
 
     def refresh_if_changed(self) -> bool:
         """Re-read the store if another process wrote to it since the last read; True when it did."""
-        with self._lock:
+        with self._changing:
             if self.disk_revision() == self._disk_revision:
                 return False
             self.refresh()
@@ -125,11 +140,13 @@ class PatternStore:
         with self._lock:
             return {name: str(document["tensors"]) for name, document in self._documents.items()}
 
-    def _remove_leftovers(self, min_age_seconds: float = 600.0) -> None:
+    def _remove_leftovers(
+        self, documents: dict[str, dict[str, Any]], problems: dict[str, str], min_age_seconds: float = 600.0
+    ) -> None:
         """Delete tensor files no document names and temporary files: a crashed write's. Young ones may be
         another process's write in progress, and files that a skipped (unreadable) document may name are kept."""
-        named = {str(d.get("tensors")) for d in self._documents.values()}
-        skipped = tuple(f"{Path(name).stem}." for name in self.problems)
+        named = {str(d.get("tensors")) for d in documents.values()}
+        skipped = tuple(f"{Path(name).stem}." for name in problems)
         now = time.time()
         leftovers = [*self.pattern_dir.glob("*.safetensors"), *self.pattern_dir.glob(".*.tmp")]
         leftovers += self.root.glob(".index.*.tmp")  # a crashed write of the index cache
@@ -163,12 +180,12 @@ class PatternStore:
             return dict(self._documents[name])
 
     def get(self, name: str) -> TaskPattern:
-        """The whole pattern, tensors included."""
+        """The whole pattern, tensors included (read from disk outside the view's lock)."""
         with self._lock:
             document = self._documents.get(name)
-            if document is None:
-                raise KeyError(self._unknown(name))
-            return self._read(document)
+        if document is None:
+            raise KeyError(self._unknown(name))
+        return self._read(document)
 
     def _read(self, document: dict[str, Any]) -> TaskPattern:
         try:
@@ -193,7 +210,7 @@ class PatternStore:
         """Store `pattern` (atomically); an existing one of the same name needs `replace=True`."""
         validate_name(pattern.name)
         embeddings = pattern.example_embeddings
-        with self._lock, self._write_lock():
+        with self._changing, self._write_lock():
             self.refresh()
             if embeddings is not None and self.dimension is not None and embeddings.shape[1] != self.dimension:
                 raise PatternError(
@@ -214,14 +231,12 @@ class PatternStore:
             atomic_write_bytes(self.pattern_dir / f"{pattern.name}.json", json.dumps(document, indent=1).encode())
             if old is not None:
                 (self.pattern_dir / old["tensors"]).unlink(missing_ok=True)
-            self._documents[pattern.name] = document
-            self._embeddings[pattern.name] = embeddings
-            self.problems.pop(f"{pattern.name}.json", None)
-            self._rebuild_index()
-            self._disk_revision = self.disk_revision()  # this process's own write needs no reload
+            problems = {file: problem for file, problem in self.problems.items() if file != f"{pattern.name}.json"}
+            documents = self._documents | {pattern.name: document}
+            self._changed(documents, self._embeddings | {pattern.name: embeddings}, problems)
 
     def remove(self, name: str) -> None:
-        with self._lock, self._write_lock():
+        with self._changing, self._write_lock():
             self.refresh()
             document = self._documents.get(name)
             if document is None:
@@ -229,24 +244,19 @@ class PatternStore:
             (self.pattern_dir / f"{name}.json").unlink()
             fsync_directory(self.pattern_dir)
             (self.pattern_dir / document["tensors"]).unlink(missing_ok=True)
-            del self._documents[name]
-            self._embeddings.pop(name, None)
-            self._rebuild_index()
-            self._disk_revision = self.disk_revision()
+            documents = {other: d for other, d in self._documents.items() if other != name}
+            embeddings = {other: e for other, e in self._embeddings.items() if other != name}
+            self._changed(documents, embeddings, dict(self.problems))
+
+    def _changed(
+        self, documents: dict[str, dict[str, Any]], embeddings: dict[str, torch.Tensor | None], problems: dict[str, str]
+    ) -> None:
+        """After this process's own write (under `_changing`): the index rebuilt, the view swapped in, and the
+        disk revision taken, so that the write needs no reload."""
+        index, index_problems = ExampleIndex.build(self.root, self._example_index.version + 1, documents, embeddings)
+        self._swap(documents, embeddings, problems | index_problems, index, self.disk_revision())
 
     # -- the routing examples ----------------------------------------------------------------------
-
-    def _load_or_rebuild_index(self) -> None:
-        self._example_index, problems = ExampleIndex.load_or_build(
-            self.root, self._example_index.version + 1, self._documents, self._embeddings
-        )
-        self.problems.update(problems)
-
-    def _rebuild_index(self) -> None:
-        self._example_index, problems = ExampleIndex.build(
-            self.root, self._example_index.version + 1, self._documents, self._embeddings
-        )
-        self.problems.update(problems)
 
     def examples(self) -> Examples:
         """Every routable example prompt, its embedding and its pattern: what a router learns from. The
@@ -267,6 +277,6 @@ class PatternStore:
 
     def search(self, query: torch.Tensor | np.ndarray, k: int = 10) -> list[SearchHit]:
         """Patterns ranked by their best similarity among the query's `k` nearest example prompts."""
-        with self._lock:  # a refresh in progress finishes first; the search itself needs no lock
+        with self._lock:  # the view as it is now (a re-read swaps in a new one); the search needs no lock
             example_index = self._example_index
         return example_index.search(query, k)

@@ -63,10 +63,11 @@ COUNTERS = {
 TOKENS_NOTE = (
     "tokens_after_cut = the server's taskmoe_tokens_total{kind=completion} delta minus tokens_behind_text: the "
     "fewest tokens whose greedy answer (same model and prompt, non-streamed, asked afterwards) holds the text the "
-    "client had received when it closed (one character per token in the demo tokenizer; special tokens show no "
-    "text). An upper bound: tokens in flight and invisible tokens before the cut count as after it. "
-    "delta_minus_chunks_read: the delta minus k, the content chunks read before closing (a chunk may hold more "
-    "than one token, and more than k may have arrived: chunks_received)."
+    "client had received when it closed: every content chunk it read, and those already in its socket when it "
+    "closed (read without waiting: the server had sent them before the cut). One character per token in the demo "
+    "tokenizer; special tokens show no text. An upper bound: tokens in flight on loopback and invisible tokens "
+    "before the cut count as after it. delta_minus_chunks_read: the delta minus k, the content chunks the client "
+    "waited for (a chunk may hold more than one token, and more than k may have arrived: chunks_received)."
 )
 
 
@@ -394,30 +395,56 @@ def damage(servers: list[Server], store: Path) -> dict[str, Any]:
     return out
 
 
-def cut_stream(server: Server, body: dict[str, Any], k: int) -> dict[str, Any]:
-    """Stream `body` and close the connection after k content chunks (0: right after sending the request,
-    on a raw socket); every complete event that had arrived by then (k or more) counts as received."""
-    if k == 0:
-        host, port = server.url.removeprefix("http://").split(":")
-        payload = json.dumps(body).encode()
-        head = f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
-        with socket.create_connection((host, int(port))) as sock:
-            sock.sendall(f"{head}Content-Length: {len(payload)}\r\n\r\n".encode() + payload)
-        return {"k": 0, "status": None, "chunks_received": 0, "text": ""}
-    buffer, chunks, text = "", 0, ""
-    with (
-        httpx.Client(timeout=120) as client,
-        client.stream("POST", f"{server.url}/v1/chat/completions", json=body) as r,
-    ):
-        status = r.status_code
-        for data in r.iter_raw():
-            *events, buffer = (buffer + data.decode()).split("\n\n")
-            for event in (e for e in events if e.startswith("data: {")):
-                content = json.loads(event[6:])["choices"][0]["delta"].get("content")
-                chunks, text = chunks + bool(content), text + (content or "")
-            if chunks >= k:
+class EventReader:
+    """The events of a streamed chat completion read off a raw socket (HTTP/1.1, chunked): its status, the
+    content chunks and their text."""
+
+    def __init__(self) -> None:
+        self.raw, self.body, self.status, self.chunks, self.text = b"", b"", None, 0, ""
+        self.head_done = False
+
+    def feed(self, data: bytes) -> None:
+        self.raw += data
+        if not self.head_done:
+            head, found, rest = self.raw.partition(b"\r\n\r\n")
+            if not found:
+                return
+            self.status, self.raw, self.head_done = int(head.split(b" ", 2)[1]), rest, True
+        while True:  # chunked transfer encoding: SIZE CRLF DATA CRLF
+            line, found, rest = self.raw.partition(b"\r\n")
+            if not found or len(rest) < int(line, 16) + 2:
                 break
-    return {"k": k, "status": status, "chunks_received": chunks, "text": text}
+            size = int(line, 16)
+            self.body, self.raw = self.body + rest[:size], rest[size + 2 :]
+        *events, tail = self.body.decode(errors="replace").split("\n\n")
+        self.body = tail.encode()
+        for event in (e for e in events if e.startswith("data: {")):
+            content = json.loads(event[6:])["choices"][0]["delta"].get("content")
+            self.chunks, self.text = self.chunks + bool(content), self.text + (content or "")
+
+
+def cut_stream(server: Server, body: dict[str, Any], k: int) -> dict[str, Any]:
+    """Stream `body` on a raw socket and close it after k content chunks (0: right after sending). What had
+    already arrived in the socket when the client closed was sent before the cut: it is read (without
+    waiting) and counts as received."""
+    host, port = server.url.removeprefix("http://").split(":")
+    payload = json.dumps(body).encode()
+    head = f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+    reader = EventReader()
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(f"{head}Content-Length: {len(payload)}\r\n\r\n".encode() + payload)
+        while k and reader.chunks < k:
+            data = sock.recv(65536)
+            if not data:
+                break
+            reader.feed(data)
+        sock.setblocking(False)
+        try:
+            while k and (data := sock.recv(65536)):
+                reader.feed(data)
+        except BlockingIOError:
+            pass
+    return {"k": k, "status": reader.status, "chunks_received": reader.chunks, "text": reader.text}
 
 
 def wait_ended(server: Server, before: dict[str, float], timeout: float = 30) -> dict[str, float]:

@@ -38,14 +38,7 @@ class Metrics:
         self.cancelled = Counter(
             "taskmoe_generations_cancelled", "Generations stopped by a client disconnect", registry=r
         )
-        self.store_problems = Gauge(
-            "taskmoe_store_problems", "Pattern store files skipped at its last read: damaged or unreadable", registry=r
-        )
-        self.store_changed_routes = Counter(
-            "taskmoe_store_changed_routes",
-            "Routed requests whose patterns left the store before they were leased (served by the fallback)",
-            registry=r,
-        )
+        self._store_metrics(r)
         self.cache_hits = Counter(
             "taskmoe_cache_hits", "Variant cache hits (shared in-flight builds included)", registry=r
         )
@@ -127,6 +120,16 @@ class Metrics:
         """The pool's size, and its occupancy read when metrics are scraped."""
         self.pool_slots.set(pool.slots)
         self.pool_slots_used.set_function(lambda: sum(pool.used_slots().values()))
+
+    def _store_metrics(self, r: CollectorRegistry) -> None:
+        self.store_problems = Gauge(
+            "taskmoe_store_problems", "Pattern store files skipped at its last read: damaged or unreadable", registry=r
+        )
+        self.store_changed_routes = Counter(
+            "taskmoe_store_changed_routes",
+            "Routed requests whose patterns left the store before they were leased (served by the fallback)",
+            registry=r,
+        )
 
     def watch_store(self, store: PatternStore) -> None:
         """The store's problems, counted when metrics are scraped."""

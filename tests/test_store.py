@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 
 import pytest
@@ -308,3 +309,33 @@ def test_a_tensor_file_damaged_in_place_is_seen_by_a_running_reader(tmp_path) ->
     assert running.problem("b") is None and running.problem("never-stored") is None
     tensor_file.write_bytes(data)
     assert running.refresh_if_changed() and running.names() == ["a", "b"] and running.problem("a") is None
+
+
+def test_readers_never_wait_for_a_re_read(tmp_path, monkeypatch) -> None:
+    """A server's requests read the store's view (names, documents, the index) on every request; a re-read
+    after another process's write reads every file, and used to hold the view's lock meanwhile. Held in the
+    middle of a re-read, the old view still answers at once; then the new one is swapped in."""
+    store = PatternStore(tmp_path)
+    store.add(make_pattern("a", 0))
+    PatternStore(tmp_path).add(make_pattern("b", 1))
+    reading, release = threading.Event(), threading.Event()
+    read_document = store_module._read_document
+
+    def held(path):
+        reading.set()
+        release.wait(30)
+        return read_document(path)
+
+    monkeypatch.setattr(store_module, "_read_document", held)
+    rereading = threading.Thread(target=store.refresh_if_changed)
+    rereading.start()
+    try:
+        assert reading.wait(10)
+        began = time.perf_counter()
+        assert store.names() == ["a"] and "a" in store and store.summary("a")["name"] == "a"
+        assert store.search(_unit(_basis(0))[0])[0].name == "a" and store.version >= 1
+        assert time.perf_counter() - began < 1.0, "a reader waited for the re-read"
+    finally:
+        release.set()
+        rereading.join(30)
+    assert store.names() == ["a", "b"]
