@@ -115,8 +115,9 @@ class PatternAdmin:
                 )
                 self.store.add(pattern, replace=replace)
                 self.leases.forget(name)  # a replaced pattern's old variant must not serve again
+                stored = self.summary(name)
             self.learn()
-            return self.summary(name)
+            return stored
 
         try:
             return self.jobs.submit(
@@ -146,8 +147,9 @@ class PatternAdmin:
         except PatternError as error:
             raise InvalidPattern(str(error)) from None
         self.leases.forget(pattern.name)
+        stored = self.summary(pattern.name)  # before waiting: another process may remove it meanwhile
         self.learn()
-        return self.summary(pattern.name)
+        return stored
 
     def delete(self, name: str) -> None:
         if name == self.config.fallback_pattern:

@@ -263,6 +263,7 @@ class Router:
         self.features = features or RouteFeatures()
         self._state: tuple[int, LearntRouter | None] | None = None  # (store version, its router); None: never learnt
         self._lock = threading.Lock()  # one fit at a time
+        self._adopted = threading.Condition()  # notified whenever a newer router serves
         self.fitter = fitter or FittingProcess()
         self.relearning = Relearning(self.relearn, name="taskmoe-router-learn")
 
@@ -368,15 +369,20 @@ class Router:
             self._adopt(examples.version, learnt)
 
     def catch_up(self, timeout: float | None = 300.0) -> bool:
-        """Wait until routing knows the store as it is now (learnt in the background like any change): after
-        an admin call's change, so that the pattern is routable when the call returns. False on timeout."""
+        """Wait until routing knows the store at least as it is now (learnt in the background like any
+        change; later changes need not be learnt too): after an admin call's change, so that its pattern is
+        routable when the call returns. False on timeout."""
+        version = self.store.version
         self.relearning.request()
-        return self.relearning.wait(timeout)
+        with self._adopted:
+            return self._adopted.wait_for(lambda: (self.learnt_version or 0) >= version, timeout)
 
     def _adopt(self, version: int, learnt: LearntRouter | None) -> None:
         """Serve with `learnt` unless a router of a later store version already serves (under `_lock`)."""
         if self._state is None or self._state[0] < version:
             self._state = (version, learnt)  # one assignment: a request sees the old or the new
+            with self._adopted:
+                self._adopted.notify_all()
 
     def close(self) -> None:
         self.fitter.close()

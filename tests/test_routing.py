@@ -449,3 +449,41 @@ def test_routing_never_waits_for_a_fit_after_the_first(separated) -> None:
         assert router.route(embedder.add("another reversing query", _axis(3))).patterns == ("reverse",)
     finally:
         router.close()
+
+
+def test_catch_up_waits_for_the_store_as_it_was_not_for_every_later_change(separated) -> None:
+    """An admin call waits until routing knows its change; under a stream of later changes that must not
+    mean waiting until the changes stop (an import under churn used to answer after 40 s)."""
+    store, embedder = separated
+
+    def pattern(name: str, axis: int):
+        vectors = _axis(axis) + 0.05 * torch.randn(20, DIM, generator=torch.Generator().manual_seed(axis))
+        return _pattern(name, [embedder.add(f"{name} {i}", v) for i, v in enumerate(vectors)], vectors)
+
+    class LaterChanges:
+        """The first fit sees a later change arrive while it runs; the fit of that one takes long."""
+
+        def __init__(self) -> None:
+            self.calls, self.release = 0, threading.Event()
+
+        def run(self, function, *args):
+            self.calls += 1
+            if self.calls == 1:
+                store.add(pattern("spell", 4))
+            else:
+                self.release.wait(60)
+            return function(*args)
+
+        def close(self) -> None:
+            pass
+
+    fitter = LaterChanges()
+    router = Router(store, embedder, features=RouteFeatures(TOPIC_ONLY), fitter=fitter)
+    router.learn()
+    store.add(pattern("reverse", 3))
+    try:
+        assert router.catch_up(timeout=20), "waited for a change made after the call"
+        assert "reverse" in router.current().names and router.relearning.busy
+    finally:
+        fitter.release.set()
+    assert router.relearning.wait(60) and "spell" in router.current().names
