@@ -2,9 +2,8 @@
 store change): a fit in a thread of the server would hold its GIL for a second at a time, and every
 request's Python would wait behind it.
 
-Measured (`scripts/bench_store_changes.py`'s notes, and the experiment behind this module): two clients of
-one demo server answered in 60 ms at the median, 85 ms at worst; with the router refitted without pause on
-a lower-priority thread of the server, 7.8 s and 10 s; on a lower-priority process, 81 ms and 134 ms.
+`scripts/bench_fit_placement.py` measures it: two clients of a demo server, its router refitted without
+pause on a lower-priority thread of the server or in this process (docs/benchmarks.md).
 
 The process is started on the first fit (spawned: it imports torch and scikit-learn, a second or two and a
 few hundred MB) and kept for the next ones. Arguments and results cross as pickles by value.
@@ -25,9 +24,12 @@ from typing import Any, TypeVar
 
 log = logging.getLogger("taskmoe.fitting")
 
-NICENESS = 10
+NICENESS = 5
 """How much lower the fitting process's CPU priority is than the server's (Linux nice steps): on cores that
-decode requests, a fit takes the time they leave."""
+decode requests, a fit takes mostly the time they leave. Chosen on `scripts/bench_store_changes.py`'s churn
+(2 cores saturated by 4 clients, a change every 1.5 s): at 0 the slowest routed request under churn was
+1.9x the quiet one's; at 10 routing never caught up while the load lasted (imports waited 40 s for it);
+at 5, 1.4x, with imports answered in 5 to 27 s."""
 
 T = TypeVar("T")
 

@@ -47,7 +47,7 @@ class PatternAdmin:
         embedder: Embedder,
         leases: LeaseManager,
         config: ServerConfig,
-        learn: Callable[[], object] = lambda: None,
+        learn: Callable[[], bool] = lambda: True,
     ) -> None:
         """`learn`: waits until routing knows the store as it is now (`Router.catch_up`: the fit runs in the
         fitting process). It is called after each change made here, on the admin call's (or job's) thread,
@@ -60,6 +60,12 @@ class PatternAdmin:
 
     def close(self) -> None:
         self.jobs.shutdown()
+
+    def _routable(self) -> None:
+        """Wait until routing knows the change just made (at most `Router.catch_up`'s timeout: on a saturated
+        machine the fitting process gets little CPU); past that the call returns and routing catches up later."""
+        if not self.learn():
+            log.warning("routing has not learnt the pattern store's latest change yet; it will in the background")
 
     # -- reading ---------------------------------------------------------------------------------------
 
@@ -116,7 +122,7 @@ class PatternAdmin:
                 self.store.add(pattern, replace=replace)
                 self.leases.forget(name)  # a replaced pattern's old variant must not serve again
                 stored = self.summary(name)
-            self.learn()
+            self._routable()
             return stored
 
         try:
@@ -148,7 +154,7 @@ class PatternAdmin:
             raise InvalidPattern(str(error)) from None
         self.leases.forget(pattern.name)
         stored = self.summary(pattern.name)  # before waiting: another process may remove it meanwhile
-        self.learn()
+        self._routable()
         return stored
 
     def delete(self, name: str) -> None:
@@ -161,7 +167,7 @@ class PatternAdmin:
         except KeyError:
             raise PatternNotFound(f"pattern {shown(name)} does not exist") from None
         self.leases.forget(name)
-        self.learn()
+        self._routable()
 
     # -- what is resident ------------------------------------------------------------------------------
 

@@ -368,7 +368,7 @@ class Router:
         with self._lock:
             self._adopt(examples.version, learnt)
 
-    def catch_up(self, timeout: float | None = 300.0) -> bool:
+    def catch_up(self, timeout: float | None = 120.0) -> bool:
         """Wait until routing knows the store at least as it is now (learnt in the background like any
         change; later changes need not be learnt too): after an admin call's change, so that its pattern is
         routable when the call returns. False on timeout."""

@@ -344,3 +344,33 @@ def test_two_servers_on_one_store_answer_every_routed_request_under_churn(server
                 store.remove(name)
     assert sum(statuses.values()) >= 20, statuses
     assert set(statuses) == {200}, f"routed answers by status: {dict(statuses)}; routes: {dict(routes)}"
+
+
+def test_a_pattern_replaced_mid_request_serves_that_request_with_what_it_leased(server, client) -> None:
+    """A stream holding pattern `held` (upper's experts) while another process replaces `held` with
+    reverse's: the stream ends as upper's variant answers, and the next request gets reverse's."""
+    runtime, store_dir = server.runtime, server.config.store
+    add_copy(store_dir, "upper", "held")
+    wait_for(lambda: "held" in runtime.store.names())
+    text = prompt("upper")
+    params = {"max_tokens": 200, "extra_body": {"ignore_eos": True}}
+    as_upper, _ = chat(client, text, model="demo-moe@upper", **params)
+    as_reverse, _ = chat(client, text, model="demo-moe@reverse", **params)
+    assert as_upper.choices[0].message.content != as_reverse.choices[0].message.content
+    revision = runtime.store.revisions()["held"]
+    stream = client.chat.completions.create(
+        model="demo-moe@held", messages=[{"role": "user", "content": text}], temperature=0, stream=True, **params
+    )
+    pieces, seen_at = [], None
+    for chunk in stream:
+        pieces.append(chunk.choices[0].delta.content or "" if chunk.choices else "")
+        if len(pieces) == 4:  # leased and decoding: now another process replaces the pattern
+            add_copy(store_dir, "reverse", "held")
+            runtime.watcher.check()  # what the next poll does: the server sees the change, forgets the old
+            assert runtime.store.revisions()["held"] != revision
+            seen_at = server.metric("taskmoe_active_generations")
+    assert seen_at == 1, "the generation had ended before the server saw the change"
+    assert "".join(pieces) == as_upper.choices[0].message.content, "the stream changed experts mid-way"
+    after, _ = chat(client, text, model="demo-moe@held", **params)
+    assert after.choices[0].message.content == as_reverse.choices[0].message.content
+    assert admin(server, "DELETE", "/patterns/held").status_code == 200
