@@ -6,17 +6,21 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 
 log = logging.getLogger("taskmoe.relearning")
 
 
 class Relearning:
-    """Runs `work` in the background on `request()`: at most one run at a time, and requests made while it
-    runs lead to one more run afterwards (which sees the latest state), not one each."""
+    """Runs `work` in the background on `request()`: at most one run at a time, at most one per
+    `min_interval`, and requests made while it runs (or waits) lead to one more run afterwards (which sees
+    the latest state), not one each."""
 
-    def __init__(self, work: Callable[[], object], name: str) -> None:
-        self.work, self.name = work, name
+    def __init__(self, work: Callable[[], object], name: str, min_interval: float = 0.0) -> None:
+        """`min_interval`: seconds from one run's start to the next's (a run asked for sooner waits)."""
+        self.work, self.name, self.min_interval = work, name, min_interval
+        self._last_start = -float("inf")
         self._pending = False
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -49,7 +53,10 @@ class Relearning:
                     self._thread = None
                     self._idle.notify_all()
                     return
-                self._pending = False
+            time.sleep(max(0.0, self._last_start + self.min_interval - time.monotonic()))
+            with self._lock:
+                self._pending = False  # what is asked from now on needs another run
+            self._last_start = time.monotonic()
             try:
                 self.work()
             except Exception:  # the next change asks again; until then requests keep the router they have

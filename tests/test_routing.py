@@ -4,6 +4,7 @@ routing down. (A real embedder and real benchmark prompts: `scripts/eval_routing
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
@@ -487,3 +488,16 @@ def test_catch_up_waits_for_the_store_as_it_was_not_for_every_later_change(separ
     finally:
         fitter.release.set()
     assert router.relearning.wait(60) and "spell" in router.current().names
+
+
+def test_relearning_runs_at_most_once_per_interval() -> None:
+    """A store that keeps changing costs one fit per interval, not one per change; the first is at once."""
+    starts: list[float] = []
+    relearning = Relearning(lambda: starts.append(time.monotonic()), name="test-interval", min_interval=0.5)
+    began = time.monotonic()
+    for _ in range(6):
+        relearning.request()
+        time.sleep(0.1)
+    assert relearning.wait(10)
+    assert starts[0] - began < 0.2, "the first run waited"
+    assert len(starts) <= 3 and all(b - a >= 0.49 for a, b in itertools.pairwise(starts)), starts
