@@ -499,5 +499,5 @@ def test_relearning_runs_at_most_once_per_interval() -> None:
         relearning.request()
         time.sleep(0.1)
     assert relearning.wait(10)
-    assert starts[0] - began < 0.2, "the first run waited"
+    assert starts[0] - began < 0.4, "the first run waited"
     assert len(starts) <= 3 and all(b - a >= 0.49 for a, b in itertools.pairwise(starts)), starts
