@@ -48,7 +48,6 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import httpx
 import openai
 import torch
 
@@ -63,7 +62,7 @@ from server.patterns import load_tokenizer
 from server.routing import Router
 
 from _measured import measured
-from local_server import free_port, start_server
+from local_server import free_port, scrape, start_server
 from tables_server import server_tables
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -111,16 +110,6 @@ def serving(
 
 def pool_option(pool: bool) -> list[str]:
     return ["--expert-pool", "true" if pool else "false"]
-
-
-def scrape(url: str) -> dict[str, float]:
-    """The unlabelled samples of `/metrics` (counters, gauges), by name."""
-    samples = {}
-    for line in httpx.get(f"{url}/metrics", trust_env=False).text.splitlines():
-        name, _, value = line.partition(" ")
-        if line and not line.startswith("#") and "{" not in name:
-            samples[name] = float(value)
-    return samples
 
 
 def overhead(client: openai.OpenAI, model_dir: Path, prompts: list[str], repeats: int) -> dict:

@@ -47,7 +47,7 @@ from pattern_store.pattern import pattern_to_bundle
 from pattern_store.store import PatternStore
 
 from _measured import measured
-from local_server import free_port
+from local_server import free_port, scrape, start_server
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = ("arith", "reverse", "sort", "upper", "spell", "translate")
@@ -92,8 +92,7 @@ class Server:
 
     def metrics(self) -> dict[str, float]:
         """Every sample of `/metrics`, keyed by its name with labels as written."""
-        lines = httpx.get(f"{self.url}/metrics", timeout=30).text.splitlines()
-        return {n: float(v) for n, _, v in (x.rpartition(" ") for x in lines if x and not x.startswith("#"))}
+        return scrape(self.url)
 
     def log_lines(self, offset: int) -> list[dict[str, Any]]:
         """The JSON log lines written from byte `offset` on (a partly written last line is skipped)."""
@@ -104,23 +103,11 @@ class Server:
 
 
 def start(name: str, store: Path, log: Path, timeout: float = 300) -> Server:
-    """`taskmoe serve` (this interpreter's) on the shared store, returned once `/ready` answers 200."""
+    """`taskmoe serve` on the shared store (its log in `log`), returned once `/ready` answers 200."""
     port = free_port()
-    command = [str(Path(sys.executable).parent / "taskmoe"), "serve", "--model", str(ROOT / "models" / "demo-moe")]
-    command += ["--store", str(store), "--port", str(port), "--admin-key", KEY, "--log-format", "json"]
-    with log.open("wb") as sink:
-        process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=sink)
-    server, deadline = Server(name, f"http://127.0.0.1:{port}", process, log), time.monotonic() + timeout
-    while time.monotonic() < deadline and process.poll() is None:
-        try:
-            if httpx.get(f"{server.url}/ready", timeout=2).status_code == 200:
-                return server
-        except httpx.TransportError:
-            pass
-        time.sleep(0.3)
-    stop(process)
-    ending = "\n".join(log.read_text(errors="replace").splitlines()[-15:])
-    raise RuntimeError(f"server {name} did not become ready (exit code {process.returncode}); {log} ends:\n{ending}")
+    options = ["--store", str(store), "--admin-key", KEY, "--log-format", "json"]
+    process = start_server(ROOT / "models" / "demo-moe", port, options, timeout, log=log)
+    return Server(name, f"http://127.0.0.1:{port}", process, log)
 
 
 def stop(process: subprocess.Popen[bytes]) -> None:

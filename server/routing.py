@@ -386,6 +386,14 @@ class Router:
         """Serve with `learnt` unless a router of a later store version already serves (under `_lock`)."""
         if self._state is None or self._state[0] < version:
             self._state = (version, learnt)  # one assignment: a request sees the old or the new
+            if learnt is not None:  # logged here: a fit in the fitting process logs nowhere
+                log.info(
+                    "routing: learnt %d patterns of store revision %d (%s, temperature %.3g)",
+                    len(learnt.names),
+                    version,
+                    learnt.rule,
+                    learnt.temperature,
+                )
             with self._adopted:
                 self._adopted.notify_all()
 
@@ -421,13 +429,4 @@ def fit_router(rule: str, weights: FeatureWeights, examples: Examples) -> Learnt
             rule, scorer, temperature = _scorer(rule, x.numpy(), labels, held)
         centroids = torch.from_numpy(CentroidClassifier().fit(form, labels).centroids_)
         typical = held_out_form(form, labels, held, len(names))
-    learnt = LearntRouter(examples.version, names, rule, scorer, temperature, centroids, typical)
-    log.info(
-        "routing: learnt %d patterns from %d examples (%s, temperature %.3g, %d-fold)",
-        len(names),
-        len(labels),
-        rule,
-        temperature,
-        held.folds.n_splits if held else 0,
-    )
-    return learnt
+    return LearntRouter(examples.version, names, rule, scorer, temperature, centroids, typical)

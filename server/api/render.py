@@ -91,10 +91,11 @@ async def respond(
 
 
 class CancellingStream(StreamingResponse):
-    """Server-sent events that stop their generation however the response ends. Cancelling in the events'
-    own `finally` is not enough: a client that left while the request waited for its lease makes Starlette
-    cancel the response before the events are first iterated, and a generator that never started never
-    runs its `finally`; the generation would run on to `max_tokens` for nobody."""
+    """Server-sent events that stop their generation however the response ends. The events' own `finally`
+    (`Started.stream`) runs only when the generator is closed: cancelled while Starlette waits in `send`
+    (the client's socket full), the generator is left suspended and closed by the garbage collector, later,
+    while the generation runs on for nobody. (Whether this caused the run-ons a probe saw under churn is
+    not established: a client gone before the answer began does not reproduce them.)"""
 
     def __init__(self, started: Started, content: AsyncIterator[str], headers: dict[str, str]) -> None:
         super().__init__(content, media_type="text/event-stream", headers=headers)
