@@ -80,6 +80,8 @@ class LayerStream:
             for ids, mask, prompts in padded_batches(token_ids, batch_size, pad_id):
                 ids, mask = ids.to(device), mask.to(device)
                 hidden = inner.embed_tokens(ids)
+                if getattr(inner, "embedding_multiplier", None) is not None:  # Granite scales its embeddings
+                    hidden = hidden * inner.embedding_multiplier
                 positions = torch.arange(ids.shape[1], device=device)[None]
                 sliding = getattr(self.config, "sliding_window", None)
                 masks = {
