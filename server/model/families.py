@@ -371,3 +371,123 @@ def family_for(model_type: str) -> Family:
     raise UnsupportedModelError(
         f"model_type {model_type!r} is not supported; supported families: {supported_families()}"
     )
+
+
+_HYBRID = (
+    "hybrid layers: some decoder layers mix tokens by {0} instead of attention, with their own recurrent state; "
+    "layer-streamed calibration and the KV cache handle attention layers only"
+)
+_WRAPPER = (
+    "multimodal model (text decoder inside a {0} wrapper, config with text_config); serving, calibration and "
+    "export handle text-only causal LMs"
+)
+_NOT_ADAPTED = (
+    "not adapted yet: fused experts like the supported families' (gate_up_proj), but its router ({0}) has no "
+    "Family entry, no restricted-router check and no tiny-checkpoint contract tests"
+)
+
+#: MoE model types of transformers that no family serves, each with the reason (checked in the modeling code)
+UNSUPPORTED_MOE: dict[str, str] = {
+    # routing or experts that a pruned router over kept experts cannot reproduce, or a different experts module
+    "deepseek_v4": "hash routing in its first MoE layers (DeepseekV4HashRouter picks experts by token id, not by "
+    "scores), so a pruned expert cannot be made unselectable",
+    "longcat_flash": "zero-computation experts: the router also picks 'zero experts' that return the input, counted "
+    "among the routed experts; an expert pattern would have to treat them apart",
+    "zaya": "the router has a skip class beside the experts (num_experts + 1 choices, a skip expert without compute)",
+    "doge": "cross-domain MoE: product-key retrieval over 16384 single-neuron experts, no fused experts module",
+    "jetmoe": "mixture of attention heads (JetMoeMoA) beside the MLP experts, and JetMoeParallelExperts' own layout "
+    "(input_linear/output_linear per expert, no gate_up_proj)",
+    "dbrx": "its own experts layout (DbrxExperts holding a DbrxExpertGLU with w1/v1/w2 as [E*I, H]), no gate_up_proj",
+    "llama4_text": "the experts take every expert's router-scaled copy of the input at once (Llama4TextExperts.forward "
+    "(routed_in)), not (hidden, top_k_index, top_k_weights); the masking contract does not apply as is",
+    "llama4": "multimodal wrapper of llama4_text, whose experts take router-scaled inputs (see llama4_text)",
+    "flex_olmo": "post-norm decoder layers (the MoE output is normalised before the residual add, no norm before the "
+    "block): calibration's residual statistics (EASY-EP) read the pre-norm residual; not adapted",
+    # hybrid sequence mixers
+    "qwen3_next": _HYBRID.format("Gated DeltaNet linear attention") + " (being adapted separately)",
+    "qwen3_5_moe": _HYBRID.format("Gated DeltaNet linear attention") + " (being adapted separately)",
+    "qwen3_5_moe_text": _HYBRID.format("Gated DeltaNet linear attention") + " (being adapted separately)",
+    "minimax": _HYBRID.format("lightning (linear) attention") + " (being adapted separately)",
+    "qwen4_exp": _HYBRID.format("Gated DeltaNet and short convolutions"),
+    "qwen4_exp_text": _HYBRID.format("Gated DeltaNet and short convolutions"),
+    "jamba": _HYBRID.format("Mamba"),
+    "nemotron_h": _HYBRID.format("Mamba-2"),
+    "granitemoehybrid": _HYBRID.format("Mamba-2"),
+    "bailing_hybrid": _HYBRID.format("linear attention"),
+    "kimi_linear": _HYBRID.format("Kimi Delta Attention"),
+    "lara_mini": _HYBRID.format("Gated DeltaNet"),
+    "lfm2_moe": _HYBRID.format("short convolutions"),
+    "inkling_text": _HYBRID.format("short convolutions"),
+    "inkling2_text": _HYBRID.format("short convolutions"),
+    "inkling2_loop_text": _HYBRID.format("short convolutions") + ", and looped layers",
+    "glm5_next_text": _HYBRID.format("linear attention"),
+    # multimodal wrappers and their text decoders without a causal-LM class of their own
+    **{
+        model_type: _WRAPPER.format(kind)
+        for model_type, kind in {
+            "aria": "vision",
+            "deepseek_ocr2": "OCR",
+            "deepseek_ocr2_text": "OCR",
+            "dots3_note": "vision/audio",
+            "dots3_note_text": "vision/audio",
+            "ernie4_5_vl_moe": "vision",
+            "ernie4_5_vl_moe_text": "vision",
+            "glm4v_moe": "vision",
+            "glm4v_moe_text": "vision",
+            "glm5_next": "vision",
+            "hy_v4_vl": "vision",
+            "hy_v4_vl_text": "vision",
+            "inkling_mm_model": "vision",
+            "inkling2": "vision",
+            "inkling2_loop": "vision",
+            "kimi_k25": "vision",
+            "minimax_m3_vl": "vision",
+            "minimax_m3_vl_text": "vision",
+            "mistral4": "vision",
+            "mistral_large4": "vision",
+            "mistral_large4_text": "vision",
+            "muse_spark": "vision/audio",
+            "muse_spark_text": "vision/audio",
+            "nemo_speechlm": "speech",
+            "nemotron_h_omni": "omni",
+            "qwen3_omni_moe": "omni",
+            "qwen3_omni_moe_talker_text": "omni",
+            "qwen3_omni_moe_text": "omni",
+            "qwen3_omni_moe_thinker": "omni",
+            "qwen3_vl_moe": "vision",
+            "qwen3_vl_moe_text": "vision",
+            "step3p5": "vision",
+            "step3p7": "vision",
+            "unlimited_ocr": "OCR",
+            "unlimited_ocr_text": "OCR",
+        }.items()
+    },
+    # not causal language models
+    "switch_transformers": "encoder-decoder (T5) model with capacity-limited top-1 routing; not a causal LM",
+    "nllb-moe": "encoder-decoder translation model with capacity-limited top-2 routing; not a causal LM",
+    "vitpose": "pose-estimation vision model (expert heads per dataset); not a language model",
+    "vitpose_backbone": "pose-estimation vision backbone (expert MLPs per dataset); not a language model",
+    "openai_privacy_filter": "token classifier (no causal-LM head in transformers' registry); not a generator",
+    # standard fused experts, not yet given a family
+    "afmoe": _NOT_ADAPTED.format("AfmoeTokenChoiceRouter"),
+    "aria_text": _NOT_ADAPTED.format("AriaTextTopKRouter"),
+    "axk1": _NOT_ADAPTED.format("AXK1TopkRouter"),
+    "axk2": _NOT_ADAPTED.format("AXK2TopkRouter"),
+    "beam": _NOT_ADAPTED.format("BeamTopKRouter"),
+    "cohere2_moe": _NOT_ADAPTED.format("Cohere2MoeTopKRouter"),
+    "deepseek_v32": _NOT_ADAPTED.format("DeepseekV32TopkRouter; its sparse-attention indexer is untested here"),
+    "flint": _NOT_ADAPTED.format("FlintTopKRouter"),
+    "glm_moe_dsa": _NOT_ADAPTED.format("GlmMoeDsaTopkRouter; its sparse-attention indexer is untested here"),
+    "granitemoe_swa": _NOT_ADAPTED.format("GraniteMoeSWATopKRouter, with sliding-window layers"),
+    "hy_v3": _NOT_ADAPTED.format("HYV3TopKRouter"),
+    "hy_v4": _NOT_ADAPTED.format("HYV4TopkRouter"),
+    "kolibri1": _NOT_ADAPTED.format("Kolibri1TopKRouter"),
+    "laguna": _NOT_ADAPTED.format("LagunaTopKRouter"),
+    "mellum": _NOT_ADAPTED.format("MellumTopKRouter"),
+    "mimo_v2_flash": _NOT_ADAPTED.format("MiMoV2FlashTopkRouter"),
+    "solar_open": _NOT_ADAPTED.format("SolarOpenTopkRouter"),
+    "sarvam_mla": _NOT_ADAPTED.format("DeepseekV3TopkRouter: transformers serves it with DeepseekV3ForCausalLM")
+    + "; a candidate for the DeepSeek-V3 family",
+    "sarvam_moe": _NOT_ADAPTED.format("Glm4MoeTopkRouter: transformers serves it with Glm4MoeForCausalLM")
+    + "; a candidate for the GLM-4.5 family",
+}
