@@ -232,7 +232,7 @@ FAMILIES: tuple[Family, ...] = (
         ("deepseek_v3",),
         "n_routed_experts",
         hub_models=("deepseek-ai/DeepSeek-V3", "deepseek-ai/DeepSeek-R1", "moonshotai/Kimi-K2-Instruct"),
-        formats=("fp8-block", "bf16"),
+        formats=("fp8-block",),
         routing_notes=_SIGMOID_GROUPS + "; shared expert; dense first layers",
     ),
     _deepseek_like(
@@ -297,8 +297,7 @@ FAMILIES: tuple[Family, ...] = (
         "moe",
         experts_field="num_experts",
         router_tensors=(ExpertTensor("wg.weight"),),
-        hub_models=("tencent/Hunyuan-A13B-Instruct", "tencent/Hunyuan-A13B-Instruct-FP8"),
-        formats=("bf16", "fp8-block"),
+        hub_models=("tencent/Hunyuan-A13B-Instruct",),
         routing_notes="softmax top-k, normalised; shared MLP in every layer",
     ),
     Family(
@@ -336,7 +335,7 @@ FAMILIES: tuple[Family, ...] = (
         expert_tensors=("gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias"),
         experts_layout="transposed",
         hub_models=("openai/gpt-oss-20b", "openai/gpt-oss-120b"),
-        formats=("mxfp4", "bf16"),
+        formats=("mxfp4",),
         routing_notes="top-k of biased logits, softmax over the chosen; expert biases, clamped SwiGLU",
     ),
     Family(
