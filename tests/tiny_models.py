@@ -3,7 +3,12 @@
 Each factory returns a config small enough that a test builds it in well under a second, but with
 the features that make its family hard: shared experts and their gate (Qwen2-MoE), dense layers among
 sparse ones (Qwen3-MoE's `mlp_only_layers`, DeepSeek-V3's `first_k_dense_replace`), Mixtral's tensor
-names, DeepSeek-V3's sigmoid router with a selection bias and group-limited routing.
+names, DeepSeek-V3's sigmoid router with a selection bias and group-limited routing (and the families that
+share it: GLM-4.5, dots.llm1, EXAONE-MoE), DeepSeek-V2's group-limited greedy routing, ERNIE's selection
+bias on a child of its router, Hunyuan's router weight in a child Linear, Granite's fused checkpoint names
+and scaled embeddings, residuals and logits, PhiMoE's sparsemixer, gpt-oss's transposed experts with biases
+and its biased router, MiniMax-M2's selection bias on the block. Each is saved by `save_pretrained`, which
+writes the hub layout the family's releases use (transformers converts on save and load).
 """
 
 from __future__ import annotations
@@ -13,11 +18,23 @@ from pathlib import Path
 import torch
 from transformers import (
     AutoModelForCausalLM,
+    DeepseekV2Config,
     DeepseekV3Config,
+    Dots1Config,
+    Ernie4_5_MoeConfig,
+    ExaoneMoeConfig,
+    Glm4MoeConfig,
+    Glm4MoeLiteConfig,
+    GptOssConfig,
+    GraniteMoeConfig,
+    GraniteMoeSharedConfig,
+    HunYuanMoEV1Config,
     LlamaConfig,
+    MiniMaxM2Config,
     MistralConfig,
     MixtralConfig,
     OlmoeConfig,
+    PhimoeConfig,
     PretrainedConfig,
     Qwen2Config,
     Qwen2MoeConfig,
@@ -80,6 +97,82 @@ def moe_configs() -> dict[str, PretrainedConfig]:
             routed_scaling_factor=2.5,
             norm_topk_prob=True,
         ),
+        **_deepseek_like_configs(),
+        "deepseek_v2": DeepseekV2Config(
+            **{**COMMON, "num_key_value_heads": 4},
+            **_MLA,
+            intermediate_size=48,
+            moe_intermediate_size=16,
+            n_routed_experts=8,
+            num_experts_per_tok=2,
+            topk_method="group_limited_greedy",
+            n_group=2,
+            topk_group=1,
+            first_k_dense_replace=1,
+            n_shared_experts=1,
+            routed_scaling_factor=2.0,
+        ),
+        "ernie4_5_moe": Ernie4_5_MoeConfig(
+            **COMMON,
+            head_dim=8,
+            intermediate_size=48,
+            moe_intermediate_size=16,
+            moe_num_experts=8,
+            moe_k=2,
+            moe_num_shared_experts=1,
+            moe_layer_start_index=1,
+        ),
+        "hunyuan_v1_moe": HunYuanMoEV1Config(**COMMON, head_dim=8, intermediate_size=16, num_experts=8, moe_topk=2),
+        "granitemoe": GraniteMoeConfig(**COMMON, intermediate_size=16, num_local_experts=8, **_GRANITE),
+        "granitemoeshared": GraniteMoeSharedConfig(
+            **COMMON, intermediate_size=16, num_local_experts=8, shared_intermediate_size=24, **_GRANITE
+        ),
+        "phimoe": PhimoeConfig(**COMMON, intermediate_size=16, num_local_experts=8, num_experts_per_tok=2),
+        "gpt_oss": GptOssConfig(
+            **COMMON,
+            head_dim=8,
+            intermediate_size=16,
+            num_local_experts=8,
+            num_experts_per_tok=2,
+            sliding_window=4,
+            # gpt-oss's YaRN, its context scaled down with the tiny model's
+            rope_parameters={
+                "rope_type": "yarn",
+                "rope_theta": 150000.0,
+                "factor": 32.0,
+                "beta_fast": 32.0,
+                "beta_slow": 1.0,
+                "truncate": False,
+                "original_max_position_embeddings": 2,
+            },
+        ),
+        "minimax_m2": MiniMaxM2Config(
+            **COMMON, head_dim=8, intermediate_size=16, num_local_experts=8, num_experts_per_tok=2
+        ),
+    }
+
+
+#: multi-head latent attention, as small as it goes
+_MLA = dict(kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8)
+#: Granite's scaled embeddings, residual branches and logits
+_GRANITE = dict(num_experts_per_tok=2, embedding_multiplier=4.0, residual_multiplier=0.5, logits_scaling=2.0)
+
+
+def _deepseek_like_configs() -> dict[str, PretrainedConfig]:
+    """The families with DeepSeek-V3's router: sigmoid, selection bias, two groups of four experts."""
+    router = dict(num_experts_per_tok=2, n_group=2, topk_group=1, routed_scaling_factor=2.5, norm_topk_prob=True)
+    moe = dict(**COMMON, intermediate_size=48, moe_intermediate_size=16, **router)
+    return {
+        "glm4_moe": Glm4MoeConfig(**moe, head_dim=8, n_routed_experts=8, first_k_dense_replace=1, n_shared_experts=1),
+        "glm4_moe_lite": Glm4MoeLiteConfig(
+            **{**moe, "num_key_value_heads": 4},
+            **_MLA,
+            n_routed_experts=8,
+            n_shared_experts=1,
+            mlp_layer_types=["dense", "sparse", "sparse"],
+        ),
+        "dots1": Dots1Config(**moe, head_dim=8, n_routed_experts=8, first_k_dense_replace=1, n_shared_experts=1),
+        "exaone_moe": ExaoneMoeConfig(**moe, head_dim=8, num_experts=8, first_k_dense_replace=1, num_shared_experts=1),
     }
 
 
@@ -92,18 +185,22 @@ def dense_configs() -> dict[str, PretrainedConfig]:
     }
 
 
+#: module names of router weights (and gpt-oss's router bias): scaled up in `save_random_model`
+ROUTER_WEIGHTS = ("mlp.gate.weight", "mlp.gate.wg.weight", "mlp.router.weight", "router.bias", "moe.router.weight")
+
+
 def save_random_model(config: PretrainedConfig, directory: Path, seed: int = 0) -> Path:
     """A randomly initialised model of `config`, saved with `save_pretrained` (safetensors).
 
     Router weights are scaled up so that routing depends strongly on the input (a near-uniform router
-    would make a wrong expert order invisible), and DeepSeek's selection bias is made non-zero.
+    would make a wrong expert order invisible), and the selection biases are made non-zero.
     """
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config).eval()
     with torch.no_grad():
         for name, tensor in model.state_dict().items():
             if tensor.is_floating_point() and not name.endswith("inv_freq"):
-                tensor.normal_(0.0, 0.5 if name.endswith("mlp.gate.weight") else 0.08)
+                tensor.normal_(0.0, 0.5 if name.endswith(ROUTER_WEIGHTS) else 0.08)
             if name.endswith("e_score_correction_bias"):
                 tensor.uniform_(-0.05, 0.05)
             if name.endswith("norm.weight") or "layernorm" in name:

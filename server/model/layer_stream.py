@@ -80,6 +80,8 @@ class LayerStream:
             for ids, mask, prompts in padded_batches(token_ids, batch_size, pad_id):
                 ids, mask = ids.to(device), mask.to(device)
                 hidden = inner.embed_tokens(ids)
+                if getattr(inner, "embedding_multiplier", None) is not None:  # Granite scales its embeddings
+                    hidden = hidden * inner.embedding_multiplier
                 positions = torch.arange(ids.shape[1], device=device)[None]
                 sliding = getattr(self.config, "sliding_window", None)
                 masks = {
@@ -142,7 +144,7 @@ class LayerLoader:
     def __init__(self, layout: ModelLayout, tensors: TensorReader) -> None:
         self.layout = layout
         self.tensors = tensors
-        self.model = meta_model(layout.config)
+        self.model = meta_model(layout.config).eval()  # from_config builds in training mode (PhiMoE samples)
         self._computed = computed_buffer_names(self.model)
         self._stored = sorted(
             {name for name, _ in self.model.named_parameters()}
