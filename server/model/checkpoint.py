@@ -23,6 +23,8 @@ import torch
 from safetensors import safe_open
 from transformers import GenerationConfig
 
+from server.model.checkpoint_errors import CheckpointError
+
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -38,10 +40,6 @@ _DTYPES: dict[str, torch.dtype] = {
     "U8": torch.uint8,
     "BOOL": torch.bool,
 }
-
-
-class CheckpointError(ValueError):
-    """A checkpoint directory that cannot be read as safetensors, or a tensor it does not hold."""
 
 
 @dataclass(frozen=True)
