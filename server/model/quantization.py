@@ -12,8 +12,9 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -153,3 +154,121 @@ def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dt
     values = torch.stack((table[(blocks & 0x0F).long()], table[(blocks >> 4).long()]), dim=-1).flatten(-2)
     values.mul_(torch.exp2(scales.to(torch.float32) - 127).unsqueeze(-1))
     return values.flatten(-2).to(dtype)
+
+
+# -- which tensors of a checkpoint are quantized ----------------------------------------------------------------
+
+SCALE_SUFFIX = "_scale_inv"  # fp8: `X.weight` -> `X.weight_scale_inv`
+BLOCKS_SUFFIX, SCALES_SUFFIX = "_blocks", "_scales"  # mxfp4: `X` -> `X_blocks`, `X_scales`
+
+
+class HeaderEntry(Protocol):
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+@dataclass(frozen=True)
+class QuantizedTensor:
+    """A tensor the checkpoint stores quantized: `data` and `scale` are the stored tensors' names, `shape` the
+    tensor's shape as the model's module holds it (dequantized), `block` the values one scale covers.
+
+    MXFP4 (gpt-oss) stores its experts [E, out, in] as blocks but the module holds them [E, in, out]:
+    `transposed` says the dequantized stored tensor's last two dimensions are swapped to give `shape`."""
+
+    name: str
+    format: str  # "fp8_e4m3", "fp8_e5m2" or "mxfp4"
+    data: str
+    scale: str
+    shape: tuple[int, ...]
+    block: tuple[int, int]
+    scale_dtype: torch.dtype
+    transposed: bool = False
+
+
+def index_quantized(
+    headers: Mapping[str, HeaderEntry], config: QuantizationConfig | None, where: str
+) -> dict[str, QuantizedTensor]:
+    """The quantized tensors of a checkpoint by the name the model reads them under, each checked against its
+    scales; a quantized tensor without its scale, a scale without its tensor or a scale grid that does not
+    match the config's block size is a `QuantizationError` naming the tensor (`where`: the directory)."""
+    found: dict[str, QuantizedTensor] = {}
+    fp8 = [name for name, entry in headers.items() if entry.dtype in FP8_DTYPES]
+    blocks = [name for name in headers if name.endswith(BLOCKS_SUFFIX) and headers[name].dtype == torch.uint8]
+    if (fp8 or blocks) and config is None:
+        stored = fp8[0] if fp8 else blocks[0]
+        raise QuantizationError(
+            f"{where}: tensor {stored} is stored quantized but config.json has no quantization_config"
+        )
+    for name in fp8:
+        found[name] = _fp8_tensor(headers, name, config, where)
+    for name in blocks:
+        logical = _mxfp4_tensor(headers, name, config, where)
+        found[logical.name] = logical
+    covered = {q.scale for q in found.values()}
+    for name in headers:
+        if name.endswith((SCALE_SUFFIX, SCALES_SUFFIX)) and name not in covered:
+            base = name.removesuffix(SCALE_SUFFIX).removesuffix(SCALES_SUFFIX)
+            raise QuantizationError(
+                f"{where}: {name} is a scale for {base}, which is not a quantized tensor of the checkpoint"
+                + ("" if base in headers or base + BLOCKS_SUFFIX in headers else " (the checkpoint has no such tensor)")
+            )
+    return found
+
+
+def _fp8_tensor(
+    headers: Mapping[str, HeaderEntry], name: str, config: QuantizationConfig | None, where: str
+) -> QuantizedTensor:
+    entry = headers[name]
+    if config is None or config.method != "fp8":
+        method = config.method if config else None
+        raise QuantizationError(f"{where}: tensor {name} is stored as fp8 but the quantization_config says {method}")
+    scale_name = name + SCALE_SUFFIX
+    scale = headers.get(scale_name)
+    if scale is None:
+        raise QuantizationError(f"{where}: fp8 tensor {name} has no scale {scale_name} in the checkpoint")
+    if scale.dtype not in SCALE_DTYPES:
+        raise QuantizationError(
+            f"{where}: {scale_name} has dtype {scale.dtype}; fp8 block scales are float32, bfloat16 or float16"
+        )
+    if len(entry.shape) < 2:
+        raise QuantizationError(f"{where}: fp8 tensor {name} has shape {list(entry.shape)}; block-wise fp8 is 2-D")
+    rows, cols = entry.shape[-2:]
+    expected = (*entry.shape[:-2], *block_grid(rows, cols, config.block))
+    if tuple(scale.shape) != expected:
+        implied = (
+            [math.ceil(rows / scale.shape[-2]), math.ceil(cols / scale.shape[-1])]
+            if len(scale.shape) == len(entry.shape) and min(scale.shape[-2:]) > 0
+            else "no block size"
+        )
+        raise QuantizationError(
+            f"{where}: {scale_name} has shape {list(scale.shape)}, but {name} {list(entry.shape)} in the config's "
+            f"blocks of {list(config.block)} needs {list(expected)} (the stored grid implies blocks of {implied})"
+        )
+    fmt = "fp8_e4m3" if entry.dtype == torch.float8_e4m3fn else "fp8_e5m2"
+    return QuantizedTensor(name, fmt, name, scale_name, tuple(entry.shape), config.block, scale.dtype)
+
+
+def _mxfp4_tensor(
+    headers: Mapping[str, HeaderEntry], name: str, config: QuantizationConfig | None, where: str
+) -> QuantizedTensor:
+    base = name.removesuffix(BLOCKS_SUFFIX)
+    if config is None or config.method != "mxfp4":
+        method = config.method if config else None
+        raise QuantizationError(f"{where}: {name} holds mxfp4 blocks but the quantization_config says {method}")
+    entry, scale_name = headers[name], base + SCALES_SUFFIX
+    scale = headers.get(scale_name)
+    if scale is None:
+        raise QuantizationError(f"{where}: mxfp4 tensor {name} has no scales {scale_name} in the checkpoint")
+    if (
+        len(entry.shape) < 3
+        or entry.shape[-1] != MXFP4_GROUP // 2
+        or tuple(scale.shape) != tuple(entry.shape[:-1])
+        or scale.dtype != torch.uint8
+    ):
+        raise QuantizationError(
+            f"{where}: {name} {list(entry.shape)} with {scale_name} {list(scale.shape)} ({scale.dtype}) is not "
+            f"mxfp4: expected blocks [..., R, G, {MXFP4_GROUP // 2}] and uint8 scales [..., R, G]"
+        )
+    *lead, rows, groups, _ = entry.shape
+    shape = (*lead, groups * MXFP4_GROUP, rows)
+    return QuantizedTensor(base, "mxfp4", name, scale_name, shape, config.block, scale.dtype, transposed=True)

@@ -1,0 +1,331 @@
+"""Block-FP8 and MXFP4 checkpoints, read as their releases publish them.
+
+Every reference here is written from the format's definition, independently of `server.model.quantization`:
+DeepSeek's `w[i, j] = float(q[i, j]) * s[i // b0, j // b1]` as a loop or an explicit expansion of the scale
+grid, and MXFP4's e2m1 table and e8m0 powers of two nibble by nibble (and transformers' own gpt-oss converter).
+transformers' `Fp8Dequantize` is not a reference: it derives the block from the grid, wrong for partial blocks.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from pattern_store.selection import Selection
+from server.model.checkpoint import CheckpointError, CheckpointReader
+from server.model.quantization import (
+    QuantizationConfig,
+    QuantizationError,
+    dequantize_fp8_blocks,
+    dequantize_mxfp4,
+    read_quantization,
+)
+from server.model.variant import VariantBuilder
+
+from tiny_models import moe_configs, save_block_fp8, save_random_model
+
+_EXPERT = re.compile(r"\.experts\.(\d+)\.")
+
+
+def _fp8(shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=generator) * 40).clamp(-448, 448).to(torch.float8_e4m3fn)
+
+
+def _expanded(q: torch.Tensor, scale: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """The formula by explicit expansion of the scale grid to one scale per value (cut at the edges)."""
+    rows, cols = q.shape[-2:]
+    full = scale.float().repeat_interleave(block[0], -2)[..., :rows, :].repeat_interleave(block[1], -1)[..., :cols]
+    return q.float() * full
+
+
+def write_reference_fp32(fp8_dir: Path, out_dir: Path) -> Path:
+    """The FP8 checkpoint dequantized by the reference formula into an unquantized fp32 checkpoint."""
+    config = json.loads((fp8_dir / "config.json").read_text())
+    block = tuple(config.pop("quantization_config")["weight_block_size"])
+    config["dtype"] = "float32"
+    tensors = {}
+    with safe_open(str(fp8_dir / "model.safetensors"), framework="pt") as handle:
+        names = set(handle.keys())
+        for name in names:
+            if name.endswith("_scale_inv"):
+                continue
+            tensor = handle.get_tensor(name)
+            scale = f"{name}_scale_inv"
+            tensors[name] = _expanded(tensor, handle.get_tensor(scale), block) if scale in names else tensor.float()
+    out_dir.mkdir(parents=True)
+    save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    for file in fp8_dir.iterdir():
+        if file.is_file() and file.suffix != ".safetensors" and file.name != "config.json":
+            (out_dir / file.name).write_bytes(file.read_bytes())
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2))
+    return out_dir
+
+
+# -- the formulas ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scale_dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(("rows", "cols", "block"), [(24, 40, (16, 16)), (7, 9, (3, 4)), (32, 32, (16, 16))])
+def test_fp8_blocks_equal_the_formula_written_as_a_loop(rows, cols, block, scale_dtype) -> None:
+    q = _fp8((2, rows, cols))
+    scale = torch.rand(2, math.ceil(rows / block[0]), math.ceil(cols / block[1])).add(0.01).to(scale_dtype)
+    expected = torch.empty(2, rows, cols)
+    for k in range(2):
+        for i in range(rows):
+            for j in range(cols):
+                expected[k, i, j] = float(q[k, i, j]) * float(scale[k, i // block[0], j // block[1]])
+    assert torch.equal(dequantize_fp8_blocks(q, scale, block), expected)
+    assert torch.equal(dequantize_fp8_blocks(q[0], scale[0], block, dtype=torch.bfloat16), expected[0].bfloat16())
+
+
+def test_fp8_partial_edge_blocks_at_deepseek_shapes() -> None:
+    """Hidden 160 in blocks of 128, and DeepSeek-V3's 576 rows of kv_a_proj_with_mqa: the last block is partial."""
+    for rows, cols in [(160, 160), (576, 200)]:
+        q = _fp8((rows, cols), seed=rows)
+        scale = torch.rand(math.ceil(rows / 128), math.ceil(cols / 128)) + 0.5
+        assert torch.equal(dequantize_fp8_blocks(q, scale, (128, 128)), _expanded(q, scale, (128, 128)))
+
+
+def test_fp8_slices_count_blocks_from_the_full_tensor() -> None:
+    q, block = _fp8((40, 24), seed=3), (16, 16)
+    scale = torch.rand(3, 2) + 0.5
+    full = _expanded(q, scale, block)
+    part = dequantize_fp8_blocks(q[5:37, 3:20], scale[0:3, 0:2], block, origin=(5, 3))
+    assert torch.equal(part, full[5:37, 3:20])
+
+
+def test_fp8_scale_grid_of_the_wrong_shape_is_a_clear_error() -> None:
+    with pytest.raises(QuantizationError, match=r"expected \[2, 3\]"):
+        dequantize_fp8_blocks(_fp8((24, 40)), torch.ones(3, 3), (16, 16))
+
+
+def test_mxfp4_equals_the_e2m1_table_nibble_by_nibble_and_transformers_converter() -> None:
+    from transformers.integrations.mxfp4 import _convert_moe_packed_tensors
+
+    generator = torch.Generator().manual_seed(0)
+    blocks = torch.randint(0, 256, (3, 4, 2, 16), dtype=torch.uint8, generator=generator)
+    scales = torch.randint(120, 134, (3, 4, 2), dtype=torch.uint8, generator=generator)
+    table = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]  # e2m1: the sign is bit 3
+    expected = torch.empty(3, 4, 64)
+    for e in range(3):
+        for r in range(4):
+            for g in range(2):
+                for b in range(16):
+                    byte = int(blocks[e, r, g, b])
+                    for half, nibble in enumerate((byte & 0x0F, byte >> 4)):  # low nibble first
+                        value = table[nibble & 7] * (-1 if nibble & 8 else 1)
+                        expected[e, r, g * 32 + 2 * b + half] = value * 2.0 ** (int(scales[e, r, g]) - 127)
+    got = dequantize_mxfp4(blocks, scales)
+    assert torch.equal(got, expected)
+    # transformers' gpt-oss loader: the same values, transposed to the module's [E, in, out]
+    assert torch.equal(_convert_moe_packed_tensors(blocks, scales, dtype=torch.float32), got.transpose(1, 2))
+
+
+# -- the config ----------------------------------------------------------------------------------------------
+
+
+def test_read_quantization() -> None:
+    assert read_quantization({"model_type": "qwen3_moe"}) is None
+    fp8 = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128], "modules_to_not_convert": ["x"]}
+    assert read_quantization({"quantization_config": fp8}) == QuantizationConfig("fp8", "e4m3", (128, 128), ("x",))
+    assert read_quantization({"quantization_config": {"quant_method": "mxfp4"}}).block == (1, 32)
+
+
+@pytest.mark.parametrize(
+    ("section", "message"),
+    [
+        ({"quant_method": "awq", "bits": 4}, r"quant_method 'awq' is not a format taskmoe reads \(it reads fp8"),
+        ({"quant_method": "gptq"}, "'gptq' is not a format"),
+        ({"quant_method": "compressed-tensors"}, "'compressed-tensors' is not a format"),
+        ({"quant_method": "bitsandbytes"}, "'bitsandbytes' is not a format"),
+        ({"quant_method": "fp8", "fmt": "e5m2", "weight_block_size": [128, 128]}, "fmt 'e5m2' is not read"),
+        ({"quant_method": "fp8", "fmt": "e4m3"}, "weight_block_size is None"),
+        ({"quant_method": "fp8", "weight_block_size": [128]}, r"weight_block_size is \[128\]"),
+        ({"quant_method": "fp8", "weight_block_size": [0, 128]}, "two positive block sizes"),
+    ],
+)
+def test_unread_quantizations_are_clear_errors(section, message) -> None:
+    with pytest.raises(QuantizationError, match=message) as raised:
+        read_quantization({"quantization_config": section})
+    assert "\n" not in str(raised.value)
+
+
+# -- checkpoints ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("sources")
+    return {name: save_random_model(moe_configs()[name], root / name) for name in ("deepseek_v3", "qwen3_moe")}
+
+
+SELECTIONS = {
+    "deepseek_v3": Selection("moe_experts", {1: [2, 3, 4, 5], 2: [0, 3, 6, 7]}),
+    "qwen3_moe": Selection("moe_experts", {0: [6, 7], 2: [0, 2, 3]}),
+}
+
+
+def _logits(directory: Path, selection: Selection | None) -> torch.Tensor:
+    model = VariantBuilder(directory, dtype="float32").build(selection)
+    x = torch.randint(0, 64, (3, 11), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        return model(x).logits
+
+
+@pytest.mark.parametrize(
+    ("model_type", "block", "scale_dtype"),
+    [
+        ("deepseek_v3", (16, 16), torch.float32),  # kv_a_proj_with_mqa's 24 rows: a partial block
+        ("deepseek_v3", (128, 128), torch.bfloat16),  # every block partial, as hidden 160 in blocks of 128
+        ("qwen3_moe", (16, 16), torch.float16),
+        ("qwen3_moe", (128, 128), torch.float32),
+    ],
+)
+def test_fp8_variant_logits_equal_the_reference_dequantized_checkpoint(
+    sources, tmp_path, model_type, block, scale_dtype
+) -> None:
+    fp8 = save_block_fp8(sources[model_type], tmp_path / "fp8", block=block, scale_dtype=scale_dtype)
+    reference = write_reference_fp32(fp8, tmp_path / "reference")
+    for selection in (SELECTIONS[model_type], None):
+        got, expected = _logits(fp8, selection), _logits(reference, selection)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
+    assert not torch.allclose(_logits(sources[model_type], None), expected, atol=1e-4), "fp8 changes the weights"
+
+
+def test_bytes_read_are_backbone_plus_kept_experts_fp8_bytes_and_scales(sources, tmp_path) -> None:
+    fp8 = save_block_fp8(sources["deepseek_v3"], tmp_path / "fp8", block=(16, 16))
+    builder = VariantBuilder(fp8, dtype="float32")
+    selection = SELECTIONS["deepseek_v3"]
+    backbone = experts = 0
+    for name in builder.reader.names:  # stored tensors: fp8 weights and their scales count alike
+        info = builder.reader.info(name)
+        layer = int(re.search(r"layers\.(\d+)\.", name).group(1)) if "layers." in name else -1
+        kept = selection.kept(layer)
+        match = _EXPERT.search(name)
+        if match:
+            experts += info.nbytes if kept is None or int(match.group(1)) in kept else 0
+        elif name.endswith(("mlp.gate.weight", "gate.e_score_correction_bias")):
+            experts += info.nbytes if kept is None else info.nbytes * len(kept) // info.shape[0]
+        else:
+            backbone += info.nbytes
+    assert any(name.endswith("experts.2.up_proj.weight_scale_inv") for name in builder.reader.names)
+    builder.build(selection)
+    assert builder.reader.bytes_read == backbone + experts
+    assert builder.reader.total_bytes == sum((fp8 / "model.safetensors").stat().st_size for _ in [0]) - _header(fp8)
+
+
+def _header(directory: Path) -> int:
+    with open(directory / "model.safetensors", "rb") as handle:
+        return 8 + int.from_bytes(handle.read(8), "little")
+
+
+def test_quantized_info_and_raw_rows(sources, tmp_path) -> None:
+    fp8 = save_block_fp8(sources["qwen3_moe"], tmp_path / "fp8", block=(16, 16), scale_dtype=torch.bfloat16)
+    reader = CheckpointReader(fp8)
+    name = "model.layers.0.mlp.experts.3.down_proj.weight"
+    info = reader.quantized_info(name)
+    assert (info.format, info.data, info.scale, info.shape, info.block, info.scale_dtype) == (
+        "fp8_e4m3",
+        name,
+        f"{name}_scale_inv",
+        (32, 16),
+        (16, 16),
+        torch.bfloat16,
+    )
+    assert reader.quantized_info("model.layers.0.mlp.gate.weight") is None
+    with safe_open(str(fp8 / "model.safetensors"), framework="pt") as handle:
+        q, scale = handle.get_tensor(name), handle.get_tensor(f"{name}_scale_inv")
+    raw = reader.rows_view(name, 0, 32)
+    assert raw.dtype == torch.float8_e4m3fn and torch.equal(raw.view(torch.uint8), q.view(torch.uint8))
+    before = reader.bytes_read
+    assert torch.equal(reader.read(name), _expanded(q, scale, (16, 16)))
+    assert reader.bytes_read - before == reader.stored_nbytes(name) == 32 * 16 + 2 * 1 * 2
+    before = reader.bytes_read
+    rows = reader.read_indices(name, [17, 18, 3], dim=0)  # rows 17:19 (block 1) and 3 (block 0)
+    assert torch.equal(rows, _expanded(q, scale, (16, 16))[[17, 18, 3]])
+    assert reader.bytes_read - before == 3 * 16 + 2 * 2
+    columns = reader.read_indices(name, [15, 0], dim=1)
+    assert torch.equal(columns, _expanded(q, scale, (16, 16))[:, [15, 0]])
+
+
+# -- bad checkpoints -----------------------------------------------------------------------------------------
+
+
+def _bad(tmp_path: Path, tensors: dict[str, torch.Tensor], quantization: dict | None) -> Path:
+    directory = tmp_path / "bad"
+    directory.mkdir()
+    save_file(tensors, str(directory / "model.safetensors"))
+    config = {"model_type": "qwen3_moe"} | ({"quantization_config": quantization} if quantization else {})
+    (directory / "config.json").write_text(json.dumps(config))
+    return directory
+
+
+FP8_CONFIG = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [16, 16]}
+
+
+@pytest.mark.parametrize(
+    ("tensors", "quantization", "message"),
+    [
+        ({"w.weight": _fp8((24, 40))}, FP8_CONFIG, "fp8 tensor w.weight has no scale w.weight_scale_inv"),
+        (
+            {"w.weight": _fp8((24, 40)), "w.weight_scale_inv": torch.ones(1, 2)},
+            FP8_CONFIG,
+            r"w.weight_scale_inv has shape \[1, 2\], but w.weight \[24, 40\] in the config's blocks of \[16, 16\] "
+            r"needs \[2, 3\] \(the stored grid implies blocks of \[24, 20\]\)",
+        ),
+        (
+            {"w.weight": _fp8((256, 256)), "w.weight_scale_inv": torch.ones(2, 2)},
+            FP8_CONFIG,
+            r"needs \[16, 16\] \(the stored grid implies blocks of \[128, 128\]\)",
+        ),
+        (
+            {"w.weight": torch.ones(4, 4), "w.weight_scale_inv": torch.ones(1, 1)},
+            FP8_CONFIG,
+            "w.weight_scale_inv is a scale for w.weight, which is not a quantized tensor",
+        ),
+        ({"w.weight": _fp8((4, 4)), "w.weight_scale_inv": torch.ones(1, 1)}, None, "has no quantization_config"),
+        (
+            {"w.weight": _fp8((4, 4)), "w.weight_scale_inv": torch.ones(1, 1, dtype=torch.int32)},
+            FP8_CONFIG,
+            "fp8 block scales are float32, bfloat16 or float16",
+        ),
+        ({"w": torch.ones(2)}, {"quant_method": "awq"}, "'awq' is not a format taskmoe reads"),
+        (
+            {"e.gate_up_proj_blocks": torch.zeros(2, 4, 1, 16, dtype=torch.uint8)},
+            {"quant_method": "mxfp4"},
+            "mxfp4 tensor e.gate_up_proj_blocks has no scales e.gate_up_proj_scales",
+        ),
+    ],
+)
+def test_bad_quantized_checkpoints_are_one_clear_line(tmp_path, tensors, quantization, message) -> None:
+    directory = _bad(tmp_path, tensors, quantization)
+    with pytest.raises(CheckpointError, match=message) as raised:
+        CheckpointReader(directory)
+    assert "\n" not in str(raised.value) and str(directory) in str(raised.value)
+
+
+def test_pool_slots_loaded_from_fp8_equal_the_fp8_variants(sources, tmp_path) -> None:
+    from server.cache import VariantKey
+    from server.expert_pool import ExpertPool
+    from server.model.pooled import PooledModel, RowRoute
+
+    fp8 = save_block_fp8(sources["qwen3_moe"], tmp_path / "fp8", block=(16, 16))
+    builder = VariantBuilder(fp8, dtype="float32")
+    pool = ExpertPool(PooledModel(builder, slots=8))
+    kept = {layer: tuple(SELECTIONS["qwen3_moe"].kept(layer)) for layer in (0, 2)}
+    lease = pool.acquire(VariantKey("a"), RowRoute("a", kept))
+    x = torch.randint(0, 64, (1, 9), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad(), pool.pooled.rows([lease.route]):
+        pooled = pool.pooled.model(x).logits
+    with torch.no_grad():
+        expected = builder.build(SELECTIONS["qwen3_moe"])(x).logits
+    torch.testing.assert_close(pooled, expected, rtol=1e-5, atol=1e-5)
+    pool.release(lease)
