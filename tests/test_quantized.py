@@ -329,3 +329,74 @@ def test_pool_slots_loaded_from_fp8_equal_the_fp8_variants(sources, tmp_path) ->
         expected = builder.build(SELECTIONS["qwen3_moe"])(x).logits
     torch.testing.assert_close(pooled, expected, rtol=1e-5, atol=1e-5)
     pool.release(lease)
+
+
+# -- export ---------------------------------------------------------------------------------------------------
+
+
+def _stored_tensors(directory: Path) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for file in directory.glob("*.safetensors"):
+        with safe_open(str(file), framework="pt") as handle:
+            tensors |= {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
+    return tensors
+
+
+def _bits(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.view(torch.uint8) if tensor.dtype.itemsize == 1 else tensor
+
+
+@pytest.mark.parametrize("block", [(16, 16), (128, 128)])
+def test_fp8_export_keeps_fp8_with_scales_sliced_to_the_kept_experts(sources, tmp_path, block) -> None:
+    from server.model.export import export_variant
+
+    fp8 = save_block_fp8(sources["qwen3_moe"], tmp_path / "fp8", block=block, scale_dtype=torch.bfloat16)
+    selection = Selection("moe_experts", {0: [1, 6], 2: [3, 7]})
+    export_variant(VariantBuilder(fp8), selection, tmp_path / "out")
+    source, exported = _stored_tensors(fp8), _stored_tensors(tmp_path / "out")
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["quantization_config"] == json.loads((fp8 / "config.json").read_text())["quantization_config"]
+    assert config.get("num_experts", config.get("num_local_experts")) == 2
+    for layer, kept in selection.layers.items():
+        for position, expert in enumerate(kept):
+            for projection in ("gate_proj", "up_proj", "down_proj"):
+                for suffix in (".weight", ".weight_scale_inv"):
+                    ours = exported[f"model.layers.{layer}.mlp.experts.{position}.{projection}{suffix}"]
+                    theirs = source[f"model.layers.{layer}.mlp.experts.{expert}.{projection}{suffix}"]
+                    assert ours.dtype == theirs.dtype and torch.equal(_bits(ours), _bits(theirs))
+    assert exported["model.layers.1.mlp.down_proj.weight"].dtype == torch.float8_e4m3fn  # the dense layer too
+    assert "model.layers.0.mlp.experts.2.gate_proj.weight" not in exported
+    # the export loads as the original does: through taskmoe's reader, to the same logits as the source's variant
+    torch.testing.assert_close(_logits(tmp_path / "out", None), _logits(fp8, selection), rtol=1e-6, atol=1e-6)
+
+
+def test_fp8_export_reloads_with_plain_transformers_in_the_aligned_case(sources, tmp_path) -> None:
+    """transformers loads block-FP8 on a CPU only through accelerate (its dequantizing loader needs it)."""
+    pytest.importorskip("accelerate")
+    from transformers import AutoModelForCausalLM
+
+    from server.model.export import export_variant
+
+    fp8 = save_block_fp8(sources["qwen3_moe"], tmp_path / "fp8", block=(16, 16))
+    selection = Selection("moe_experts", {0: [1, 6], 2: [3, 7]})
+    export_variant(VariantBuilder(fp8), selection, tmp_path / "out")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out").float().eval()
+    x = torch.randint(0, 64, (3, 11), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).logits, _logits(fp8, selection), rtol=1e-2, atol=1e-2)
+
+
+def test_export_with_a_dtype_dequantizes_and_drops_the_quantization_config(sources, tmp_path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from server.model.export import export_variant
+
+    fp8 = save_block_fp8(sources["deepseek_v3"], tmp_path / "fp8", block=(16, 16))
+    selection = SELECTIONS["deepseek_v3"]
+    export_variant(VariantBuilder(fp8, dtype="float32"), selection, tmp_path / "out", keep_quantization=False)
+    assert "quantization_config" not in json.loads((tmp_path / "out" / "config.json").read_text())
+    assert not any(name.endswith("_scale_inv") for name in _stored_tensors(tmp_path / "out"))
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    x = torch.randint(0, 64, (3, 11), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).logits, _logits(fp8, selection), rtol=1e-5, atol=1e-5)
