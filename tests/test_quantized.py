@@ -400,3 +400,39 @@ def test_export_with_a_dtype_dequantizes_and_drops_the_quantization_config(sourc
     x = torch.randint(0, 64, (3, 11), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         torch.testing.assert_close(model(x).logits, _logits(fp8, selection), rtol=1e-5, atol=1e-5)
+
+
+# -- a pattern of another precision ----------------------------------------------------------------------------
+
+
+def test_a_pattern_calibrated_on_the_bf16_release_says_so_on_the_fp8_one(sources, tmp_path) -> None:
+    from pattern_store.pattern import PatternError, TaskPattern
+    from server.model.checkpoint import model_fingerprint, model_identity
+
+    fp8 = save_block_fp8(sources["qwen3_moe"], tmp_path / "Qwen3-tiny-FP8", block=(16, 16))
+    bf16, quantized = model_identity(sources["qwen3_moe"]), model_identity(fp8)
+    assert bf16["architecture"] == quantized["architecture"]
+    assert (bf16["precision"], quantized["precision"]) == ("float32", "fp8 e4m3, blocks [16, 16]")
+    other = model_identity(sources["deepseek_v3"])
+    assert other["architecture"] != bf16["architecture"]
+    pattern = TaskPattern(
+        name="arith",
+        selection=SELECTIONS["qwen3_moe"],
+        scores={},
+        method="tcess",
+        parameters={},
+        model_fingerprint=model_fingerprint(sources["qwen3_moe"]),
+        created=0.0,
+        calibration_prompts=1,
+        model=bf16,
+    )
+    with pytest.raises(PatternError) as raised:
+        pattern.check_model(model_fingerprint(fp8), quantized)
+    message = str(raised.value)
+    assert "calibrated on model qwen3_moe (float32, " in message and "this model Qwen3-tiny-FP8 (fp8 e4m3" in message
+    assert "the same architecture and tensor names in another precision" in message
+    assert "re-calibrate it on this checkpoint" in message and "\n" not in message
+    with pytest.raises(PatternError, match="a different architecture"):
+        pattern.check_model(model_fingerprint(sources["deepseek_v3"]), other)
+    restored = TaskPattern.from_parts(pattern.document("t.safetensors"), pattern.tensors())
+    assert restored.model == bf16

@@ -351,3 +351,31 @@ def model_fingerprint(model_dir: str | Path) -> str:
             digest.update(handle.read(size))
             digest.update(handle.read(4096))  # a sample of the weights: retrained models differ here
     return digest.hexdigest()
+
+
+_NOT_ARCHITECTURE = ("quantization_config", "dtype", "torch_dtype", "transformers_version")
+
+
+def model_identity(model_dir: str | Path) -> dict[str, str]:
+    """What a pattern records of its model besides the fingerprint, so that a mismatch can say what differs:
+    the directory's name, its precision ("fp8 e4m3, blocks [128, 128]", "mxfp4", "bfloat16", ...) and a hash of
+    its architecture (config without its precision, the tensors' names and shapes as the model uses them), the
+    same for a model's bf16 and FP8 releases. Reads only the safetensors headers."""
+    directory = Path(model_dir)
+    reader = CheckpointReader(directory)
+    config = json.loads((directory / "config.json").read_text())
+    for key in _NOT_ARCHITECTURE:
+        config.pop(key, None)
+    stored = {q.scale for q in reader._quantized.values()} | {q.data for q in reader._quantized.values()}
+    shapes = {name: list(reader.info(name).shape) for name in reader.names if name not in stored}
+    shapes |= {name: list(q.shape) for name, q in reader._quantized.items()}
+    digest = hashlib.sha256(json.dumps([config, sorted(shapes.items())], sort_keys=True).encode()).hexdigest()
+    quantization = reader.quantization
+    if quantization is None:
+        dtypes = [reader.info(name).dtype for name in reader.names if reader.info(name).dtype.is_floating_point]
+        precision = str(max(set(dtypes), key=dtypes.count)).removeprefix("torch.") if dtypes else "unknown"
+    elif quantization.method == "fp8":
+        precision = f"fp8 {quantization.fmt}, blocks {list(quantization.block)}"
+    else:
+        precision = quantization.method
+    return {"name": directory.resolve().name, "architecture": digest, "precision": precision}
