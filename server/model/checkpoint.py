@@ -161,6 +161,11 @@ class CheckpointReader:
         shape, block), None if it is stored as it is used. Its raw rows can be read with `rows_view`."""
         return self._quantized.get(name)
 
+    @property
+    def quantized(self) -> dict[str, QuantizedTensor]:
+        """Every quantized tensor, by the name the model reads it under."""
+        return dict(self._quantized)
+
     def stored_nbytes(self, name: str) -> int:
         """Bytes the checkpoint stores for `name`: a quantized tensor's data and its scales."""
         quantized = self._quantized.get(name)
@@ -366,9 +371,10 @@ def model_identity(model_dir: str | Path) -> dict[str, str]:
     config = json.loads((directory / "config.json").read_text())
     for key in _NOT_ARCHITECTURE:
         config.pop(key, None)
-    stored = {q.scale for q in reader._quantized.values()} | {q.data for q in reader._quantized.values()}
+    quantized = reader.quantized
+    stored = {q.scale for q in quantized.values()} | {q.data for q in quantized.values()}
     shapes = {name: list(reader.info(name).shape) for name in reader.names if name not in stored}
-    shapes |= {name: list(q.shape) for name, q in reader._quantized.items()}
+    shapes |= {name: list(q.shape) for name, q in quantized.items()}
     digest = hashlib.sha256(json.dumps([config, sorted(shapes.items())], sort_keys=True).encode()).hexdigest()
     quantization = reader.quantization
     if quantization is None:
