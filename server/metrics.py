@@ -57,6 +57,12 @@ class Metrics:
         self.backbone = Gauge("taskmoe_backbone_bytes", "Bytes of the shared backbone", registry=r)
         self.budget = Gauge("taskmoe_cache_budget_bytes", "The variant cache's byte budget", registry=r)
         self.pool_slots = Gauge("taskmoe_pool_slots", "Expert slots of the pool (all layers)", registry=r)
+        self.pool_capacity = Gauge(
+            "taskmoe_pool_capacity_bytes",
+            "Bytes of the pool's expert slots, in what a slot holds (fp8: values and scales)",
+            ["expert_dtype"],
+            registry=r,
+        )
         self.pool_slots_used = Gauge(
             "taskmoe_pool_slots_used", "Expert slots holding (or receiving) an expert", registry=r
         )
@@ -119,6 +125,7 @@ class Metrics:
     def watch_pool(self, pool: ExpertPool) -> None:
         """The pool's size, and its occupancy read when metrics are scraped."""
         self.pool_slots.set(pool.slots)
+        self.pool_capacity.labels(pool.pooled.expert_dtype).set(pool.capacity_bytes)
         self.pool_slots_used.set_function(lambda: sum(pool.used_slots().values()))
 
     def _store_metrics(self, r: CollectorRegistry) -> None:
