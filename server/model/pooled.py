@@ -32,10 +32,10 @@ from server.model.module_tree import meta_model, set_tensor
 from server.model.quantized_slots import (
     AUTO,
     FP8_TENSORS,
-    config_block,
     DequantizingExperts,
     Fp8Experts,
     checkpoint_experts_format,
+    config_block,
     fp8_expert_bytes,
     fp8_slots,
     load_fp8_expert,
