@@ -35,7 +35,6 @@ from server.model.quantized_slots import (
     DequantizingExperts,
     Fp8Experts,
     checkpoint_experts_format,
-    config_block,
     fp8_expert_bytes,
     fp8_slots,
     load_fp8_expert,
@@ -107,7 +106,7 @@ class PooledModel:
         self.builder = builder
         self.fp8 = pool_expert_format(builder, expert_dtype)
         self.model = build_pooled(builder, slots, self.fp8)
-        self.loader = SlotLoader(builder.tensors, config_block(builder.model_dir))
+        self.loader = SlotLoader(builder.tensors)
         self.layers: dict[int, SparseLayer] = dict(builder.sparse_layers)
         self.slots = {index: min(slots, layer.num_experts) for index, layer in self.layers.items()}
         device = builder.device

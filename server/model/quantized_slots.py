@@ -47,51 +47,26 @@ FP8_TENSORS = ("gate_up_proj", "down_proj")
 
 
 def checkpoint_experts_format(tensors: TensorReader, layers: Sequence[SparseLayer]) -> Fp8Experts | None:
-    """How the checkpoint stores its routed experts: block-FP8 (per-expert weights with their scale grids, in
-    blocks of the config's `weight_block_size`), or None for plain floating point and for experts that FP8
-    slots do not hold (fused tensors, expert biases, a transposed layout: those pools dequantize at load)."""
+    """How the checkpoint stores its routed experts: block-FP8 e4m3 (per-expert weights with their scale grids),
+    or None for plain floating point and for experts that FP8 slots do not hold (fused tensors, expert biases,
+    a transposed layout, MXFP4: those pools dequantize their experts when loading them)."""
     family = tensors.family
     if not layers or family.expert_tensors != FP8_TENSORS or family.experts_layout != "gate_up_rows":
         return None
     if tensors.fused_expert_names(layers[0]) is not None:
         return None
-    block = config_block(tensors.checkpoint.directory)
-    checkpoint = tensors.checkpoint
-    names = _expert_tensor_names(tensors, layers[0], 0)
-    info = checkpoint.info(names[0])
-    if info.dtype != torch.float8_e4m3fn:
+    stored = tensors.checkpoint.quantized_info(tensors.expert_names(layers[0], 0)[0])
+    if stored is None or stored.format != "fp8_e4m3":
         return None
-    scale = scale_name(checkpoint, names[0])
-    if block is None:
-        raise CheckpointError(f"{checkpoint.directory}: FP8 experts, but the config names no weight_block_size")
-    return Fp8Experts(block, checkpoint.info(scale).dtype)
+    return Fp8Experts(stored.block, stored.scale_dtype)
 
 
 def scale_name(checkpoint: CheckpointReader, name: str) -> str:
     """The scale grid stored beside the FP8 weight `name` (`...weight_scale_inv`)."""
-    scale = f"{name}_scale_inv"
-    if scale not in checkpoint:
-        raise CheckpointError(f"{checkpoint.directory}: FP8 tensor {name} has no scale {scale}")
-    return scale
-
-
-def config_block(directory: Any) -> tuple[int, int] | None:
-    """The `weight_block_size` of a checkpoint's `quantization_config`, if it names one."""
-    import json
-    from pathlib import Path
-
-    quantization = json.loads((Path(directory) / "config.json").read_text()).get("quantization_config") or {}
-    size = quantization.get("weight_block_size")
-    return (int(size[0]), int(size[1])) if size and len(size) == 2 else None
-
-
-def _expert_tensor_names(tensors: TensorReader, layer: SparseLayer, expert: int) -> list[str]:
-    if tensors.fused_expert_names(layer) is not None:
-        raise CheckpointError(
-            f"{tensors.checkpoint.directory}: FP8 slots read per-expert FP8 tensors, as FP8 releases store them; "
-            "this checkpoint fuses its experts"
-        )
-    return tensors.expert_names(layer, expert)
+    stored = checkpoint.quantized_info(name)
+    if stored is None or stored.format != "fp8_e4m3":
+        raise CheckpointError(f"{checkpoint.directory}: {name} is not stored as block-FP8 e4m3, as its layer's are")
+    return stored.scale
 
 
 def resolve_expert_format(requested: str, stored: Fp8Experts | None, dtype: torch.dtype) -> Fp8Experts | None:
@@ -195,26 +170,6 @@ def fp8_slots(
     }
 
 
-def dequantized_expert(
-    checkpoint: CheckpointReader,
-    name: str,
-    rows: int,
-    block: tuple[int, int] | None,
-    dtype: torch.dtype,
-    device: torch.device,
-) -> torch.Tensor:
-    """Rows [0, rows) of a per-expert tensor as a view of the file, or, when it is FP8, dequantized into `dtype`
-    on `device` (its FP8 bytes and scales moved there first: a GPU dequantizes far faster than the CPU)."""
-    values = checkpoint.rows_view(name, 0, rows)
-    if values.dtype != torch.float8_e4m3fn:
-        return values
-    scale = scale_name(checkpoint, name)
-    if block is None:
-        raise CheckpointError(f"{checkpoint.directory}: FP8 tensor {name}, but the config names no weight_block_size")
-    scales = checkpoint.rows_view(scale, 0, checkpoint.info(scale).shape[0])
-    return dequantize_fp8_blocks(values.to(device), scales.to(device), block, dtype=dtype)
-
-
 def fp8_expert_bytes(layer: SparseLayer, hidden: int, fmt: Fp8Experts) -> int:
     """Bytes of one FP8 slot of `layer` (values and scales), computed without allocating."""
     size, (b0, b1) = layer.intermediate, fmt.block
@@ -233,7 +188,7 @@ def load_fp8_expert(
 ) -> None:
     """Copy one expert's FP8 values and scales from the checkpoint's memory map into `slot`, unconverted."""
     checkpoint = tensors.checkpoint
-    gate, up, down = _expert_tensor_names(tensors, layer, expert)
+    gate, up, down = tensors.expert_names(layer, expert)
     for target, part, name in (("gate_up_proj", 0, gate), ("gate_up_proj", 1, up), ("down_proj", 0, down)):
         scale = scale_name(checkpoint, name)
         values = checkpoint.rows_view(name, 0, checkpoint.info(name).shape[0])
