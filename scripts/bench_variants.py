@@ -586,6 +586,10 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])
     directory = Path(spec["dir"])
+    if spec["kind"] == "fp8-pool":
+        from _fp8_bench import measure_fp8_pool
+
+        return measure_fp8_pool(directory, spec["expert_dtype"], spec["seed"])
     files = shard_files(directory)
     buffer, ranges = None, []
     if spec["kind"] == "floor":
@@ -841,11 +845,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch threads in each run (default: torch's)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights and the expert choice")
     parser.add_argument("--no-cold", action="store_true", help="skip the cold-cache runs")
+    parser.add_argument(
+        "--fp8",
+        action="store_true",
+        help="instead: a block-FP8 checkpoint of Qwen3-30B-A3B's layer shape, FP8 slots against bf16 slots "
+        "(writes bench/results/variants_fp8.json unless --out)",
+    )
+    parser.add_argument("--fp8-layers", type=int, default=3, help="layers of the FP8 checkpoint (3)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         print(RESULT_MARKER + json.dumps(worker(json.loads(args.worker))), flush=True)
         return 0
+    if args.fp8:
+        return fp8_main(args)
     if args.size_gb <= 0 or args.repeats < 1:
         parser.error("--size-gb must be positive and --repeats at least 1")
 
@@ -941,6 +954,56 @@ def main(argv: Sequence[str] | None = None) -> int:
         "measured": measured(),
     }
     out = args.out.resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(document, indent=1) + "\n")
+    _log(f"wrote {out}")
+    return 0
+
+
+def fp8_main(args: argparse.Namespace) -> int:
+    """`--fp8`: the FP8 pool against the bf16 pool (`_fp8_bench`), printed and written as JSON."""
+    import _fp8_bench
+
+    directory = (args.dir or ROOT / "bench" / "checkpoints" / f"random-fp8-qwen3-30b-a3b-{args.fp8_layers}l").resolve()
+    machine = machine_info()
+    results = _fp8_bench.run(directory, args.fp8_layers, args.repeats, args.threads, args.seed)
+    targets, table = _fp8_bench.summarise(results)
+    machine["loadavg_end"] = os.getloadavg()
+    checkpoint_bytes = sum(length for _, _, length, _ in read_headers(directory).values())
+    header = (
+        f"Random block-FP8 checkpoint with Qwen3-30B-A3B's layer shape: {checkpoint_bytes / GIB:.2f} GiB, "
+        f"{args.fp8_layers} layers x 128 experts of 2048 x 768 (top-8), blocks of 128 x 128 with float32 scales; "
+        f"{machine['nproc']} CPUs, torch {machine['torch']}; bf16 compute; medians of {args.repeats}, warm cache"
+    )
+    print(f"{header}\n\n{table}\n")
+    for target in targets:
+        print(
+            f"{'met' if target['met'] else 'MISSED'}: {target['target']} = {target['value']:.3f} (<= {target['limit']})"
+        )
+    document = {
+        "settings": {
+            "dir": str(directory),
+            "layers": args.fp8_layers,
+            "checkpoint_bytes": checkpoint_bytes,
+            "repeats": args.repeats,
+            "threads": args.threads,
+            "seed": args.seed,
+            "model": {**_fp8_bench.FP8_SHAPE, "num_hidden_layers": args.fp8_layers, "block": list(_fp8_bench.BLOCK)},
+            "keep": _fp8_bench.KEEP,
+            "units": "seconds and bytes; medians over `samples`",
+        },
+        "machine": machine,
+        "measurements": results,
+        "targets": targets,
+        "header": header,
+        "table": table,
+        "measured": measured(),
+    }
+    out = (
+        args.out
+        if args.out != ROOT / "bench" / "results" / "variants.json"
+        else ROOT / "bench" / "results" / "variants_fp8.json"
+    ).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(document, indent=1) + "\n")
     _log(f"wrote {out}")

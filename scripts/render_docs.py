@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from tables_models import demo_models
+from tables_models import demo_models, supported_models, unsupported_models
 from tables_pruning import (
     ANSWER_LOSS,
     pruning_cross,
@@ -31,7 +31,7 @@ from tables_pruning import (
 )
 from tables_routing import SERVED, routing, routing_findings, routing_settings, routing_targets
 from tables_store import fit_placement, store_changes
-from tables_variants import RATIOS, variants, variants_findings
+from tables_variants import RATIOS, fp8_slots, variants, variants_findings
 
 from _measured import ROUTING_REWRITE, describe, predates
 from _results import ROOT, load
@@ -131,6 +131,8 @@ SECTIONS: dict[str, Section] = {
     "flags": Section(flags),
     "headline": Section(headline, ("pruning.json", "routing.json", "variants.json", "server.json"), footer=False),
     "demo-models": Section(demo_models),
+    "supported-models": Section(supported_models),
+    "unsupported-models": Section(unsupported_models),
     "routing-settings": Section(routing_settings, ("routing.json",)),
     "routing": Section(routing, ("routing.json",)),
     "routing-targets": Section(routing_targets, ("routing.json",)),
@@ -141,6 +143,7 @@ SECTIONS: dict[str, Section] = {
     "fit-placement": Section(fit_placement, ("fit_placement.json",)),
     "variants": Section(variants, ("variants.json",)),
     "variants-findings": Section(variants_findings, ("variants.json",)),
+    "fp8-slots": Section(fp8_slots, ("variants_fp8.json",)),
     "pruning-settings": Section(pruning_settings, ("pruning.json",)),
     "pruning-targets": Section(pruning_targets, ("pruning.json", "served.json")),
     "pruning-moe": Section(pruning_moe, ("pruning.json",)),

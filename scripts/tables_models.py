@@ -36,3 +36,34 @@ def demo_models() -> str:
             f"{_feed_forward(config)} | {training['parameters'] / 1e6:.2f}M |"
         )
     return "\n".join(lines) + "\n"
+
+
+_FORMATS = {"bf16": "bf16/fp16/fp32", "fp8-block": "block-FP8 (128 x 128, `weight_scale_inv`)", "mxfp4": "MXFP4"}
+
+
+def supported_models() -> str:
+    """The README's supported-models table, from `server.model.families.FAMILIES` itself: a family added there
+    appears here, and a test fails while the page is stale."""
+    from server.model.families import FAMILIES
+
+    lines = [
+        "| family | `model_type` | serves, for example | checkpoints | pruned by, routing |",
+        "|---|---|---|---|---|",
+    ]
+    for family in FAMILIES:
+        types = ", ".join(f"`{name}`" for name in family.model_types)
+        hub = ", ".join(f"`{name}`" for name in family.hub_models)
+        formats = ", ".join(_FORMATS[name] for name in family.formats)
+        pruned = "experts (PreMoe, expert pool)" if family.kind == "moe" else "MLP channels (SEAP)"
+        notes = f"{pruned}; {family.routing_notes}" if family.routing_notes else pruned
+        lines.append(f"| {family.name} | {types} | {hub} | {formats} | {notes} |")
+    return "\n".join(lines) + "\n"
+
+
+def unsupported_models() -> str:
+    """The MoE model types of the installed transformers that taskmoe does not serve, each with its reason."""
+    from server.model.families import UNSUPPORTED_MOE
+
+    lines = ["| `model_type` | why not |", "|---|---|"]
+    lines += [f"| `{name}` | {reason} |" for name, reason in sorted(UNSUPPORTED_MOE.items())]
+    return "\n".join(lines) + "\n"

@@ -61,3 +61,13 @@ def variants_findings() -> str:
         "floor.",
     ]
     return "\n".join(lines) + "\n"
+
+
+def fp8_slots() -> str:
+    """FP8 expert slots against bf16 slots (`bench_variants.py --fp8`): the table, then each target."""
+    report = load("variants_fp8.json")
+    lines = [report["header"], "", report["table"], ""]
+    for target in report["targets"]:
+        verdict = "met" if target["met"] else "missed"
+        lines.append(f"- {target['target']}: **{target['value']:.2f}** (target <= {target['limit']:g}): {verdict}")
+    return "\n".join(lines) + "\n"

@@ -122,6 +122,11 @@ class ServerConfig(BaseSettings):
     port: int = Field(8000, gt=0, lt=65536, description="port")
     device: str = Field("auto", description="auto (cuda when available), cpu, cuda, cuda:1, ...")
     dtype: str = Field("auto", description="auto (the checkpoint's), bfloat16, float16 or float32")
+    expert_dtype: str = Field(
+        "auto",
+        description="MoE expert pool: what a slot holds; auto (the checkpoint's: FP8 values and scales for a "
+        "block-FP8 checkpoint, dequantized per step), fp8, or the model's dtype (dequantized when loaded)",
+    )
     cache_budget: Bytes = Field(
         4 * 2**30,
         gt=0,

@@ -155,7 +155,7 @@ class ExpertPool:
         self.layers = {
             index: _LayerState(pooled.slots[index], layer.num_experts) for index, layer in pooled.layers.items()
         }
-        self._expert_bytes = {index: pooled.builder.expert_bytes(index) for index in pooled.layers}
+        self._expert_bytes = {index: pooled.expert_bytes(index) for index in pooled.layers}
         self._lock = threading.Lock()
         self._admission = Admission(self._lock, wait)
         self._routes: dict[str, tuple[VariantKey, RowRoute]] = {}  # the latest revision of each pattern leased
@@ -194,6 +194,7 @@ class ExpertPool:
         with self._lock:
             return {
                 "slots": self.slots,
+                "expert_dtype": self.pooled.expert_dtype,
                 "used_slots": sum(len(state.where) for state in self.layers.values()),
                 "capacity_bytes": self.capacity_bytes,
                 "resident_bytes": self._resident_bytes(),

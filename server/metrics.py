@@ -56,15 +56,7 @@ class Metrics:
         )
         self.backbone = Gauge("taskmoe_backbone_bytes", "Bytes of the shared backbone", registry=r)
         self.budget = Gauge("taskmoe_cache_budget_bytes", "The variant cache's byte budget", registry=r)
-        self.pool_slots = Gauge("taskmoe_pool_slots", "Expert slots of the pool (all layers)", registry=r)
-        self.pool_slots_used = Gauge(
-            "taskmoe_pool_slots_used", "Expert slots holding (or receiving) an expert", registry=r
-        )
-        self.pool_loaded = Counter("taskmoe_pool_experts_loaded", "Experts copied into the pool", registry=r)
-        self.pool_loaded_bytes = Counter(
-            "taskmoe_pool_loaded_bytes", "Bytes of experts copied into the pool", registry=r
-        )
-        self.pool_evicted = Counter("taskmoe_pool_experts_evicted", "Experts evicted from the pool", registry=r)
+        self._pool_metrics(r)
         self.routes = Counter(
             "taskmoe_route_decisions",
             "Routing decisions by chosen pattern and reason",
@@ -119,7 +111,25 @@ class Metrics:
     def watch_pool(self, pool: ExpertPool) -> None:
         """The pool's size, and its occupancy read when metrics are scraped."""
         self.pool_slots.set(pool.slots)
+        self.pool_capacity.labels(pool.pooled.expert_dtype).set(pool.capacity_bytes)
         self.pool_slots_used.set_function(lambda: sum(pool.used_slots().values()))
+
+    def _pool_metrics(self, r: CollectorRegistry) -> None:
+        self.pool_slots = Gauge("taskmoe_pool_slots", "Expert slots of the pool (all layers)", registry=r)
+        self.pool_capacity = Gauge(
+            "taskmoe_pool_capacity_bytes",
+            "Bytes of the pool's expert slots, in what a slot holds (fp8: values and scales)",
+            ["expert_dtype"],
+            registry=r,
+        )
+        self.pool_slots_used = Gauge(
+            "taskmoe_pool_slots_used", "Expert slots holding (or receiving) an expert", registry=r
+        )
+        self.pool_loaded = Counter("taskmoe_pool_experts_loaded", "Experts copied into the pool", registry=r)
+        self.pool_loaded_bytes = Counter(
+            "taskmoe_pool_loaded_bytes", "Bytes of experts copied into the pool", registry=r
+        )
+        self.pool_evicted = Counter("taskmoe_pool_experts_evicted", "Experts evicted from the pool", registry=r)
 
     def _store_metrics(self, r: CollectorRegistry) -> None:
         self.store_problems = Gauge(

@@ -29,27 +29,63 @@ from transformers import PreTrainedModel
 from server.model.layout import SparseLayer
 from server.model.masking import RouterMasks, router_of
 from server.model.module_tree import meta_model, set_tensor
+from server.model.quantized_slots import (
+    AUTO,
+    FP8_TENSORS,
+    DequantizingExperts,
+    Fp8Experts,
+    checkpoint_experts_format,
+    fp8_expert_bytes,
+    fp8_slots,
+    load_fp8_expert,
+    resolve_expert_format,
+)
 from server.model.slot_loader import SlotLoader
 from server.model.variant import VariantBuilder
 
 
-def build_pooled(builder: VariantBuilder, slots: int) -> PreTrainedModel:
+def build_pooled(builder: VariantBuilder, slots: int, fp8: Fp8Experts | None = None) -> PreTrainedModel:
     """The full model with `slots` expert slots per sparse layer in place of its experts: preallocated and
     touched (zeroed), so that loading an expert later is a copy and never a page fault. Routers keep every
-    expert's row (they are part of the backbone)."""
+    expert's row (they are part of the backbone). With `fp8`, the slots hold the checkpoint's FP8 values and
+    scales, and each layer's experts module dequantizes the slots a pass chooses (`DequantizingExperts`)."""
     if builder.family.kind != "moe":
         raise ValueError(f"{builder.family.name} has no routed experts to pool")
     model = meta_model(builder.config)
     assigned = set()
     for layer in builder.sparse_layers.values():
         count = min(slots, layer.num_experts)
-        # one slot per expert in each of the experts module's per-expert tensors, in the module's own layout
+        # one slot per expert in each of the experts module's per-expert tensors, in the module's own layout (FP8
+        # slots: empty placeholders for the projections, whose slots live in the layer's DequantizingExperts)
         for name, shape in layer.expert_shapes.items():
-            slot = torch.zeros((count, *shape), dtype=builder.dtype, device=builder.device)
+            placeholder = fp8 is not None and name in FP8_TENSORS
+            slot = torch.zeros((0,) if placeholder else (count, *shape), dtype=builder.dtype, device=builder.device)
             set_tensor(model, f"{layer.prefix}.experts.{name}", slot)
             assigned.add(f"{layer.prefix}.experts.{name}")
         model.get_submodule(layer.prefix).experts.num_experts = count
-    return builder.complete(model, assigned)
+    model = builder.complete(model, assigned)
+    if fp8 is not None:
+        hidden = int(builder.config.hidden_size)
+        for layer in builder.sparse_layers.values():
+            block = model.get_submodule(layer.prefix)
+            slot_tensors = fp8_slots(layer, min(slots, layer.num_experts), hidden, fp8, builder.device)
+            block.experts = DequantizingExperts(block.experts, slot_tensors, builder.dtype)
+    return model
+
+
+def pool_expert_format(builder: VariantBuilder, expert_dtype: str = AUTO) -> Fp8Experts | None:
+    """What the slots of a pool of `builder`'s model hold for `--expert-dtype expert_dtype`: the checkpoint's
+    FP8 (None: the model's dtype)."""
+    layers = list(builder.sparse_layers.values())
+    stored = checkpoint_experts_format(builder.tensors, layers)
+    return resolve_expert_format(expert_dtype, stored, builder.dtype)
+
+
+def slot_expert_bytes(builder: VariantBuilder, layer: int, fp8: Fp8Experts | None) -> int:
+    """Bytes of one expert slot of sparse layer `layer`: FP8 values and scales, or the model's dtype."""
+    if fp8 is None:
+        return builder.expert_bytes(layer)
+    return fp8_expert_bytes(builder.sparse_layers[layer], int(builder.config.hidden_size), fp8)
 
 
 @dataclass(frozen=True)
@@ -64,11 +100,12 @@ class RowRoute:
 class PooledModel:
     """The model, its slot tensors and the expert-to-slot tables; run it through `rows(...)` or `routed(...)`."""
 
-    def __init__(self, builder: VariantBuilder, slots: int) -> None:
+    def __init__(self, builder: VariantBuilder, slots: int, expert_dtype: str = AUTO) -> None:
         if slots < 1:
             raise ValueError("an expert pool needs at least one slot per layer")
         self.builder = builder
-        self.model = build_pooled(builder, slots)
+        self.fp8 = pool_expert_format(builder, expert_dtype)
+        self.model = build_pooled(builder, slots, self.fp8)
         self.loader = SlotLoader(builder.tensors)
         self.layers: dict[int, SparseLayer] = dict(builder.sparse_layers)
         self.slots = {index: min(slots, layer.num_experts) for index, layer in self.layers.items()}
@@ -93,9 +130,18 @@ class PooledModel:
         return self.builder.device
 
     @property
+    def expert_dtype(self) -> str:
+        """What a slot holds: `fp8` (values and scales as the checkpoint stores them) or the model's dtype."""
+        return "fp8" if self.fp8 is not None else str(self.builder.dtype).removeprefix("torch.")
+
+    def expert_bytes(self, layer: int) -> int:
+        """Bytes of one slot of sparse layer `layer`."""
+        return slot_expert_bytes(self.builder, layer, self.fp8)
+
+    @property
     def slot_bytes(self) -> int:
         """Bytes of all slot memory (every layer)."""
-        return sum(self.slots[index] * self.builder.expert_bytes(index) for index in self.layers)
+        return sum(self.slots[index] * self.expert_bytes(index) for index in self.layers)
 
     # -- running ---------------------------------------------------------------------------------
 
@@ -160,6 +206,12 @@ class PooledModel:
     def load(self, layer: int, experts: Sequence[int], slots: Sequence[int]) -> None:
         """Copy `experts` from the checkpoint into `slots` of `layer` (the caller owns those slots)."""
         block = self.model.get_submodule(self.layers[layer].prefix).experts
+        if isinstance(block, DequantizingExperts):
+            for expert, slot in zip(experts, slots, strict=True):
+                load_fp8_expert(
+                    self.builder.tensors, self.layers[layer], expert, slot, block.slot_tensors, self.loader.copy
+                )
+            return
         targets = {name: getattr(block, name).data for name in self.builder.family.expert_tensors}
         self.loader.load(self.layers[layer], experts, slots, targets)
 

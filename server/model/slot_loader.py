@@ -54,21 +54,21 @@ class SlotLoader:
         for first, count in paired_runs(experts, slots):
             expert, slot = experts[first], slots[first]
             for name in biases:
-                self._copy(
+                self.copy(
                     targets[name][slot : slot + count], checkpoint.rows_view(extras[name], expert, expert + count)
                 )
             if fused is not None:
-                self._copy(gate_up[slot : slot + count], checkpoint.rows_to_copy(fused[0], expert, expert + count))
-                self._copy(down[slot : slot + count], checkpoint.rows_to_copy(fused[1], expert, expert + count))
+                self.copy(gate_up[slot : slot + count], checkpoint.rows_to_copy(fused[0], expert, expert + count))
+                self.copy(down[slot : slot + count], checkpoint.rows_to_copy(fused[1], expert, expert + count))
                 continue
             for offset in range(count):
                 gate_name, up_name, down_name = self.tensors.expert_names(layer, expert + offset)
                 target = slot + offset
-                self._copy(gate_up[target, :size], checkpoint.rows_to_copy(gate_name, 0, size))
-                self._copy(gate_up[target, size:], checkpoint.rows_to_copy(up_name, 0, size))
-                self._copy(down[target], checkpoint.rows_to_copy(down_name, 0, checkpoint.info(down_name).shape[0]))
+                self.copy(gate_up[target, :size], checkpoint.rows_to_copy(gate_name, 0, size))
+                self.copy(gate_up[target, size:], checkpoint.rows_to_copy(up_name, 0, size))
+                self.copy(down[target], checkpoint.rows_to_copy(down_name, 0, checkpoint.info(down_name).shape[0]))
 
-    def _copy(self, target: torch.Tensor, source: torch.Tensor) -> None:
+    def copy(self, target: torch.Tensor, source: torch.Tensor) -> None:
         """`target.copy_(source)`; into GPU memory through the pinned staging buffer."""
         if target.device.type != "cuda":
             target.copy_(source)
