@@ -351,10 +351,10 @@ FAMILIES: tuple[Family, ...] = (
         formats=("fp8-block",),
         routing_notes="sigmoid scores + selection bias (on the block), top-k normalised",
     ),
-    Family("Llama", ("llama",), "dense"),
-    Family("Qwen2", ("qwen2",), "dense"),
-    Family("Qwen3", ("qwen3",), "dense"),
-    Family("Mistral", ("mistral",), "dense"),
+    Family("Llama", ("llama",), "dense", hub_models=("meta-llama/Llama-3.1-8B-Instruct", "meta-llama/Llama-2-7b-hf")),
+    Family("Qwen2", ("qwen2",), "dense", hub_models=("Qwen/Qwen2.5-7B-Instruct",)),
+    Family("Qwen3", ("qwen3",), "dense", hub_models=("Qwen/Qwen3-8B",)),
+    Family("Mistral", ("mistral",), "dense", hub_models=("mistralai/Mistral-7B-Instruct-v0.3",)),
 )
 
 
