@@ -457,7 +457,11 @@ def _demo_store_for(model_dir: Path, root: Path) -> Path:
     return root / "patterns"
 
 
-def _served_answers(model_dir: Path, store: Path, prompts: list[tuple[str, str]]) -> list[str]:
+def _served_answers(
+    model_dir: Path, store: Path, prompts: list[tuple[str, str]], expert_dtype: str | None = None
+) -> list[str]:
+    """Greedy answers of the real server; with `expert_dtype`, its /admin/cache must say the pool's slots hold
+    that."""
     import httpx
 
     from server.config import ServerConfig
@@ -465,7 +469,13 @@ def _served_answers(model_dir: Path, store: Path, prompts: list[tuple[str, str]]
     from server_harness import running_server
 
     answers = []
-    with running_server(ServerConfig(model=model_dir, store=store, api_key="k", workers=2)) as server:
+    config = ServerConfig(model=model_dir, store=store, api_key="k", admin_key="a", workers=2)
+    with running_server(config) as server:
+        if expert_dtype is not None:
+            cache = httpx.get(f"{server.url}/admin/cache", headers={"Authorization": "Bearer a"}, timeout=30)
+            assert cache.json()["pool"]["expert_dtype"] == expert_dtype, cache.text
+            metrics = httpx.get(f"{server.url}/metrics", timeout=30).text
+            assert f'taskmoe_pool_capacity_bytes{{expert_dtype="{expert_dtype}"}}' in metrics
         for model, prompt in prompts:
             body = {"model": model, "messages": [{"role": "user", "content": prompt}], "temperature": 0}
             reply = httpx.post(
@@ -494,8 +504,10 @@ def test_served_fp8_demo_answers_equal_the_reference_dequantized_checkpoint(tmp_
         for example in get_task(task).examples(2, EVAL_SEED)
         for model in (f"demo-moe@{task}", "demo-moe")
     ]
-    served = _served_answers(fp8, _demo_store_for(fp8, tmp_path / "fp8"), prompts)
-    expected = _served_answers(reference, _demo_store_for(reference, tmp_path / "reference"), prompts)
+    served = _served_answers(fp8, _demo_store_for(fp8, tmp_path / "fp8"), prompts, expert_dtype="fp8")
+    expected = _served_answers(
+        reference, _demo_store_for(reference, tmp_path / "reference"), prompts, expert_dtype="float32"
+    )
     assert served == expected
     assert len(set(served)) > len(tasks), "the answers differ from task to task"
 
