@@ -37,7 +37,7 @@ from _measured import ROUTING_REWRITE, describe, predates
 from _results import ROOT, load
 from tables_server import SERVER_SECTIONS, server_routing_note
 
-SECTION = re.compile(r"(<!-- generated:(?P<name>[a-z-]+) -->\n)(?P<body>.*?)(<!-- end:(?P=name) -->)", re.DOTALL)
+SECTION = re.compile(r"(<!-- generated:(?P<name>[a-z0-9-]+) -->\n)(?P<body>.*?)(<!-- end:(?P=name) -->)", re.DOTALL)
 ROUTED_RESULTS = ("served.json", "server.json")  # results with routed figures, which the routing rewrite changed
 
 
