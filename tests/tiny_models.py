@@ -280,3 +280,63 @@ def save_block_fp8(
     }
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return out_dir
+
+
+#: the e2m1 grid, by nibble: bit 3 the sign, bits 2-0 the magnitude's index (the OCP MX spec's table)
+E2M1_MAGNITUDES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+MXFP4_GROUP = 32
+#: what openai/gpt-oss-20b's quantization_config keeps in bf16
+GPT_OSS_NOT_CONVERTED = ["model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]
+
+
+def quantize_mxfp4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The MXFP4 rule on [..., R, C] (C a multiple of 32): per 32 values of a row one e8m0 power of two, 2 ** (e - 2)
+    with e = floor(log2(amax)) (the largest e2m1 value, 6, has exponent 2), and each value / scale rounded to the
+    nearest e2m1 value; packed two nibbles a byte, low nibble first: blocks uint8 [..., R, C/32, 16] and scales
+    uint8 [..., R, C/32] (the exponent + 127)."""
+    *lead, rows, cols = weight.shape
+    if cols % MXFP4_GROUP:
+        raise ValueError(f"mxfp4 groups {MXFP4_GROUP} values of a row; a row of {cols} values does not divide")
+    groups = weight.float().reshape(*lead, rows, cols // MXFP4_GROUP, MXFP4_GROUP)
+    amax = groups.abs().amax(-1).clamp(min=2.0**-120)
+    exponent = (torch.floor(torch.log2(amax)) - 2).clamp(-127, 127)
+    scaled = groups / torch.exp2(exponent).unsqueeze(-1)
+    grid = torch.tensor(E2M1_MAGNITUDES)
+    magnitude = (scaled.abs().unsqueeze(-1) - grid).abs().argmin(-1)
+    nibbles = (magnitude | ((scaled < 0) & (magnitude > 0)).long() << 3).to(torch.uint8)
+    blocks = nibbles[..., 0::2] | (nibbles[..., 1::2] << 4)
+    return blocks, (exponent + 127).to(torch.uint8)
+
+
+def save_mxfp4_gpt_oss(source_dir: Path, out_dir: Path) -> Path:
+    """The gpt-oss checkpoint of `source_dir` (a `save_random_model` of a `GptOssConfig` whose hidden and
+    intermediate sizes are multiples of 32) in the layout of openai/gpt-oss-20b: each layer's
+    `mlp.experts.gate_up_proj` and `down_proj` as MXFP4 `*_blocks` and `*_scales` in the checkpoint's
+    [E, out, in] orientation (the module holds them [E, in, out]), everything else (expert biases, attention,
+    router, embeddings, norms, lm_head) bf16, and the release's `quantization_config`."""
+    import json
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tensors: dict[str, torch.Tensor] = {}
+    for file in sorted(source_dir.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as handle:
+            for name in handle.keys():  # noqa: SIM118 (a safe_open handle is not a mapping)
+                tensor = handle.get_tensor(name)
+                if name.endswith((".experts.gate_up_proj", ".experts.down_proj")):
+                    stored = tensor.transpose(-1, -2)  # the module's [E, in, out] as the release's [E, out, in]
+                    tensors[f"{name}_blocks"], tensors[f"{name}_scales"] = quantize_mxfp4(stored)
+                else:
+                    tensors[name] = tensor.to(torch.bfloat16)
+    save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    for file in source_dir.iterdir():
+        if file.is_file() and not file.name.endswith(".safetensors") and file.name != "model.safetensors.index.json":
+            shutil.copy2(file, out_dir / file.name)
+    config = json.loads((source_dir / "config.json").read_text())
+    config["dtype"] = "bfloat16"
+    config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": GPT_OSS_NOT_CONVERTED}
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return out_dir

@@ -21,6 +21,8 @@ import torch
 from server.model.checkpoint_errors import CheckpointError
 
 FP8_FORMATS: dict[str, torch.dtype] = {"e4m3": torch.float8_e4m3fn}
+#: other names releases give the same format: MiniMax-M2's config says `"fmt": "float8_e4m3fn"`
+FP8_FORMAT_ALIASES = {"float8_e4m3fn": "e4m3"}
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 SCALE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MXFP4_GROUP = 32
@@ -65,7 +67,8 @@ def read_quantization(config_json: dict[str, Any]) -> QuantizationConfig | None:
             f"(it reads {READ_FORMATS}); use the model's bf16 or fp8 release"
         )
     fmt = section.get("fmt", "e4m3")  # transformers' FineGrainedFP8Config writes no fmt: e4m3 is its only one
-    if fmt not in FP8_FORMATS:
+    fmt = FP8_FORMAT_ALIASES.get(fmt, fmt) if isinstance(fmt, str) else fmt
+    if not isinstance(fmt, str) or fmt not in FP8_FORMATS:
         raise QuantizationError(f"config.json: fp8 quantization_config fmt {fmt!r} is not read; taskmoe reads e4m3")
     block = section.get("weight_block_size")
     if (
