@@ -32,7 +32,7 @@ from server.expert_pool import ExpertPool, PoolLease
 from server.metrics import Metrics
 from server.model.checkpoint import model_identity
 from server.model.pooled import PooledModel, RowRoute, pool_expert_format, slot_expert_bytes
-from server.model.quantized_slots import Fp8Experts
+from server.model.quantized_slots import SlotFormat
 from server.model.variant import VariantBuilder
 from server.resolver import Choice, check_stored
 from server.routing import UNION_SEPARATOR
@@ -189,11 +189,11 @@ def _leasing_errors(label: str, metrics: Metrics) -> Any:
         raise
 
 
-def pool_slots(builder: VariantBuilder, budget: int, fp8: Fp8Experts | None = None) -> int:
+def pool_slots(builder: VariantBuilder, budget: int, quantized: SlotFormat | None = None) -> int:
     """Expert slots per sparse layer that `budget` bytes pay for (one slot costs one expert in every layer, in
     the slots' precision), at most the experts a layer has; a budget that cannot hold one top-k routing is an
     error."""
-    per_slot = sum(slot_expert_bytes(builder, index, fp8) for index in builder.sparse_layers)
+    per_slot = sum(slot_expert_bytes(builder, index, quantized) for index in builder.sparse_layers)
     most = max(layer.num_experts for layer in builder.sparse_layers.values())
     slots = min(budget // per_slot, most)
     top_k = int(builder.config.num_experts_per_tok)
@@ -212,8 +212,8 @@ class PoolLeases:
 
     def __init__(self, builder: VariantBuilder, selections: PatternSelections, config: ServerConfig, metrics: Metrics):
         self.builder, self.selections, self.metrics = builder, selections, metrics
-        fp8 = pool_expert_format(builder, config.expert_dtype)
-        pooled = PooledModel(builder, pool_slots(builder, config.cache_budget, fp8), config.expert_dtype)
+        quantized = pool_expert_format(builder, config.expert_dtype)
+        pooled = PooledModel(builder, pool_slots(builder, config.cache_budget, quantized), config.expert_dtype)
         self.pool = ExpertPool(pooled, metrics.pool_listener(), wait=config.cache_wait)
         metrics.watch_pool(self.pool)
         self.budget = config.cache_budget

@@ -144,7 +144,7 @@ def test_a_budget_buys_about_twice_the_fp8_slots(fp8_pair) -> None:
 
 def test_expert_dtype_errors_are_clear(tmp_path, fp8_pair) -> None:
     plain = VariantBuilder(save_random_model(moe_configs()["qwen3_moe"], tmp_path / "plain"))
-    with pytest.raises(ValueError, match="needs a block-FP8 checkpoint"):
+    with pytest.raises(ValueError, match="needs a checkpoint whose experts are fp8; this one stores its experts unq"):
         pool_expert_format(plain, "fp8")
     assert pool_expert_format(plain, "auto") is None
     fp8 = VariantBuilder(fp8_pair[0], dtype="bfloat16")

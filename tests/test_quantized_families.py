@@ -254,8 +254,8 @@ def test_variant_logits_equal_the_reference_variants(checkpoints) -> None:
 def test_pool_mixed_batch_equals_the_reference_variants(checkpoints, expert_dtype) -> None:
     builder = VariantBuilder(checkpoints.quantized, dtype="float32")
     pool = ExpertPool(PooledModel(builder, slots=8, expert_dtype=expert_dtype))
-    fp8_slots = expert_dtype == "auto" and checkpoints.case.format == "fp8-block"
-    assert pool.pooled.expert_dtype == ("fp8" if fp8_slots else "float32")  # MXFP4 slots: dequantized on load
+    in_checkpoint_precision = {"fp8-block": "fp8", "mxfp4": "mxfp4"}[checkpoints.case.format]
+    assert pool.pooled.expert_dtype == (in_checkpoint_precision if expert_dtype == "auto" else "float32")
     patterns = _patterns(builder)
     routes = [RowRoute(name, kept) for name, kept in patterns.items()] + [RowRoute("full")]
     leases = [pool.acquire(VariantKey(route.label), route) for route in routes]
@@ -310,6 +310,29 @@ def test_a_pattern_reads_its_experts_stored_bytes_and_scales_exactly(checkpoints
     lease = pool.acquire(VariantKey("a"), RowRoute("a", kept))
     assert builder.reader.bytes_read - before == expected
     pool.release(lease)
+
+
+def test_slots_in_the_checkpoint_precision_cost_its_stored_bytes(checkpoints) -> None:
+    """A slot of the default pool costs one expert's stored values and scales (FP8 or MXFP4), plus its biases in
+    the model's dtype, and allocates exactly that; a dequantized slot costs the model's dtype."""
+    builder = VariantBuilder(checkpoints.quantized, dtype="bfloat16")
+    pooled = PooledModel(builder, slots=8)
+    every = {layer: tuple(range(8)) for layer in builder.sparse_layers}
+    stored = _expert_bytes(checkpoints.quantized, every)  # values, scales and (gpt-oss) bf16 biases of 8 experts
+    assert sum(8 * pooled.expert_bytes(layer) for layer in builder.sparse_layers) == stored
+    for layer in builder.sparse_layers.values():
+        experts = pooled.model.get_submodule(layer.prefix).experts
+        allocated = sum(t.untyped_storage().nbytes() for t in _slot_storages(experts))
+        assert allocated == 8 * pooled.expert_bytes(layer.index)
+    dequantized = PooledModel(builder, slots=8, expert_dtype="bfloat16")
+    assert pooled.slot_bytes < 0.6 * dequantized.slot_bytes
+
+
+def _slot_storages(experts) -> list[torch.Tensor]:
+    tensors = []
+    for slot in experts.slot_tensors.values():
+        tensors += [slot.values, slot.scales] if hasattr(slot, "values") else [slot.blocks, slot.scales]
+    return tensors + [experts.other_tensor(name) for name in experts.others]
 
 
 def test_calibration_statistics_equal_the_references(checkpoints) -> None:

@@ -33,59 +33,59 @@ from server.model.quantized_slots import (
     AUTO,
     FP8_TENSORS,
     DequantizingExperts,
-    Fp8Experts,
+    SlotFormat,
     checkpoint_experts_format,
-    fp8_expert_bytes,
-    fp8_slots,
-    load_fp8_expert,
+    load_quantized,
+    quantized_expert_bytes,
+    quantized_experts,
     resolve_expert_format,
 )
 from server.model.slot_loader import SlotLoader
 from server.model.variant import VariantBuilder
 
 
-def build_pooled(builder: VariantBuilder, slots: int, fp8: Fp8Experts | None = None) -> PreTrainedModel:
+def build_pooled(builder: VariantBuilder, slots: int, quantized: SlotFormat | None = None) -> PreTrainedModel:
     """The full model with `slots` expert slots per sparse layer in place of its experts: preallocated and
     touched (zeroed), so that loading an expert later is a copy and never a page fault. Routers keep every
-    expert's row (they are part of the backbone). With `fp8`, the slots hold the checkpoint's FP8 values and
-    scales, and each layer's experts module dequantizes the slots a pass chooses (`DequantizingExperts`)."""
+    expert's row (they are part of the backbone). With `quantized`, the projections' slots hold the
+    checkpoint's FP8 or MXFP4 bytes and scales, and each layer's experts module dequantizes the slots a pass
+    chooses (`DequantizingExperts`)."""
     if builder.family.kind != "moe":
         raise ValueError(f"{builder.family.name} has no routed experts to pool")
     model = meta_model(builder.config)
     assigned = set()
     for layer in builder.sparse_layers.values():
         count = min(slots, layer.num_experts)
-        # one slot per expert in each of the experts module's per-expert tensors, in the module's own layout (FP8
-        # slots: empty placeholders for the projections, whose slots live in the layer's DequantizingExperts)
+        # one slot per expert in each of the experts module's per-expert tensors, in the module's own layout
+        # (quantized slots: empty placeholders for the projections, whose slots live in DequantizingExperts)
         for name, shape in layer.expert_shapes.items():
-            placeholder = fp8 is not None and name in FP8_TENSORS
+            placeholder = quantized is not None and name in FP8_TENSORS
             slot = torch.zeros((0,) if placeholder else (count, *shape), dtype=builder.dtype, device=builder.device)
             set_tensor(model, f"{layer.prefix}.experts.{name}", slot)
             assigned.add(f"{layer.prefix}.experts.{name}")
         model.get_submodule(layer.prefix).experts.num_experts = count
     model = builder.complete(model, assigned)
-    if fp8 is not None:
-        hidden = int(builder.config.hidden_size)
+    if quantized is not None:
         for layer in builder.sparse_layers.values():
             block = model.get_submodule(layer.prefix)
-            slot_tensors = fp8_slots(layer, min(slots, layer.num_experts), hidden, fp8, builder.device)
-            block.experts = DequantizingExperts(block.experts, slot_tensors, builder.dtype)
+            count = min(slots, layer.num_experts)
+            block.experts = quantized_experts(block.experts, quantized, builder.tensors, layer, count)
     return model
 
 
-def pool_expert_format(builder: VariantBuilder, expert_dtype: str = AUTO) -> Fp8Experts | None:
+def pool_expert_format(builder: VariantBuilder, expert_dtype: str = AUTO) -> SlotFormat | None:
     """What the slots of a pool of `builder`'s model hold for `--expert-dtype expert_dtype`: the checkpoint's
-    FP8 (None: the model's dtype)."""
+    FP8 or MXFP4 (None: the model's dtype)."""
     layers = list(builder.sparse_layers.values())
     stored = checkpoint_experts_format(builder.tensors, layers)
     return resolve_expert_format(expert_dtype, stored, builder.dtype)
 
 
-def slot_expert_bytes(builder: VariantBuilder, layer: int, fp8: Fp8Experts | None) -> int:
-    """Bytes of one expert slot of sparse layer `layer`: FP8 values and scales, or the model's dtype."""
-    if fp8 is None:
+def slot_expert_bytes(builder: VariantBuilder, layer: int, quantized: SlotFormat | None) -> int:
+    """Bytes of one expert slot of sparse layer `layer`: quantized bytes and scales, or the model's dtype."""
+    if quantized is None:
         return builder.expert_bytes(layer)
-    return fp8_expert_bytes(builder.sparse_layers[layer], int(builder.config.hidden_size), fp8)
+    return quantized_expert_bytes(quantized, builder.tensors, builder.sparse_layers[layer])
 
 
 @dataclass(frozen=True)
@@ -104,8 +104,8 @@ class PooledModel:
         if slots < 1:
             raise ValueError("an expert pool needs at least one slot per layer")
         self.builder = builder
-        self.fp8 = pool_expert_format(builder, expert_dtype)
-        self.model = build_pooled(builder, slots, self.fp8)
+        self.quantized = pool_expert_format(builder, expert_dtype)
+        self.model = build_pooled(builder, slots, self.quantized)
         self.loader = SlotLoader(builder.tensors)
         self.layers: dict[int, SparseLayer] = dict(builder.sparse_layers)
         self.slots = {index: min(slots, layer.num_experts) for index, layer in self.layers.items()}
@@ -131,12 +131,13 @@ class PooledModel:
 
     @property
     def expert_dtype(self) -> str:
-        """What a slot holds: `fp8` (values and scales as the checkpoint stores them) or the model's dtype."""
-        return "fp8" if self.fp8 is not None else str(self.builder.dtype).removeprefix("torch.")
+        """What a slot holds: `fp8` or `mxfp4` (values and scales as the checkpoint stores them), or the model's
+        dtype."""
+        return self.quantized.name if self.quantized is not None else str(self.builder.dtype).removeprefix("torch.")
 
     def expert_bytes(self, layer: int) -> int:
         """Bytes of one slot of sparse layer `layer`."""
-        return slot_expert_bytes(self.builder, layer, self.fp8)
+        return slot_expert_bytes(self.builder, layer, self.quantized)
 
     @property
     def slot_bytes(self) -> int:
@@ -206,11 +207,9 @@ class PooledModel:
     def load(self, layer: int, experts: Sequence[int], slots: Sequence[int]) -> None:
         """Copy `experts` from the checkpoint into `slots` of `layer` (the caller owns those slots)."""
         block = self.model.get_submodule(self.layers[layer].prefix).experts
-        if isinstance(block, DequantizingExperts):
-            for expert, slot in zip(experts, slots, strict=True):
-                load_fp8_expert(
-                    self.builder.tensors, self.layers[layer], expert, slot, block.slot_tensors, self.loader.copy
-                )
+        if isinstance(block, DequantizingExperts) and self.quantized is not None:
+            tensors, copy = self.builder.tensors, self.loader.copy
+            load_quantized(tensors, self.layers[layer], experts, slots, block, self.quantized, copy)
             return
         targets = {name: getattr(block, name).data for name in self.builder.family.expert_tensors}
         self.loader.load(self.layers[layer], experts, slots, targets)
