@@ -108,6 +108,23 @@ FAMILIES: tuple[Family, ...] = (
         routing_overrides=_deepseek_groups,
         balanced_groups=_deepseek_balanced_groups,
     ),
+    # hybrid attention: linear-attention layers (gated DeltaNet, lightning attention) between full attention
+    Family("Qwen3-Next", ("qwen3_next",), "moe", experts_field="num_experts"),
+    Family(
+        "Qwen3.5-MoE",
+        ("qwen3_5_moe", "qwen3_5_moe_text"),  # the multimodal release's config, and its text model's
+        "moe",
+        experts_field="num_experts",
+        checkpoint_renames=(("model.", "model.language_model."),),  # the release nests the text model
+    ),
+    Family(
+        "MiniMax",
+        ("minimax",),
+        "moe",
+        experts_field="num_local_experts",
+        expert_projections=("w1", "w3", "w2"),
+        checkpoint_renames=((".mlp.", ".block_sparse_moe."),),
+    ),
     Family("Llama", ("llama",), "dense"),
     Family("Qwen2", ("qwen2",), "dense"),
     Family("Qwen3", ("qwen3",), "dense"),

@@ -63,7 +63,8 @@ class VariantBuilder:
     def __init__(self, model_dir: str | Path, device: str | torch.device | None = "cpu", dtype: Any = "auto") -> None:
         self.model_dir = Path(model_dir)
         self.reader = CheckpointReader(self.model_dir)
-        self.config = AutoConfig.from_pretrained(self.model_dir)
+        # a multimodal release (Qwen3.5) is served as its text model, the one AutoModelForCausalLM builds
+        self.config = AutoConfig.from_pretrained(self.model_dir).get_text_config()
         self.family: Family = family_for(self.config.model_type)
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.config)
