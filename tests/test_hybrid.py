@@ -8,12 +8,14 @@ decoder must give every row, joining mid-flight or leaving early, what it gets d
 
 from __future__ import annotations
 
+import shutil
 import threading
 import time
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from transformers.models.minimax.modeling_minimax import MiniMaxCache
 
 from pattern_store.selection import Selection
@@ -22,6 +24,7 @@ from server.cache import VariantKey
 from server.engine import Generation, SamplingParams
 from server.expert_pool import ExpertPool
 from server.model.cache_rows import row_tensors
+from server.model.calibrate import collect_statistics
 from server.model.kv_cache import LightningCache, cache_argument, new_cache
 from server.model.pooled import PooledModel, RowRoute
 from server.model.variant import VariantBuilder
@@ -172,3 +175,32 @@ def test_one_pooled_loop_serves_hybrid_rows_of_different_patterns(checkpoints, m
         variant = builder.build(Selection("moe_experts", {layer: list(k) for layer, k in kept.items()}))
         assert generations[i].choices[0].ids == _greedy_without_cache(variant, PROMPTS[i], 8), name
         pool.release(leases[name])
+
+
+LIGHTNING_DECAYS = ("slope_rate", "query_decay", "key_decay", "diagonal_decay")
+
+
+def test_a_minimax_checkpoint_without_its_lightning_decays_is_served_and_calibrated(checkpoints, tmp_path) -> None:
+    """The decays of lightning attention are buffers that MiniMax's init computes from the config; a
+    checkpoint may leave them out. The variant and the layer-streamed calibration compute them as
+    transformers' loader does, and equal the checkpoint that holds them."""
+    source = checkpoints["minimax"]
+    stripped = tmp_path / "minimax"
+    shutil.copytree(source, stripped)
+    tensors = load_file(stripped / "model.safetensors")
+    assert any(name.endswith(LIGHTNING_DECAYS) for name in tensors)
+    kept = {name: tensor for name, tensor in tensors.items() if not name.endswith(LIGHTNING_DECAYS)}
+    save_file(kept, stripped / "model.safetensors", metadata={"format": "pt"})
+    x = torch.tensor([PROMPTS[0], PROMPTS[3][:9]])
+    with torch.no_grad():
+        torch.testing.assert_close(
+            VariantBuilder(stripped).build()(x).logits, _variant_logits(source, x), rtol=0, atol=0
+        )
+    prompts = [PROMPTS[0], PROMPTS[2]]
+    got, expected = (collect_statistics(VariantBuilder(d), prompts, batch_size=2) for d in (stripped, source))
+    for layer, sums in expected.router.items():
+        torch.testing.assert_close(got.router[layer].reap, sums.reap, rtol=0, atol=0)
+
+
+def _variant_logits(directory: Path, x: torch.Tensor) -> torch.Tensor:
+    return VariantBuilder(directory).build()(x).logits

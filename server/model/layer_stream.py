@@ -163,7 +163,7 @@ class LayerLoader:
         self.layout = layout
         self.tensors = tensors
         self.model = meta_model(layout.config)
-        self._computed = computed_buffer_names(self.model)
+        self._computed = computed_buffer_names(self.model, lambda name: tensors.checkpoint_name(name) is not None)
         self._stored = sorted(
             {name for name, _ in self.model.named_parameters()}
             | {name for name, _ in self.model.named_buffers() if name not in self._computed}

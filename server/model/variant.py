@@ -119,7 +119,7 @@ class VariantBuilder:
     def complete(self, model: PreTrainedModel, assigned: set[str]) -> PreTrainedModel:
         """Fill every tensor of `model` not in `assigned` with the shared backbone and compute its buffers;
         ready to run."""
-        computed = computed_buffer_names(model)
+        computed = computed_buffer_names(model, lambda name: self.tensors.checkpoint_name(name) is not None)
         for name, _ in [*model.named_parameters(remove_duplicate=False), *model.named_buffers()]:
             if name in assigned or name in computed:
                 continue
