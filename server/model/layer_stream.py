@@ -61,7 +61,9 @@ def layer_inputs(model: PreTrainedModel, ids: torch.Tensor, mask: torch.Tensor) 
     """The embedded tokens and, per decoder layer, the keyword arguments (masks, rotary embeddings, positions)
     that the model's own forward hands that layer for this batch with no cache. Asking the forward itself keeps
     every family's rules exact: a mask per layer kind (full, sliding window, the 2D padding mask of linear
-    attention), Qwen3.5's multimodal rotary positions. Only the embeddings and rotary module need weights."""
+    attention), Qwen3.5's multimodal rotary positions. Only the embeddings and rotary module need weights.
+    The decoder layers are swapped out for the call: `model` must be one that nothing else runs meanwhile
+    (calibration's skeleton, refinement's own build)."""
     inner = model.model
     layers = inner.layers
     recorders = nn.ModuleList(_Recorder(index == len(layers) - 1) for index in range(len(layers)))
