@@ -48,3 +48,24 @@ def test_installed_transformers_takes_what_it_asks_for(model_class) -> None:
 
     expected = "cache" if Version(transformers.__version__) >= Version("5.24") else "past_key_values"
     assert cache_keyword(model_class) == expected
+
+
+def test_each_family_gets_the_cache_its_forward_takes() -> None:
+    """Linear-attention layers get a conv/recurrent state layer in a `DynamicCache`; MiniMax, whose forward
+    refuses any cache but its own, a `MiniMaxCache` whose lightning layers hold no length."""
+    from transformers.cache_utils import DynamicLayer, LinearAttentionLayer
+    from transformers.models.minimax.modeling_minimax import MiniMaxCache
+
+    from server.model.kv_cache import LightningCache, new_cache
+
+    from tiny_models import HYBRID_LAYERS, hybrid_moe_configs, moe_configs
+
+    configs = hybrid_moe_configs()
+    expected = [LinearAttentionLayer if kind == "linear_attention" else DynamicLayer for kind in HYBRID_LAYERS]
+    for config in (configs["qwen3_next"], configs["qwen3_5_moe"].get_text_config(), configs["minimax"]):
+        cache = new_cache(config)
+        assert [type(layer) for layer in cache.layers] == expected[: config.num_hidden_layers]
+    assert isinstance(new_cache(configs["minimax"]), LightningCache)
+    assert isinstance(new_cache(configs["minimax"]), MiniMaxCache)
+    plain = new_cache(moe_configs()["qwen3_moe"])
+    assert type(plain) is DynamicCache and all(type(layer) is DynamicLayer for layer in plain.layers)
