@@ -1,14 +1,18 @@
 """The KV cache goes to the forward pass under the name the model class takes: `cache` on transformers 5.24
 and later, `past_key_values` on earlier releases (the GPU image's 5.17), never a name that `**kwargs`
-would swallow."""
+would swallow; and it is the cache class that the model's family needs."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 from transformers import DynamicCache, LlamaForCausalLM, Qwen2MoeForCausalLM, Qwen3MoeForCausalLM
+from transformers.cache_utils import DynamicLayer, LinearAttentionLayer
+from transformers.models.minimax.modeling_minimax import MiniMaxCache
 
-from server.model.kv_cache import cache_argument, cache_keyword
+from server.model.kv_cache import LightningCache, cache_argument, cache_keyword, new_cache
+
+from tiny_models import HYBRID_LAYERS, hybrid_moe_configs, moe_configs
 
 
 class _OldStyle(torch.nn.Module):  # a causal LM's forward as transformers 5.17 writes it
@@ -53,13 +57,6 @@ def test_installed_transformers_takes_what_it_asks_for(model_class) -> None:
 def test_each_family_gets_the_cache_its_forward_takes() -> None:
     """Linear-attention layers get a conv/recurrent state layer in a `DynamicCache`; MiniMax, whose forward
     refuses any cache but its own, a `MiniMaxCache` whose lightning layers hold no length."""
-    from transformers.cache_utils import DynamicLayer, LinearAttentionLayer
-    from transformers.models.minimax.modeling_minimax import MiniMaxCache
-
-    from server.model.kv_cache import LightningCache, new_cache
-
-    from tiny_models import HYBRID_LAYERS, hybrid_moe_configs, moe_configs
-
     configs = hybrid_moe_configs()
     expected = [LinearAttentionLayer if kind == "linear_attention" else DynamicLayer for kind in HYBRID_LAYERS]
     for config in (configs["qwen3_next"], configs["qwen3_5_moe"].get_text_config(), configs["minimax"]):
