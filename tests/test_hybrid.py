@@ -146,11 +146,11 @@ def _run_staggered(decoder: BatchedDecoder, generations: list[Generation], route
 @pytest.mark.parametrize("model_type", HYBRID)
 @pytest.mark.parametrize("chunk", [None, 4], ids=["whole-prompts", "chunked-prefill"])
 def test_rows_joining_mid_flight_get_their_one_by_one_answers(checkpoints, model_type, chunk) -> None:
-    """Prompts of different lengths (left padding), two choices for one of them, answers of different
-    lengths (rows leave while others decode), later requests joining a batch already decoding."""
+    """Prompts of different lengths (left padding), two choices for one of them (its rows repeated), answers
+    of different lengths (rows leave while others decode), later requests joining a batch already decoding."""
     variant = _variant(checkpoints[model_type])
     assert batchable(variant)
-    params = [_greedy(12), _greedy(5, n=2), _greedy(9), _greedy(12)]
+    params = [_greedy(12), _greedy(5), _greedy(9, n=2), _greedy(12)]  # two choices of a prompt prefilled in chunks
     alone = [Generation(variant, Tokens(), p, q).run() for p, q in zip(PROMPTS, params, strict=True)]
     together = [Generation(variant, Tokens(), p, q) for p, q in zip(PROMPTS, params, strict=True)]
     sizes = _run_staggered(BatchedDecoder(variant, max_batch=8, max_prefill_tokens=chunk), together)
