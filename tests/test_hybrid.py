@@ -183,7 +183,8 @@ LIGHTNING_DECAYS = ("slope_rate", "query_decay", "key_decay", "diagonal_decay")
 def test_a_minimax_checkpoint_without_its_lightning_decays_is_served_and_calibrated(checkpoints, tmp_path) -> None:
     """The decays of lightning attention are buffers that MiniMax's init computes from the config; a
     checkpoint may leave them out. The variant and the layer-streamed calibration compute them as
-    transformers' loader does, and equal the checkpoint that holds them."""
+    transformers' loader does, and equal the checkpoint that holds them; variants share them, as they share
+    the backbone."""
     source = checkpoints["minimax"]
     stripped = tmp_path / "minimax"
     shutil.copytree(source, stripped)
@@ -192,10 +193,12 @@ def test_a_minimax_checkpoint_without_its_lightning_decays_is_served_and_calibra
     kept = {name: tensor for name, tensor in tensors.items() if not name.endswith(LIGHTNING_DECAYS)}
     save_file(kept, stripped / "model.safetensors", metadata={"format": "pt"})
     x = torch.tensor([PROMPTS[0], PROMPTS[3][:9]])
+    builder = VariantBuilder(stripped)
+    first, second = builder.build(), builder.build(Selection("moe_experts", {0: [1, 2, 3]}))
     with torch.no_grad():
-        torch.testing.assert_close(
-            VariantBuilder(stripped).build()(x).logits, _variant_logits(source, x), rtol=0, atol=0
-        )
+        torch.testing.assert_close(first(x).logits, _variant_logits(source, x), rtol=0, atol=0)
+    decays = [name for name, _ in first.named_buffers() if name.endswith(LIGHTNING_DECAYS)]
+    assert decays and all(first.get_buffer(n).data_ptr() == second.get_buffer(n).data_ptr() for n in decays)
     prompts = [PROMPTS[0], PROMPTS[2]]
     got, expected = (collect_statistics(VariantBuilder(d), prompts, batch_size=2) for d in (stripped, source))
     for layer, sums in expected.router.items():
