@@ -38,7 +38,7 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
 def _patterns(builder: VariantBuilder) -> dict[str, dict[int, tuple[int, ...]]]:
     """Three patterns that overlap in part, valid under every family's routing rule."""
     layers = sorted(builder.sparse_layers)
-    if builder.config.model_type == "deepseek_v3":  # two groups of four: the same number kept in each
+    if builder.family.balanced_groups(builder.config) > 1:  # two groups of four: the same number kept in each
         shapes = [(0, 1, 4, 5), (1, 2, 5, 6), (2, 3, 6, 7)]
     else:
         shapes = [(0, 1, 2), (2, 3, 4, 5), (5, 6, 7)]

@@ -11,6 +11,8 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from pattern_store.selection import Selection
 from server.cli import main
 from server.model.export import ExportError, export_variant
+from server.model.families import family_for
+from server.model.layout import ModelLayout
 from server.model.variant import VariantBuilder
 
 from tiny_models import dense_configs, moe_configs, save_random_model
@@ -19,8 +21,10 @@ X = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(0))
 
 
 def _uniform(model_type: str) -> Selection:
-    layers = {"qwen3_moe": [0, 2], "deepseek_v3": [1, 2]}.get(model_type, [0, 1, 2])
-    kept = [0, 3, 4, 7] if model_type == "deepseek_v3" else [1, 4, 6]
+    config = moe_configs()[model_type]
+    family = family_for(model_type)
+    layers = sorted(ModelLayout(config, family).sparse_layers)
+    kept = [0, 3, 4, 7] if family.balanced_groups(config) > 1 else [1, 4, 6]  # grouped: two of each group
     return Selection("moe_experts", dict.fromkeys(layers, kept))
 
 

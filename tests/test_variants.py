@@ -7,6 +7,7 @@ from its selection: a forward hook on each router recomputes the routing with th
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -20,6 +21,7 @@ from transformers import AutoModelForCausalLM
 from pattern_store.selection import Selection, SelectionError
 from server.model.checkpoint import CheckpointReader
 from server.model.families import UnsupportedModelError, family_for
+from server.model.layout import ModelLayout
 from server.model.masking import RouterMasks
 from server.model.variant import VariantBuilder
 
@@ -53,30 +55,126 @@ def _inputs(seed: int = 1, batch: int = 3, length: int = 11) -> torch.Tensor:
     return torch.randint(0, 64, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
-def _masked_routing(module: torch.nn.Module, hidden: torch.Tensor, kept: Sequence[int], model_type: str):
-    """The router's own rule, with the experts outside `kept` unselectable."""
-    hidden = hidden.reshape(-1, module.weight.shape[1])
-    excluded = torch.full((module.weight.shape[0],), float("-inf"))
-    excluded[list(kept)] = 0.0
-    if model_type == "deepseek_v3":
-        logits = F.linear(hidden.float(), module.weight.float())
-        scores = logits.sigmoid()
-        choice = scores + module.e_score_correction_bias + excluded
-        groups = choice.view(-1, module.num_group, module.num_experts // module.num_group)
-        group_scores = groups.topk(2, dim=-1).values.sum(-1)
-        picked = group_scores.topk(module.topk_group, dim=-1).indices
-        group_mask = torch.zeros_like(group_scores).scatter_(1, picked, 1.0).bool()
-        allowed = group_mask.unsqueeze(-1).expand_as(groups).reshape(choice.shape)
-        index = choice.masked_fill(~allowed, float("-inf")).topk(module.top_k, dim=-1).indices
-        weights = scores.gather(1, index)
-        weights = weights / (weights.sum(-1, keepdim=True) + 1e-20) * module.routed_scaling_factor
-        return logits, weights, index
+def _deepseek_v3_rule(module, hidden, excluded):
+    """Sigmoid scores; the selection bias and the groups (scored by their two best) decide; the scores weigh."""
+    logits = F.linear(hidden.float(), module.weight.float())
+    scores = logits.sigmoid()
+    choice = scores + module.e_score_correction_bias + excluded
+    groups = choice.view(-1, module.num_group, module.num_experts // module.num_group)
+    group_scores = groups.topk(2, dim=-1).values.sum(-1)
+    picked = group_scores.topk(module.topk_group, dim=-1).indices
+    group_mask = torch.zeros_like(group_scores).scatter_(1, picked, 1.0).bool()
+    allowed = group_mask.unsqueeze(-1).expand_as(groups).reshape(choice.shape)
+    index = choice.masked_fill(~allowed, float("-inf")).topk(module.top_k, dim=-1).indices
+    weights = scores.gather(1, index)
+    if module.norm_topk_prob:
+        weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+    return logits, weights * module.routed_scaling_factor, index
+
+
+def _deepseek_v2_rule(module, hidden, excluded):
+    """Softmax over the selectable experts; groups scored by their best probability; no normalisation."""
+    logits = F.linear(hidden.float(), module.weight.float())
+    probs = torch.softmax(logits + excluded, dim=-1)
+    per_group = module.num_experts // module.num_group
+    best = torch.stack([probs[:, g * per_group : (g + 1) * per_group].amax(-1) for g in range(module.num_group)], -1)
+    picked = best.topk(module.topk_group, dim=-1).indices  # [T, topk_group]
+    allowed = torch.zeros_like(probs, dtype=torch.bool)
+    for g in range(module.num_group):
+        chosen = (picked == g).any(-1, keepdim=True)
+        allowed[:, g * per_group : (g + 1) * per_group] = chosen
+    weights, index = probs.where(allowed, torch.zeros_like(probs)).topk(module.top_k, dim=-1)
+    return logits, weights * module.routed_scaling_factor, index
+
+
+def _ernie_rule(module, hidden, excluded):
+    """Softmax probabilities; the selection bias is added to them to choose; the chosen are normalised."""
+    logits = F.linear(hidden.float(), module.weight.float())
+    probs = torch.softmax(logits + excluded, dim=-1)
+    bias = module.moe_statics.e_score_correction_bias[0]
+    index = (probs + bias + excluded).topk(module.top_k, dim=-1).indices
+    weights = probs.gather(1, index)
+    return logits, weights / weights.sum(-1, keepdim=True).clamp(min=module.norm_min), index
+
+
+def _top_logits_rule(module, hidden, excluded):
+    """Granite and gpt-oss: the top-k logits (gpt-oss's with the router bias), softmax over those k only."""
+    logits = F.linear(hidden, module.weight, getattr(module, "bias", None)).float()
+    values, index = (logits + excluded).topk(module.top_k, dim=-1)
+    return logits, torch.softmax(values, dim=-1), index
+
+
+def _minimax_m2_rule(module, hidden, excluded, bias):
+    """Sigmoid scores; the block's selection bias decides; the chosen scores are normalised."""
     logits = F.linear(hidden, module.weight)
+    scores = logits.float().sigmoid()
+    index = (scores + bias + excluded).topk(module.top_k, dim=-1).indices
+    weights = scores.gather(1, index)
+    return logits, weights / weights.sum(-1, keepdim=True), index
+
+
+def _sparsemixer_rule(module, hidden, kept):
+    """PhiMoE at inference, written over the kept experts' logits only: the best expert, weighted by the
+    softmax over the experts within the jitter threshold of it; then the same among the rest."""
+    logits = F.linear(hidden, module.weight)
+    scores = logits[:, list(kept)]
+    eps = module.router_jitter_noise
+    picks, weights = [], []
+    remaining = torch.ones_like(scores, dtype=torch.bool)
+    for _ in range(2):
+        best, position = scores.masked_fill(~remaining, float("-inf")).max(-1, keepdim=True)
+        near = remaining & ((best - scores) / scores.abs().clamp(min=best) <= 2 * eps)
+        share = torch.softmax(scores.masked_fill(~near, float("-inf")), dim=-1)
+        picks.append(position)
+        weights.append(share.gather(1, position))
+        remaining = remaining.scatter(1, position, False)
+    index = torch.tensor(list(kept))[torch.cat(picks, -1)]
+    return logits, torch.cat(weights, -1), index
+
+
+def _softmax_rule(module, hidden, excluded):
+    """Softmax over the selectable experts, top-k, normalised where the model does (Mixtral, Hunyuan always)."""
+    weight = module.wg.weight if hasattr(module, "wg") else module.weight
+    logits = F.linear(hidden.to(weight.dtype), weight)
     probs = torch.softmax((logits + excluded).float(), dim=-1)
     weights, index = probs.topk(module.top_k, dim=-1)
-    if getattr(module, "norm_topk_prob", True):  # Mixtral always normalises
+    if getattr(module, "norm_topk_prob", True):
         weights = weights / weights.sum(-1, keepdim=True)
     return logits, weights.to(logits.dtype), index
+
+
+_DEEPSEEK_V3_LIKE = ("deepseek_v3", "glm4_moe", "glm4_moe_lite", "dots1", "exaone_moe")
+
+
+def _masked_routing(module: torch.nn.Module, args, kept: Sequence[int], model_type: str):
+    """The router's own rule, with the experts outside `kept` unselectable."""
+    experts = int(module.num_experts)
+    hidden = args[0].reshape(-1, args[0].shape[-1])
+    excluded = torch.full((experts,), float("-inf"))
+    excluded[list(kept)] = 0.0
+    if model_type in _DEEPSEEK_V3_LIKE:
+        return _deepseek_v3_rule(module, hidden, excluded)
+    if model_type == "deepseek_v2":
+        return _deepseek_v2_rule(module, hidden, excluded)
+    if model_type == "ernie4_5_moe":
+        return _ernie_rule(module, hidden, excluded)
+    if model_type in ("granitemoe", "granitemoeshared", "gpt_oss"):
+        return _top_logits_rule(module, hidden, excluded)
+    if model_type == "minimax_m2":
+        return _minimax_m2_rule(module, hidden, excluded, args[1])
+    if model_type == "phimoe":
+        return _sparsemixer_rule(module, hidden, kept)
+    return _softmax_rule(module, hidden, excluded)
+
+
+def _block(model, layer: int) -> torch.nn.Module:
+    """The MoE block of decoder layer `layer` (`mlp` in most families, `block_sparse_moe` in Granite)."""
+    decoder = model.model.layers[layer]
+    return decoder.block_sparse_moe if hasattr(decoder, "block_sparse_moe") else decoder.mlp
+
+
+def _router(block: torch.nn.Module) -> torch.nn.Module:
+    return block.router if hasattr(block, "router") else block.gate
 
 
 @contextmanager
@@ -84,10 +182,10 @@ def masked(model, selection: Selection) -> Iterator[None]:
     model_type = model.config.model_type
     handles = []
     for layer, kept in selection.layers.items():
-        router = model.model.layers[layer].mlp.gate
+        router = _router(_block(model, layer))
 
         def hook(module, args, output, kept=kept):
-            return _masked_routing(module, args[0], kept, model_type)
+            return _masked_routing(module, args, kept, model_type)
 
         handles.append(router.register_forward_hook(hook))
     try:
@@ -97,13 +195,20 @@ def masked(model, selection: Selection) -> Iterator[None]:
             handle.remove()
 
 
+@functools.cache
 def _sparse(model_type: str) -> list[int]:
-    return {"qwen3_moe": [0, 2], "deepseek_v3": [1, 2]}.get(model_type, [0, 1, 2])
+    """The sparse layers of a tiny model: those whose block has an experts module."""
+    config = moe_configs()[model_type]
+    return sorted(ModelLayout(config, family_for(model_type)).sparse_layers)
+
+
+def _grouped(model_type: str) -> bool:
+    return family_for(model_type).balanced_groups(moe_configs()[model_type]) > 1
 
 
 def _selections(model_type: str) -> list[Selection]:
     layers = _sparse(model_type)
-    if model_type == "deepseek_v3":  # two groups of four experts: keep the same number in each
+    if _grouped(model_type):  # two groups of four experts: keep the same number in each
         shapes = [[2, 3, 4, 5], [0, 3, 6, 7], [0, 1, 2, 4, 5, 6]]
     else:
         shapes = [[6, 7], [0, 2, 3], [1, 2, 3, 4, 5, 6, 7]]  # highest-numbered only, top-k + 1, all but one
@@ -136,7 +241,7 @@ def test_pruned_variant_equals_masked_full_model(checkpoints, model_type) -> Non
         torch.testing.assert_close(logits, reference, rtol=1e-5, atol=1e-5)
         assert not torch.allclose(logits, unmasked, atol=1e-4), "pruning should change something"
         for layer, kept in selection.layers.items():
-            assert variant.model.layers[layer].mlp.experts.gate_up_proj.shape[0] == len(kept)
+            assert _block(variant, layer).experts.gate_up_proj.shape[0] == len(kept)
 
 
 @pytest.mark.parametrize("model_type", MOE)
@@ -155,7 +260,7 @@ def test_router_masks_on_the_full_model_equal_the_built_variant(checkpoints, mod
                 got = full(x).logits
             torch.testing.assert_close(got, builder.build(selection)(x).logits, rtol=1e-5, atol=1e-5)
         assert torch.equal(full(x).logits, unmasked), "leaving the context removes the masks"
-    if model_type == "deepseek_v3":
+    if _grouped(model_type):
         with pytest.raises(SelectionError, match="same number"):
             masks.apply({_sparse(model_type)[0]: [0, 1, 2, 4]})
 
@@ -185,7 +290,7 @@ def test_expert_order_matters(checkpoints, model_type) -> None:
     x = _inputs()
     with torch.no_grad():
         before = variant(x).logits
-        experts = variant.model.layers[_sparse(model_type)[-1]].mlp.experts
+        experts = _block(variant, _sparse(model_type)[-1]).experts
         experts.gate_up_proj.data = experts.gate_up_proj.data[[1, 0, *range(2, experts.gate_up_proj.shape[0])]]
         after = variant(x).logits
     assert not torch.allclose(before, after, atol=1e-4)
@@ -205,16 +310,18 @@ def test_greedy_generation_with_kv_cache_matches(checkpoints, model_type) -> Non
     assert torch.equal(produced, reference)
 
 
-def _is_expert_tensor(name: str) -> bool:
-    return bool(_EXPERT.search(name)) or name.endswith(("experts.gate_up_proj", "experts.down_proj"))
-
-
-def _is_router_tensor(name: str) -> bool:
-    return name.endswith(("mlp.gate.weight", "block_sparse_moe.gate.weight", "gate.e_score_correction_bias"))
+_FUSED_EXPERTS = re.compile(
+    r"(experts\.(gate_up_proj|down_proj)(_bias)?|block_sparse_moe\.(input_linear|output_linear)\.weight)$"
+)
+_ROUTER = re.compile(
+    r"(mlp|block_sparse_moe)\.(gate\.weight|gate\.wg\.weight|router\.weight|router\.bias|router\.layer\.weight"
+    r"|(gate\.|moe_statics\.)?e_score_correction_bias)$"
+)
 
 
 def _expected_bytes(reader: CheckpointReader, selection: Selection) -> tuple[int, int]:
-    """(backbone bytes, bytes of the kept experts and their router rows) from the checkpoint's index."""
+    """(backbone bytes, bytes of the kept experts and their router slices) from the checkpoint's index, in
+    whatever layout the checkpoint stores them: one tensor per expert, or fused [E, ...] tensors."""
     backbone = variant = 0
     for name in reader.names:
         if name.startswith("model.visual."):
@@ -226,8 +333,9 @@ def _expected_bytes(reader: CheckpointReader, selection: Selection) -> tuple[int
         if match:
             if kept is None or int(match.group(1)) in kept:
                 variant += info.nbytes
-        elif _is_router_tensor(name):
-            variant += info.nbytes if kept is None else info.nbytes * len(kept) // info.shape[0]
+        elif _FUSED_EXPERTS.search(name) or _ROUTER.search(name):
+            experts = info.shape[1] if info.shape[0] == 1 else info.shape[0]  # ERNIE's selection bias is [1, E]
+            variant += info.nbytes if kept is None else info.nbytes * len(kept) // experts
         else:
             backbone += info.nbytes
     return backbone, variant

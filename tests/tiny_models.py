@@ -3,7 +3,13 @@
 Each factory returns a config small enough that a test builds it in well under a second, but with
 the features that make its family hard: shared experts and their gate (Qwen2-MoE), dense layers among
 sparse ones (Qwen3-MoE's `mlp_only_layers`, DeepSeek-V3's `first_k_dense_replace`), Mixtral's tensor
-names, DeepSeek-V3's sigmoid router with a selection bias and group-limited routing.
+names, DeepSeek-V3's sigmoid router with a selection bias and group-limited routing (and the families that
+share it: GLM-4.5, dots.llm1, EXAONE-MoE), DeepSeek-V2's group-limited greedy routing, ERNIE's selection
+bias on a child of its router, Hunyuan's router weight in a child Linear, Granite's fused checkpoint names
+and scaled embeddings, residuals and logits, PhiMoE's sparsemixer, gpt-oss's transposed experts with biases
+and its biased router, MiniMax-M2's selection bias on the block, and the hybrid-attention families
+(`hybrid_moe_configs`). Each is saved by `save_pretrained`, which
+writes the hub layout the family's releases use (transformers converts on save and load).
 """
 
 from __future__ import annotations
@@ -14,12 +20,24 @@ import torch
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForImageTextToText,
+    DeepseekV2Config,
     DeepseekV3Config,
+    Dots1Config,
+    Ernie4_5_MoeConfig,
+    ExaoneMoeConfig,
+    Glm4MoeConfig,
+    Glm4MoeLiteConfig,
+    GptOssConfig,
+    GraniteMoeConfig,
+    GraniteMoeSharedConfig,
+    HunYuanMoEV1Config,
     LlamaConfig,
     MiniMaxConfig,
+    MiniMaxM2Config,
     MistralConfig,
     MixtralConfig,
     OlmoeConfig,
+    PhimoeConfig,
     PretrainedConfig,
     Qwen2Config,
     Qwen2MoeConfig,
@@ -27,7 +45,7 @@ from transformers import (
     Qwen3MoeConfig,
     Qwen3NextConfig,
 )
-from transformers.models.qwen3_5_moe import Qwen3_5MoeConfig
+from transformers.models.qwen3_5_moe import Qwen3_5MoeConfig, Qwen3_5MoeTextConfig
 
 COMMON = dict(
     vocab_size=64,
@@ -84,6 +102,58 @@ def moe_configs() -> dict[str, PretrainedConfig]:
             routed_scaling_factor=2.5,
             norm_topk_prob=True,
         ),
+        **_deepseek_like_configs(),
+        "deepseek_v2": DeepseekV2Config(
+            **{**COMMON, "num_key_value_heads": 4},
+            **_MLA,
+            intermediate_size=48,
+            moe_intermediate_size=16,
+            n_routed_experts=8,
+            num_experts_per_tok=2,
+            topk_method="group_limited_greedy",
+            n_group=2,
+            topk_group=1,
+            first_k_dense_replace=1,
+            n_shared_experts=1,
+            routed_scaling_factor=2.0,
+        ),
+        "ernie4_5_moe": Ernie4_5_MoeConfig(
+            **COMMON,
+            head_dim=8,
+            intermediate_size=48,
+            moe_intermediate_size=16,
+            moe_num_experts=8,
+            moe_k=2,
+            moe_num_shared_experts=1,
+            moe_layer_start_index=1,
+        ),
+        "hunyuan_v1_moe": HunYuanMoEV1Config(**COMMON, head_dim=8, intermediate_size=16, num_experts=8, moe_topk=2),
+        "granitemoe": GraniteMoeConfig(**COMMON, intermediate_size=16, num_local_experts=8, **_GRANITE),
+        "granitemoeshared": GraniteMoeSharedConfig(
+            **COMMON, intermediate_size=16, num_local_experts=8, shared_intermediate_size=24, **_GRANITE
+        ),
+        "phimoe": PhimoeConfig(**COMMON, intermediate_size=16, num_local_experts=8, num_experts_per_tok=2),
+        "gpt_oss": GptOssConfig(
+            **COMMON,
+            head_dim=8,
+            intermediate_size=16,
+            num_local_experts=8,
+            num_experts_per_tok=2,
+            sliding_window=4,
+            # gpt-oss's YaRN, its context scaled down with the tiny model's
+            rope_parameters={
+                "rope_type": "yarn",
+                "rope_theta": 150000.0,
+                "factor": 32.0,
+                "beta_fast": 32.0,
+                "beta_slow": 1.0,
+                "truncate": False,
+                "original_max_position_embeddings": 2,
+            },
+        ),
+        "minimax_m2": MiniMaxM2Config(
+            **COMMON, head_dim=8, intermediate_size=16, num_local_experts=8, num_experts_per_tok=2
+        ),
         **hybrid_moe_configs(),
     }
 
@@ -134,6 +204,16 @@ def hybrid_moe_configs() -> dict[str, PretrainedConfig]:
             vision_config=dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=32),
             tie_word_embeddings=False,
         ),
+        "qwen3_5_moe_text": Qwen3_5MoeTextConfig(  # the text model alone, as an export of the release writes it
+            **hybrid,
+            **LINEAR_HEADS,
+            head_dim=8,
+            moe_intermediate_size=16,
+            shared_expert_intermediate_size=24,
+            num_experts=8,
+            num_experts_per_tok=2,
+            layer_types=HYBRID_LAYERS[:3],
+        ),
         "minimax": MiniMaxConfig(
             **hybrid,
             head_dim=8,
@@ -146,6 +226,30 @@ def hybrid_moe_configs() -> dict[str, PretrainedConfig]:
     }
 
 
+#: multi-head latent attention, as small as it goes
+_MLA = dict(kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8)
+#: Granite's scaled embeddings, residual branches and logits
+_GRANITE = dict(num_experts_per_tok=2, embedding_multiplier=4.0, residual_multiplier=0.5, logits_scaling=2.0)
+
+
+def _deepseek_like_configs() -> dict[str, PretrainedConfig]:
+    """The families with DeepSeek-V3's router: sigmoid, selection bias, two groups of four experts."""
+    router = dict(num_experts_per_tok=2, n_group=2, topk_group=1, routed_scaling_factor=2.5, norm_topk_prob=True)
+    moe = dict(**COMMON, intermediate_size=48, moe_intermediate_size=16, **router)
+    return {
+        "glm4_moe": Glm4MoeConfig(**moe, head_dim=8, n_routed_experts=8, first_k_dense_replace=1, n_shared_experts=1),
+        "glm4_moe_lite": Glm4MoeLiteConfig(
+            **{**moe, "num_key_value_heads": 4},
+            **_MLA,
+            n_routed_experts=8,
+            n_shared_experts=1,
+            mlp_layer_types=["dense", "sparse", "sparse"],
+        ),
+        "dots1": Dots1Config(**moe, head_dim=8, n_routed_experts=8, first_k_dense_replace=1, n_shared_experts=1),
+        "exaone_moe": ExaoneMoeConfig(**moe, head_dim=8, num_experts=8, first_k_dense_replace=1, num_shared_experts=1),
+    }
+
+
 def dense_configs() -> dict[str, PretrainedConfig]:
     return {
         "llama": LlamaConfig(**COMMON, intermediate_size=64, mlp_bias=True),
@@ -155,12 +259,16 @@ def dense_configs() -> dict[str, PretrainedConfig]:
     }
 
 
+#: module names of router weights (and gpt-oss's router bias): scaled up in `save_random_model`
+ROUTER_WEIGHTS = ("mlp.gate.weight", "mlp.gate.wg.weight", "mlp.router.weight", "router.bias", "moe.router.weight")
+
+
 def save_random_model(config: PretrainedConfig, directory: Path, seed: int = 0) -> Path:
     """A randomly initialised model of `config`, saved with `save_pretrained` (safetensors).
 
     Router weights are scaled up so that routing depends strongly on the input (a near-uniform router
-    would make a wrong expert order invisible), and DeepSeek's selection bias is made non-zero. A config
-    with a text config inside (Qwen3.5's multimodal release) is saved as the whole multimodal model.
+    would make a wrong expert order invisible), and the selection biases are made non-zero. A config with a
+    text config inside (Qwen3.5's multimodal release) is saved as the whole multimodal model.
     """
     torch.manual_seed(seed)
     if config.get_text_config() is config:
@@ -172,7 +280,7 @@ def save_random_model(config: PretrainedConfig, directory: Path, seed: int = 0) 
         for name, tensor in model.state_dict().items():
             # buffers computed from the config (rotary frequencies, lightning attention's decays) stay as computed
             if tensor.is_floating_point() and name not in computed:
-                tensor.normal_(0.0, 0.5 if name.endswith("mlp.gate.weight") else 0.08)
+                tensor.normal_(0.0, 0.5 if name.endswith(ROUTER_WEIGHTS) else 0.08)
             if name.endswith("e_score_correction_bias"):
                 tensor.uniform_(-0.05, 0.05)
             if name.endswith("norm.weight") or "layernorm" in name:

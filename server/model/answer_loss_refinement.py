@@ -58,6 +58,8 @@ class AnswerLoss:
         self.sparse = {index: layer.prefix for index, layer in builder.sparse_layers.items()}
         self.masks = RouterMasks(self.model, builder.family, builder.config, self.sparse)
         self.stream = LayerStream(self.model, token_ids, batch_size)
+        #: Granite divides its logits by this (1 elsewhere)
+        self.logits_scaling = float(getattr(self.model.config, "logits_scaling", 1.0) or 1.0)
         self.targets: list[tuple[torch.Tensor, torch.Tensor]] = []  # per batch: (answer positions, their tokens)
         for batch in self.stream.batches:
             labels = torch.full_like(batch.ids, IGNORE)  # [B, S]: the token each position predicts
@@ -79,7 +81,7 @@ class AnswerLoss:
         every padded batch would not fit."""
         total = 0.0
         for hidden, (where, tokens) in zip(finals, self.targets, strict=True):
-            logits = self.model.lm_head(hidden[where]).float()  # [answer tokens, vocabulary]
+            logits = self.model.lm_head(hidden[where]).float() / self.logits_scaling  # [answer tokens, vocabulary]
             total += float(torch.nn.functional.cross_entropy(logits, tokens, reduction="sum"))
         return total / self.tokens
 

@@ -21,7 +21,9 @@ from torch import nn
 
 from pattern_store.expert_scores import ExpertStatistics
 from pattern_store.seap import ChannelStatistics
+from server.model.families import Family
 from server.model.layer_stream import LayerStream, Progress, StreamedLayers
+from server.model.masking import router_of
 from server.model.variant import VariantBuilder
 
 
@@ -68,18 +70,20 @@ class MoeObserver:
     """
 
     def __init__(
-        self, layer: nn.Module, block: nn.Module, stats: ExpertStatistics, stream: LayerStream, activation: str
+        self, layer: nn.Module, block: nn.Module, stats: ExpertStatistics, stream: LayerStream, family: Family
     ) -> None:
         self.stats = stats
         self.stream = stream
-        self.activation = activation
+        self.activation = family.router_activation
         self.experts = block.experts
         self.residual: torch.Tensor | None = None
+        #: Granite scales what each sublayer adds to the residual stream
+        self.residual_multiplier = float(getattr(layer, "residual_multiplier", 1.0))
         norm = getattr(layer, "post_attention_layernorm", None)
         if norm is None:
             raise ValueError(f"{type(layer).__name__} has no post_attention_layernorm: cannot read its residual")
         self.handles = [
-            block.gate.register_forward_hook(self.on_router),
+            router_of(block, family).register_forward_hook(self.on_router),
             norm.register_forward_pre_hook(self.on_residual),
             block.experts.register_forward_hook(self.on_experts),
         ]
@@ -103,7 +107,8 @@ class MoeObserver:
         if self.residual is None:
             raise RuntimeError("the MoE block ran before its layer norm: cannot read the residual stream")
         residual = self.residual.reshape(-1, self.residual.shape[-1])[real].float()
-        change = 1.0 - torch.nn.functional.cosine_similarity(residual, residual + routed.float(), dim=-1)
+        added = self.residual_multiplier * routed.float()
+        change = 1.0 - torch.nn.functional.cosine_similarity(residual, residual + added, dim=-1)
         self.stats.update_outputs(top_weights, top_index, norms, change)
 
     def close(self) -> None:
@@ -137,8 +142,7 @@ def _observe(
         stats.router[index] = ExpertStatistics(sparse.num_experts, threshold)
         block = model.get_submodule(sparse.prefix)
         layer = model.model.layers[index]
-        activation = builder.family.router_activation
-        return MoeObserver(layer, block, stats.router[index], streamed.stream, activation)
+        return MoeObserver(layer, block, stats.router[index], streamed.stream, builder.family)
     if index in builder.dense_layers and builder.family.kind != "moe":
         dense = builder.dense_layers[index]
         stats.channels[index] = ChannelStatistics(dense.intermediate)

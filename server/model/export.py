@@ -19,6 +19,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from pattern_store.selection import Selection
+from server.model.masking import router_of
 from server.model.variant import VariantBuilder
 
 TOKENIZER_FILES = (
@@ -83,13 +84,10 @@ def export_variant(builder: VariantBuilder, selection: Selection, out: str | Pat
                 f"the selection keeps {sorted(counts)} experts in different layers; a {builder.family.name} config "
                 "has one expert count, so export needs the same number of kept experts in every sparse layer"
             )
-        overrides = [
-            (
-                getattr(model.get_submodule(f"{layer.prefix}.gate"), "num_group", None),
-                getattr(model.get_submodule(f"{layer.prefix}.gate"), "topk_group", None),
-            )
-            for layer in builder.sparse_layers.values()
+        routers = [
+            router_of(model.get_submodule(layer.prefix), builder.family) for layer in builder.sparse_layers.values()
         ]
+        overrides = [(getattr(router, "num_group", None), getattr(router, "topk_group", None)) for router in routers]
         if len(set(overrides)) > 1:
             raise ExportError("the selection needs different expert groups in different layers; a config has one")
     else:

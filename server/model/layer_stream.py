@@ -164,7 +164,7 @@ class LayerLoader:
     def __init__(self, layout: ModelLayout, tensors: TensorReader) -> None:
         self.layout = layout
         self.tensors = tensors
-        self.model = meta_model(layout.config)
+        self.model = meta_model(layout.config).eval()  # from_config builds in training mode (PhiMoE samples)
         self._computed = computed_buffer_names(self.model, lambda name: tensors.checkpoint_name(name) is not None)
         self._stored = sorted(
             {name for name, _ in self.model.named_parameters()}

@@ -7,8 +7,9 @@ layers that exist, experts or channels that exist, at least the top-k routing, t
 
 from __future__ import annotations
 
+import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
@@ -30,6 +31,13 @@ class SparseLayer:
     prefix: str  # e.g. "model.layers.3.mlp"
     num_experts: int
     intermediate: int
+    #: one expert's shape of each per-expert tensor of the experts module (its [E, ...] tensors without E)
+    expert_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+
+    @property
+    def expert_elements(self) -> int:
+        """Elements of one expert: its projections and any biases."""
+        return sum(math.prod(shape) for shape in self.expert_shapes.values())
 
 
 @dataclass(frozen=True)
@@ -50,17 +58,20 @@ class LayerExperts:
     overrides: dict[str, Any]
 
 
-def sparse_layers(model: nn.Module) -> list[SparseLayer]:
-    """The MoE blocks of a model: modules with a fused `experts` module and a `gate` router."""
+def sparse_layers(model: nn.Module, family: Family) -> list[SparseLayer]:
+    """The MoE blocks of a model: modules with a fused `experts` module and the family's router."""
     found = []
     for prefix, module in model.named_modules():
         experts = getattr(module, "experts", None)
-        if experts is not None and hasattr(experts, "gate_up_proj") and hasattr(module, "gate"):
+        if experts is not None and hasattr(experts, "gate_up_proj") and hasattr(module, family.router):
             match = _LAYER.search(f".{prefix}.")
             if match is None:
                 raise CheckpointError(f"cannot tell the layer number of MoE block {prefix}")
-            shape = experts.down_proj.shape  # [E, H, I]
-            found.append(SparseLayer(int(match.group(1)), prefix, int(shape[0]), int(shape[2])))
+            shapes = {name: tuple(int(n) for n in getattr(experts, name).shape) for name in family.expert_tensors}
+            down = shapes["down_proj"]  # [E, H, I], or [E, I, H] transposed
+            intermediate = down[1] if family.experts_layout == "transposed" else down[2]
+            per_expert = {name: shape[1:] for name, shape in shapes.items()}
+            found.append(SparseLayer(int(match.group(1)), prefix, down[0], intermediate, per_expert))
     return found
 
 
@@ -82,7 +93,7 @@ class ModelLayout:
         self.config = config
         self.family = family
         template = meta_model(config)
-        self.sparse_layers = {layer.index: layer for layer in sparse_layers(template)}
+        self.sparse_layers = {layer.index: layer for layer in sparse_layers(template, family)}
         self.dense_layers = {layer.index: layer for layer in dense_layers(template)}
         #: tensors tied to another (the LM head to the embeddings): read only when the checkpoint holds them
         self.tied = set(getattr(template, "all_tied_weights_keys", {}) or {})

@@ -27,7 +27,7 @@ from pattern_store.selection import SelectionError
 from server.model.calibrate import expert_outputs
 from server.model.families import Family
 from server.model.layer_stream import LayerStream, Progress, StreamedLayers
-from server.model.masking import RouterMasks, restricted_router
+from server.model.masking import RouterMasks, full_router, restricted_router
 from server.model.variant import VariantBuilder
 
 Kept = tuple[int, ...]
@@ -99,13 +99,13 @@ class BlockReconstruction:
         if len(kept) < int(self.config.num_experts_per_tok):
             return math.inf
         if len(kept) == self.num_experts:
-            _, weights, index = self.block.gate(self.inputs)
+            _, weights, index = full_router(self.block, self.family)(self.inputs)
         else:
             try:
                 overrides = self.family.routing_overrides(self.config, self.layer, kept)
             except SelectionError:
                 return math.inf
-            router = restricted_router(self.block.gate, kept, overrides, self.family.router_expert_buffers)
+            router = restricted_router(self.block, self.family, kept, overrides)
             _, weights, positions = router(self.inputs)
             index = torch.tensor(kept, device=positions.device)[positions]  # [N, k] expert ids
         chosen = self.outputs.gather(1, index[..., None].expand(-1, -1, self.outputs.shape[-1]))  # [N, k, H]

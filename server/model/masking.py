@@ -3,9 +3,9 @@
 A pruned variant computes what the full model computes when its routers cannot select the pruned experts
 (the equivalence contract). This module provides that routing for a model that holds every expert:
 
-- `restricted_router(router, kept, overrides)`: a router over the kept experts only, built from the router's
-  own rows and run by transformers' own routing code, whose choices are positions in `kept`, exactly as in
-  a variant built with those experts;
+- `restricted_router(block, family, kept, overrides)`: a router over the kept experts only, built from the
+  router's own rows (and every other per-expert tensor the family names) and run by transformers' own
+  routing code, whose choices are positions in `kept`, exactly as in a variant built with those experts;
 - `RouterMasks`: forward hooks on a full model's routers that replace each selection by the restricted
   router's, mapped back to expert ids, so that one full model answers as any selection's variant would.
 
@@ -35,24 +35,72 @@ def configure_router(router: nn.Module, num_experts: int, overrides: Mapping[str
         setattr(router, ROUTER_ATTRIBUTES[key], value)
 
 
-def restricted_router(
-    router: nn.Module, kept: Sequence[int], overrides: Mapping[str, Any], expert_buffers: Sequence[str] = ()
-) -> nn.Module:
-    """A router of the same class that scores only the `kept` experts (their weight rows and per-expert
-    buffers, such as DeepSeek-V3's selection bias); its selections are positions in `kept`."""
-    index = torch.as_tensor(list(kept), dtype=torch.long, device=router.weight.device)
-    clone = type(router).__new__(type(router))
+def router_of(block: nn.Module, family: Family) -> nn.Module:
+    """The router module of a MoE block."""
+    return getattr(block, family.router)
+
+
+def _restricted_copy(module: nn.Module, tensors: Mapping[str, int], index: torch.Tensor) -> nn.Module:
+    """A shallow copy of `module` (same class, attributes, children, parameters and buffers) whose tensors
+    `tensors` (path -> experts' dimension, paths into children allowed) keep only the slices `index`."""
+    clone = type(module).__new__(type(module))
     nn.Module.__init__(clone)
-    for key, value in vars(router).items():
+    for key, value in vars(module).items():
         if not key.startswith("_") and key != "forward":  # a pooled model's router has its own forward
             setattr(clone, key, value)
-    for name, child in router.named_children():
-        clone.add_module(name, child)
-    clone.weight = nn.Parameter(router.weight.detach().index_select(0, index), requires_grad=False)
-    for name in expert_buffers:
-        clone.register_buffer(name, getattr(router, name).index_select(0, index))
+    for name, child in module.named_children():
+        inner = {path.split(".", 1)[1]: dim for path, dim in tensors.items() if path.split(".", 1)[0] == name}
+        clone.add_module(name, _restricted_copy(child, inner, index) if inner else child)
+    for name, parameter in module._parameters.items():  # None entries too (a Linear without bias)
+        if name in tensors and parameter is not None:
+            parameter = nn.Parameter(parameter.detach().index_select(tensors[name], index), requires_grad=False)
+        clone.register_parameter(name, parameter)
+    for name, buffer in module._buffers.items():
+        if name in tensors and buffer is not None:
+            buffer = buffer.index_select(tensors[name], index)
+        clone.register_buffer(name, buffer, persistent=name not in module._non_persistent_buffers_set)
+    if isinstance(clone, nn.Linear):
+        clone.out_features = len(index)
+    return clone
+
+
+class _BoundRouter(nn.Module):
+    """A router whose block passes it per-expert tensors (MiniMax-M2's selection bias) as arguments: called
+    with the hidden states alone, it adds them."""
+
+    def __init__(self, router: nn.Module, arguments: Sequence[torch.Tensor]) -> None:
+        super().__init__()
+        self.router = router
+        self.arguments = list(arguments)
+
+    def forward(self, hidden_states: torch.Tensor) -> Any:
+        return self.router(hidden_states, *self.arguments)
+
+
+def full_router(block: nn.Module, family: Family) -> Callable[[torch.Tensor], Any]:
+    """The block's router as the block calls it, given the hidden states alone (its arguments added)."""
+    router = router_of(block, family)
+    if not family.router_arguments:
+        return router
+    return _BoundRouter(router, [getattr(block, name) for name in family.router_arguments])
+
+
+def restricted_router(block: nn.Module, family: Family, kept: Sequence[int], overrides: Mapping[str, Any]) -> nn.Module:
+    """A router of the block's router's class that scores only the `kept` experts (their weight rows and
+    every other per-expert tensor the family names: selection biases, router biases, on the router, a child
+    of it or the block); called with the hidden states alone, its selections are positions in `kept`."""
+    router = router_of(block, family)
+    device = next(iter(router.parameters())).device
+    index = torch.as_tensor(list(kept), dtype=torch.long, device=device)
+    owned = {t.path: t.dim for t in family.router_tensors if t.owner == "router"}
+    clone = _restricted_copy(router, owned, index)
     configure_router(clone, len(index), overrides)
-    return clone.eval()
+    clone.eval()
+    if not family.router_arguments:
+        return clone
+    dims = {t.path: t.dim for t in family.router_tensors if t.owner == "block"}
+    arguments = [getattr(block, name).index_select(dims[name], index) for name in family.router_arguments]
+    return _BoundRouter(clone, arguments).eval()
 
 
 class RouterMasks:
@@ -92,10 +140,11 @@ class RouterMasks:
         if key in self._cache:
             self._cache.move_to_end(key)
             return self._cache[key]
-        router = self.blocks[layer].gate
+        block = self.blocks[layer]
         overrides = self.family.routing_overrides(self.config, layer, kept)
-        restricted = restricted_router(router, kept, overrides, self.family.router_expert_buffers)
-        self._cache[key] = (restricted, torch.tensor(kept, dtype=torch.long, device=router.weight.device))
+        restricted = restricted_router(block, self.family, kept, overrides)
+        device = next(iter(router_of(block, self.family).parameters())).device
+        self._cache[key] = (restricted, torch.tensor(kept, dtype=torch.long, device=device))
         while len(self._cache) > self.cache_size:
             self._cache.popitem(last=False)
         return self._cache[key]
@@ -117,7 +166,10 @@ class RouterMasks:
     def __enter__(self) -> RouterMasks:
         if self._handles:
             raise RuntimeError("router masks are installed already")
-        self._handles = [block.gate.register_forward_hook(self._hook(layer)) for layer, block in self.blocks.items()]
+        self._handles = [
+            router_of(block, self.family).register_forward_hook(self._hook(layer))
+            for layer, block in self.blocks.items()
+        ]
         return self
 
     def __exit__(self, *exc: object) -> None:

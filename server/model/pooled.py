@@ -27,7 +27,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from server.model.layout import SparseLayer
-from server.model.masking import RouterMasks
+from server.model.masking import RouterMasks, router_of
 from server.model.module_tree import meta_model, set_tensor
 from server.model.slot_loader import SlotLoader
 from server.model.variant import VariantBuilder
@@ -40,17 +40,15 @@ def build_pooled(builder: VariantBuilder, slots: int) -> PreTrainedModel:
     if builder.family.kind != "moe":
         raise ValueError(f"{builder.family.name} has no routed experts to pool")
     model = meta_model(builder.config)
-    hidden = int(builder.config.hidden_size)
     assigned = set()
     for layer in builder.sparse_layers.values():
-        count, size = min(slots, layer.num_experts), layer.intermediate
-        # [slots, 2I, H] and [slots, H, I]: the layout of transformers' fused experts modules
-        gate_up = torch.zeros((count, 2 * size, hidden), dtype=builder.dtype, device=builder.device)
-        down = torch.zeros((count, hidden, size), dtype=builder.dtype, device=builder.device)
-        set_tensor(model, f"{layer.prefix}.experts.gate_up_proj", gate_up)
-        set_tensor(model, f"{layer.prefix}.experts.down_proj", down)
+        count = min(slots, layer.num_experts)
+        # one slot per expert in each of the experts module's per-expert tensors, in the module's own layout
+        for name, shape in layer.expert_shapes.items():
+            slot = torch.zeros((count, *shape), dtype=builder.dtype, device=builder.device)
+            set_tensor(model, f"{layer.prefix}.experts.{name}", slot)
+            assigned.add(f"{layer.prefix}.experts.{name}")
         model.get_submodule(layer.prefix).experts.num_experts = count
-        assigned.update({f"{layer.prefix}.experts.gate_up_proj", f"{layer.prefix}.experts.down_proj"})
     return builder.complete(model, assigned)
 
 
@@ -87,8 +85,8 @@ class PooledModel:
         self._masks_lock = threading.Lock()  # the restricted routers' cache is shared by every thread
         self._local = threading.local()  # the current forward pass's routes, one per row, per thread
         for index, layer in self.layers.items():
-            gate = self.model.get_submodule(layer.prefix).gate
-            gate.forward = self._routing(index, gate.forward)  # this instance only; the class stays as it was
+            router = router_of(self.model.get_submodule(layer.prefix), builder.family)
+            router.forward = self._routing(index, router.forward)  # this instance only; the class stays as it was
 
     @property
     def device(self) -> torch.device:
@@ -119,14 +117,16 @@ class PooledModel:
         with self._masks_lock:
             return self._masks._restricted(layer, kept)
 
-    def _routing(self, layer: int, full_router: Callable[[torch.Tensor], Any]) -> Callable[[torch.Tensor], Any]:
+    def _routing(self, layer: int, full_router: Callable[..., Any]) -> Callable[..., Any]:
         """The router's forward for this layer: each group of rows that shares a route is routed by that
         route's restricted router (rows of the full model by the router itself), and the chosen experts
         become slots. When every row has the same pruned route the full router is not run at all, and the
-        logits returned are the restricted router's (over the kept experts; the MoE blocks ignore them)."""
+        logits returned are the restricted router's (over the kept experts; the MoE blocks ignore them). Arguments
+        the block passes after the hidden states (MiniMax-M2's selection bias) reach the full router as they
+        are; the restricted routers hold their kept slices."""
         table = self.slot_of[layer]
 
-        def forward(hidden_states: torch.Tensor) -> Any:
+        def forward(hidden_states: torch.Tensor, *arguments: Any) -> Any:
             batch: _Batch | None = getattr(self._local, "batch", None)
             if batch is None:
                 raise RuntimeError("a pooled model runs inside PooledModel.rows(...) (each row needs its route)")
@@ -134,13 +134,13 @@ class PooledModel:
             if len(batch.groups) == 1:
                 kept = batch.groups[0][0].kept.get(layer)
                 if kept is None:
-                    logits, weights, experts = full_router(hidden_states)
+                    logits, weights, experts = full_router(hidden_states, *arguments)
                 else:
                     restricted, ids = self._restricted(layer, kept)
                     logits, weights, positions = restricted(hidden)
                     experts = ids[positions]
                 return logits, weights, _slots(table, experts)
-            logits, weights, experts = full_router(hidden_states)
+            logits, weights, experts = full_router(hidden_states, *arguments)
             chosen_experts = experts.clone()  # rows of full routes keep the full router's choice
             chosen_weights = weights.clone()
             for route, tokens in batch.tokens(hidden.shape[0]):
@@ -160,7 +160,8 @@ class PooledModel:
     def load(self, layer: int, experts: Sequence[int], slots: Sequence[int]) -> None:
         """Copy `experts` from the checkpoint into `slots` of `layer` (the caller owns those slots)."""
         block = self.model.get_submodule(self.layers[layer].prefix).experts
-        self.loader.load(self.layers[layer], experts, slots, block.gate_up_proj.data, block.down_proj.data)
+        targets = {name: getattr(block, name).data for name in self.builder.family.expert_tensors}
+        self.loader.load(self.layers[layer], experts, slots, targets)
 
     def place(self, layer: int, expert: int, slot: int) -> None:
         """Make `expert` route to `slot` (-1: not resident) from the next forward pass on."""

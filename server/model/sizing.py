@@ -24,8 +24,8 @@ class VariantSizes:
         self.hidden = int(layout.config.hidden_size)
 
     def expert_bytes(self, layer: int) -> int:
-        """Bytes of one routed expert of sparse layer `layer` (its gate, up and down)."""
-        return 3 * self.layout.sparse_layers[layer].intermediate * self.hidden * self.item
+        """Bytes of one routed expert of sparse layer `layer` (its projections and any biases)."""
+        return self.layout.sparse_layers[layer].expert_elements * self.item
 
     def variant_bytes(self, selection: Selection | None = None) -> int:
         """Bytes that building the variant of `selection` (the full model when None) allocates beyond the shared
@@ -36,13 +36,17 @@ class VariantSizes:
 
     def _moe_bytes(self, selection: Selection) -> int:
         total = 0
+        family = self.layout.family
         for index, plan in self.layout.moe_plan(selection).items():
             layer = self.layout.sparse_layers[index]
-            total += len(plan.kept) * (3 * layer.intermediate * self.hidden + self.hidden) * self.item
-            for attribute in self.layout.family.router_expert_buffers:
-                name = self.tensors.required_name(f"{layer.prefix}.gate.{attribute}")
+            per_expert = layer.expert_elements * self.item
+            for tensor in family.router_tensors:
+                name = self.tensors.required_name(family.router_tensor_name(layer.prefix, tensor))
                 info = self.tensors.checkpoint.info(name)
-                total += len(plan.kept) * info.nbytes // max(1, info.shape[0])
+                # as stored (selection biases), or in the target dtype (router weights and biases)
+                share = info.nbytes if tensor.keep_dtype else info.nbytes // info.element_size * self.item
+                per_expert += share // max(1, info.shape[tensor.dim])
+            total += len(plan.kept) * per_expert
         return total
 
     def _dense_bytes(self, selection: Selection) -> int:

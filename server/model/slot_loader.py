@@ -9,7 +9,7 @@ memory is staged by the driver anyway).
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -39,19 +39,23 @@ class SlotLoader:
         self._staging_lock = threading.Lock()
 
     def load(
-        self,
-        layer: SparseLayer,
-        experts: Sequence[int],
-        slots: Sequence[int],
-        gate_up: torch.Tensor,
-        down: torch.Tensor,
+        self, layer: SparseLayer, experts: Sequence[int], slots: Sequence[int], targets: Mapping[str, torch.Tensor]
     ) -> None:
-        """Copy `experts[i]` into slot `slots[i]` of a pooled layer's `gate_up` [S, 2I, H] and `down` [S, H, I]."""
+        """Copy `experts[i]` into slot `slots[i]` of a pooled layer's slot tensors: `targets` maps each of the
+        experts module's per-expert tensors (`gate_up_proj` [S, 2I, H], `down_proj` [S, H, I], any expert
+        biases) to its slots."""
         checkpoint = self.tensors.checkpoint
         fused = self.tensors.fused_expert_names(layer)
+        gate_up, down = targets["gate_up_proj"], targets["down_proj"]
+        biases = [name for name in targets if name not in ("gate_up_proj", "down_proj")]  # always stored fused
+        extras = {name: self.tensors.required_name(f"{layer.prefix}.experts.{name}") for name in biases}
         size = layer.intermediate
         for first, count in paired_runs(experts, slots):
             expert, slot = experts[first], slots[first]
+            for name in biases:
+                self._copy(
+                    targets[name][slot : slot + count], checkpoint.rows_view(extras[name], expert, expert + count)
+                )
             if fused is not None:
                 self._copy(gate_up[slot : slot + count], checkpoint.rows_view(fused[0], expert, expert + count))
                 self._copy(down[slot : slot + count], checkpoint.rows_view(fused[1], expert, expert + count))

@@ -101,6 +101,11 @@ class TensorReader:
             down[slot].copy_(self.checkpoint.read(down_name))
         return gate_up, down
 
+    def read_expert_tensor(self, layer: SparseLayer, name: str, kept: Sequence[int]) -> torch.Tensor:
+        """One more per-expert tensor of the experts module (gpt-oss's `gate_up_proj_bias` [E, 2I]), stored
+        fused: the kept experts' slices, in `kept` order."""
+        return self._read_fused(self.required_name(f"{layer.prefix}.experts.{name}"), kept)
+
     def _read_fused(self, name: str, kept: Sequence[int]) -> torch.Tensor:
         """Kept experts of a fused [E, ...] checkpoint tensor, each run of consecutive experts copied once."""
         shape = self.checkpoint.info(name).shape

@@ -26,7 +26,7 @@ from pattern_store.selection import Selection
 from server.model.checkpoint import CheckpointReader, read_generation_config
 from server.model.families import Family, family_for
 from server.model.layout import DenseLayer, LayerExperts, ModelLayout, SparseLayer
-from server.model.masking import configure_router
+from server.model.masking import configure_router, router_of
 from server.model.module_tree import compute_buffers, computed_buffer_names, meta_model, set_tensor
 from server.model.sizing import VariantSizes
 from server.model.tensor_reader import Backbone, TensorReader
@@ -154,22 +154,26 @@ def _variant_config(config: PretrainedConfig, family: Family, plan: dict[int, La
 
 
 def _assign_experts(builder: VariantBuilder, model: nn.Module, plan: dict[int, LayerExperts]) -> set[str]:
-    """Read the kept experts and their router rows into `model`; returns the names assigned."""
+    """Read the kept experts (projections and any biases) and their router slices into `model`; returns the
+    names assigned."""
     assigned = set()
+    family = builder.family
     for index, layer_plan in plan.items():
         layer, kept = builder.sparse_layers[index], layer_plan.kept
-        gate_up, down = builder.tensors.read_experts(layer, kept)
-        set_tensor(model, f"{layer.prefix}.experts.gate_up_proj", gate_up)
-        set_tensor(model, f"{layer.prefix}.experts.down_proj", down)
-        assigned.update({f"{layer.prefix}.experts.gate_up_proj", f"{layer.prefix}.experts.down_proj"})
-        for attribute in ("weight", *builder.family.router_expert_buffers):
-            name = f"{layer.prefix}.gate.{attribute}"
-            # the router's weight in the target dtype; per-expert buffers (selection bias) as stored
-            set_tensor(model, name, builder.tensors.read_indices(name, kept, keep_dtype=attribute != "weight"))
+        tensors = dict(zip(("gate_up_proj", "down_proj"), builder.tensors.read_experts(layer, kept), strict=True))
+        for name in family.expert_biases:
+            tensors[name] = builder.tensors.read_expert_tensor(layer, name, kept)
+        for name, tensor in tensors.items():
+            set_tensor(model, f"{layer.prefix}.experts.{name}", tensor)
+            assigned.add(f"{layer.prefix}.experts.{name}")
+        for tensor in family.router_tensors:
+            name = family.router_tensor_name(layer.prefix, tensor)
+            # router weights and biases in the target dtype; selection biases as stored
+            set_tensor(model, name, builder.tensors.read_indices(name, kept, tensor.dim, keep_dtype=tensor.keep_dtype))
             assigned.add(name)
         block = model.get_submodule(layer.prefix)
         block.experts.num_experts = len(kept)
-        configure_router(block.gate, len(kept), layer_plan.overrides)
+        configure_router(router_of(block, family), len(kept), layer_plan.overrides)
     return assigned
 
 
