@@ -56,6 +56,7 @@ class TaskPattern:
     calibration_prompts: int
     examples: list[str] = field(default_factory=list)
     example_embeddings: torch.Tensor | None = None  # [len(examples), dim], L2-normalised
+    model: dict[str, str] = field(default_factory=dict)  # the model's name, architecture hash and precision
 
     def __post_init__(self) -> None:
         validate_name(self.name)
@@ -86,13 +87,10 @@ class TaskPattern:
     def kind(self) -> str:
         return self.selection.kind
 
-    def check_model(self, fingerprint: str) -> None:
+    def check_model(self, fingerprint: str, model: dict[str, str] | None = None) -> None:
         """A pattern belongs to one model; anything else is a clear error, not a silently wrong variant."""
         if fingerprint != self.model_fingerprint:
-            raise PatternError(
-                f"pattern {self.name!r} was calibrated on model {self.model_fingerprint[:12]}, not on this model "
-                f"({fingerprint[:12]}); calibrate it again for this model"
-            )
+            raise PatternError(model_mismatch(self.name, self.model_fingerprint, self.model, fingerprint, model))
 
     # -- serialisation ---------------------------------------------------------------------------
 
@@ -110,7 +108,7 @@ class TaskPattern:
             "calibration_prompts": self.calibration_prompts,
             "examples": self.examples,
             "tensors": tensor_file,
-        }
+        } | ({"model": self.model} if self.model else {})
 
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {f"scores.{layer}": scores.detach().float().cpu().contiguous() for layer, scores in self.scores.items()}
@@ -141,11 +139,39 @@ class TaskPattern:
                 calibration_prompts=int(document["calibration_prompts"]),
                 examples=[str(e) for e in document.get("examples") or []],
                 example_embeddings=tensors.get("example_embeddings"),
+                model={str(k): str(v) for k, v in (document.get("model") or {}).items()},
             )
         except KeyError as error:
             raise PatternError(f"pattern document lacks {error.args[0]!r}") from None
         except (SelectionError, TypeError, ValueError, IndexError, AttributeError) as error:
             raise PatternError(f"invalid pattern document: {error}") from None
+
+
+def model_mismatch(
+    name: str, fingerprint: str, model: dict[str, str] | None, this_fingerprint: str, this_model: dict[str, str] | None
+) -> str:
+    """Why pattern `name`, calibrated on the model of `fingerprint` (described by `model`, when the pattern
+    recorded it), does not serve this one: which model it belongs to, and whether the two are the same
+    architecture in another precision (the bf16 and FP8 releases of one model) or other weights altogether."""
+    model, this_model = model or {}, this_model or {}
+    theirs = f"{model['name']} ({model.get('precision', '?')}, {fingerprint[:12]})" if model else fingerprint[:12]
+    ours = (
+        f"{this_model['name']} ({this_model.get('precision', '?')}, {this_fingerprint[:12]})"
+        if this_model
+        else this_fingerprint[:12]
+    )
+    start = f"pattern {name!r} was calibrated on model {theirs}, not on this model {ours}"
+    if not model or not this_model:
+        return f"{start}; calibrate it again for this model"
+    if model.get("architecture") != this_model.get("architecture"):
+        return f"{start}: a different architecture; calibrate it again for this model"
+    if model.get("precision") != this_model.get("precision"):
+        return (
+            f"{start}: the same architecture and tensor names in another precision ({model.get('precision')} "
+            f"there, {this_model.get('precision')} here), so not the same weights; re-calibrate it on this "
+            "checkpoint"
+        )
+    return f"{start}: the same architecture and precision but other weights; calibrate it again for this model"
 
 
 BUNDLE_KEY = "taskmoe_pattern"

@@ -106,7 +106,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         else:
             selection = Selection.load(args.selection)
         builder = VariantBuilder(_model_dir(args.model), device="cpu", dtype=args.dtype)
-        export_variant(builder, selection, out)
+        export_variant(builder, selection, out, keep_quantization=args.dtype == "auto")
     except KeyError as error:
         raise CliError(str(error.args[0])) from None
     except (SelectionError, CheckpointError, ExportError, UnsupportedModelError, ValueError) as error:

@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from pattern_store.pattern import PatternError
+from pattern_store.pattern import PatternError, model_mismatch
 from pattern_store.selection import Selection, SelectionError, union
 from pattern_store.store import PatternStore
 from server.batching import BatchedDecoder, batchable
@@ -30,6 +30,7 @@ from server.config import FULL_MODEL, ServerConfig
 from server.errors import LoadFailed, NoRoom, PatternNotFound, PatternUnusable
 from server.expert_pool import ExpertPool, PoolLease
 from server.metrics import Metrics
+from server.model.checkpoint import model_identity
 from server.model.pooled import PooledModel, RowRoute
 from server.model.variant import VariantBuilder
 from server.resolver import Choice, check_stored
@@ -129,6 +130,7 @@ class PatternSelections:
 
     store: PatternStore
     fingerprint: str
+    model: dict[str, str] = field(default_factory=dict)  # this model's name, architecture and precision
     _unions: set[tuple[str, ...]] = field(default_factory=set)  # unions leased so far
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -139,9 +141,9 @@ class PatternSelections:
         except KeyError:  # removed since that look
             raise PatternNotFound(f"pattern {name!r} does not exist") from None
         if document.get("model_fingerprint") != self.fingerprint:
+            stored = document.get("model") if isinstance(document.get("model"), dict) else None
             raise PatternUnusable(
-                f"pattern {name!r} was calibrated on another model ({str(document.get('model_fingerprint'))[:12]}, "
-                f"this one is {self.fingerprint[:12]}); calibrate it again for this model"
+                model_mismatch(name, str(document.get("model_fingerprint")), stored, self.fingerprint, self.model)
             )
         return document
 
@@ -302,7 +304,7 @@ class VariantLeases:
 
 def make_leases(builder: VariantBuilder, store: PatternStore, fingerprint: str, config: ServerConfig, metrics: Metrics):
     """The pool for an MoE model (unless `--expert-pool false`), else the variant cache."""
-    selections = PatternSelections(store, fingerprint)
+    selections = PatternSelections(store, fingerprint, model_identity(builder.model_dir))
     metrics.budget.set(config.cache_budget)
     if config.expert_pool and builder.family.kind == "moe":
         metrics.backbone.set(builder.backbone_bytes)

@@ -26,6 +26,7 @@ from server.errors import (
 )
 from server.jobs import Job, JobRefused, JobRunner
 from server.leases import LeaseManager
+from server.model.checkpoint import model_identity
 from server.model.pruning import keep_count
 from server.model.variant import VariantBuilder
 from server.model_info import ModelInfo
@@ -137,7 +138,7 @@ class PatternAdmin:
     def import_bundle(self, data: bytes, replace: bool) -> dict[str, Any]:
         try:
             pattern = pattern_from_bundle(data)
-            pattern.check_model(self.info.fingerprint)
+            pattern.check_model(self.info.fingerprint, model_identity(self.builder.model_dir))
         except PatternError as error:
             raise InvalidPattern(str(error)) from None
         self._check_new_name(pattern.name)

@@ -30,7 +30,7 @@ from pattern_store.recipes import (
 from pattern_store.selection import Selection
 from server.model.answer_loss_refinement import refine_by_answer_loss
 from server.model.calibrate import CalibrationStatistics, collect_statistics
-from server.model.checkpoint import model_fingerprint
+from server.model.checkpoint import model_fingerprint, model_identity
 from server.model.local_refinement import SearchOptions, refine_locally
 from server.model.pruning import (
     PrunedSelection,
@@ -388,6 +388,7 @@ def pattern_from_statistics(
         calibration_prompts=stats.prompts,
         examples=list(examples),
         example_embeddings=embedder.embed(list(examples)) if embedder is not None else None,
+        model=model_identity(builder.model_dir),
     )
 
 

@@ -287,3 +287,76 @@ def save_random_model(config: PretrainedConfig, directory: Path, seed: int = 0) 
                 tensor.fill_(1.0)
     model.save_pretrained(directory)
     return directory
+
+
+FP8_MAX = 448.0  # the largest finite float8 e4m3fn value
+
+
+def _not_converted(name: str) -> bool:
+    """Tensors a block-FP8 release keeps in their precision: embeddings, norms, routers and their biases, lm_head."""
+    return (
+        not name.endswith(".weight")
+        or "embed_tokens" in name
+        or name.startswith("lm_head")
+        or "norm" in name
+        or name.endswith(("mlp.gate.weight", "block_sparse_moe.gate.weight"))
+    )
+
+
+def quantize_fp8_block(weight: torch.Tensor, block: tuple[int, int], scale_dtype: torch.dtype):
+    """DeepSeek's block quantization: one scale per block, its amax / 448 (in the scale's stored dtype), and
+    e4m3 values weight / scale."""
+    rows, cols = weight.shape
+    b0, b1 = block
+    grid = (-(-rows // b0), -(-cols // b1))
+    scale = torch.empty(grid, dtype=torch.float32)
+    for i in range(grid[0]):
+        for j in range(grid[1]):
+            amax = weight[i * b0 : (i + 1) * b0, j * b1 : (j + 1) * b1].abs().max().float()
+            scale[i, j] = amax.clamp(min=1e-12) / FP8_MAX
+    scale = scale.to(scale_dtype)
+    expanded = scale.float().repeat_interleave(b0, 0)[:rows].repeat_interleave(b1, 1)[:, :cols]
+    return (weight.float() / expanded).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
+
+
+def save_block_fp8(
+    source_dir: Path,
+    out_dir: Path,
+    block: tuple[int, int] = (128, 128),
+    scale_dtype: torch.dtype = torch.float32,
+) -> Path:
+    """The checkpoint of `source_dir` in the layout of the block-FP8 releases (DeepSeek-V3, Qwen3-*-FP8): every
+    linear weight F8_E4M3 with its `weight_scale_inv` [ceil(rows/b0), ceil(cols/b1)], embeddings, norms, routers
+    and lm_head in their precision and named in `modules_to_not_convert`, `quantization_config` in config.json."""
+    import json
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tensors: dict[str, torch.Tensor] = {}
+    skipped: list[str] = []
+    for file in sorted(source_dir.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as handle:
+            for name in handle.keys():  # noqa: SIM118 (a safe_open handle is not a mapping)
+                tensor = handle.get_tensor(name)
+                if _not_converted(name) or tensor.dim() != 2:
+                    tensors[name] = tensor
+                    skipped.append(name.removesuffix(".weight"))
+                    continue
+                tensors[name], tensors[f"{name}_scale_inv"] = quantize_fp8_block(tensor, block, scale_dtype)
+    save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    for file in source_dir.iterdir():
+        if file.is_file() and not file.name.endswith(".safetensors") and file.name != "model.safetensors.index.json":
+            shutil.copy2(file, out_dir / file.name)
+    config = json.loads((source_dir / "config.json").read_text())
+    config["quantization_config"] = {
+        "quant_method": "fp8",
+        "fmt": "e4m3",
+        "activation_scheme": "dynamic",
+        "weight_block_size": list(block),
+        "modules_to_not_convert": sorted(set(skipped)),
+    }
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return out_dir

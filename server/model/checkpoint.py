@@ -23,6 +23,17 @@ import torch
 from safetensors import safe_open
 from transformers import GenerationConfig
 
+from server.model.checkpoint_errors import CheckpointError
+from server.model.quantization import (
+    QuantizationConfig,
+    QuantizationError,
+    QuantizedTensor,
+    dequantize_fp8_blocks,
+    dequantize_mxfp4,
+    index_quantized,
+    read_quantization,
+)
+
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -37,11 +48,9 @@ _DTYPES: dict[str, torch.dtype] = {
     "I8": torch.int8,
     "U8": torch.uint8,
     "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
 }
-
-
-class CheckpointError(ValueError):
-    """A checkpoint directory that cannot be read as safetensors, or a tensor it does not hold."""
 
 
 @dataclass(frozen=True)
@@ -103,6 +112,8 @@ class CheckpointReader:
                         f"(supported: {', '.join(_DTYPES)})"
                     )
                 self._infos[name] = TensorInfo(file, tuple(sliced.get_shape()), dtype)
+        self.quantization = read_checkpoint_quantization(self.directory)
+        self._quantized = index_quantized(self._infos, self.quantization, str(self.directory))
 
     def _weight_files(self) -> list[Path]:
         if not self.directory.is_dir():
@@ -132,17 +143,39 @@ class CheckpointReader:
         return self._infos.keys()
 
     def __contains__(self, name: str) -> bool:
-        return name in self._infos
+        return name in self._infos or name in self._quantized
 
     def info(self, name: str) -> TensorInfo:
-        try:
-            return self._infos[name]
-        except KeyError:
-            raise CheckpointError(f"{self.directory}: the checkpoint has no tensor {name!r}") from None
+        """A stored tensor's place, shape and dtype; for a tensor stored as MXFP4 blocks and scales under other
+        names, its shape as the model holds it and float32, the dtype reads return it in."""
+        info = self._infos.get(name)
+        if info is not None:
+            return info
+        quantized = self._quantized.get(name)
+        if quantized is not None:
+            return TensorInfo(self._infos[quantized.data].file, quantized.shape, torch.float32)
+        raise CheckpointError(f"{self.directory}: the checkpoint has no tensor {name!r}")
+
+    def quantized_info(self, name: str) -> QuantizedTensor | None:
+        """How the tensor the model calls `name` is stored quantized (format, stored data and scale names,
+        shape, block), None if it is stored as it is used. Its raw rows can be read with `rows_view`."""
+        return self._quantized.get(name)
+
+    @property
+    def quantized(self) -> dict[str, QuantizedTensor]:
+        """Every quantized tensor, by the name the model reads it under."""
+        return dict(self._quantized)
+
+    def stored_nbytes(self, name: str) -> int:
+        """Bytes the checkpoint stores for `name`: a quantized tensor's data and its scales."""
+        quantized = self._quantized.get(name)
+        if quantized is None:
+            return self.info(name).nbytes
+        return self._infos[quantized.data].nbytes + self._infos[quantized.scale].nbytes
 
     @property
     def total_bytes(self) -> int:
-        """Size of every tensor in the checkpoint: what a full load reads."""
+        """Size of every tensor as stored (quantized tensors: their data and scales): what a full load reads."""
         return sum(info.nbytes for info in self._infos.values())
 
     # -- reading -------------------------------------------------------------------------------
@@ -160,7 +193,9 @@ class CheckpointReader:
 
     def read(self, name: str) -> torch.Tensor:
         """The whole tensor. safetensors may return it as a view of the mmap (its pages are read when first
-        touched); callers that keep it make their own copy."""
+        touched); callers that keep it make their own copy. A quantized tensor is dequantized (float32)."""
+        if name in self._quantized:
+            return self._dequantized(self._quantized[name], None, 0, 0)
         info = self.info(name)
         return self._count(self._files[info.file].get_tensor(name))
 
@@ -169,6 +204,8 @@ class CheckpointReader:
         info = self.info(name)
         if not 0 <= index < info.shape[0]:
             raise CheckpointError(f"{name}: index {index} out of range for first dimension {info.shape[0]}")
+        if name in self._quantized:
+            return self._dequantized(self._quantized[name], 0, index, index + 1)[0]
         return self._count(self._files[info.file].get_slice(name)[index : index + 1])[0]
 
     def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
@@ -176,12 +213,22 @@ class CheckpointReader:
         info = self.info(name)
         if not 0 <= start < stop <= info.shape[0]:
             raise CheckpointError(f"{name}: rows {start}:{stop} out of range for first dimension {info.shape[0]}")
+        if name in self._quantized:
+            return self._dequantized(self._quantized[name], 0, start, stop)
         return self._count(self._files[info.file].get_slice(name)[start:stop])
 
     def rows_view(self, name: str, start: int, stop: int) -> torch.Tensor:
         """`tensor[start:stop]` along the first dimension as a view of the file's memory map: no copy is made,
         and the pages are read when the caller copies from it. The expert pool copies experts this way
-        straight into its preallocated slots (one copy instead of two). Counted like a read."""
+        straight into its preallocated slots (one copy instead of two). Counted like a read.
+
+        This is the stored tensor as it is: an fp8 weight's raw e4m3 rows, without its scales (see
+        `quantized_info`); `read_rows` dequantizes."""
+        if name not in self._infos:
+            raise CheckpointError(
+                f"{self.directory}: {name!r} is not a stored tensor"
+                + (" (it is stored as mxfp4 blocks and scales: view those)" if name in self._quantized else "")
+            )
         info = self.info(name)
         if not 0 <= start < stop <= info.shape[0]:
             raise CheckpointError(f"{name}: rows {start}:{stop} out of range for first dimension {info.shape[0]}")
@@ -193,6 +240,13 @@ class CheckpointReader:
             warnings.simplefilter("ignore", UserWarning)
             view = torch.frombuffer(mapped, dtype=info.dtype, count=count, offset=data_start + begin + start * row)
         return self._count(view.view(stop - start, *info.shape[1:]))
+
+    def rows_to_copy(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """`tensor[start:stop]` in the values the model uses, to copy from: a view of the memory map for a
+        tensor stored as it is used, the dequantized rows (float32) of a quantized one."""
+        if name in self._quantized:
+            return self.read_rows(name, start, stop)
+        return self.rows_view(name, start, stop)
 
     def _mapped(self, file: Path) -> tuple[mmap.mmap, int, dict[str, Any]]:
         """The file mapped read-only and shared (a private, copy-on-write map faults its pages in one by one,
@@ -219,12 +273,66 @@ class CheckpointReader:
         bad = [i for i in indices if not 0 <= i < size]
         if bad:
             raise CheckpointError(f"{name}: indices {bad[:5]} out of range for dimension {dim} of size {size}")
-        sliced = self._files[info.file].get_slice(name)
+        quantized = self._quantized.get(name)
+        sliced = None if quantized else self._files[info.file].get_slice(name)
         parts = []
         for start, stop in contiguous_runs(indices):
+            if quantized is not None:
+                parts.append(self._dequantized(quantized, dim, start, stop))
+                continue
             part = sliced[start:stop] if dim == 0 else sliced[:, start:stop]
             parts.append(self._count(part))
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
+
+    def _dequantized(self, quantized: QuantizedTensor, dim: int | None, start: int, stop: int) -> torch.Tensor:
+        """`tensor[..., start:stop, ...]` along `dim` (the whole tensor when None) of a quantized tensor, in
+        float32, reading only the stored data and the scales of the blocks it touches (both counted)."""
+        data_info, scale_info = self._infos[quantized.data], self._infos[quantized.scale]
+        data = self._files[data_info.file].get_slice(quantized.data)
+        scale = self._files[scale_info.file].get_slice(quantized.scale)
+        data_part, scale_part, origin = quantized_slices(quantized, data, scale, dim, start, stop)
+        self._count(data_part)
+        self._count(scale_part)
+        if quantized.format == "mxfp4":
+            return dequantize_mxfp4(data_part, scale_part).transpose(-1, -2)
+        return dequantize_fp8_blocks(data_part, scale_part, quantized.block, origin=origin)
+
+
+def read_checkpoint_quantization(directory: Path) -> QuantizationConfig | None:
+    """The quantization the directory's config.json declares (None without one, or for an unquantized model)."""
+    config_file = directory / "config.json"
+    if not config_file.is_file():
+        return None
+    try:
+        config = json.loads(config_file.read_text())
+    except json.JSONDecodeError as error:
+        raise CheckpointError(f"{config_file}: not JSON ({error})") from None
+    try:
+        return read_quantization(config)
+    except QuantizationError as error:
+        raise QuantizationError(str(error).replace("config.json:", f"{config_file}:", 1)) from None
+
+
+def quantized_slices(
+    quantized: QuantizedTensor, data: Any, scale: Any, dim: int | None, start: int, stop: int
+) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
+    """The stored data and scales that `tensor[start:stop]` along `dim` of a quantized tensor needs (from
+    safetensors slices), and where the data part starts in its last two dimensions (fp8 blocks count from the
+    full tensor's first row and column)."""
+    if dim is None:
+        return data[:], scale[:], (0, 0)
+    rank = len(quantized.shape)
+    lead = (slice(None),) * dim
+    if dim < rank - 2:  # a batch dimension (experts): data and scales alike
+        return data[(*lead, slice(start, stop))], scale[(*lead, slice(start, stop))], (0, 0)
+    if quantized.format == "mxfp4":
+        raise CheckpointError(
+            f"{quantized.data}: only whole experts of an mxfp4 tensor are read, not a slice of dimension {dim}"
+        )
+    block = quantized.block[dim - (rank - 2)]
+    blocks = slice(start // block, -(-stop // block))
+    origin = (start, 0) if dim == rank - 2 else (0, start)
+    return data[(*lead, slice(start, stop))], scale[(*lead, blocks)], origin
 
 
 def read_generation_config(model_dir: str | Path) -> GenerationConfig | None:
@@ -248,3 +356,32 @@ def model_fingerprint(model_dir: str | Path) -> str:
             digest.update(handle.read(size))
             digest.update(handle.read(4096))  # a sample of the weights: retrained models differ here
     return digest.hexdigest()
+
+
+_NOT_ARCHITECTURE = ("quantization_config", "dtype", "torch_dtype", "transformers_version")
+
+
+def model_identity(model_dir: str | Path) -> dict[str, str]:
+    """What a pattern records of its model besides the fingerprint, so that a mismatch can say what differs:
+    the directory's name, its precision ("fp8 e4m3, blocks [128, 128]", "mxfp4", "bfloat16", ...) and a hash of
+    its architecture (config without its precision, the tensors' names and shapes as the model uses them), the
+    same for a model's bf16 and FP8 releases. Reads only the safetensors headers."""
+    directory = Path(model_dir)
+    reader = CheckpointReader(directory)
+    config = json.loads((directory / "config.json").read_text())
+    for key in _NOT_ARCHITECTURE:
+        config.pop(key, None)
+    quantized = reader.quantized
+    stored = {q.scale for q in quantized.values()} | {q.data for q in quantized.values()}
+    shapes = {name: list(reader.info(name).shape) for name in reader.names if name not in stored}
+    shapes |= {name: list(q.shape) for name, q in quantized.items()}
+    digest = hashlib.sha256(json.dumps([config, sorted(shapes.items())], sort_keys=True).encode()).hexdigest()
+    quantization = reader.quantization
+    if quantization is None:
+        dtypes = [reader.info(name).dtype for name in reader.names if reader.info(name).dtype.is_floating_point]
+        precision = str(max(set(dtypes), key=dtypes.count)).removeprefix("torch.") if dtypes else "unknown"
+    elif quantization.method == "fp8":
+        precision = f"fp8 {quantization.fmt}, blocks {list(quantization.block)}"
+    else:
+        precision = quantization.method
+    return {"name": directory.resolve().name, "architecture": digest, "precision": precision}

@@ -20,6 +20,7 @@ from transformers import PreTrainedModel
 
 from pattern_store.selection import Selection
 from server.model.masking import router_of
+from server.model.quantized_export import finish_quantized_export
 from server.model.variant import VariantBuilder
 
 TOKENIZER_FILES = (
@@ -71,8 +72,11 @@ def _pad_dense(model: PreTrainedModel, builder: VariantBuilder, selection: Selec
         model.config.mlp_bias = True
 
 
-def export_variant(builder: VariantBuilder, selection: Selection, out: str | Path) -> Path:
-    """Build the variant of `selection` and write it, with the tokenizer files, into `out`."""
+def export_variant(
+    builder: VariantBuilder, selection: Selection, out: str | Path, keep_quantization: bool = True
+) -> Path:
+    """Build the variant of `selection` and write it, with the tokenizer files, into `out`. A quantized
+    checkpoint's variant keeps its precision unless `keep_quantization` is False (then it is dequantized)."""
     out = Path(out)
     model = builder.build(selection)
     if builder.family.kind == "moe":
@@ -94,6 +98,7 @@ def export_variant(builder: VariantBuilder, selection: Selection, out: str | Pat
         _pad_dense(model, builder, selection)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
+    finish_quantized_export(builder, selection, out, keep_quantization)
     for name in TOKENIZER_FILES:
         source = builder.model_dir / name
         if source.is_file():

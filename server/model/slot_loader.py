@@ -1,7 +1,8 @@
 """Copying experts from the checkpoint into the preallocated slots of a pooled model.
 
 The bytes go straight from the checkpoint's memory map into the slot tensors: runs of consecutive experts
-going to consecutive slots are one copy each, and nothing is materialised in between. Copies into GPU memory
+going to consecutive slots are one copy each, and nothing is materialised in between (but a quantized
+checkpoint's experts, dequantized run by run on the way). Copies into GPU memory
 pass through one reused pinned host buffer (pinned memory is costly to allocate, and a copy from pageable
 memory is staged by the driver anyway).
 """
@@ -57,15 +58,15 @@ class SlotLoader:
                     targets[name][slot : slot + count], checkpoint.rows_view(extras[name], expert, expert + count)
                 )
             if fused is not None:
-                self._copy(gate_up[slot : slot + count], checkpoint.rows_view(fused[0], expert, expert + count))
-                self._copy(down[slot : slot + count], checkpoint.rows_view(fused[1], expert, expert + count))
+                self._copy(gate_up[slot : slot + count], checkpoint.rows_to_copy(fused[0], expert, expert + count))
+                self._copy(down[slot : slot + count], checkpoint.rows_to_copy(fused[1], expert, expert + count))
                 continue
             for offset in range(count):
                 gate_name, up_name, down_name = self.tensors.expert_names(layer, expert + offset)
                 target = slot + offset
-                self._copy(gate_up[target, :size], checkpoint.rows_view(gate_name, 0, size))
-                self._copy(gate_up[target, size:], checkpoint.rows_view(up_name, 0, size))
-                self._copy(down[target], checkpoint.rows_view(down_name, 0, checkpoint.info(down_name).shape[0]))
+                self._copy(gate_up[target, :size], checkpoint.rows_to_copy(gate_name, 0, size))
+                self._copy(gate_up[target, size:], checkpoint.rows_to_copy(up_name, 0, size))
+                self._copy(down[target], checkpoint.rows_to_copy(down_name, 0, checkpoint.info(down_name).shape[0]))
 
     def _copy(self, target: torch.Tensor, source: torch.Tensor) -> None:
         """`target.copy_(source)`; into GPU memory through the pinned staging buffer."""
