@@ -121,25 +121,31 @@ def test_the_cache_holds_a_state_per_row_in_linear_layers(checkpoints, model_typ
 
 
 def _run_staggered(decoder: BatchedDecoder, generations: list[Generation], routes=None) -> list[int]:
-    """Each generation on its own thread, 10 ms apart, so that later ones join a batch already decoding; the
-    batch sizes of the forward passes."""
+    """Each generation on its own thread, 10 ms apart; the batch sizes of the forward passes. The first one
+    holds the decoding thread at its first token until every other has been handed to the decoder, so that
+    they join a batch already decoding however slow the machine is."""
     sizes: list[int] = []
     handle = decoder.model.register_forward_hook(
         lambda module, args, kwargs, output: sizes.append(kwargs["input_ids"].shape[0]), with_kwargs=True
     )
+    handed = threading.Event()
     routes = routes or [None] * len(generations)
+    emits = [lambda delta: handed.wait(10)] + [None] * (len(generations) - 1)
     threads = [
-        threading.Thread(target=decoder.run, args=(generation, None, route))
-        for generation, route in zip(generations, routes, strict=True)
+        threading.Thread(target=decoder.run, args=arguments)
+        for arguments in zip(generations, emits, routes, strict=True)
     ]
     try:
         for thread in threads:
             thread.start()
             time.sleep(0.01)
+        time.sleep(0.05)  # the last thread's request reaches the decoder's queue
+        handed.set()
         for thread in threads:
             thread.join(60)
     finally:
         handle.remove()
+    assert not any(thread.is_alive() for thread in threads), "a request did not finish"
     return sizes
 
 
