@@ -13,8 +13,9 @@ choices finish or its client goes away; the thread ends when no work is left.
 
 Batched logits equal single-sequence logits up to float rounding (about 1e-5 here), as in vLLM and
 SGLang: greedy answers are the same in practice, and a seeded sample is reproducible for the same
-concurrent load. Models whose cache is not a plain per-layer key/value cache are decoded one request
-at a time (`Generation`).
+concurrent load. Hybrid models (linear-attention layers beside full attention) batch too: their per-row
+states join and leave with their rows (`cache_rows`). Models with sliding-window layers are decoded one
+request at a time (`Generation`).
 """
 
 from __future__ import annotations
@@ -25,11 +26,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from transformers import DynamicCache, PreTrainedModel
+from transformers import Cache, PreTrainedModel
 
 from server.decoding_rows import DecodingRows, left_padded
 from server.engine import Delta, Generation
-from server.model.kv_cache import cache_argument
+from server.model.cache_rows import repeat_rows, select_rows
+from server.model.kv_cache import cache_argument, new_cache
 from server.model.pooled import PooledModel, RowRoute
 
 log = logging.getLogger("taskmoe.batching")
@@ -45,7 +47,7 @@ class _Request:
     generation: Generation
     emit: Callable[[Delta], None] | None
     route: RowRoute | None = None  # how its rows route, in a pooled model
-    cache: DynamicCache | None = None  # a long prompt's own cache while it is prefilled chunk by chunk
+    cache: Cache | None = None  # a long prompt's own cache while it is prefilled chunk by chunk
     prefilled: int = 0  # prompt tokens in `cache`
     generator: torch.Generator | None = None
     step: int = 0
@@ -85,12 +87,16 @@ class _Request:
         return self.sample(logits.expand(self.generation.params.n, -1))
 
 
+BATCHABLE_LAYERS = frozenset({"full_attention", "linear_attention"})
+"""Layer kinds whose caches join by rows: growing keys and values (left-padded), or a fixed-size state per row."""
+
+
 def batchable(model: PreTrainedModel) -> bool:
-    """Plain per-layer key/value caches (no sliding windows, no linear attention) can be joined by rows."""
+    """Full-attention and linear-attention layers can be joined by rows; sliding windows cannot."""
     config = model.config
     if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
         return False
-    return all(kind == "full_attention" for kind in getattr(config, "layer_types", None) or [])
+    return all(kind in BATCHABLE_LAYERS for kind in getattr(config, "layer_types", None) or [])
 
 
 class BatchedDecoder:
@@ -117,7 +123,7 @@ class BatchedDecoder:
         self._pending: list[_Request] = []
         self._work = threading.Condition()
         self._thread: threading.Thread | None = None
-        self._rows: DecodingRows[_Request] = DecodingRows(model.config, self.device)  # the batch
+        self._rows: DecodingRows[_Request] = DecodingRows(self.device)  # the batch
 
     def run(
         self, generation: Generation, emit: Callable[[Delta], None] | None = None, route: RowRoute | None = None
@@ -194,7 +200,7 @@ class BatchedDecoder:
             return
         assert self.max_prefill_tokens is not None
         if request.cache is None:
-            request.cache = DynamicCache(config=self.model.config)
+            request.cache = new_cache(self.model.config)
         prompt = generation.prompt_ids
         start, stop = request.prefilled, min(len(prompt), request.prefilled + self.max_prefill_tokens)
         chunk = torch.tensor([prompt[start:stop]], device=self.device)  # [1, chunk]
@@ -215,12 +221,12 @@ class BatchedDecoder:
         if tokens is None:
             return
         n = generation.params.n
-        cache.batch_repeat_interleave(n)
+        repeat_rows(cache, n)
         mask = torch.ones((n, len(prompt)), dtype=torch.long, device=self.device)
         positions = torch.full((n,), len(prompt), dtype=torch.long, device=self.device)
         self._rows.join([request], cache, mask, positions, torch.tensor(tokens, device=self.device))
 
-    def _forward(self, routes: list[RowRoute | None], cache: DynamicCache, **inputs: object) -> torch.Tensor:
+    def _forward(self, routes: list[RowRoute | None], cache: Cache, **inputs: object) -> torch.Tensor:
         """The model's last-position logits [rows, vocab], extending `cache`; in a pooled model row i routes
         as `routes[i]`."""
         inputs |= cache_argument(self.model, cache)
@@ -247,17 +253,17 @@ class BatchedDecoder:
         if not joining:
             return
         index = torch.tensor(rows, device=self.device)  # [rows of the joining choices]
-        cache.batch_select_indices(index)
+        select_rows(cache, index)
         lengths = mask[index].sum(-1)  # [rows]: the position of each row's next token
         self._rows.join(joining, cache, mask[index], lengths, torch.tensor(first_tokens, device=self.device))
 
-    def _prefill_together(self, live: list[_Request]) -> tuple[DynamicCache, torch.Tensor, torch.Tensor]:
+    def _prefill_together(self, live: list[_Request]) -> tuple[Cache, torch.Tensor, torch.Tensor]:
         """One left-padded forward pass over the prompts: their cache, mask [requests, width] and last
         logits [requests, vocab]."""
         pad = int(getattr(self.model.config, "pad_token_id", None) or 0)
         input_ids, mask = left_padded([r.generation.prompt_ids for r in live], pad, self.device)
         padded = not bool(mask.all())
-        cache = DynamicCache(config=self.model.config)
+        cache = new_cache(self.model.config)
         logits = self._forward(
             [request.route for request in live],
             input_ids=input_ids,

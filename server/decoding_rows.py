@@ -2,6 +2,8 @@
 
 Rows of different lengths share one key/value cache by left padding: every row's cache ends at the same
 column, a mask marks the padding (0) apart from the tokens (1), and each row keeps its own next position.
+Linear-attention layers (hybrid models) keep a fixed-size state per row instead, which rows join by stacking
+(`cache_rows`).
 Rows join when their prompts are prefilled (padded on the left to the longer of the two caches), leave
 when their request finishes, and columns that are padding for every row left are dropped, so that a long
 request that left does not make the others attend over its width.
@@ -12,18 +14,11 @@ from __future__ import annotations
 from typing import Generic, TypeVar
 
 import torch
-from transformers import DynamicCache, PretrainedConfig
+from transformers import Cache
+
+from server.model.cache_rows import drop_columns, join_rows, select_rows
 
 Request = TypeVar("Request")
-
-
-def left_pad(tensor: torch.Tensor, length: int) -> torch.Tensor:
-    """Pad the sequence dimension (-2) of a [rows, heads, seq, dim] cache tensor on the left."""
-    missing = length - tensor.shape[-2]
-    if missing == 0:
-        return tensor
-    padding = tensor.new_zeros((*tensor.shape[:-2], missing, tensor.shape[-1]))
-    return torch.cat([padding, tensor], dim=-2)
 
 
 def left_pad_mask(mask: torch.Tensor, length: int) -> torch.Tensor:
@@ -48,15 +43,14 @@ class DecodingRows(Generic[Request]):
     their shared key/value cache, the mask [rows, cached length] (0 on left padding), each row's next
     position [rows] and latest token [rows], the input of the next step."""
 
-    def __init__(self, config: PretrainedConfig, device: torch.device) -> None:
-        self.config = config  # the model's, for the caches that joining builds
+    def __init__(self, device: torch.device) -> None:
         self.device = device
         self.clear()
 
     def clear(self) -> None:
         """Drop every row (the batch is done, or failed)."""
         self.requests: list[Request] = []
-        self.cache: DynamicCache | None = None
+        self.cache: Cache | None = None
         self.mask: torch.Tensor | None = None
         self.positions: torch.Tensor | None = None
         self.tokens: torch.Tensor | None = None
@@ -64,7 +58,7 @@ class DecodingRows(Generic[Request]):
     def join(
         self,
         requests: list[Request],
-        cache: DynamicCache,
+        cache: Cache,
         mask: torch.Tensor,
         positions: torch.Tensor,
         tokens: torch.Tensor,
@@ -76,12 +70,7 @@ class DecodingRows(Generic[Request]):
             self.mask, self.positions, self.tokens = mask, positions, tokens
             return
         length = max(self.mask.shape[1], mask.shape[1])
-        joined = DynamicCache(config=self.config)
-        for index, (old, new) in enumerate(zip(self.cache.layers, cache.layers, strict=True)):
-            keys = torch.cat([left_pad(old.keys, length), left_pad(new.keys, length)])
-            values = torch.cat([left_pad(old.values, length), left_pad(new.values, length)])
-            joined.update(keys, values, index)
-        self.cache = joined
+        join_rows(self.cache, cache, length)
         self.mask = torch.cat([left_pad_mask(self.mask, length), left_pad_mask(mask, length)])
         self.positions = torch.cat([self.positions, positions])
         self.tokens = torch.cat([self.tokens, tokens])
@@ -112,7 +101,7 @@ class DecodingRows(Generic[Request]):
             self.cache = None
             return
         index = torch.tensor(keep, device=self.device)
-        self.cache.batch_select_indices(index)
+        select_rows(self.cache, index)
         self.mask, self.positions = self.mask[index], self.positions[index]
         self.tokens = torch.tensor(tokens, device=self.device)
         self._drop_padding()
@@ -122,5 +111,4 @@ class DecodingRows(Generic[Request]):
         first = int(self.mask.any(dim=0).nonzero()[0])
         if first > 0:
             self.mask = self.mask[:, first:]
-            for layer in self.cache.layers:
-                layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
+            drop_columns(self.cache, first)

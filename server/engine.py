@@ -16,9 +16,9 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
-from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from server.model.kv_cache import cache_argument
+from server.model.kv_cache import cache_argument, new_cache
 
 
 @dataclass(frozen=True)
@@ -116,7 +116,7 @@ class Generation:
         generator = self.new_generator(device)
         with torch.inference_mode():
             input_ids = torch.tensor([self.prompt_ids] * self.params.n, device=device)
-            cache = DynamicCache(config=self.model.config)
+            cache = new_cache(self.model.config)
             cached = cache_argument(self.model, cache)
             logits = self.model(input_ids=input_ids, **cached, use_cache=True, logits_to_keep=1).logits
             for step in range(self.params.max_tokens):

@@ -74,7 +74,7 @@ class ModelInfo:
         the fingerprint, and its config and generation config unless a `VariantBuilder` already read them);
         `name` defaults to the directory's name."""
         directory = Path(directory)
-        config = config or AutoConfig.from_pretrained(directory)
+        config = config or AutoConfig.from_pretrained(directory).get_text_config()  # Qwen3.5: its text model
         tokenizer = AutoTokenizer.from_pretrained(str(directory))
         generation_config = generation_config or read_generation_config(directory)
         return cls(

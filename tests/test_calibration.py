@@ -110,6 +110,7 @@ def _reference_statistics(directory, model_type: str) -> dict[int, dict[str, tor
         *("qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "deepseek_v3", "glm4_moe", "glm4_moe_lite", "dots1"),
         *("exaone_moe", "deepseek_v2", "ernie4_5_moe", "hunyuan_v1_moe", "granitemoe", "granitemoeshared"),
         *("phimoe", "gpt_oss", "minimax_m2", "llama", "qwen3"),
+        *("qwen3_next", "qwen3_5_moe", "qwen3_5_moe_text", "minimax"),  # hybrid: linear layers take their own mask
     ],
 )
 def test_layerwise_statistics_equal_full_model_hooks(tmp_path, model_type) -> None:

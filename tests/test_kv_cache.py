@@ -1,14 +1,18 @@
 """The KV cache goes to the forward pass under the name the model class takes: `cache` on transformers 5.24
 and later, `past_key_values` on earlier releases (the GPU image's 5.17), never a name that `**kwargs`
-would swallow."""
+would swallow; and it is the cache class that the model's family needs."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 from transformers import DynamicCache, LlamaForCausalLM, Qwen2MoeForCausalLM, Qwen3MoeForCausalLM
+from transformers.cache_utils import DynamicLayer, LinearAttentionLayer
+from transformers.models.minimax.modeling_minimax import MiniMaxCache
 
-from server.model.kv_cache import cache_argument, cache_keyword
+from server.model.kv_cache import LightningCache, cache_argument, cache_keyword, new_cache
+
+from tiny_models import HYBRID_LAYERS, hybrid_moe_configs, moe_configs
 
 
 class _OldStyle(torch.nn.Module):  # a causal LM's forward as transformers 5.17 writes it
@@ -48,3 +52,17 @@ def test_installed_transformers_takes_what_it_asks_for(model_class) -> None:
 
     expected = "cache" if Version(transformers.__version__) >= Version("5.24") else "past_key_values"
     assert cache_keyword(model_class) == expected
+
+
+def test_each_family_gets_the_cache_its_forward_takes() -> None:
+    """Linear-attention layers get a conv/recurrent state layer in a `DynamicCache`; MiniMax, whose forward
+    refuses any cache but its own, a `MiniMaxCache` whose lightning layers hold no length."""
+    configs = hybrid_moe_configs()
+    expected = [LinearAttentionLayer if kind == "linear_attention" else DynamicLayer for kind in HYBRID_LAYERS]
+    for config in (configs["qwen3_next"], configs["qwen3_5_moe"].get_text_config(), configs["minimax"]):
+        cache = new_cache(config)
+        assert [type(layer) for layer in cache.layers] == expected[: config.num_hidden_layers]
+    assert isinstance(new_cache(configs["minimax"]), LightningCache)
+    assert isinstance(new_cache(configs["minimax"]), MiniMaxCache)
+    plain = new_cache(moe_configs()["qwen3_moe"])
+    assert type(plain) is DynamicCache and all(type(layer) is DynamicLayer for layer in plain.layers)

@@ -7,7 +7,8 @@ names, DeepSeek-V3's sigmoid router with a selection bias and group-limited rout
 share it: GLM-4.5, dots.llm1, EXAONE-MoE), DeepSeek-V2's group-limited greedy routing, ERNIE's selection
 bias on a child of its router, Hunyuan's router weight in a child Linear, Granite's fused checkpoint names
 and scaled embeddings, residuals and logits, PhiMoE's sparsemixer, gpt-oss's transposed experts with biases
-and its biased router, MiniMax-M2's selection bias on the block. Each is saved by `save_pretrained`, which
+and its biased router, MiniMax-M2's selection bias on the block, and the hybrid-attention families
+(`hybrid_moe_configs`). Each is saved by `save_pretrained`, which
 writes the hub layout the family's releases use (transformers converts on save and load).
 """
 
@@ -18,6 +19,7 @@ from pathlib import Path
 import torch
 from transformers import (
     AutoModelForCausalLM,
+    AutoModelForImageTextToText,
     DeepseekV2Config,
     DeepseekV3Config,
     Dots1Config,
@@ -30,6 +32,7 @@ from transformers import (
     GraniteMoeSharedConfig,
     HunYuanMoEV1Config,
     LlamaConfig,
+    MiniMaxConfig,
     MiniMaxM2Config,
     MistralConfig,
     MixtralConfig,
@@ -40,7 +43,9 @@ from transformers import (
     Qwen2MoeConfig,
     Qwen3Config,
     Qwen3MoeConfig,
+    Qwen3NextConfig,
 )
+from transformers.models.qwen3_5_moe import Qwen3_5MoeConfig, Qwen3_5MoeTextConfig
 
 COMMON = dict(
     vocab_size=64,
@@ -149,6 +154,75 @@ def moe_configs() -> dict[str, PretrainedConfig]:
         "minimax_m2": MiniMaxM2Config(
             **COMMON, head_dim=8, intermediate_size=16, num_local_experts=8, num_experts_per_tok=2
         ),
+        **hybrid_moe_configs(),
+    }
+
+
+HYBRID_LAYERS = ["linear_attention", "full_attention", "linear_attention", "full_attention"]
+"""Linear attention first, as in the releases (Qwen3-Next: three linear layers per full one; MiniMax-Text-01:
+seven lightning layers per softmax one), so that no cache length can be read off layer 0."""
+
+LINEAR_HEADS = dict(
+    linear_conv_kernel_dim=4,
+    linear_key_head_dim=8,
+    linear_value_head_dim=8,
+    linear_num_key_heads=2,
+    linear_num_value_heads=4,
+)
+
+
+def hybrid_moe_configs() -> dict[str, PretrainedConfig]:
+    """MoE families whose decoder mixes linear-attention layers (a recurrent state per sequence, no keys or
+    values) with full attention: Qwen3-Next and Qwen3.5 (gated DeltaNet, shared expert with its gate; Qwen3-Next
+    with a dense last layer), MiniMax-Text-01 (lightning attention, blocks of 4 so prompts span several)."""
+    hybrid = {**COMMON, "num_hidden_layers": 3}  # every layer sparse: linear, full, linear attention
+    return {
+        "qwen3_next": Qwen3NextConfig(
+            **{**hybrid, "num_hidden_layers": 4},
+            **LINEAR_HEADS,
+            head_dim=8,
+            intermediate_size=48,
+            moe_intermediate_size=16,
+            shared_expert_intermediate_size=24,
+            num_experts=8,
+            num_experts_per_tok=2,
+            norm_topk_prob=True,
+            mlp_only_layers=[3],
+            layer_types=HYBRID_LAYERS,
+        ),
+        "qwen3_5_moe": Qwen3_5MoeConfig(  # the multimodal release: a text model beside a vision tower
+            text_config=dict(
+                **hybrid,
+                **LINEAR_HEADS,
+                head_dim=8,
+                moe_intermediate_size=16,
+                shared_expert_intermediate_size=24,
+                num_experts=8,
+                num_experts_per_tok=2,
+                layer_types=HYBRID_LAYERS[:3],
+            ),
+            vision_config=dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=32),
+            tie_word_embeddings=False,
+        ),
+        "qwen3_5_moe_text": Qwen3_5MoeTextConfig(  # the text model alone, as an export of the release writes it
+            **hybrid,
+            **LINEAR_HEADS,
+            head_dim=8,
+            moe_intermediate_size=16,
+            shared_expert_intermediate_size=24,
+            num_experts=8,
+            num_experts_per_tok=2,
+            layer_types=HYBRID_LAYERS[:3],
+        ),
+        "minimax": MiniMaxConfig(
+            **hybrid,
+            head_dim=8,
+            intermediate_size=16,
+            num_local_experts=8,
+            num_experts_per_tok=2,
+            block_size=4,
+            layer_types=HYBRID_LAYERS[:3],
+        ),
     }
 
 
@@ -193,13 +267,19 @@ def save_random_model(config: PretrainedConfig, directory: Path, seed: int = 0) 
     """A randomly initialised model of `config`, saved with `save_pretrained` (safetensors).
 
     Router weights are scaled up so that routing depends strongly on the input (a near-uniform router
-    would make a wrong expert order invisible), and the selection biases are made non-zero.
+    would make a wrong expert order invisible), and the selection biases are made non-zero. A config with a
+    text config inside (Qwen3.5's multimodal release) is saved as the whole multimodal model.
     """
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config).eval()
+    if config.get_text_config() is config:
+        model = AutoModelForCausalLM.from_config(config).eval()
+    else:  # a multimodal release (Qwen3.5): the whole model, its text model nested as the hub has it
+        model = AutoModelForImageTextToText.from_config(config).eval()
+    computed = {name for name, _ in model.named_buffers() if not name.endswith("e_score_correction_bias")}
     with torch.no_grad():
         for name, tensor in model.state_dict().items():
-            if tensor.is_floating_point() and not name.endswith("inv_freq"):
+            # buffers computed from the config (rotary frequencies, lightning attention's decays) stay as computed
+            if tensor.is_floating_point() and name not in computed:
                 tensor.normal_(0.0, 0.5 if name.endswith(ROUTER_WEIGHTS) else 0.08)
             if name.endswith("e_score_correction_bias"):
                 tensor.uniform_(-0.05, 0.05)

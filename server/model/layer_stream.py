@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import nn
 from transformers import PreTrainedModel
-from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from server.model.layout import ModelLayout
 from server.model.module_tree import compute_buffers, computed_buffer_names, meta_model, set_tensor, to_meta
@@ -29,12 +29,55 @@ class StreamBatch:
     """One right-padded batch of prompts as it travels through the decoder layers."""
 
     hidden: torch.Tensor  # [B, S, H], the input of the next layer
-    positions: torch.Tensor  # [1, S]
-    rotary: tuple[torch.Tensor, torch.Tensor]  # cos, sin: [1, S, head_dim]
-    masks: dict[str, torch.Tensor | None]  # attention mask per layer type
+    layer_inputs: list[dict[str, Any]]  # per decoder layer: the keyword arguments the model's forward gives it
     real: torch.Tensor  # [B * S] bool: real tokens, not padding
     ids: torch.Tensor  # [B, S] token ids
     prompts: list[int]  # the index of each row's prompt in the stream's input
+
+
+class _Reached(Exception):
+    """Raised by the last `_Recorder`: the layers' inputs are known, the model's forward stops there."""
+
+
+class _Recorder(nn.Module):
+    """Stands in for a decoder layer in the model's own forward, and keeps what that forward hands it."""
+
+    def __init__(self, last: bool) -> None:
+        super().__init__()
+        self.last = last
+        self.hidden: torch.Tensor | None = None
+        self.kwargs: dict[str, Any] = {}
+
+    def forward(self, hidden: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if args:
+            raise TypeError("a decoder layer called with positional arguments besides the hidden states")
+        self.hidden, self.kwargs = hidden, kwargs
+        if self.last:
+            raise _Reached
+        return hidden
+
+
+def layer_inputs(model: PreTrainedModel, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, list[dict]]:
+    """The embedded tokens and, per decoder layer, the keyword arguments (masks, rotary embeddings, positions)
+    that the model's own forward hands that layer for this batch with no cache. Asking the forward itself keeps
+    every family's rules exact: a mask per layer kind (full, sliding window, the 2D padding mask of linear
+    attention), Qwen3.5's multimodal rotary positions. Only the embeddings and rotary module need weights.
+    The decoder layers are swapped out for the call: `model` must be one that nothing else runs meanwhile
+    (calibration's skeleton, refinement's own build)."""
+    inner = model.model
+    layers = inner.layers
+    recorders = nn.ModuleList(_Recorder(index == len(layers) - 1) for index in range(len(layers)))
+    inner.layers = recorders
+    try:
+        inner(input_ids=ids, attention_mask=mask, use_cache=False)
+    except _Reached:
+        pass
+    finally:
+        inner.layers = layers
+    if any(recorder.hidden is None for recorder in recorders):
+        raise RuntimeError(f"{type(inner).__name__}.forward did not run every decoder layer")
+    kwargs = [{k: v for k, v in r.kwargs.items() if k not in ("cache", "use_cache")} for r in recorders]
+    return recorders[0].hidden, kwargs
 
 
 def padded_batches(
@@ -74,39 +117,16 @@ class LayerStream:
         device = inner.embed_tokens.weight.device
         pad_id = self.config.pad_token_id if self.config.pad_token_id is not None else 0
         self.batches: list[StreamBatch] = []
-        layer_types = getattr(self.config, "layer_types", None)
-        self.layer_types = list(layer_types) if layer_types else ["full_attention"] * self.config.num_hidden_layers
         with torch.inference_mode():
             for ids, mask, prompts in padded_batches(token_ids, batch_size, pad_id):
                 ids, mask = ids.to(device), mask.to(device)
-                hidden = inner.embed_tokens(ids)
-                if getattr(inner, "embedding_multiplier", None) is not None:  # Granite scales its embeddings
-                    hidden = hidden * inner.embedding_multiplier
-                positions = torch.arange(ids.shape[1], device=device)[None]
-                sliding = getattr(self.config, "sliding_window", None)
-                masks = {
-                    "full_attention": create_causal_mask(self.config, hidden, mask, None, positions),
-                    "sliding_attention": create_sliding_window_causal_mask(self.config, hidden, mask, None, positions)
-                    if sliding
-                    else None,
-                }
-                rotary = inner.rotary_emb(hidden, positions)
-                self.batches.append(
-                    StreamBatch(hidden, positions, rotary, masks, mask.reshape(-1).bool(), ids, prompts)
-                )
+                hidden, inputs = layer_inputs(model, ids, mask)
+                self.batches.append(StreamBatch(hidden, inputs, mask.reshape(-1).bool(), ids, prompts))
         self.current: StreamBatch = self.batches[0]
 
     @property
     def tokens(self) -> int:
         return int(sum(int(batch.real.sum()) for batch in self.batches))
-
-    def layer_kwargs(self, index: int, batch: StreamBatch) -> dict[str, Any]:
-        mask = batch.masks.get(self.layer_types[index])
-        return {
-            "attention_mask": batch.masks["full_attention"] if mask is None else mask,
-            "position_ids": batch.positions,
-            "position_embeddings": batch.rotary,
-        }
 
     @torch.inference_mode()
     def forward(self, index: int, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -116,7 +136,7 @@ class LayerStream:
         outputs = []
         for batch, hidden in zip(self.batches, inputs, strict=True):
             self.current = batch
-            outputs.append(layer(hidden, **self.layer_kwargs(index, batch)))
+            outputs.append(layer(hidden, **batch.layer_inputs[index]))
         return outputs
 
     def run_layer(self, index: int, inputs: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor]:
@@ -145,7 +165,7 @@ class LayerLoader:
         self.layout = layout
         self.tensors = tensors
         self.model = meta_model(layout.config).eval()  # from_config builds in training mode (PhiMoE samples)
-        self._computed = computed_buffer_names(self.model)
+        self._computed = computed_buffer_names(self.model, lambda name: tensors.checkpoint_name(name) is not None)
         self._stored = sorted(
             {name for name, _ in self.model.named_parameters()}
             | {name for name, _ in self.model.named_buffers() if name not in self._computed}

@@ -7,7 +7,7 @@ and the layer stream puts them back on the meta device when a layer is done.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
@@ -32,9 +32,15 @@ def set_tensor(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
         raise KeyError(name)
 
 
-def computed_buffer_names(model: nn.Module) -> set[str]:
-    """Buffers the checkpoint does not hold (rotary frequencies and the like): computed at load."""
-    return {name for name, _ in model.named_non_persistent_buffers()}
+def computed_buffer_names(model: nn.Module, stored: Callable[[str], bool] | None = None) -> set[str]:
+    """Buffers computed at load rather than read: the non-persistent ones (rotary frequencies and the like)
+    and, given `stored` (does the checkpoint hold this tensor?), persistent ones that a checkpoint leaves out
+    (MiniMax's lightning-attention decays), which the module's own init computes from the config, as
+    transformers' loader does."""
+    names = {name for name, _ in model.named_non_persistent_buffers()}
+    if stored is not None:
+        names |= {name for name, _ in model.named_buffers() if name not in names and not stored(name)}
+    return names
 
 
 def compute_buffers(model: PreTrainedModel, names: Iterable[str], device: torch.device) -> None:

@@ -63,7 +63,8 @@ class VariantBuilder:
     def __init__(self, model_dir: str | Path, device: str | torch.device | None = "cpu", dtype: Any = "auto") -> None:
         self.model_dir = Path(model_dir)
         self.reader = CheckpointReader(self.model_dir)
-        self.config = AutoConfig.from_pretrained(self.model_dir)
+        # a multimodal release (Qwen3.5) is served as its text model, the one AutoModelForCausalLM builds
+        self.config = AutoConfig.from_pretrained(self.model_dir).get_text_config()
         self.family: Family = family_for(self.config.model_type)
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.config)
@@ -72,6 +73,7 @@ class VariantBuilder:
         self.backbone = Backbone(self.tensors)
         self.sizes = VariantSizes(self.layout, self.tensors)
         self.generation_config = read_generation_config(self.model_dir)
+        self._derived: dict[str, torch.Tensor] = {}  # buffers computed in place of missing ones, shared
 
     @property
     def sparse_layers(self) -> dict[int, SparseLayer]:
@@ -119,14 +121,19 @@ class VariantBuilder:
         """Fill every tensor of `model` not in `assigned` with the shared backbone and compute its buffers;
         ready to run."""
         computed = computed_buffer_names(model)
+        # persistent buffers the checkpoint leaves out (MiniMax's lightning decays, 17 MB a layer at its shape):
+        # computed once by the module's own init, then shared by every variant like the backbone
+        derived = computed_buffer_names(model, lambda name: self.tensors.checkpoint_name(name) is not None) - computed
         for name, _ in [*model.named_parameters(remove_duplicate=False), *model.named_buffers()]:
-            if name in assigned or name in computed:
+            if name in assigned or name in computed or (name in derived and name not in self._derived):
                 continue
             if name in self.layout.tied and self.tensors.checkpoint_name(name) is None:
                 continue  # tied to its source below
-            set_tensor(model, name, self.backbone.tensor(name))
+            set_tensor(model, name, self._derived[name] if name in derived else self.backbone.tensor(name))
         model.tie_weights()
-        compute_buffers(model, computed, self.device)
+        fresh = [name for name in derived if name not in self._derived]
+        compute_buffers(model, [*computed, *fresh], self.device)
+        self._derived |= {name: model.get_buffer(name) for name in fresh}
         if self.generation_config is not None:
             model.generation_config = copy.deepcopy(self.generation_config)
         return model.eval()
