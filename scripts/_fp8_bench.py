@@ -30,23 +30,16 @@ from typing import Any
 
 import bench_variants as bench
 
-FP8_SHAPE: dict[str, Any] = dict(
-    vocab_size=8192,
-    hidden_size=2048,
-    intermediate_size=6144,
-    moe_intermediate_size=768,
-    num_experts=128,
-    num_experts_per_tok=8,
-    num_attention_heads=32,
-    num_key_value_heads=4,
-    head_dim=128,
-    max_position_embeddings=4096,
-    tie_word_embeddings=False,
-    norm_topk_prob=True,
-    bos_token_id=1,
-    eos_token_id=2,
-    pad_token_id=0,
-)
+#: Qwen3-30B-A3B's layer shape; the rest (vocabulary, ids, norms) as in the bf16 benchmark's model
+FP8_SHAPE: dict[str, Any] = {
+    **bench.SHAPE,
+    "hidden_size": 2048,
+    "intermediate_size": 6144,
+    "moe_intermediate_size": 768,
+    "num_experts": 128,
+    "num_attention_heads": 32,
+    "head_dim": 128,
+}
 BLOCK = (128, 128)
 FP8_FORMAT = 1
 KEEP = 0.5
