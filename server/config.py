@@ -124,8 +124,9 @@ class ServerConfig(BaseSettings):
     dtype: str = Field("auto", description="auto (the checkpoint's), bfloat16, float16 or float32")
     expert_dtype: str = Field(
         "auto",
-        description="MoE expert pool: what a slot holds; auto (the checkpoint's: FP8 values and scales for a "
-        "block-FP8 checkpoint, dequantized per step), fp8, or the model's dtype (dequantized when loaded)",
+        description="MoE expert pool: what a slot holds; auto (the checkpoint's: the values and scales of a "
+        "block-FP8 or MXFP4 checkpoint, dequantized per step), fp8, mxfp4, or the model's dtype (dequantized when "
+        "loaded)",
     )
     cache_budget: Bytes = Field(
         4 * 2**30,
