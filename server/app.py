@@ -19,6 +19,8 @@ from server.api.errors import install_error_handlers, install_openapi
 from server.api.observe import RequestObserver
 from server.config import ServerConfig
 from server.metrics import Metrics
+from server.model.checkpoint_errors import CheckpointError
+from server.model.families import UnsupportedModelError
 from server.model.variant import resolve_device
 from server.proxy import UpstreamProxy
 from server.runtime import Runtime
@@ -67,6 +69,10 @@ def _load(app: FastAPI) -> None:
     started = time.perf_counter()
     try:
         runtime = Runtime(config, app.state.executor, app.state.metrics)
+    except (CheckpointError, UnsupportedModelError) as error:  # the checkpoint, not the code: its message says it
+        app.state.load_error = f"{type(error).__name__}: {error}"
+        log.error("loading %s failed: %s", config.model, error)
+        return
     except Exception as error:
         app.state.load_error = f"{type(error).__name__}: {error}"
         log.exception("loading %s failed", config.model)

@@ -587,3 +587,27 @@ def test_calibration_from_fp8_streams_layer_by_layer(tmp_path) -> None:
     assert refinement < 0.15 * full and refinement < 0.6 * checkpoint_bytes, (refinement, checkpoint_bytes)
     print(f"fp8 checkpoint {checkpoint_bytes / 1e6:.0f} MB: calibration +{calibration / 1e6:.0f} MB, "
           f"refinement +{refinement / 1e6:.0f} MB")  # fmt: skip
+
+
+def test_a_server_on_an_unread_checkpoint_says_why_in_one_line_without_a_traceback(sources, tmp_path, caplog) -> None:
+    """`taskmoe serve` on an AWQ checkpoint: /health and the log carry the one-line reason, no traceback."""
+    import logging
+    import shutil
+
+    from fastapi.testclient import TestClient
+
+    from server.app import create_app
+    from server.config import ServerConfig
+
+    model = tmp_path / "awq"
+    shutil.copytree(sources["qwen3_moe"], model)
+    config = json.loads((model / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "awq", "bits": 4}
+    (model / "config.json").write_text(json.dumps(config))
+    with caplog.at_level(logging.ERROR, logger="taskmoe.app"), TestClient(create_app(ServerConfig(model=model))) as c:
+        health = c.get("/health")
+    assert health.status_code == 503
+    assert "quant_method 'awq' is not a format taskmoe reads" in health.text
+    failures = [record for record in caplog.records if "failed" in record.getMessage()]
+    assert failures and "'awq' is not a format" in failures[0].getMessage()
+    assert all(record.exc_info is None for record in failures), "a bad checkpoint is a message, not a traceback"
