@@ -358,3 +358,36 @@ def test_dequantized_export_reloads_with_plain_transformers(checkpoints, tmp_pat
     assert getattr(reloaded.config, builder.family.experts_field) == len(kept)
     expected = _logits(VariantBuilder(checkpoints.reference, dtype="float32").build(selection))
     _close(_logits(reloaded), expected)
+
+
+def test_export_in_the_checkpoint_precision_keeps_the_stored_bytes(checkpoints, tmp_path) -> None:
+    """A variant exported with `--dtype auto` keeps the source's quantized bytes and scales of its kept experts,
+    bit for bit, and its `quantization_config`; read back, it computes the variant."""
+    builder = VariantBuilder(checkpoints.quantized, dtype="float32")
+    kept = (0, 3, 4, 7) if builder.family.balanced_groups(builder.config) > 1 else (1, 4, 6)
+    selection = Selection("moe_experts", {layer: list(kept) for layer in builder.sparse_layers})
+    out = export_variant(builder, selection, tmp_path / "export", keep_quantization=True)
+    source_config = json.loads((checkpoints.quantized / "config.json").read_text())
+    assert json.loads((out / "config.json").read_text())["quantization_config"] == source_config["quantization_config"]
+    exported = load_file(out / "model.safetensors")
+    source = load_file(checkpoints.quantized / "model.safetensors")
+    quantized = [name for name in source if name.endswith(("_scale_inv", "_blocks", "_scales"))]
+    assert quantized
+    for name in quantized:
+        per_expert = re.search(r"(layers\.(\d+)\..*\.experts\.)(\d+)\.", name)
+        if per_expert is None and ".experts." in name:  # fused (gpt-oss): the kept experts' rows, in order
+            expected = source[name][list(kept)]
+            assert torch.equal(exported[name].view(torch.uint8), expected.view(torch.uint8)), name
+        elif per_expert is not None:  # one expert's tensor: exported as its position among the kept
+            if int(per_expert.group(3)) in kept:
+                renamed = name.replace(
+                    per_expert.group(0), f"{per_expert.group(1)}{kept.index(int(per_expert.group(3)))}."
+                )
+                assert torch.equal(exported[renamed].view(torch.uint8), source[name].view(torch.uint8)), name
+        else:  # attention and other quantized backbone tensors: as they are
+            assert torch.equal(exported[name].view(torch.uint8), source[name].view(torch.uint8)), name
+    expected = _logits(VariantBuilder(checkpoints.reference, dtype="float32").build(selection))
+    _close(_logits(VariantBuilder(out, dtype="float32").build()), expected)
+    if checkpoints.case.format == "mxfp4":  # the packed experts replace the dequantized ones save_pretrained wrote
+        assert not [name for name in exported if name.endswith((".experts.gate_up_proj", ".experts.down_proj"))]
+        _close(_logits(AutoModelForCausalLM.from_pretrained(out).eval()), expected)  # transformers dequantizes
