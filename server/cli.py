@@ -427,7 +427,12 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--pattern", help="export the variant of this stored pattern (with --store)")
     export.add_argument("--store", help="pattern store directory (with --pattern)")
     export.add_argument("--out", required=True, help="output directory")
-    export.add_argument("--dtype", default="auto", help="auto (the checkpoint's), float32, bfloat16 or float16")
+    export.add_argument(
+        "--dtype",
+        default="auto",
+        help="auto (the checkpoint's precision: an FP8 or MXFP4 checkpoint's variant stays quantized), or "
+        "float32, bfloat16, float16 (dequantized)",
+    )
     export.add_argument("--force", action="store_true", help="write into a non-empty output directory")
     export.set_defaults(func=cmd_export)
 
