@@ -66,7 +66,9 @@ class MoeObserver:
     The router hook sees logits and selections (routing scores). The experts hook sees the routed tokens,
     their selections and gate weights, and the routed output: it recomputes each selected expert's output
     (the experts module's own code) for its norm, and reads the residual stream h_in that the router's
-    layer norm received, so that h_out = h_in + routed output (EASY-EP's token weight).
+    layer norm received, so that h_out = h_in + routed output (EASY-EP's token weight); in a post-norm layer
+    (MiniMax) h_in is the norm's output times `mlp_alpha_factor` and the routed output is scaled by
+    `mlp_beta_factor`.
     """
 
     def __init__(
@@ -79,12 +81,23 @@ class MoeObserver:
         self.residual: torch.Tensor | None = None
         #: Granite scales what each sublayer adds to the residual stream
         self.residual_multiplier = float(getattr(layer, "residual_multiplier", 1.0))
+        #: MiniMax's layers are post-norm: the stream the MoE block adds to is the norm's output, scaled by
+        #: `mlp_alpha_factor`, and the block's output is scaled by `mlp_beta_factor`
+        self.post_norm = hasattr(layer, "mlp_alpha_factor")
+        self.stream_scale = float(getattr(layer, "mlp_alpha_factor", 1.0))
+        if self.post_norm:
+            self.residual_multiplier = float(layer.mlp_beta_factor)
         norm = getattr(layer, "post_attention_layernorm", None)
         if norm is None:
             raise ValueError(f"{type(layer).__name__} has no post_attention_layernorm: cannot read its residual")
+        residual_hook = (
+            norm.register_forward_hook(self.on_normed)
+            if self.post_norm
+            else norm.register_forward_pre_hook(self.on_residual)
+        )
         self.handles = [
             router_of(block, family).register_forward_hook(self.on_router),
-            norm.register_forward_pre_hook(self.on_residual),
+            residual_hook,
             block.experts.register_forward_hook(self.on_experts),
         ]
 
@@ -97,6 +110,9 @@ class MoeObserver:
     def on_residual(self, module: nn.Module, args: Any) -> None:
         self.residual = args[0]
 
+    def on_normed(self, module: nn.Module, args: Any, output: torch.Tensor) -> None:
+        self.residual = output
+
     def on_experts(self, module: nn.Module, args: Any, output: torch.Tensor) -> None:
         hidden, top_index, top_weights = args[0], args[1], args[2]
         real = self.stream.current.real.to(hidden.device)
@@ -106,7 +122,7 @@ class MoeObserver:
         norms = outputs.float().norm(dim=-1).view(-1, k)  # [T, k]
         if self.residual is None:
             raise RuntimeError("the MoE block ran before its layer norm: cannot read the residual stream")
-        residual = self.residual.reshape(-1, self.residual.shape[-1])[real].float()
+        residual = self.stream_scale * self.residual.reshape(-1, self.residual.shape[-1])[real].float()
         added = self.residual_multiplier * routed.float()
         change = 1.0 - torch.nn.functional.cosine_similarity(residual, residual + added, dim=-1)
         self.stats.update_outputs(top_weights, top_index, norms, change)

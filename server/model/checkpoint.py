@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import mmap
 import struct
 import threading
@@ -97,6 +98,7 @@ class CheckpointReader:
         self._files: dict[Path, Any] = {}
         self._infos: dict[str, TensorInfo] = {}
         self._maps: dict[Path, tuple[mmap.mmap, int, dict[str, Any]]] = {}  # file -> (map, data start, header)
+        self._views: dict[str, torch.Tensor] = {}  # stored tensors viewed in their file's map, by name
         for file in self._weight_files():
             try:
                 handle = safe_open(str(file), framework="pt")
@@ -232,14 +234,27 @@ class CheckpointReader:
         info = self.info(name)
         if not 0 <= start < stop <= info.shape[0]:
             raise CheckpointError(f"{name}: rows {start}:{stop} out of range for first dimension {info.shape[0]}")
-        mapped, data_start, header = self._mapped(info.file)
-        begin, _ = header[name]["data_offsets"]
-        row = info.nbytes // max(1, info.shape[0])
-        count = (stop - start) * row // info.element_size
-        with warnings.catch_warnings():  # the map is read-only, and so is every use of the view: copies from it
-            warnings.simplefilter("ignore", UserWarning)
-            view = torch.frombuffer(mapped, dtype=info.dtype, count=count, offset=data_start + begin + start * row)
-        return self._count(view.view(stop - start, *info.shape[1:]))
+        return self._count(self._whole_view(name, info)[start:stop])
+
+    def place(self, name: str) -> tuple[str, int]:
+        """Where a stored tensor's bytes start: its file and offset, to read tensors in the file's order."""
+        info = self.info(name)
+        _, data_start, header = self._mapped(info.file)
+        return str(info.file), data_start + header[name]["data_offsets"][0]
+
+    def _whole_view(self, name: str, info: TensorInfo) -> torch.Tensor:
+        """The whole stored tensor as a view of the file's map, made once per tensor: a pool load slices it for
+        every expert it copies (thousands of small copies, scales among them), so the view costs nothing then."""
+        view = self._views.get(name)
+        if view is None:
+            mapped, data_start, header = self._mapped(info.file)
+            begin, _ = header[name]["data_offsets"]
+            count = math.prod(info.shape)
+            with warnings.catch_warnings():  # the map is read-only, and so is every use of the view: copies from it
+                warnings.simplefilter("ignore", UserWarning)
+                view = torch.frombuffer(mapped, dtype=info.dtype, count=count, offset=data_start + begin)
+            view = self._views.setdefault(name, view.view(info.shape))
+        return view
 
     def rows_to_copy(self, name: str, start: int, stop: int) -> torch.Tensor:
         """`tensor[start:stop]` in the values the model uses, to copy from: a view of the memory map for a

@@ -208,8 +208,9 @@ class PooledModel:
         """Copy `experts` from the checkpoint into `slots` of `layer` (the caller owns those slots)."""
         block = self.model.get_submodule(self.layers[layer].prefix).experts
         if isinstance(block, DequantizingExperts) and self.quantized is not None:
-            tensors, copy = self.builder.tensors, self.loader.copy
-            load_quantized(tensors, self.layers[layer], experts, slots, block, self.quantized, copy)
+            copies = self.loader.batch()
+            load_quantized(self.builder.tensors, self.layers[layer], experts, slots, block, self.quantized, copies)
+            copies.run()
             return
         targets = {name: getattr(block, name).data for name in self.builder.family.expert_tensors}
         self.loader.load(self.layers[layer], experts, slots, targets)

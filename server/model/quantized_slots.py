@@ -74,8 +74,13 @@ class Fp8Experts:
     ) -> None:
         """Copy each expert's FP8 values and scales from the checkpoint's memory map into its slot, unconverted."""
         checkpoint = tensors.checkpoint
-        for expert, slot in zip(experts, slots, strict=True):
-            gate, up, down = tensors.expert_names(layer, expert)
+        names = {expert: tensors.expert_names(layer, expert) for expert in experts}
+        # in the file's order (hub checkpoints sort names as text: expert 10 before 2), so the pages are read
+        # front to back, as the kernel's read-ahead expects
+        for expert, slot in sorted(
+            zip(experts, slots, strict=True), key=lambda pair: checkpoint.place(names[pair[0]][0])
+        ):
+            gate, up, down = names[expert]
             for target, part, name in (("gate_up_proj", 0, gate), ("gate_up_proj", 1, up), ("down_proj", 0, down)):
                 scale = scale_name(checkpoint, name)
                 values = checkpoint.rows_view(name, 0, checkpoint.info(name).shape[0])

@@ -9,8 +9,10 @@ memory is staged by the driver anyway).
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -42,6 +44,57 @@ def host_copy(target: torch.Tensor, source: torch.Tensor) -> None:
         target.copy_(source)
         return
     np.copyto(target.view(torch.uint8).numpy(), source.view(torch.uint8).numpy())
+
+
+def _copy_threads() -> int:
+    return max(1, min(4, len(os.sched_getaffinity(0))))
+
+
+class CopyBatch:
+    """Copies collected while a load is planned (`batch(target, source)`), then run together (`run()`): host
+    copies on a few threads at once, numpy's copy releasing the GIL. One thread copies at about the memory's
+    rate per core; two on a quiet 2-core machine come near the best parallel copy, and unlike torch's OpenMP
+    copy they do not stall when the cores are busy. Copies into GPU memory go through the loader's staging."""
+
+    _pool: ThreadPoolExecutor | None = None
+    _pool_lock = threading.Lock()
+
+    def __init__(self, loader: SlotLoader) -> None:
+        self.loader = loader
+        self.jobs: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def __call__(self, target: torch.Tensor, source: torch.Tensor) -> None:
+        self.jobs.append((target, source))
+
+    def run(self) -> None:
+        host = [job for job in self.jobs if job[0].device.type == "cpu" and job[1].device.type == "cpu"]
+        for target, source in self.jobs:
+            if target.device.type != "cpu" or source.device.type != "cpu":
+                self.loader.copy(target, source)
+        threads = _copy_threads()
+        if threads == 1 or len(host) < 2:
+            for target, source in host:
+                host_copy(target, source)
+            return
+        shares: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in range(threads)]
+        sizes = [0] * threads
+        for job in sorted(host, key=lambda job: -job[0].numel() * job[0].element_size()):
+            lightest = sizes.index(min(sizes))
+            shares[lightest].append(job)
+            sizes[lightest] += job[0].numel() * job[0].element_size()
+        list(self._threads().map(_copy_share, shares))  # waits for every share, raising the first failure
+
+    @classmethod
+    def _threads(cls) -> ThreadPoolExecutor:
+        with cls._pool_lock:
+            if cls._pool is None:
+                cls._pool = ThreadPoolExecutor(max_workers=_copy_threads(), thread_name_prefix="slot-copy")
+            return cls._pool
+
+
+def _copy_share(jobs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    for target, source in jobs:
+        host_copy(target, source)
 
 
 class SlotLoader:
@@ -80,6 +133,10 @@ class SlotLoader:
                 self.copy(gate_up[target, :size], checkpoint.rows_to_copy(gate_name, 0, size))
                 self.copy(gate_up[target, size:], checkpoint.rows_to_copy(up_name, 0, size))
                 self.copy(down[target], checkpoint.rows_to_copy(down_name, 0, checkpoint.info(down_name).shape[0]))
+
+    def batch(self) -> CopyBatch:
+        """A batch of copies to plan now and run together (`CopyBatch`)."""
+        return CopyBatch(self)
 
     def copy(self, target: torch.Tensor, source: torch.Tensor) -> None:
         """`target.copy_(source)`; into GPU memory through the pinned staging buffer."""
