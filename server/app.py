@@ -21,6 +21,7 @@ from server.config import ServerConfig
 from server.metrics import Metrics
 from server.model.checkpoint_errors import CheckpointError
 from server.model.families import UnsupportedModelError
+from server.model.quantized_slots import ExpertDtypeError
 from server.model.variant import resolve_device
 from server.proxy import UpstreamProxy
 from server.runtime import Runtime
@@ -69,7 +70,7 @@ def _load(app: FastAPI) -> None:
     started = time.perf_counter()
     try:
         runtime = Runtime(config, app.state.executor, app.state.metrics)
-    except (CheckpointError, UnsupportedModelError) as error:  # the checkpoint, not the code: its message says it
+    except (CheckpointError, UnsupportedModelError, ExpertDtypeError) as error:  # the checkpoint or the flags
         app.state.load_error = f"{type(error).__name__}: {error}"
         log.error("loading %s failed: %s", config.model, error)
         return

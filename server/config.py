@@ -111,6 +111,10 @@ def _routing_field(name: str) -> Any:
     return RoutingPolicy.model_fields[name]
 
 
+#: what `--expert-dtype` accepts: the checkpoint's precision, or a dtype (which must be the model's)
+EXPERT_DTYPES = ("auto", "fp8", "mxfp4", "bfloat16", "float16", "float32")
+
+
 class ServerConfig(BaseSettings):
     """`taskmoe serve`'s settings: flags (`--cache-budget 8GiB`) or environment (`TASKMOE_CACHE_BUDGET=8GiB`)."""
 
@@ -191,6 +195,13 @@ class ServerConfig(BaseSettings):
     embedder: str | None = Field(None, description="sentence-transformers model directory (default all-MiniLM-L6-v2)")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
     log_format: Literal["json", "text"] = Field("json", description="json (one object per line) or text")
+
+    @field_validator("expert_dtype")
+    @classmethod
+    def _known_expert_dtype(cls, value: str) -> str:
+        if value not in EXPERT_DTYPES:
+            raise ValueError(f"expected one of {', '.join(EXPERT_DTYPES)}, not {value!r}")
+        return value
 
     @field_validator("model")
     @classmethod

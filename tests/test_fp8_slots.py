@@ -150,3 +150,53 @@ def test_expert_dtype_errors_are_clear(tmp_path, fp8_pair) -> None:
     fp8 = VariantBuilder(fp8_pair[0], dtype="bfloat16")
     with pytest.raises(ValueError, match=r"the model's dtype \(bfloat16, set by --dtype\)"):
         pool_expert_format(fp8, "float16")
+
+
+def test_experts_quantized_in_some_layers_only_get_dequantized_slots(fp8_pair, tmp_path) -> None:
+    """A checkpoint whose last layer's experts are left unquantized: slots hold the model's dtype (FP8 slots
+    would fail at the first load of that layer), and rows still equal the reference."""
+    fp8, reference = fp8_pair
+    mixed = tmp_path / "mixed"
+    shutil.copytree(fp8, mixed)
+    tensors = load_file(fp8 / "model.safetensors")
+    plain = load_file(reference / "model.safetensors")
+    last = max(int(name.split(".")[2]) for name in tensors if ".experts." in name)
+    prefix = f"model.layers.{last}.mlp.experts."
+    tensors = {name: t for name, t in tensors.items() if not (name.startswith(prefix) and name.endswith("_inv"))}
+    tensors |= {name: t for name, t in plain.items() if name.startswith(prefix)}
+    save_file(tensors, mixed / "model.safetensors", metadata={"format": "pt"})
+    builder = VariantBuilder(mixed, dtype="float32")
+    assert pool_expert_format(builder, "auto") is None
+    route = RowRoute("a", dict.fromkeys(builder.sparse_layers, PATTERNS["a"]))
+    pool = ExpertPool(PooledModel(builder, slots=8))
+    lease = pool.acquire(VariantKey("a"), route)
+    x = torch.randint(0, 64, (1, 9), generator=torch.Generator().manual_seed(5))
+    selection = Selection("moe_experts", {k: list(v) for k, v in route.kept.items()})
+    with torch.no_grad():
+        expected = VariantBuilder(reference, dtype="float32").build(selection)(x).logits
+        torch.testing.assert_close(lease.model(input_ids=x).logits, expected, rtol=1e-5, atol=1e-5)
+    pool.release(lease)
+
+
+def test_a_pass_dequantizes_many_slots_in_chunks_exactly() -> None:
+    """More chosen slots than one chunk (`DEQUANTIZE_EXPERTS`), in any order, gate and up on their own grids:
+    each equals float(q) * s written out block by block."""
+    from server.model.quantized_slots import DEQUANTIZE_EXPERTS, Fp8Experts, Fp8SlotTensor
+
+    generator = torch.Generator().manual_seed(0)
+    block, parts, cols = (24, 24), (40, 40), 56
+    slots = 3 * DEQUANTIZE_EXPERTS + 2
+    tensor = Fp8SlotTensor(slots, parts, cols, Fp8Experts(block, torch.float32), torch.device("cpu"))
+    raw = (torch.randint(0, 256, tensor.values.shape, dtype=torch.uint8, generator=generator) & 0x87) | 0x30
+    tensor.values.view(torch.uint8).copy_(raw)
+    tensor.scales.copy_(torch.rand(tensor.scales.shape, generator=generator) + 0.5)
+    chosen = torch.randperm(slots, generator=generator)
+    got = tensor.dequantize(chosen, torch.float32)
+    for position, slot in enumerate(chosen.tolist()):
+        expected = tensor.values[slot].float()
+        for part, first_row in enumerate((0, 40)):
+            for i in range(math.ceil(40 / 24)):
+                for j in range(math.ceil(cols / 24)):
+                    rows = slice(first_row + i * 24, min(first_row + 40, first_row + (i + 1) * 24))
+                    expected[rows, j * 24 : (j + 1) * 24] *= tensor.scales[slot, part * 2 + i, j]
+        torch.testing.assert_close(got[position], expected, rtol=0, atol=0)

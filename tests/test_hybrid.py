@@ -213,3 +213,14 @@ def test_a_minimax_checkpoint_without_its_lightning_decays_is_served_and_calibra
 
 def _variant_logits(directory: Path, x: torch.Tensor) -> torch.Tensor:
     return VariantBuilder(directory).build()(x).logits
+
+
+def test_a_multimodal_release_is_served_in_its_own_dtype(tmp_path) -> None:
+    """Qwen3.5's release config names its dtype at the top; its text config, which the server builds, does not."""
+    import json
+
+    directory = save_random_model(hybrid_moe_configs()["qwen3_5_moe"], tmp_path / "qwen3_5")
+    config = json.loads((directory / "config.json").read_text())
+    config["dtype"] = "bfloat16"
+    (directory / "config.json").write_text(json.dumps(config))
+    assert VariantBuilder(directory).dtype == torch.bfloat16

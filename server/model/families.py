@@ -231,7 +231,7 @@ FAMILIES: tuple[Family, ...] = (
         "DeepSeek-V3",
         ("deepseek_v3",),
         "n_routed_experts",
-        hub_models=("deepseek-ai/DeepSeek-V3", "deepseek-ai/DeepSeek-R1", "moonshotai/Kimi-K2-Instruct"),
+        hub_models=("deepseek-ai/DeepSeek-V3", "deepseek-ai/DeepSeek-R1", "deepseek-ai/DeepSeek-V3-0324"),
         formats=("fp8-block",),
         routing_notes=_SIGMOID_GROUPS + "; shared expert; dense first layers",
     ),

@@ -30,6 +30,14 @@ from server.model.quantization import QuantizedTensor, dequantize_fp8_blocks, de
 from server.model.slot_loader import paired_runs
 from server.model.tensor_reader import TensorReader
 
+#: experts dequantized at once in a forward pass: bounds the float32 intermediate of the formulas
+DEQUANTIZE_EXPERTS = 8
+
+
+class ExpertDtypeError(ValueError):
+    """An `--expert-dtype` that this checkpoint or model cannot have (its message says what it can)."""
+
+
 #: what `--expert-dtype` accepts besides a dtype name
 AUTO, FP8, MXFP4 = "auto", "fp8", "mxfp4"
 CopyInto = Callable[[torch.Tensor, torch.Tensor], None]
@@ -149,21 +157,31 @@ FP8_TENSORS = ("gate_up_proj", "down_proj")
 
 def checkpoint_experts_format(tensors: TensorReader, layers: Sequence[SparseLayer]) -> SlotFormat | None:
     """How the checkpoint stores its routed experts, if in a format slots can hold: block-FP8 e4m3 one tensor per
-    projection and expert (FP8 releases), or fused MXFP4 (gpt-oss). None for plain floating point, and for
-    quantized experts stored otherwise (those pools dequantize their experts when loading them)."""
-    if not layers:
-        return None
+    projection and expert (FP8 releases), or fused MXFP4 (gpt-oss), the same in every sparse layer. None for
+    plain floating point, and for quantized experts stored otherwise or differently from layer to layer (those
+    pools dequantize their experts when loading them)."""
+    formats = {_layer_format(tensors, layer) for layer in layers}
+    return formats.pop() if len(formats) == 1 else None
+
+
+def _layer_format(tensors: TensorReader, layer: SparseLayer) -> SlotFormat | None:
     family, checkpoint = tensors.family, tensors.checkpoint
-    fused = tensors.fused_expert_names(layers[0])
+    fused = tensors.fused_expert_names(layer)
     if fused is not None:
-        stored = checkpoint.quantized_info(fused[0])
-        return Mxfp4Experts() if stored is not None and stored.format == MXFP4 else None
+        stored = [checkpoint.quantized_info(name) for name in fused]
+        return Mxfp4Experts() if all(s is not None and s.format == MXFP4 for s in stored) else None
     if family.expert_tensors != FP8_TENSORS or family.experts_layout != "gate_up_rows":
         return None
-    stored = checkpoint.quantized_info(tensors.expert_names(layers[0], 0)[0])
-    if stored is None or stored.format != "fp8_e4m3":
+    stored = [checkpoint.quantized_info(name) for name in tensors.expert_names(layer, 0)]
+    first = stored[0]
+    if first is None or first.format != "fp8_e4m3":
         return None
-    return Fp8Experts(stored.block, stored.scale_dtype)
+    if any(
+        s is None or (s.format, s.block, s.scale_dtype) != (first.format, first.block, first.scale_dtype)
+        for s in stored
+    ):
+        return None
+    return Fp8Experts(first.block, first.scale_dtype)
 
 
 def scale_name(checkpoint: CheckpointReader, name: str) -> str:
@@ -183,12 +201,12 @@ def resolve_expert_format(requested: str, stored: SlotFormat | None, dtype: torc
         return stored
     if requested in (FP8, MXFP4):
         have = f"stores them as {stored_name}" if stored is not None else "stores its experts unquantized"
-        raise ValueError(
+        raise ExpertDtypeError(
             f"--expert-dtype {requested} needs a checkpoint whose experts are {requested}; this one {have}"
         )
     if requested == dtype_name:
         return None
-    raise ValueError(
+    raise ExpertDtypeError(
         f"--expert-dtype {requested!r}: slots hold the checkpoint's precision (auto, fp8, mxfp4) or the model's "
         f"dtype ({dtype_name}, set by --dtype)"
     )
@@ -227,16 +245,19 @@ class Fp8SlotTensor:
         copy_into(self.scales[slot, grid : grid + self.grids[part]], scales)
 
     def dequantize(self, slots: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """[len(slots), R, C] in `dtype`: the chosen slots only, each part by its own grid."""
-        values, scales = self.values.index_select(0, slots), self.scales.index_select(0, slots)
-        pieces, row, grid = [], 0, 0
-        for rows, grids in zip(self.parts, self.grids, strict=True):
-            part = dequantize_fp8_blocks(
-                values[:, row : row + rows], scales[:, grid : grid + grids], self.block, dtype=dtype
-            )
-            pieces.append(part)
-            row, grid = row + rows, grid + grids
-        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
+        """[len(slots), R, C] in `dtype`: the chosen slots only, each part by its own grid, written into one
+        output a few experts at a time (the formula's float32 intermediate stays that small)."""
+        out = torch.empty((len(slots), *self.values.shape[1:]), dtype=dtype, device=self.values.device)
+        for start in range(0, len(slots), DEQUANTIZE_EXPERTS):
+            chosen = slots[start : start + DEQUANTIZE_EXPERTS]
+            values, scales = self.values.index_select(0, chosen), self.scales.index_select(0, chosen)
+            row, grid = 0, 0
+            for rows, grids in zip(self.parts, self.grids, strict=True):
+                out[start : start + len(chosen), row : row + rows] = dequantize_fp8_blocks(
+                    values[:, row : row + rows], scales[:, grid : grid + grids], self.block, dtype=dtype
+                )
+                row, grid = row + rows, grid + grids
+        return out
 
 
 class Mxfp4SlotTensor:
@@ -252,9 +273,15 @@ class Mxfp4SlotTensor:
         return self.blocks[0].numel() + self.scales[0].numel()
 
     def dequantize(self, slots: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """[len(slots), ...] in `dtype`, in the module's layout."""
-        values = dequantize_mxfp4(self.blocks.index_select(0, slots), self.scales.index_select(0, slots))
-        return (values.transpose(-1, -2) if self.transposed else values).to(dtype)
+        """[len(slots), ...] in `dtype`, in the module's layout, a few experts at a time (as FP8's)."""
+        shape = (*self.blocks.shape[1:-2], self.blocks.shape[-2] * 32)
+        out = torch.empty((len(slots), *shape), dtype=dtype, device=self.blocks.device)
+        for start in range(0, len(slots), DEQUANTIZE_EXPERTS):
+            chosen = slots[start : start + DEQUANTIZE_EXPERTS]
+            out[start : start + len(chosen)] = dequantize_mxfp4(
+                self.blocks.index_select(0, chosen), self.scales.index_select(0, chosen), dtype=dtype
+            )
+        return out.transpose(-1, -2) if self.transposed else out
 
 
 class DequantizingExperts(nn.Module):

@@ -14,6 +14,7 @@ before building). The expert pool builds on it in `pooled`, calibration streams 
 from __future__ import annotations
 
 import copy
+import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,10 @@ def resolve_dtype(name: str | torch.dtype | None, config: PretrainedConfig) -> t
     return dtype
 
 
+def _stored_dtype(config: PretrainedConfig) -> Any:
+    return getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+
+
 def resolve_device(name: str | torch.device | None) -> torch.device:
     """'auto' (or None) is the first GPU when there is one, else the CPU."""
     if name in (None, "auto"):
@@ -63,17 +68,20 @@ class VariantBuilder:
     def __init__(self, model_dir: str | Path, device: str | torch.device | None = "cpu", dtype: Any = "auto") -> None:
         self.model_dir = Path(model_dir)
         self.reader = CheckpointReader(self.model_dir)
-        # a multimodal release (Qwen3.5) is served as its text model, the one AutoModelForCausalLM builds
-        self.config = AutoConfig.from_pretrained(self.model_dir).get_text_config()
+        # a multimodal release (Qwen3.5) is served as its text model, the one AutoModelForCausalLM builds; its
+        # dtype is the release's (the text config of a saved multimodal config leaves it out)
+        release = AutoConfig.from_pretrained(self.model_dir)
+        self.config = release.get_text_config()
         self.family: Family = family_for(self.config.model_type)
         self.device = resolve_device(device)
-        self.dtype = resolve_dtype(dtype, self.config)
+        self.dtype = resolve_dtype(dtype, self.config if _stored_dtype(self.config) else release)
         self.layout = ModelLayout(self.config, self.family)
         self.tensors = TensorReader(self.reader, self.family, self.device, self.dtype, int(self.config.hidden_size))
         self.backbone = Backbone(self.tensors)
         self.sizes = VariantSizes(self.layout, self.tensors)
         self.generation_config = read_generation_config(self.model_dir)
         self._derived: dict[str, torch.Tensor] = {}  # buffers computed in place of missing ones, shared
+        self._derived_lock = threading.Lock()
 
     @property
     def sparse_layers(self) -> dict[int, SparseLayer]:
@@ -120,6 +128,10 @@ class VariantBuilder:
     def complete(self, model: PreTrainedModel, assigned: set[str]) -> PreTrainedModel:
         """Fill every tensor of `model` not in `assigned` with the shared backbone and compute its buffers;
         ready to run."""
+        with self._derived_lock:  # two builds at once must not both compute, or skip, a derived buffer
+            return self._complete(model, assigned)
+
+    def _complete(self, model: PreTrainedModel, assigned: set[str]) -> PreTrainedModel:
         computed = computed_buffer_names(model)
         # persistent buffers the checkpoint leaves out (MiniMax's lightning decays, 17 MB a layer at its shape):
         # computed once by the module's own init, then shared by every variant like the backbone
