@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from pattern_store.selection import Selection
 from server.model.checkpoint import CheckpointError, CheckpointReader
@@ -611,3 +611,43 @@ def test_a_server_on_an_unread_checkpoint_says_why_in_one_line_without_a_traceba
     failures = [record for record in caplog.records if "failed" in record.getMessage()]
     assert failures and "'awq' is not a format" in failures[0].getMessage()
     assert all(record.exc_info is None for record in failures), "a bad checkpoint is a message, not a traceback"
+
+
+def test_a_sharded_fp8_checkpoint_with_scales_in_other_shards_reads_the_same(sources, tmp_path) -> None:
+    """Hub FP8 releases are sharded, and a weight's `weight_scale_inv` may sit in another shard than the weight:
+    variants and the pool's FP8 slots read such a checkpoint exactly as its single-file twin."""
+    from server.cache import VariantKey
+    from server.expert_pool import ExpertPool
+    from server.model.pooled import PooledModel, RowRoute
+
+    single = save_block_fp8(sources["deepseek_v3"], tmp_path / "single", block=(16, 16))
+    sharded = tmp_path / "sharded"
+    sharded.mkdir()
+    tensors = load_file(single / "model.safetensors")
+    shards: list[dict[str, torch.Tensor]] = [{}, {}]
+    for number, name in enumerate(sorted(tensors)):
+        shards[number % 2][name] = tensors[name]  # sorted names alternate: a weight and its scale part ways
+    weight_map = {}
+    for number, shard in enumerate(shards, 1):
+        file = f"model-{number:05d}-of-00002.safetensors"
+        save_file(shard, str(sharded / file), metadata={"format": "pt"})
+        weight_map |= dict.fromkeys(shard, file)
+    split = [n for n in tensors if n.endswith("_scale_inv") and weight_map[n] != weight_map[n[: -len("_scale_inv")]]]
+    assert split, "some weights and their scales are in different shards"
+    (sharded / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    for extra in ("config.json", "generation_config.json"):
+        if (single / extra).is_file():
+            (sharded / extra).write_text((single / extra).read_text())
+    selection = SELECTIONS["deepseek_v3"]
+    x = torch.randint(0, 64, (1, 9), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        expected = VariantBuilder(single, dtype="float32").build(selection)(x).logits
+        got = VariantBuilder(sharded, dtype="float32").build(selection)(x).logits
+        assert torch.equal(got, expected)
+        builder = VariantBuilder(sharded, dtype="float32")
+        pool = ExpertPool(PooledModel(builder, slots=8))
+        assert pool.pooled.expert_dtype == "fp8"
+        kept = {layer: tuple(experts) for layer, experts in selection.layers.items()}
+        lease = pool.acquire(VariantKey("s"), RowRoute("s", kept))
+        torch.testing.assert_close(lease.model(input_ids=x).logits, expected, rtol=1e-5, atol=1e-5)
+        pool.release(lease)
