@@ -841,7 +841,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--dir", type=Path, help="where to make (or find) the checkpoint; default bench/checkpoints/..."
     )
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement and cache state (3)")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "variants.json")
+    parser.add_argument(
+        "--out", type=Path, help="results file (default bench/results/variants.json, with --fp8 variants_fp8.json)"
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch threads in each run (default: torch's)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights and the expert choice")
     parser.add_argument("--no-cold", action="store_true", help="skip the cold-cache runs")
@@ -953,7 +955,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "legend": legend,
         "measured": measured(),
     }
-    out = args.out.resolve()
+    out = (args.out or ROOT / "bench" / "results" / "variants.json").resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(document, indent=1) + "\n")
     _log(f"wrote {out}")
@@ -999,11 +1001,7 @@ def fp8_main(args: argparse.Namespace) -> int:
         "table": table,
         "measured": measured(),
     }
-    out = (
-        args.out
-        if args.out != ROOT / "bench" / "results" / "variants.json"
-        else ROOT / "bench" / "results" / "variants_fp8.json"
-    ).resolve()
+    out = (args.out or ROOT / "bench" / "results" / "variants_fp8.json").resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(document, indent=1) + "\n")
     _log(f"wrote {out}")

@@ -236,12 +236,6 @@ class CheckpointReader:
             raise CheckpointError(f"{name}: rows {start}:{stop} out of range for first dimension {info.shape[0]}")
         return self._count(self._whole_view(name, info)[start:stop])
 
-    def place(self, name: str) -> tuple[str, int]:
-        """Where a stored tensor's bytes start: its file and offset, to read tensors in the file's order."""
-        info = self.info(name)
-        _, data_start, header = self._mapped(info.file)
-        return str(info.file), data_start + header[name]["data_offsets"][0]
-
     def _whole_view(self, name: str, info: TensorInfo) -> torch.Tensor:
         """The whole stored tensor as a view of the file's map, made once per tensor: a pool load slices it for
         every expert it copies (thousands of small copies, scales among them), so the view costs nothing then."""

@@ -31,7 +31,7 @@ from server.model.masking import RouterMasks, router_of
 from server.model.module_tree import meta_model, set_tensor
 from server.model.quantized_slots import (
     AUTO,
-    FP8_TENSORS,
+    QUANTIZED_TENSORS,
     DequantizingExperts,
     SlotFormat,
     checkpoint_experts_format,
@@ -59,7 +59,7 @@ def build_pooled(builder: VariantBuilder, slots: int, quantized: SlotFormat | No
         # one slot per expert in each of the experts module's per-expert tensors, in the module's own layout
         # (quantized slots: empty placeholders for the projections, whose slots live in DequantizingExperts)
         for name, shape in layer.expert_shapes.items():
-            placeholder = quantized is not None and name in FP8_TENSORS
+            placeholder = quantized is not None and name in QUANTIZED_TENSORS
             slot = torch.zeros((0,) if placeholder else (count, *shape), dtype=builder.dtype, device=builder.device)
             set_tensor(model, f"{layer.prefix}.experts.{name}", slot)
             assigned.add(f"{layer.prefix}.experts.{name}")

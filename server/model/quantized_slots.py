@@ -82,13 +82,8 @@ class Fp8Experts:
     ) -> None:
         """Copy each expert's FP8 values and scales from the checkpoint's memory map into its slot, unconverted."""
         checkpoint = tensors.checkpoint
-        names = {expert: tensors.expert_names(layer, expert) for expert in experts}
-        # in the file's order (hub checkpoints sort names as text: expert 10 before 2), so the pages are read
-        # front to back, as the kernel's read-ahead expects
-        for expert, slot in sorted(
-            zip(experts, slots, strict=True), key=lambda pair: checkpoint.place(names[pair[0]][0])
-        ):
-            gate, up, down = names[expert]
+        for expert, slot in zip(experts, slots, strict=True):
+            gate, up, down = tensors.expert_names(layer, expert)
             for target, part, name in (("gate_up_proj", 0, gate), ("gate_up_proj", 1, up), ("down_proj", 0, down)):
                 scale = scale_name(checkpoint, name)
                 values = checkpoint.rows_view(name, 0, checkpoint.info(name).shape[0])
@@ -140,7 +135,7 @@ class Mxfp4Experts:
 
 def _stored_mxfp4(tensors: TensorReader, layer: SparseLayer) -> dict[str, QuantizedTensor]:
     found = {}
-    for tensor in FP8_TENSORS:
+    for tensor in QUANTIZED_TENSORS:
         stored = tensors.checkpoint.quantized_info(tensors.required_name(f"{layer.prefix}.experts.{tensor}"))
         if stored is None or stored.format != MXFP4:
             raise CheckpointError(f"{tensors.checkpoint.directory}: {layer.prefix}.experts.{tensor} is not MXFP4")
@@ -151,8 +146,8 @@ def _stored_mxfp4(tensors: TensorReader, layer: SparseLayer) -> dict[str, Quanti
 SlotFormat = Fp8Experts | Mxfp4Experts
 
 
-#: the experts module's tensors that FP8 slots hold (families with expert biases or other layouts: none)
-FP8_TENSORS = ("gate_up_proj", "down_proj")
+#: the experts module's tensors that quantized slots hold (others, such as gpt-oss's biases, stay in the dtype)
+QUANTIZED_TENSORS = ("gate_up_proj", "down_proj")
 
 
 def checkpoint_experts_format(tensors: TensorReader, layers: Sequence[SparseLayer]) -> SlotFormat | None:
@@ -170,7 +165,7 @@ def _layer_format(tensors: TensorReader, layer: SparseLayer) -> SlotFormat | Non
     if fused is not None:
         stored = [checkpoint.quantized_info(name) for name in fused]
         return Mxfp4Experts() if all(s is not None and s.format == MXFP4 for s in stored) else None
-    if family.expert_tensors != FP8_TENSORS or family.experts_layout != "gate_up_rows":
+    if family.expert_tensors != QUANTIZED_TENSORS or family.experts_layout != "gate_up_rows":
         return None
     stored = [checkpoint.quantized_info(name) for name in tensors.expert_names(layer, 0)]
     first = stored[0]
@@ -197,7 +192,7 @@ def resolve_expert_format(requested: str, stored: SlotFormat | None, dtype: torc
     or None (the model's dtype: experts dequantized when copied in)."""
     dtype_name = str(dtype).removeprefix("torch.")
     stored_name = stored.name if stored is not None else None
-    if requested == AUTO or (requested == stored_name and stored is not None):
+    if requested in (AUTO, stored_name):
         return stored
     if requested in (FP8, MXFP4):
         have = f"stores them as {stored_name}" if stored is not None else "stores its experts unquantized"
@@ -332,7 +327,7 @@ def quantized_experts(
 def quantized_expert_bytes(fmt: SlotFormat, tensors: TensorReader, layer: SparseLayer) -> int:
     """Bytes of one slot: the quantized tensors as stored, the others (biases) in the model's dtype."""
     item = torch.empty((), dtype=tensors.dtype).element_size()
-    others = sum(math.prod(shape) for name, shape in layer.expert_shapes.items() if name not in FP8_TENSORS)
+    others = sum(math.prod(shape) for name, shape in layer.expert_shapes.items() if name not in QUANTIZED_TENSORS)
     return fmt.expert_bytes(tensors, layer) + others * item
 
 
