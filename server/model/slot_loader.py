@@ -37,8 +37,9 @@ def paired_runs(experts: Sequence[int], slots: Sequence[int]) -> list[tuple[int,
 def host_copy(target: torch.Tensor, source: torch.Tensor) -> None:
     """`target.copy_(source)`; a plain byte copy (numpy's, one thread) when both are contiguous host tensors of
     one dtype. torch parallelises large copies over its OpenMP threads, which a busy machine (the decoder
-    computing on the same cores) stalls: measured 35x slower than this copy on 2 busy cores
-    (docs/benchmarks.md#fp8-expert-slots)."""
+    computing on the same cores) stalls: measured 35x slower than this copy on 2 busy cores. Used by the
+    quantized slots' loads (`CopyBatch`, docs/benchmarks.md#fp8-expert-slots); the model-dtype slots' loads
+    keep torch's copy, as `bench_variants.py` measured them."""
     same = target.dtype == source.dtype and target.device.type == source.device.type == "cpu"
     if not (same and target.is_contiguous() and source.is_contiguous() and target.shape == source.shape):
         target.copy_(source)
@@ -141,13 +142,13 @@ class SlotLoader:
     def copy(self, target: torch.Tensor, source: torch.Tensor) -> None:
         """`target.copy_(source)`; into GPU memory through the pinned staging buffer."""
         if target.device.type != "cuda" or source.device.type == "cuda":
-            host_copy(target, source)
+            target.copy_(source)
             return
         nbytes = target.numel() * target.element_size()
         with self._staging_lock:
             if self._staging is None or self._staging.numel() < nbytes:
                 self._staging = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
             staging = self._staging[:nbytes].view(target.dtype).view(target.shape)
-            host_copy(staging, source)
+            staging.copy_(source)
             target.copy_(staging, non_blocking=True)
             torch.cuda.current_stream(target.device).synchronize()  # before the buffer is written again
