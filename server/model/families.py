@@ -49,6 +49,11 @@ class ExpertTensor:
     #: target dtype
     keep_dtype: bool = False
 
+    @property
+    def selects(self) -> bool:
+        """A selection bias: added to the scores that choose experts, not to the gate weights."""
+        return self.path.endswith("e_score_correction_bias")
+
 
 ROUTER_WEIGHT = ExpertTensor("weight")
 SELECTION_BIAS = ExpertTensor("e_score_correction_bias", keep_dtype=True)

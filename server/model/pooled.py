@@ -3,10 +3,10 @@
 A pruned variant computes what the full model computes when its routers cannot select the pruned experts
 (the equivalence contract, see `masking`). So variants need not be separate models: one model holds the
 backbone once and, per sparse layer, `slots` expert slots; a table maps each resident expert to its slot.
-Every row of a batch carries a `RowRoute` (its pattern's kept experts). Each router routes every group of
-rows that shares a route with the restricted router of that route (transformers'
-own routing code over the kept rows: the very computation of the pruned variant, group-limited routing
-and selection bias included) and turns the chosen experts into slots. The experts module then runs all rows
+Every row of a batch carries a `RowRoute` (its pattern's kept experts). Each router runs once for the whole
+batch, the family's own routing code with each row's pruned experts masked (`route_masks`: the very choices
+and gate weights of the pruned variant, group-limited routing and selection bias included, in the same
+operations whatever the number of routes), and turns the chosen experts into slots. The experts module then runs all rows
 together, reading each chosen expert from its slot. Rows of different patterns share one forward pass.
 
 The pooled model is built here (`build_pooled`: the shared backbone, and zeroed slots in place of the
@@ -27,8 +27,9 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from server.model.layout import SparseLayer
-from server.model.masking import RouterMasks, router_of
+from server.model.masking import router_of
 from server.model.module_tree import meta_model, set_tensor
+from server.model.route_masks import BatchMasks, MaskedRouting, RouteMaskTable, masked_arguments
 from server.model.quantized_slots import (
     AUTO,
     QUANTIZED_TENSORS,
@@ -115,11 +116,7 @@ class PooledModel:
             index: torch.full((layer.num_experts,), -1, dtype=torch.long, device=device)
             for index, layer in self.layers.items()
         }
-        self._masks = RouterMasks(
-            self.model, builder.family, builder.config, {index: layer.prefix for index, layer in self.layers.items()}
-        )
-        self._masks.cache_size = 64 * max(1, len(self.layers))  # room for many patterns' restricted routers
-        self._masks_lock = threading.Lock()  # the restricted routers' cache is shared by every thread
+        self._route_masks = RouteMaskTable(self.layers, device)
         self._local = threading.local()  # the current forward pass's routes, one per row, per thread
         for index, layer in self.layers.items():
             router = router_of(self.model.get_submodule(layer.prefix), builder.family)
@@ -150,7 +147,7 @@ class PooledModel:
     def rows(self, routes: Sequence[RowRoute]) -> Iterator[None]:
         """Forward passes of this thread inside the block route row i of the batch as `routes[i]`."""
         previous = getattr(self._local, "batch", None)
-        self._local.batch = _Batch(list(routes), self.device)
+        self._local.batch = BatchMasks(routes, self._route_masks)
         try:
             yield
         finally:
@@ -160,45 +157,27 @@ class PooledModel:
         """A model-like view that runs every row of every batch as `route`."""
         return RoutedModel(self, route)
 
-    def _restricted(self, layer: int, kept: tuple[int, ...]) -> tuple[nn.Module, torch.Tensor]:
-        with self._masks_lock:
-            return self._masks._restricted(layer, kept)
-
     def _routing(self, layer: int, full_router: Callable[..., Any]) -> Callable[..., Any]:
-        """The router's forward for this layer: each group of rows that shares a route is routed by that
-        route's restricted router (rows of the full model by the router itself), and the chosen experts
-        become slots. When every row has the same pruned route the full router is not run at all, and the
-        logits returned are the restricted router's (over the kept experts; the MoE blocks ignore them). Arguments
-        the block passes after the hidden states (MiniMax-M2's selection bias) reach the full router as they
-        are; the restricted routers hold their kept slices."""
+        """The router's forward for this layer: the full router, run once for every row, with each row's
+        pruned experts masked (`route_masks`), and the chosen experts turned into slots. Arguments the block
+        passes after the hidden states (MiniMax-M2's selection bias) are masked the same way."""
         table = self.slot_of[layer]
+        router = router_of(self.model.get_submodule(self.layers[layer].prefix), self.builder.family)
+        named = dict(router.named_parameters()) | dict(router.named_buffers())
+        biases = [named[t.path] for t in self.builder.family.router_tensors if t.selects and t.owner == "router"]
 
         def forward(hidden_states: torch.Tensor, *arguments: Any) -> Any:
-            batch: _Batch | None = getattr(self._local, "batch", None)
+            batch: BatchMasks | None = getattr(self._local, "batch", None)
             if batch is None:
                 raise RuntimeError("a pooled model runs inside PooledModel.rows(...) (each row needs its route)")
-            hidden = hidden_states.reshape(-1, hidden_states.shape[-1])  # [tokens, H], row-major over [rows, seq]
-            if len(batch.groups) == 1:
-                kept = batch.groups[0][0].kept.get(layer)
-                if kept is None:
-                    logits, weights, experts = full_router(hidden_states, *arguments)
-                else:
-                    restricted, ids = self._restricted(layer, kept)
-                    logits, weights, positions = restricted(hidden)
-                    experts = ids[positions]
-                return logits, weights, _slots(table, experts)
-            logits, weights, experts = full_router(hidden_states, *arguments)
-            chosen_experts = experts.clone()  # rows of full routes keep the full router's choice
-            chosen_weights = weights.clone()
-            for route, tokens in batch.tokens(hidden.shape[0]):
-                kept = route.kept.get(layer)
-                if kept is None:
-                    continue
-                restricted, ids = self._restricted(layer, kept)
-                _, group_weights, positions = restricted(hidden.index_select(0, tokens))
-                chosen_weights.index_copy_(0, tokens, group_weights.to(chosen_weights.dtype))
-                chosen_experts.index_copy_(0, tokens, ids[positions])
-            return logits, chosen_weights, _slots(table, chosen_experts)
+            tokens = hidden_states.numel() // hidden_states.shape[-1]
+            pruned = batch.tokens(layer, tokens)
+            if pruned is None:
+                logits, weights, experts = full_router(hidden_states, *arguments)
+            else:
+                with MaskedRouting(pruned, biases):
+                    logits, weights, experts = full_router(hidden_states, *masked_arguments(arguments, pruned))
+            return logits, weights, _slots(table, experts)
 
         return forward
 
@@ -218,29 +197,6 @@ class PooledModel:
     def place(self, layer: int, expert: int, slot: int) -> None:
         """Make `expert` route to `slot` (-1: not resident) from the next forward pass on."""
         self.slot_of[layer][expert] = slot
-
-
-class _Batch:
-    """The routes of one forward pass's rows, grouped: the rows (and, per sequence length, the tokens) of
-    each distinct route, computed once per pass rather than once per layer."""
-
-    def __init__(self, routes: list[RowRoute], device: torch.device) -> None:
-        self.rows = len(routes)
-        members: dict[int, tuple[RowRoute, list[int]]] = {}
-        for row, route in enumerate(routes):
-            members.setdefault(id(route), (route, []))[1].append(row)
-        self.groups = [(route, torch.tensor(rows, device=device)) for route, rows in members.values()]
-        self._tokens: dict[int, list[tuple[RowRoute, torch.Tensor]]] = {}
-
-    def tokens(self, count: int) -> list[tuple[RowRoute, torch.Tensor]]:
-        """Each route with the indices of its tokens among `count` (rows x sequence length, row-major)."""
-        found = self._tokens.get(count)
-        if found is None:
-            per_row = count // self.rows
-            offsets = torch.arange(per_row, device=self.groups[0][1].device)
-            found = [(route, (rows[:, None] * per_row + offsets).reshape(-1)) for route, rows in self.groups]
-            self._tokens[count] = found
-        return found
 
 
 def _slots(table: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:

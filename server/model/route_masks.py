@@ -1,0 +1,137 @@
+"""Rows of one batch routed as different variants by the full router, in a constant number of operations.
+
+A pruned variant's router scores only its kept experts; every family's routing rule (softmax over the
+experts, top-k of logits, sparsemixer, sigmoid scores with a selection bias, group-limited top-k) gives the
+same choices and gate weights when the full router runs with the pruned experts' logits at -inf and their
+selection biases at -inf: a -inf logit weighs exp(-inf) = 0 in every softmax and sigmoid(-inf) = 0, and a -inf
+score is never among the top k (a route keeps at least top-k experts; group-limited rules keep the same count
+in every group, checked when the route is made). So a batch whose rows follow different patterns is routed
+by one run of the family's own router code, whatever the number of patterns: each row's tokens get their
+route's mask of pruned experts, one [rows, experts] boolean per sparse layer.
+
+The masks enter the family's router without copying its code: while it runs, a `TorchFunctionMode` fills the
+pruned logits of its one linear layer with -inf and hands it each selection bias already filled, for the
+tokens of each row. The masks are tensors (`BatchMasks`), so a captured CUDA graph reads them like any input.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+from server.model.layout import SparseLayer
+
+CACHED_ROUTES = 512
+"""Routes whose mask tensors are kept (one [sparse layers, experts] boolean each)."""
+
+
+class RouteMaskTable:
+    """Each route's pruned experts as one boolean tensor [sparse layers, experts] (True: pruned), made once."""
+
+    def __init__(self, layers: Mapping[int, SparseLayer], device: torch.device) -> None:
+        self.position = {index: position for position, index in enumerate(sorted(layers))}
+        self.width = max(layer.num_experts for layer in layers.values())
+        self.counts = {index: layer.num_experts for index, layer in layers.items()}
+        self.device = device
+        self._cache: OrderedDict[int, tuple[Any, torch.Tensor]] = OrderedDict()
+        self._lock = threading.Lock()  # every decoding thread shares the table
+
+    def pruned(self, route: Any) -> torch.Tensor:
+        """[sparse layers, experts]: True where `route` (a `RowRoute`) prunes the expert."""
+        with self._lock:
+            return self._pruned(route)
+
+    def _pruned(self, route: Any) -> torch.Tensor:
+        found = self._cache.get(id(route))
+        if found is not None and found[0] is route:
+            self._cache.move_to_end(id(route))
+            return found[1]
+        mask = torch.zeros((len(self.position), self.width), dtype=torch.bool)
+        for index, position in self.position.items():
+            mask[position, self.counts[index] :] = True  # a narrower layer's columns past its experts
+            kept = route.kept.get(index)
+            if kept is not None:
+                mask[position, : self.counts[index]] = True
+                mask[position, list(kept)] = False
+        mask = mask.to(self.device)
+        self._cache[id(route)] = (route, mask)  # the route is held, so its id is not reused while cached
+        while len(self._cache) > CACHED_ROUTES:
+            self._cache.popitem(last=False)
+        return mask
+
+
+class BatchMasks:
+    """The pruned experts of every token of one forward pass, per sparse layer: the rows' route masks,
+    gathered once per pass; None when no row prunes anything (every router then runs as it is)."""
+
+    def __init__(self, routes: Sequence[Any], table: RouteMaskTable) -> None:
+        self.rows = len(routes)
+        self.table = table
+        self.per_row: torch.Tensor | None = None  # [sparse layers, rows, experts]
+        if any(route.kept for route in routes):
+            distinct: dict[int, int] = {}
+            masks: list[torch.Tensor] = []
+            order = []
+            for route in routes:
+                if id(route) not in distinct:
+                    distinct[id(route)] = len(masks)
+                    masks.append(table.pruned(route))
+                order.append(distinct[id(route)])
+            stacked = torch.stack(masks)  # [distinct routes, layers, experts]
+            index = torch.tensor(order, device=stacked.device)
+            self.per_row = stacked.index_select(0, index).transpose(0, 1)
+        self._tokens: dict[int, torch.Tensor] = {}
+
+    def tokens(self, layer: int, count: int) -> torch.Tensor | None:
+        """[count, experts] for sparse layer `layer`, the tokens being rows x sequence length, row-major."""
+        if self.per_row is None:
+            return None
+        found = self._tokens.get(count)
+        if found is None:
+            found = self.per_row.repeat_interleave(count // self.rows, dim=1) if count != self.rows else self.per_row
+            self._tokens[count] = found
+        return found[self.table.position[layer], :, : self.table.counts[layer]]
+
+
+class MaskedRouting(TorchFunctionMode):
+    """While a router runs: its linear layer's logits get -inf on each token's pruned experts, and each
+    selection bias named in `biases` is replaced, wherever the router reads it, by a copy with -inf there."""
+
+    def __init__(self, pruned: torch.Tensor, biases: Sequence[torch.Tensor] = ()) -> None:
+        super().__init__()
+        self.pruned = pruned
+        self.experts = pruned.shape[-1]
+        self.replaced = {id(bias): (bias, _fill_pruned(bias, pruned)) for bias in biases}
+        self.masked_logits = False
+
+    def __torch_function__(
+        self, func: Callable[..., Any], types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
+    ) -> Any:
+        kwargs = kwargs or {}
+        if self.replaced:
+            args = tuple(self._replace(value) for value in args)
+        out = func(*args, **kwargs)
+        if func is F.linear and not self.masked_logits and out.shape[-1] == self.experts:
+            self.masked_logits = True
+            out = out.masked_fill(self.pruned.reshape(out.shape), float("-inf"))
+        return out
+
+    def _replace(self, value: Any) -> Any:
+        found = self.replaced.get(id(value)) if isinstance(value, torch.Tensor) else None
+        return found[1] if found is not None and found[0] is value else value
+
+
+def _fill_pruned(bias: torch.Tensor, pruned: torch.Tensor) -> torch.Tensor:
+    """A selection bias [experts] (or [1, experts]) as [tokens, experts], -inf on each token's pruned experts."""
+    return torch.where(pruned, torch.tensor(float("-inf"), dtype=bias.dtype, device=bias.device), bias)
+
+
+def masked_arguments(arguments: Sequence[Any], pruned: torch.Tensor) -> list[Any]:
+    """Per-expert tensors a block passes to its router (MiniMax-M2's selection bias), filled per token."""
+    return [_fill_pruned(value, pruned) if isinstance(value, torch.Tensor) else value for value in arguments]
