@@ -123,6 +123,12 @@ def test_eight_routes_in_one_batch_each_row_its_own_variant(checkpoints, model_t
             after = variant(step[row : row + 1], **cache_argument(variant, alone.past_key_values)).logits
             # batched decoding rounds differently (the hybrids' linear attention: 8e-6 for the plain full model)
             torch.testing.assert_close(decoded[row], after[0], rtol=1e-5, atol=2e-5, msg=f"row {row}")
+        # a batch of one pattern, routed by masks as a captured graph routes it, is that pattern's variant too
+        pool.pooled.masked_only = True
+        with pool.pooled.rows([routes[0]] * 2):
+            alone = pool.pooled.model(x[:2]).logits
+        variant = builder.build(Selection("moe_experts", {k: list(v) for k, v in patterns[0].items()}))
+        torch.testing.assert_close(alone, variant(x[:2]).logits, rtol=1e-5, atol=1e-5)
     for lease in [*leases, full]:
         pool.release(lease)
 

@@ -27,7 +27,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from server.model.layout import SparseLayer
-from server.model.masking import router_of
+from server.model.masking import RouterMasks, router_of
 from server.model.module_tree import meta_model, set_tensor
 from server.model.route_masks import BatchMasks, MaskedRouting, RouteMaskTable, masked_arguments
 from server.model.quantized_slots import (
@@ -117,6 +117,13 @@ class PooledModel:
             for index, layer in self.layers.items()
         }
         self._route_masks = RouteMaskTable(self.layers, device)
+        self._restricted_routers = RouterMasks(
+            self.model, builder.family, builder.config, {index: layer.prefix for index, layer in self.layers.items()}
+        )
+        self._restricted_routers.cache_size = 64 * max(1, len(self.layers))  # many patterns' restricted routers
+        self._restricted_lock = threading.Lock()  # that cache is shared by every thread
+        #: route every batch by masks, a batch of one pattern too (a captured CUDA graph reads masks only)
+        self.masked_only = False
         self._local = threading.local()  # the current forward pass's routes, one per row, per thread
         for index, layer in self.layers.items():
             router = router_of(self.model.get_submodule(layer.prefix), builder.family)
@@ -157,10 +164,16 @@ class PooledModel:
         """A model-like view that runs every row of every batch as `route`."""
         return RoutedModel(self, route)
 
+    def _restricted(self, layer: int, kept: tuple[int, ...]) -> tuple[nn.Module, torch.Tensor]:
+        with self._restricted_lock:
+            return self._restricted_routers._restricted(layer, kept)
+
     def _routing(self, layer: int, full_router: Callable[..., Any]) -> Callable[..., Any]:
         """The router's forward for this layer: the full router, run once for every row, with each row's
         pruned experts masked (`route_masks`), and the chosen experts turned into slots. Arguments the block
-        passes after the hidden states (MiniMax-M2's selection bias) are masked the same way."""
+        passes after the hidden states (MiniMax-M2's selection bias) are masked the same way. A batch whose
+        rows all follow one pattern runs that pattern's restricted router instead (`masking`: the same
+        choices, without the masks' cost); its logits are over the kept experts, which the blocks ignore."""
         table = self.slot_of[layer]
         router = router_of(self.model.get_submodule(self.layers[layer].prefix), self.builder.family)
         named = dict(router.named_parameters()) | dict(router.named_buffers())
@@ -170,8 +183,12 @@ class PooledModel:
             batch: BatchMasks | None = getattr(self._local, "batch", None)
             if batch is None:
                 raise RuntimeError("a pooled model runs inside PooledModel.rows(...) (each row needs its route)")
-            tokens = hidden_states.numel() // hidden_states.shape[-1]
-            pruned = batch.tokens(layer, tokens)
+            single = batch.single.kept.get(layer) if batch.single is not None and not self.masked_only else None
+            if single is not None:
+                restricted, ids = self._restricted(layer, single)
+                logits, weights, positions = restricted(hidden_states.reshape(-1, hidden_states.shape[-1]))
+                return logits, weights, _slots(table, ids[positions])
+            pruned = batch.tokens(layer, hidden_states.numel() // hidden_states.shape[-1])
             if pruned is None:
                 logits, weights, experts = full_router(hidden_states, *arguments)
             else:

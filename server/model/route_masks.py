@@ -68,33 +68,45 @@ class RouteMaskTable:
 
 class BatchMasks:
     """The pruned experts of every token of one forward pass, per sparse layer: the rows' route masks,
-    gathered once per pass; None when no row prunes anything (every router then runs as it is)."""
+    gathered once per pass when first asked for. `single` is the route when every row shares one pruned
+    route (a restricted router then does the same work over the kept experts alone); `per_row` is None when
+    no row prunes anything (every router then runs as it is)."""
 
     def __init__(self, routes: Sequence[Any], table: RouteMaskTable) -> None:
-        self.rows = len(routes)
+        self.routes = list(routes)
         self.table = table
-        self.per_row: torch.Tensor | None = None  # [sparse layers, rows, experts]
-        if any(route.kept for route in routes):
+        distinct = {id(route): route for route in self.routes}
+        self.pruning = any(route.kept for route in distinct.values())
+        self.single = next(iter(distinct.values())) if self.pruning and len(distinct) == 1 else None
+        self._per_row: torch.Tensor | None = None
+        self._tokens: dict[int, torch.Tensor] = {}
+
+    @property
+    def per_row(self) -> torch.Tensor | None:
+        """[sparse layers, rows, experts], or None when no row prunes."""
+        if self.pruning and self._per_row is None:
             distinct: dict[int, int] = {}
             masks: list[torch.Tensor] = []
             order = []
-            for route in routes:
+            for route in self.routes:
                 if id(route) not in distinct:
                     distinct[id(route)] = len(masks)
-                    masks.append(table.pruned(route))
+                    masks.append(self.table.pruned(route))
                 order.append(distinct[id(route)])
             stacked = torch.stack(masks)  # [distinct routes, layers, experts]
             index = torch.tensor(order, device=stacked.device)
-            self.per_row = stacked.index_select(0, index).transpose(0, 1)
-        self._tokens: dict[int, torch.Tensor] = {}
+            self._per_row = stacked.index_select(0, index).transpose(0, 1)
+        return self._per_row
 
     def tokens(self, layer: int, count: int) -> torch.Tensor | None:
         """[count, experts] for sparse layer `layer`, the tokens being rows x sequence length, row-major."""
-        if self.per_row is None:
+        per_row = self.per_row
+        if per_row is None:
             return None
         found = self._tokens.get(count)
         if found is None:
-            found = self.per_row.repeat_interleave(count // self.rows, dim=1) if count != self.rows else self.per_row
+            rows = len(self.routes)
+            found = per_row.repeat_interleave(count // rows, dim=1) if count != rows else per_row
             self._tokens[count] = found
         return found[self.table.position[layer], :, : self.table.counts[layer]]
 
