@@ -116,7 +116,7 @@ class PooledModel:
             index: torch.full((layer.num_experts,), -1, dtype=torch.long, device=device)
             for index, layer in self.layers.items()
         }
-        self._route_masks = RouteMaskTable(self.layers, device)
+        self.route_masks = RouteMaskTable(self.layers, device)
         self._restricted_routers = RouterMasks(
             self.model, builder.family, builder.config, {index: layer.prefix for index, layer in self.layers.items()}
         )
@@ -153,8 +153,15 @@ class PooledModel:
     @contextmanager
     def rows(self, routes: Sequence[RowRoute]) -> Iterator[None]:
         """Forward passes of this thread inside the block route row i of the batch as `routes[i]`."""
+        with self.batch_masks(BatchMasks(routes, self.route_masks)):
+            yield
+
+    @contextmanager
+    def batch_masks(self, masks: BatchMasks) -> Iterator[None]:
+        """Forward passes of this thread inside the block route their rows by `masks` (which a captured
+        graph keeps: `decode_graph.RouteBuffer`)."""
         previous = getattr(self._local, "batch", None)
-        self._local.batch = BatchMasks(routes, self._route_masks)
+        self._local.batch = masks
         try:
             yield
         finally:
