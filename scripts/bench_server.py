@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -72,15 +73,21 @@ MAX_TOKENS = 32
 LOAD_MAX_TOKENS = 64
 ONE_PATTERN = ["demo-moe@sort"]
 THREE_PATTERNS = ["demo-moe@sort", "demo-moe@upper", "demo-moe@arith"]
+# the six demo patterns and two more with other kept experts (random selections, `extra_patterns`)
+EXTRA_PATTERNS = {"sort-random": ("sort", 1), "upper-random": ("upper", 2)}
+EIGHT_PATTERNS = [f"demo-moe@{task}" for task in TASKS] + [f"demo-moe@{name}" for name in EXTRA_PATTERNS]
 # (scenario, models, clients): the levels the ratios below compare
 SCENARIOS = [
     ("one pattern", ONE_PATTERN, 1),
     ("one pattern", ONE_PATTERN, 32),
     ("three patterns", THREE_PATTERNS, 8),
     ("three patterns", THREE_PATTERNS, 32),
+    ("eight patterns", EIGHT_PATTERNS, 32),
 ]
 SCALING_TARGET = 11.0  # one pattern, tokens/s at 32 clients over 1 client
-MIXED_TARGET = 0.8  # three patterns mixed over one pattern, tokens/s at 32 clients
+MIXED_TARGET = 0.9  # three patterns mixed over one pattern, tokens/s at 32 clients
+EIGHT_TARGET = 0.85  # eight patterns mixed over one pattern, tokens/s at 32 clients
+POOL_VS_VARIANT_TARGET = 0.97  # one pattern at 32 clients, the pool over a variant per pattern
 GENERATOR_CPU_LIMIT = 0.5  # of a core: above it, the generator may be what limits a level
 CYCLING_ROUNDS = 3
 LONG_PROMPT_CHARACTERS = 2000  # the demo tokenizer has one token per character
@@ -290,7 +297,7 @@ def load_levels(url: str, prompts: list[str], per_client: int, least: int) -> li
 def warm_up(url: str, prompts: list[str], requests: int) -> None:
     """Every pattern of the load leased, and every code path run, before anything is timed."""
     for stream in (False, True):
-        summarise_load(run_generator(load_spec(url, THREE_PATTERNS, prompts, 4, requests, stream)))
+        summarise_load(run_generator(load_spec(url, EIGHT_PATTERNS, prompts, 8, max(requests, 16), stream)))
 
 
 def load_ratios(load: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, float]]:
@@ -310,16 +317,40 @@ def load_ratios(load: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, fl
             ratios[f"{mode}_{'streamed' if stream else 'whole'}"] = {
                 "one_pattern_32_over_1": one_32 / tokens(mode, "one pattern", 1, stream),
                 "three_patterns_32_over_one_pattern_32": tokens(mode, "three patterns", 32, stream) / one_32,
+                "eight_patterns_32_over_one_pattern_32": tokens(mode, "eight patterns", 32, stream) / one_32,
             }
+            if mode == "pool" and "variants" in load:
+                variant_32 = tokens("variants", "one pattern", 32, stream)
+                ratios[f"{mode}_{'streamed' if stream else 'whole'}"]["one_pattern_32_pool_over_variant"] = (
+                    one_32 / variant_32
+                )
     return ratios
+
+
+def extra_patterns(model_dir: Path, work: Path) -> Path:
+    """A copy of the model's store with the two patterns of EXTRA_PATTERNS added: random selections (of the
+    default share of experts) with their task's routing examples, so that eight patterns of different
+    experts can share a batch."""
+    store = work / "patterns"
+    shutil.copytree(model_dir / "patterns", store)
+    for name, (task, seed) in EXTRA_PATTERNS.items():
+        prompts = work / f"{name}.jsonl"
+        examples = get_task(task).examples(16, EVAL_SEED + 10 + seed)
+        prompts.write_text("".join(json.dumps({"prompt": e.prompt}) + "\n" for e in examples))
+        command = [sys.executable, "-m", "server.cli", "calibrate", "--model", str(model_dir), "--store", str(store)]
+        command += ["--name", name, "--prompts", str(prompts), "--method", "random", "--seed", str(seed), "--quiet"]
+        subprocess.run(command, check=True, capture_output=True)
+    return store
 
 
 def server_phases(args: argparse.Namespace, prompts: list[str], phases: set[str]) -> dict[str, Any]:
     """The overhead phase and the load phase: both need a server; the overhead runs on the pooled one."""
     out: dict[str, Any] = {}
     load: dict[str, list[dict[str, Any]]] = {}
+    work = Path(tempfile.mkdtemp(prefix="bench-server-"))
+    store = ["--store", str(extra_patterns(args.model, work))] if "load" in phases else []
     for pool in (True, False) if "load" in phases else (True,):
-        with serving(args.model, args.budget, args.torch_threads, args.workers, pool_option(pool)) as url:
+        with serving(args.model, args.budget, args.torch_threads, args.workers, pool_option(pool) + store) as url:
             if pool and "overhead" in phases:
                 print("overhead: one request at a time, server vs direct generate ...", file=sys.stderr)
                 client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=300)
@@ -456,6 +487,8 @@ def targets(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
         for name, key, threshold in (
             ("one_pattern_32_vs_1_client", "one_pattern_32_over_1", SCALING_TARGET),
             ("three_patterns_vs_one_at_32_clients", "three_patterns_32_over_one_pattern_32", MIXED_TARGET),
+            ("eight_patterns_vs_one_at_32_clients", "eight_patterns_32_over_one_pattern_32", EIGHT_TARGET),
+            ("one_pattern_pool_vs_variant_at_32_clients", "one_pattern_32_pool_over_variant", POOL_VS_VARIANT_TARGET),
         ):
             target(name, threshold, result["ratios"]["pool_whole"][key], at_least=True)
             target(f"{name}_streamed", threshold, result["ratios"]["pool_streamed"][key], at_least=True)

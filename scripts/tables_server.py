@@ -72,14 +72,18 @@ def _levels(report: Report, scenario: str) -> list[str]:
     return lines
 
 
-def _ratios(report: Report, key: str, label: str, target: str) -> list[str]:
+def _ratios(report: Report, key: str, label: str, target: str, header: bool = True) -> list[str]:
     """A tokens/s ratio per server and stream mode, with the target it is held to (on the pool)."""
     lines = ["| ratio of tokens/s | expert pool | a variant per pattern | target (expert pool) |", "|---|---|---|---|"]
+    lines = lines if header else []
     for stream in ("whole", "streamed"):
-        pool, variants = (report["ratios"][f"{mode}_{stream}"][key] for mode in SERVERS)
+        pool, variants = (report["ratios"][f"{mode}_{stream}"].get(key) for mode in SERVERS)
+        if pool is None:
+            continue
+        variants = f"{variants:.2f}x" if variants is not None else "-"
         goal = report["targets"].get(target + ("" if stream == "whole" else "_streamed"))
         verdict = f">= {goal['target']:g}x: {'met' if goal['pass'] else 'missed'}" if goal else "-"
-        lines.append(f"| {label} ({stream}) | {pool:.2f}x | {variants:.2f}x | {verdict} |")
+        lines.append(f"| {label} ({stream}) | {pool:.2f}x | {variants} | {verdict} |")
     return lines
 
 
@@ -103,11 +107,35 @@ def server_load(report: Report | None = None) -> str:
 
 
 def server_mixed(report: Report | None = None) -> str:
-    """Three patterns mixed at 8 and 32 clients, and against one pattern at 32: do patterns share a batch?"""
+    """Three and eight patterns mixed, against one pattern at 32 clients: do patterns share a batch? And one
+    pattern through the pool against its own variant."""
     report = _server(report)
     lines = _levels(report, "three patterns")
-    key, label = "three_patterns_32_over_one_pattern_32", "three patterns / one pattern, 32 clients"
-    return "\n".join([*lines, "", *_ratios(report, key, label, "three_patterns_vs_one_at_32_clients")]) + "\n"
+    if any(x["scenario"] == "eight patterns" for levels in report["load"].values() for x in levels):
+        lines += _levels(report, "eight patterns")[2:]
+    lines += ["", *_ratios(report, *MIXED_RATIOS[0])]
+    for ratio in MIXED_RATIOS[1:]:
+        lines += _ratios(report, *ratio, header=False)
+    return "\n".join(lines) + "\n"
+
+
+MIXED_RATIOS = (
+    (
+        "three_patterns_32_over_one_pattern_32",
+        "three patterns / one pattern, 32 clients",
+        "three_patterns_vs_one_at_32_clients",
+    ),
+    (
+        "eight_patterns_32_over_one_pattern_32",
+        "eight patterns / one pattern, 32 clients",
+        "eight_patterns_vs_one_at_32_clients",
+    ),
+    (
+        "one_pattern_32_pool_over_variant",
+        "one pattern, the pool / its own variant, 32 clients",
+        "one_pattern_pool_vs_variant_at_32_clients",
+    ),
+)
 
 
 def server_cycling(report: Report | None = None) -> str:
@@ -174,6 +202,22 @@ TARGET_LABELS: dict[str, tuple[str, str]] = {
     ),
     "three_patterns_vs_one_at_32_clients_streamed": (
         "expert pool, three patterns / one pattern at 32 clients (streamed): at least",
+        "{:.2f}x",
+    ),
+    "eight_patterns_vs_one_at_32_clients": (
+        "expert pool, eight patterns / one pattern at 32 clients (whole): at least",
+        "{:.2f}x",
+    ),
+    "eight_patterns_vs_one_at_32_clients_streamed": (
+        "expert pool, eight patterns / one pattern at 32 clients (streamed): at least",
+        "{:.2f}x",
+    ),
+    "one_pattern_pool_vs_variant_at_32_clients": (
+        "one pattern at 32 clients, the pool / its own variant (whole): at least",
+        "{:.2f}x",
+    ),
+    "one_pattern_pool_vs_variant_at_32_clients_streamed": (
+        "one pattern at 32 clients, the pool / its own variant (streamed): at least",
         "{:.2f}x",
     ),
     "load_generator_cpu_share_of_a_core": ("the load generator's CPU in any level, of a core: at most", "{:.0%}"),

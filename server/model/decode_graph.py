@@ -63,7 +63,9 @@ class StaticDecodeStep:
         self._graph: torch.cuda.CUDAGraph | None = None
         self._logits: torch.Tensor | None = None
 
-    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, routes: Sequence[RowRoute]) -> torch.Tensor:
+    def prefill(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, routes: Sequence[RowRoute]
+    ) -> torch.Tensor:
         """Fill the cache with left-padded prompts [rows, width] (mask 0 on padding); the last column's logits."""
         width = input_ids.shape[1]
         if width >= self.max_length:

@@ -6,8 +6,8 @@ backbone once and, per sparse layer, `slots` expert slots; a table maps each res
 Every row of a batch carries a `RowRoute` (its pattern's kept experts). Each router runs once for the whole
 batch, the family's own routing code with each row's pruned experts masked (`route_masks`: the very choices
 and gate weights of the pruned variant, group-limited routing and selection bias included, in the same
-operations whatever the number of routes), and turns the chosen experts into slots. The experts module then runs all rows
-together, reading each chosen expert from its slot. Rows of different patterns share one forward pass.
+operations whatever the number of routes), and turns the chosen experts into slots. The experts module then
+runs all rows together, reading each chosen expert from its slot. Rows of different patterns share one forward pass.
 
 The pooled model is built here (`build_pooled`: the shared backbone, and zeroed slots in place of the
 experts); experts are copied into slots by `slot_loader`; which expert goes into which slot, and when, is
@@ -29,7 +29,6 @@ from transformers import PreTrainedModel
 from server.model.layout import SparseLayer
 from server.model.masking import RouterMasks, router_of
 from server.model.module_tree import meta_model, set_tensor
-from server.model.route_masks import BatchMasks, MaskedRouting, RouteMaskTable, masked_arguments
 from server.model.quantized_slots import (
     AUTO,
     QUANTIZED_TENSORS,
@@ -41,6 +40,7 @@ from server.model.quantized_slots import (
     quantized_experts,
     resolve_expert_format,
 )
+from server.model.route_masks import BatchMasks, MaskedRouting, RouteMaskTable, masked_arguments
 from server.model.slot_loader import SlotLoader
 from server.model.variant import VariantBuilder
 
