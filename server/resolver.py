@@ -126,10 +126,12 @@ class Resolver:
         """The choice the request names, checked (cheap: no routing); None when it must be routed."""
         return explicit_choice(model, pattern, self.model_name, self.store)
 
-    def route(self, query: str) -> Choice:
-        """The router's choice for a query (an embedding: the costly step of resolving)."""
+    def route(self, query: str, similarity: bool = False) -> Choice:
+        """The router's choice for a query (an embedding: the costly step of resolving). `similarity`: also
+        each candidate's similarity to its nearest example (a search of the example index that no decision
+        needs: only `explain`'s callers report it)."""
         with self.metrics.route_seconds.time():
-            decision = self.router.route(query[:MAX_ROUTED_CHARACTERS])
+            decision = self.router.route(query[:MAX_ROUTED_CHARACTERS], similarity)
         names = decision.patterns or ((decision.fallback,) if decision.fallback else ())
         choice = Choice(names, decision.reason, decision.probability, decision)
         self.metrics.routes.labels(choice.label, decision.reason).inc()
@@ -143,5 +145,10 @@ class Resolver:
         return replacement
 
     def resolve(self, model: str, pattern: str | None, query: str) -> Choice:
-        """The named choice or, without one, the routed one."""
+        """The named choice or, without one, the routed one: what serves a completion."""
         return self.named(model, pattern) or self.route(query)
+
+    def explain(self, model: str, pattern: str | None, query: str) -> Choice:
+        """`resolve`'s choice with all the router saw, each candidate's nearest-example similarity too: what
+        `/v1/route` reports."""
+        return self.named(model, pattern) or self.route(query, similarity=True)

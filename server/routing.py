@@ -64,6 +64,7 @@ class Candidate:
     probability: float  # calibrated, among the stored patterns
     typicality: float  # share of the pattern's held-out examples whose form is less like it than the query's
     similarity: float | None  # cosine of the query's embedding to the pattern's nearest example, if among the k
+    # (None for every pattern when the decision was made without the search: `Router.route_embedded`)
 
 
 @dataclass(frozen=True)
@@ -274,11 +275,15 @@ class Router:
 
     # -- deciding ------------------------------------------------------------------------------
 
-    def route(self, text: str) -> RouteDecision:
-        return self.route_embedded([text], self.embedder.embed([text]))[0]
+    def route(self, text: str, similarity: bool = True) -> RouteDecision:
+        return self.route_embedded([text], self.embedder.embed([text]), similarity)[0]
 
-    def route_embedded(self, texts: Sequence[str], vectors: torch.Tensor | np.ndarray) -> list[RouteDecision]:
-        """Decisions for queries whose embeddings are already known (batch evaluation embeds once)."""
+    def route_embedded(
+        self, texts: Sequence[str], vectors: torch.Tensor | np.ndarray, similarity: bool = True
+    ) -> list[RouteDecision]:
+        """Decisions for queries whose embeddings are already known (batch evaluation embeds once).
+        `similarity`: search the store's example index for each candidate's nearest example; no decision
+        depends on it, only reports do (`/v1/route`, `taskmoe route`), so the request path skips the search."""
         vectors = torch.as_tensor(np.asarray(vectors, dtype=np.float32)).reshape(len(texts), -1)
         learnt = self.current()
         if learnt is None:
@@ -288,9 +293,13 @@ class Router:
         typicality = learnt.typicality(self.features.form_block(features))
         stored = set(self.store.names())
         return [
-            self._decide(learnt, probabilities[i], typicality[i], self.store.search(vectors[i], k=self.k), stored)
+            self._decide(learnt, probabilities[i], typicality[i], self._nearest(vectors[i], similarity), stored)
             for i in range(len(texts))
         ]
+
+    def _nearest(self, vector: torch.Tensor, similarity: bool) -> list[SearchHit]:
+        """The patterns of the query's `k` nearest examples (FAISS), or none when nobody reads them."""
+        return self.store.search(vector, k=self.k) if similarity else []
 
     def _decide(
         self,

@@ -40,7 +40,7 @@ async def route(body: RouteRequest, request: Request) -> dict[str, Any]:
     """Which pattern would serve this request, without generating."""
     runtime = runtime_of(request)
     choice = await run_in_threadpool(
-        runtime.resolver.resolve, body.model or runtime.info.name, body.pattern, body.query()
+        runtime.resolver.explain, body.model or runtime.info.name, body.pattern, body.query()
     )
     return route_body(choice, runtime.info.name)
 
