@@ -177,29 +177,35 @@ class StepSplit:
 Forward = Callable[[Any, Any], Any]  # (input ids, cache) -> logits of the last position
 
 
-def decode_samples(forward: Forward, config: Any, batch: int, settings: Settings, split: StepSplit | None) -> list:
-    """Per timed decode step (after a `settings.prompt`-token prompt per row and `settings.warmup` untimed
-    steps): {"seconds", and with `split` "routing", "experts"}."""
+def decode_samples(
+    modes: Sequence[tuple[Forward, StepSplit | None]], config: Any, batch: int, settings: Settings
+) -> list[list[dict[str, float]]]:
+    """Per mode, per timed decode step: {"seconds", and with a split "routing", "experts"}. Each mode decodes
+    its own rows (the same `settings.prompt`-token prompts, its own cache); the modes take their steps in
+    turn, so that a machine whose load changes slows them alike, and `settings.warmup` steps go untimed."""
     import torch
 
     from server.model.kv_cache import new_cache
 
     generator = torch.Generator().manual_seed(batch)
-    ids = torch.randint(3, int(config.vocab_size), (batch, settings.prompt), generator=generator)
-    cache = new_cache(config)
-    samples = []
+    ids = torch.randint(3, int(config.vocab_size), (batch, settings.prompt), generator=generator).to(settings.device)
+    caches = [new_cache(config) for _ in modes]
+    samples: list[list[dict[str, float]]] = [[] for _ in modes]
     with torch.inference_mode():
-        token = forward(ids.to(settings.device), cache).argmax(-1, keepdim=True)
+        tokens = [
+            forward(ids, cache).argmax(-1, keepdim=True) for (forward, _), cache in zip(modes, caches, strict=True)
+        ]
         for step in range(settings.warmup + settings.steps):
-            synchronize(settings.device)
-            if split is not None:
-                split.take()
-            started = time.perf_counter()
-            token = forward(token, cache).argmax(-1, keepdim=True)
-            synchronize(settings.device)
-            seconds = time.perf_counter() - started
-            if step >= settings.warmup:
-                samples.append({"seconds": seconds, **(split.take() if split is not None else {})})
+            for index, ((forward, split), cache) in enumerate(zip(modes, caches, strict=True)):
+                synchronize(settings.device)
+                if split is not None:
+                    split.take()
+                started = time.perf_counter()
+                tokens[index] = forward(tokens[index], cache).argmax(-1, keepdim=True)
+                synchronize(settings.device)
+                seconds = time.perf_counter() - started
+                if step >= settings.warmup:
+                    samples[index].append({"seconds": seconds, **(split.take() if split is not None else {})})
     return samples
 
 
@@ -327,6 +333,9 @@ def lease_timed(pool: Any, name: str, kept: dict[int, tuple[int, ...]], device: 
 def measure_steps(settings: Settings, pool: Any, leases: dict[str, Any], variant: Any) -> list[dict[str, Any]]:
     """Rows of decode steps: per batch size, one pattern, three mixed and (when built) the variant, in turn."""
     pooled, builder = pool.pooled, pool.pooled.builder
+    splits = {}
+    if settings.split:  # one per model: the pool's two modes share its hooks, their steps never overlap
+        splits = {id(model): StepSplit(model, builder, settings.device) for model in (pooled.model, variant) if model}
     modes = [
         (ONE, pooled_forward(pooled, [leases["a"].route]), pooled.model),
         (MIXED, pooled_forward(pooled, [leases[name].route for name in "abc"]), pooled.model),
@@ -334,16 +343,15 @@ def measure_steps(settings: Settings, pool: Any, leases: dict[str, Any], variant
     if variant is not None:
         modes.append((VARIANT, model_forward(variant), variant))
     rows = []
-    for batch in settings.batches:
-        for mode, forward, model in modes:
-            split = StepSplit(model, builder, settings.device) if settings.split else None
-            try:
-                samples = decode_samples(forward, builder.config, batch, settings, split)
-            finally:
-                if split is not None:
-                    split.remove()
-            rows.append(step_row(mode, batch, samples))
-            _log(f"  batch {batch:>3} {mode}: {rows[-1]['step_ms']:.1f} ms a step")
+    try:
+        for batch in settings.batches:
+            runs = [(forward, splits.get(id(model))) for _, forward, model in modes]
+            for (mode, _, _), samples in zip(modes, decode_samples(runs, builder.config, batch, settings), strict=True):
+                rows.append(step_row(mode, batch, samples))
+                _log(f"  batch {batch:>3} {mode}: {rows[-1]['step_ms']:.1f} ms a step")
+    finally:
+        for split in splits.values():
+            split.remove()
     return rows
 
 
