@@ -15,7 +15,8 @@
    stamp) and copies it into `$OUT` when that is set, with the tests' log.
 
 Exit status: 0 when the tests passed, 1 when they failed (the benchmark still runs and is written), 2 when a
-module is missing or no CUDA device is there. Sized to finish in under 8 minutes on one H100 or H200.
+module is missing or no CUDA device is there, 3 when the benchmark failed (its traceback and the tests'
+outcome go to `$OUT/gpu_failed.json`). Sized to finish in under 8 minutes on one H100 or H200.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import re
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -130,7 +132,13 @@ def main(argv: list[str] | None = None) -> int:
         *(["--dir", str(args.dir)] if args.dir else []),
     ]
     settings = bench_core.settings_from(bench_core.parser().parse_args(bench_args))
-    report = bench_core.run(settings)
+    try:
+        report = bench_core.run(settings)
+    except Exception:  # what failed comes back under $OUT beside the tests' outcome; the docs keep the last run
+        failure = {"measured": bench_core.measured(), "tests": tests, "error": traceback.format_exc()}
+        print(failure["error"], file=sys.stderr)
+        bench_core.write(failure, out_dir / "gpu_failed.json" if out_dir else None)
+        return 3
     report["tests"] = tests
     report["seconds"] = round(time.perf_counter() - started, 1)
     from tables_core import gpu_check
