@@ -16,7 +16,7 @@ export TOKENIZERS_PARALLELISM := false
 
 MODEL ?= models/demo-moe
 
-.PHONY: install serve test test-fast lint lock train-models eval clean
+.PHONY: install serve test test-fast lint lock train-models eval gpu-check clean
 
 # pip first (the lock's own), then the lock, then pip-sync removes what an older lock installed, then the
 # package itself without dependencies (built by the lock's setuptools, whose notice about editable installs
@@ -74,6 +74,14 @@ train-models: install
 ## Per-task held-out accuracy of a model directory: make eval MODEL=models/demo-dense
 eval: install
 	$(BIN)/taskmoe eval $(MODEL)
+
+## The prepared GPU check on a machine with a CUDA device: the tests marked gpu, then the expert pool's benchmark
+## on the GPU (scripts/gpu_check.py, under 8 minutes on one H100/H200) -> bench/results/gpu.json (and $$OUT).
+## It installs nothing: the venv's Python when there is one, else (or with `make gpu-check PYTHON=python3`) the
+## image's, with the wheels of scripts/gpu_wheels.sh on PYTHONPATH.
+GPU_PYTHON = $(if $(filter command line,$(origin PYTHON)),$(PYTHON),$(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON)))
+gpu-check:
+	$(GPU_PYTHON) scripts/gpu_check.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info

@@ -92,19 +92,20 @@ _ROUTER = re.compile(r"\.layers\.(\d+)\.mlp\.gate\.weight$")
 # -- the checkpoint --------------------------------------------------------------------------------
 
 
-def make_config(num_layers: int) -> Any:
-    """The Qwen3-MoE config of the benchmark model; every layer is sparse."""
+def make_config(num_layers: int, shape: Mapping[str, Any] = SHAPE) -> Any:
+    """The Qwen3-MoE config of the benchmark model (`shape`: another model shape, as `bench_core.py`'s); every
+    layer is sparse."""
     from transformers import Qwen3MoeConfig
 
-    return Qwen3MoeConfig(**SHAPE, num_hidden_layers=num_layers, dtype="bfloat16")
+    return Qwen3MoeConfig(**shape, num_hidden_layers=num_layers, dtype="bfloat16")
 
 
-def tensor_specs(num_layers: int) -> list[tuple[str, tuple[int, ...], str]]:
+def tensor_specs(num_layers: int, shape: Mapping[str, Any] = SHAPE) -> list[tuple[str, tuple[int, ...], str]]:
     """(name, shape, init) of every tensor, in hub naming and in the order they are written."""
-    hidden, inter = SHAPE["hidden_size"], SHAPE["moe_intermediate_size"]
-    heads, kv_heads, head_dim = SHAPE["num_attention_heads"], SHAPE["num_key_value_heads"], SHAPE["head_dim"]
+    hidden, inter = shape["hidden_size"], shape["moe_intermediate_size"]
+    heads, kv_heads, head_dim = shape["num_attention_heads"], shape["num_key_value_heads"], shape["head_dim"]
     specs: list[tuple[str, tuple[int, ...], str]] = [
-        ("model.embed_tokens.weight", (SHAPE["vocab_size"], hidden), "normal")
+        ("model.embed_tokens.weight", (shape["vocab_size"], hidden), "normal")
     ]
     for layer in range(num_layers):
         prefix = f"model.layers.{layer}"
@@ -117,15 +118,15 @@ def tensor_specs(num_layers: int) -> list[tuple[str, tuple[int, ...], str]]:
             (f"{prefix}.self_attn.o_proj.weight", (hidden, heads * head_dim), "normal"),
             (f"{prefix}.self_attn.q_norm.weight", (head_dim,), "ones"),
             (f"{prefix}.self_attn.k_norm.weight", (head_dim,), "ones"),
-            (f"{prefix}.mlp.gate.weight", (SHAPE["num_experts"], hidden), "normal"),
+            (f"{prefix}.mlp.gate.weight", (shape["num_experts"], hidden), "normal"),
         ]
-        for expert in range(SHAPE["num_experts"]):
+        for expert in range(shape["num_experts"]):
             specs += [
                 (f"{prefix}.mlp.experts.{expert}.gate_proj.weight", (inter, hidden), "normal"),
                 (f"{prefix}.mlp.experts.{expert}.up_proj.weight", (inter, hidden), "normal"),
                 (f"{prefix}.mlp.experts.{expert}.down_proj.weight", (hidden, inter), "normal"),
             ]
-    specs += [("model.norm.weight", (hidden,), "ones"), ("lm_head.weight", (SHAPE["vocab_size"], hidden), "normal")]
+    specs += [("model.norm.weight", (hidden,), "ones"), ("lm_head.weight", (shape["vocab_size"], hidden), "normal")]
     return specs
 
 
@@ -160,15 +161,15 @@ def _shard_plan(specs: list[tuple[str, tuple[int, ...], str]]) -> list[list[tupl
     return shards
 
 
-def write_checkpoint(directory: Path, spec: dict[str, Any]) -> None:
+def write_checkpoint(directory: Path, spec: dict[str, Any], shape: Mapping[str, Any] = SHAPE) -> None:
     """Write the random checkpoint into a scratch directory and move it into place when complete,
     so that an interrupted run never leaves a directory that looks reusable."""
     import torch
     from safetensors.torch import save_file
 
     num_layers = spec["config"]["num_hidden_layers"]
-    config = make_config(num_layers)
-    shards = _shard_plan(tensor_specs(num_layers))
+    config = make_config(num_layers, shape)
+    shards = _shard_plan(tensor_specs(num_layers, shape))
     scratch = directory.with_name(f"{directory.name}.partial-{os.getpid()}")
     shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir(parents=True)
@@ -200,7 +201,12 @@ def write_checkpoint(directory: Path, spec: dict[str, Any]) -> None:
 
 def ensure_checkpoint(directory: Path, size_gb: float, seed: int) -> bool:
     """Make the checkpoint unless a matching one is there; True when it was made now."""
-    spec = checkpoint_spec(size_gb, seed)
+    return ensure_checkpoint_of(directory, checkpoint_spec(size_gb, seed), SHAPE)
+
+
+def ensure_checkpoint_of(directory: Path, spec: dict[str, Any], shape: Mapping[str, Any]) -> bool:
+    """Make the checkpoint that `spec` (its config, seed and shard size) describes, of model shape `shape`,
+    unless a matching one is there; True when it was made now."""
     meta = directory / META_FILE
     if meta.is_file():
         try:
@@ -214,8 +220,8 @@ def ensure_checkpoint(directory: Path, size_gb: float, seed: int) -> bool:
         raise SystemExit(f"{directory} exists and is not a benchmark checkpoint ({META_FILE} missing); use --dir")
     directory.parent.mkdir(parents=True, exist_ok=True)
     layers = spec["config"]["num_hidden_layers"]
-    _log(f"making a random Qwen3-MoE checkpoint: {layers} layers, {SHAPE['num_experts']} experts, in {directory}")
-    write_checkpoint(directory, spec)
+    _log(f"making a random Qwen3-MoE checkpoint: {layers} layers, {shape['num_experts']} experts, in {directory}")
+    write_checkpoint(directory, spec, shape)
     return True
 
 

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from tables_core import core_cpu, gpu_check
 from tables_models import demo_models, supported_models, unsupported_models
 from tables_pruning import (
     ANSWER_LOSS,
@@ -144,6 +145,8 @@ SECTIONS: dict[str, Section] = {
     "variants": Section(variants, ("variants.json",)),
     "variants-findings": Section(variants_findings, ("variants.json",)),
     "fp8-slots": Section(fp8_slots, ("variants_fp8.json",)),
+    "core-cpu": Section(core_cpu, ("core_cpu.json",)),
+    "gpu-check": Section(gpu_check),  # stamps itself: gpu.json exists once the check has run on a GPU
     "pruning-settings": Section(pruning_settings, ("pruning.json",)),
     "pruning-targets": Section(pruning_targets, ("pruning.json", "served.json")),
     "pruning-moe": Section(pruning_moe, ("pruning.json",)),
