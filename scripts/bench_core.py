@@ -66,6 +66,8 @@ QUICK_SHAPE: dict[str, Any] = {
     "max_position_embeddings": 256,
 }
 ONE, MIXED, VARIANT = "pool, one pattern", "pool, three patterns mixed", "the pattern's variant"
+GRAPHED = " (static cache, CUDA graph)"  # the same, decoded by `decode_graph.StaticDecodeStep` on CUDA
+STATIC = " (static cache, eager)"  # and on the CPU, where there are no graphs
 TARGET_MIXED_OVER_ONE = 0.9  # three patterns mixed at batch 32 against one pattern (tokens/s)
 TARGET_POOL_OVER_VARIANT = 0.97  # one pattern through the pool at batch 32 against its variant (CPU)
 TARGET_STEP_OVER_READ = 3.0  # decode at batch 1 against the time to read its bytes (GPU)
@@ -355,6 +357,48 @@ def measure_steps(settings: Settings, pool: Any, leases: dict[str, Any], variant
     return rows
 
 
+def graph_rows(settings: Settings, pool: Any, leases: dict[str, Any]) -> list[dict[str, Any]]:
+    """One pattern and three mixed decoded by `StaticDecodeStep`: a static cache and, on CUDA, each batch
+    size's step captured once as a CUDA graph and replayed (on the CPU the same steps run eagerly, in quick
+    runs only, so that the path is exercised). The two take their steps in turn, as in `decode_samples`."""
+    import torch
+
+    from server.model.decode_graph import StaticDecodeStep
+
+    pooled = pool.pooled
+    graph = settings.device == "cuda"
+    config = pooled.builder.config
+    rows = []
+    for batch in settings.batches:
+        routes = {
+            ONE: [leases["a"].route] * batch,
+            MIXED: [leases["abc"[row % 3]].route for row in range(batch)],
+        }
+        generator = torch.Generator().manual_seed(batch)
+        ids = torch.randint(3, int(config.vocab_size), (batch, settings.prompt), generator=generator)
+        ids = ids.to(settings.device)
+        length = settings.prompt + settings.warmup + settings.steps + 1
+        steps = {mode: StaticDecodeStep(pooled, batch, length, graph=graph) for mode in routes}
+        tokens = {
+            mode: step.prefill(ids, torch.ones_like(ids), routes[mode]).argmax(-1) for mode, step in steps.items()
+        }
+        samples: dict[str, list[dict[str, float]]] = {mode: [] for mode in steps}
+        for index in range(settings.warmup + settings.steps):
+            for mode, step in steps.items():
+                synchronize(settings.device)
+                started = time.perf_counter()
+                tokens[mode] = step.step(tokens[mode]).argmax(-1)
+                synchronize(settings.device)
+                if index >= settings.warmup:
+                    samples[mode].append({"seconds": time.perf_counter() - started})
+        suffix = GRAPHED if graph else STATIC
+        for mode, found in samples.items():
+            rows.append(step_row(mode + suffix, batch, found))
+            _log(f"  batch {batch:>3} {mode + suffix}: {rows[-1]['step_ms']:.1f} ms a step")
+        del steps
+    return rows
+
+
 def ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per batch size: three mixed / one pattern and one pattern / its variant, in tokens/s."""
     speed = {(row["batch"], row["mode"]): row["tokens_per_s"] for row in rows}
@@ -363,6 +407,10 @@ def ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         entry: dict[str, Any] = {"batch": batch, "mixed_over_one": speed[batch, MIXED] / speed[batch, ONE]}
         if (batch, VARIANT) in speed:
             entry["pool_over_variant"] = speed[batch, ONE] / speed[batch, VARIANT]
+        for suffix in (GRAPHED, STATIC):
+            if (batch, ONE + suffix) in speed:
+                entry["static_mixed_over_one"] = speed[batch, MIXED + suffix] / speed[batch, ONE + suffix]
+                entry["static_over_dynamic"] = speed[batch, ONE + suffix] / speed[batch, ONE]
         found.append(entry)
     return found
 
@@ -391,9 +439,17 @@ def floors(settings: Settings, pool: Any, switches: list[dict[str, Any]], rows: 
     buffer = (16 if settings.quick else 4096 if settings.device == "cuda" else 512) * 1024**2
     bandwidth = read_bandwidth(settings.device, buffer)
     nbytes = step_read_bytes(pool.pooled, int(pool.pooled.builder.config.num_experts_per_tok))
-    step = next(row for row in rows if row["batch"] == min(settings.batches) and row["mode"] == ONE)
+    # the batch-1 step as the server can run it: the captured graph where there is one
+    fastest = ONE + GRAPHED if any(row["mode"] == ONE + GRAPHED for row in rows) else ONE
+    step = next(row for row in rows if row["batch"] == min(settings.batches) and row["mode"] == fastest)
     read_ms = 1e3 * nbytes / bandwidth["bytes_per_s"]
-    decode = {"batch": step["batch"], "bytes": nbytes, "read_ms": read_ms, "step_ms": step["step_ms"]}
+    decode = {
+        "batch": step["batch"],
+        "mode": step["mode"],
+        "bytes": nbytes,
+        "read_ms": read_ms,
+        "step_ms": step["step_ms"],
+    }
     return {"bandwidth": bandwidth, "decode_read": {**decode, "over_floor": step["step_ms"] / read_ms}}
 
 
@@ -437,6 +493,8 @@ def run(settings: Settings) -> dict[str, Any]:
         variant = builder.build(Selection("moe_experts", {k: list(v) for k, v in patterns["a"].items()}))
     rows = measure_steps(settings, pool, leases, variant)
     del variant
+    if settings.device == "cuda" or settings.quick:
+        rows += graph_rows(settings, pool, leases)
     for lease in leases.values():
         pool.release(lease)
     lease, switch = lease_timed(pool, "d", patterns["d"], settings.device)  # half of d resident: evicts

@@ -47,13 +47,21 @@ def _steps(report: Report) -> list[str]:
     return lines
 
 
+ONE = "one pattern"
+RATIO_COLUMNS = {
+    "mixed_over_one": "three mixed / one pattern",
+    "pool_over_variant": "pool / variant",
+    "static_mixed_over_one": "three mixed / one pattern, static step",
+    "static_over_dynamic": "one pattern, static step / dynamic cache",
+}
+
+
 def _ratios(report: Report) -> list[str]:
-    variant = any("pool_over_variant" in entry for entry in report["ratios"])
-    lines = ["| batch | three mixed / one pattern |" + (" pool / variant |" if variant else ""), ""]
-    lines[1] = "|" + "---|" * (lines[0].count("|") - 1)
+    columns = [key for key in RATIO_COLUMNS if any(key in entry for entry in report["ratios"])]
+    lines = ["| batch | " + " | ".join(RATIO_COLUMNS[key] for key in columns) + " |", "|---|" + "---|" * len(columns)]
     for entry in report["ratios"]:
-        extra = f" {entry['pool_over_variant']:.2f} |" if "pool_over_variant" in entry else (" |" if variant else "")
-        lines.append(f"| {entry['batch']} | {entry['mixed_over_one']:.2f} |{extra}")
+        cells = [f"{entry[key]:.2f}" if key in entry else "" for key in columns]
+        lines.append(f"| {entry['batch']} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -77,7 +85,8 @@ def _switches(report: Report) -> list[str]:
 def _decode_read(report: Report) -> str:
     d, bandwidth = report["decode_read"], report["bandwidth"]
     return (
-        f"Decode step at batch {d['batch']} (one pattern): {d['step_ms']:.2f} ms; the bytes it must read (attention, "
+        f"Decode step at batch {d['batch']} ({d.get('mode', ONE)}): {d['step_ms']:.2f} ms; the bytes it must read "
+        "(attention, "
         f"norms, routers, {report['settings']['shape']['num_experts_per_tok']} experts per layer, an embedding row, "
         f"the LM head): {d['bytes'] / MIB:,.0f} MiB, {d['read_ms']:.3f} ms at the measured "
         f"{bandwidth['bytes_per_s'] / 1e9:,.0f} GB/s (sum {bandwidth['sum_bytes_per_s'] / 1e9:,.0f}, copy "

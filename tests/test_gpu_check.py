@@ -59,9 +59,12 @@ def test_the_gpu_check_runs_end_to_end_on_the_cpu(scripts, tmp_path) -> None:
     assert {"tests/test_expert_pool.py", "tests/test_variants.py"} <= set(tests["files"])
     assert re.fullmatch(r"[0-9a-f]{40}(\+dirty)?", report["measured"]["commit"])
     modes = {(row["mode"], row["batch"]) for row in report["steps"]}
-    assert modes == {(mode, batch) for mode in ("pool, one pattern", "pool, three patterns mixed",
-                                                "the pattern's variant") for batch in (1, 4)}  # fmt: skip
-    assert all(row["step_ms"] > 0 and len(row["samples_ms"]) == 2 and "split_ms" in row for row in report["steps"])
+    eager = ("pool, one pattern", "pool, three patterns mixed", "the pattern's variant")
+    static = ("pool, one pattern (static cache, eager)", "pool, three patterns mixed (static cache, eager)")
+    assert modes == {(mode, batch) for mode in eager + static for batch in (1, 4)}
+    assert all(row["step_ms"] > 0 and len(row["samples_ms"]) == 2 for row in report["steps"])
+    assert all("split_ms" in row for row in report["steps"] if row["mode"] in eager)
+    assert all(0 < entry["static_over_dynamic"] for entry in report["ratios"])
     switches = {switch["pattern"]: switch for switch in report["switches"]}
     assert switches["a"]["experts_loaded"] == 2 * 8 and switches["c"]["experts_loaded"] == 0
     assert switches["d"]["evicted"] == 2 * 4 and switches["d"]["floor_seconds"] > 0
