@@ -216,16 +216,17 @@ def main(argv: list[str] | None = None) -> int:
             old.append(outcome(t, d.patterns if nearest and nearest[0].score >= 0.3 else ()))
         results["first round (similarity cut 0.3)"] = shares(old)
 
-        # `taskmoe serve` runs torch with one intra-op thread per worker on the CPU: that is what users get
+        # `taskmoe serve` runs torch with one intra-op thread per worker on the CPU: that is what users get;
+        # a completion's decision searches no example index (similarity=False), only /v1/route's does
         timed = [q for t in names for q in query_texts[t][:20]]
         timed_vectors = embedder.embed(timed)
         threads = torch.get_num_threads()
         timings_by_threads: dict[int, list[float]] = {}
         for count in sorted({1, threads}):
             torch.set_num_threads(count)
-            timings_by_threads[count] = [seconds(served_router.route, text) for text in timed]
+            timings_by_threads[count] = [seconds(served_router.route, text, False) for text in timed]
         torch.set_num_threads(1)
-        one_stage_timings = [seconds(one_stage_router.route, text) for text in timed]
+        one_stage_timings = [seconds(one_stage_router.route, text, False) for text in timed]
         # the full router's own part of a decision (features, probabilities, typicality, search): what is
         # left of an embedded query's decision when the embedding is known
         deciding = [

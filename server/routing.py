@@ -38,7 +38,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -316,8 +316,9 @@ class Router:
     ) -> list[RouteDecision]:
         """Decisions in two stages: the n-gram stage's where it is confident, the full router's for the rest,
         which alone are embedded. `vectors`: the texts' embeddings when already known (batch evaluation
-        embeds once). `similarity`: as `route_embedded`'s, for the embedded queries (the n-gram stage never
-        searches: it has no embedding to search with)."""
+        embeds once). `similarity`: as `route_embedded`'s; it needs every query's embedding, so with it the
+        queries the n-gram stage decides are embedded too, for their candidates' similarities only (a report's
+        cost: `/v1/route`, `taskmoe route`; the request path asks for none)."""
         learnt = self.current()
         if learnt is None:
             return [RouteDecision((), 0.0, "empty-store", fallback=self.fallback) for _ in texts]
@@ -331,6 +332,9 @@ class Router:
                 self._first_stage(learnt, p, t, stored) for p, t in zip(probabilities, typicality, strict=True)
             ]
         rest = [i for i, decision in enumerate(decisions) if decision is None]
+        if similarity and len(rest) < len(texts):
+            vectors = self.embedder.embed(list(texts)) if vectors is None else vectors
+            decisions = [d if d is None else self._with_similarity(d, vectors[i]) for i, d in enumerate(decisions)]
         if rest:
             chosen = [texts[i] for i in rest]
             embedded = self.embedder.embed(chosen) if vectors is None else np.asarray(vectors)[rest]
@@ -372,6 +376,13 @@ class Router:
     def _nearest(self, vector: torch.Tensor, similarity: bool) -> list[SearchHit]:
         """The patterns of the query's `k` nearest examples (FAISS), or none when nobody reads them."""
         return self.store.search(vector, k=self.k) if similarity else []
+
+    def _with_similarity(self, decision: RouteDecision, vector: torch.Tensor | np.ndarray) -> RouteDecision:
+        """`decision` with each candidate's similarity to its nearest example (the decision stays)."""
+        query = torch.as_tensor(np.asarray(vector, dtype=np.float32)).reshape(-1)
+        nearest = {hit.name: hit.score for hit in self._nearest(query, True)}
+        candidates = tuple(replace(c, similarity=nearest.get(c.pattern)) for c in decision.candidates)
+        return replace(decision, candidates=candidates)
 
     def _first_stage(
         self, learnt: LearntRouter, probabilities: torch.Tensor, typicality: torch.Tensor, stored: set[str]

@@ -568,7 +568,7 @@ def test_the_ngram_stage_decides_typical_queries_unembedded_as_the_full_router_w
     router = Router(store, embedder)
     router.learn()
     embedder.asked.clear()
-    decisions = [router.route(query) for query in queries]
+    decisions = [router.route(query, similarity=False) for query in queries]  # as a completion routes
     first = [d.by_ngrams for d in decisions]
     twins = [task in ("arc", "obqa") for task in truth]
     assert first == [not twin for twin in twins], "distinct forms are decided by n-grams, shared ones embedded"
@@ -584,7 +584,8 @@ def test_the_ngram_stage_decides_typical_queries_unembedded_as_the_full_router_w
     known = router.route_texts(queries, embedder.embed(queries))
     assert [(d.patterns, d.reason, d.by_ngrams) for d in known] == [
         (d.patterns, d.reason, d.by_ngrams) for d in decisions
-    ]
+    ], "known embeddings, and a report's similarities, change no decision"
+    assert all(d.candidates[0].similarity is not None for d in known), "a report has every similarity"
 
 
 def test_a_gate_of_1_embeds_every_query_and_topic_only_features_have_no_ngram_stage(tmp_path) -> None:
@@ -661,7 +662,7 @@ def test_on_real_benchmark_prompts_the_ngram_stage_serves_what_the_embedding_rou
     queries = [q for texts in prompts.values() for q in texts[32:56]]
     for query, vector in zip(queries, real.embed(queries), strict=True):
         embedder.add(query, vector)
-    decisions = Router(store, embedder).route_texts(queries)
+    decisions = Router(store, embedder).route_texts(queries, similarity=False)
     assert embedder.asked == [q for q, d in zip(queries, decisions, strict=True) if not d.by_ngrams]
     one_stage = Router(store, embedder, ngram_gate=1.0).route_texts(queries)
     first = [(d, full) for d, full in zip(decisions, one_stage, strict=True) if d.by_ngrams]
