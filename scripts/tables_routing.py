@@ -35,11 +35,21 @@ def routing() -> str:
 def route_p50(report: Report) -> str:
     """One routing decision's p50 as served, with the other thread counts and the part outside the embedder."""
     threads = report.get("route_ms_p50_by_threads", {})
+    p90 = f", p90 {report['route_ms_p90']:.1f} ms" if "route_ms_p90" in report else ""
     return (
-        f"{report['route_ms_p50']:.1f} ms (1 thread, as served)"
+        f"{report['route_ms_p50']:.1f} ms (1 thread, as served{p90})"
         + "".join(f"; {v:.1f} ms with {n} threads" for n, v in threads.items() if str(n) != "1")
-        + (f"; {report['decide_ms_p50']:.1f} ms of it outside the embedder" if "decide_ms_p50" in report else "")
+        + (
+            f"; {report['decide_ms_p50']:.1f} ms {_outside(report)} outside the embedder"
+            if "decide_ms_p50" in report
+            else ""
+        )
     )
+
+
+def _outside(report: Report) -> str:
+    """Whose decision `decide_ms_p50` is: every decision's, or (two stages) an embedded query's."""
+    return "of an embedded query's decision" if "first_stage_agreement" in report else "of it"
 
 
 def routing_targets() -> str:
@@ -52,6 +62,7 @@ def routing_targets() -> str:
         "full fallback <= 5%": f"{served['fallback']:.1f}%",
         "leave-one-task-out wrong single <= 35%": f"{report['leave_one_task_out_wrong_single_mean']:.1f}%",
         "routing p50 <= 15 ms": route_p50(report),
+        "routing p50 <= 5 ms": route_p50(report),
     }
     lines = ["| target | measured | result |", "|---|---|---|"]
     for target, ok in report["targets"].items():
@@ -95,6 +106,17 @@ def _absent_tasks(report: Report) -> str:
     return text
 
 
+def _two_stages(report: Report) -> str:
+    """What the n-gram stage decides, how often the one-stage router agrees, and what embedding all costs."""
+    agreement, one = report["first_stage_agreement"], report["one_stage_route_ms"]
+    first = report["results"][SERVED]["first_stage"]
+    return (
+        f"The n-gram stage decides {first:.0f}% of the queries without embedding them, and the one-stage router "
+        f"(every query embedded) serves the same on {agreement['on_first_stage']:.1f}% of those "
+        f"({agreement['all']:.1f}% of all decisions); it takes {one['p50']:.1f} ms p50, {one['p90']:.1f} ms p90"
+    )
+
+
 def routing_findings() -> str:
     """What each part of the router is worth on the same queries, and what a union and a decision cost."""
     report = load("routing.json")
@@ -118,11 +140,15 @@ def routing_findings() -> str:
         f"- A union costs memory, not accuracy. Kept by the demo stores: {_union_cost(report)}. A dense union "
         "carries no SEAP bias compensation (each pattern's bias stands for channels the union may keep)."
     )
-    met = report["targets"].get("routing p50 <= 15 ms")
+    targets = report["targets"]
+    met = targets.get("routing p50 <= 5 ms", targets.get("routing p50 <= 15 ms"))
     lines.append(
         f"- One routing decision: {route_p50(report)}"
         + ("" if met is None else f"; the p50 target is {'met' if met else 'missed'}")
-        + ". The rest of a decision is all-MiniLM-L6-v2's forward pass (cProfile: its linear layers); one "
+        + (f". {_two_stages(report)}" if "first_stage_agreement" in report else "")
+        + ". The rest of "
+        + ("an embedded query's " if "first_stage_agreement" in report else "a ")
+        + "decision is all-MiniLM-L6-v2's forward pass (cProfile: its linear layers); one "
         "intra-op thread per worker is how `taskmoe serve` runs on the CPU, so the one-thread figure is the "
         "served one."
     )

@@ -284,7 +284,7 @@ def cmd_route(args: argparse.Namespace) -> int:
     try:
         router = Router(store, Embedder(args.embedder) if args.embedder else Embedder(), policy=policy)
         queries = [" ".join(args.text)] if args.text else read_prompts(args.file)
-        decisions = router.route_embedded(queries, router.embedder.embed(queries))
+        decisions = router.route_texts(queries)
     except (PatternError, PromptFileError, ValueError, OSError) as error:
         raise CliError(str(error)) from None
     if args.text:
@@ -293,13 +293,15 @@ def cmd_route(args: argparse.Namespace) -> int:
         for candidate in decision.candidates:
             similarity = "-" if candidate.similarity is None else f"{candidate.similarity:.3f}"
             print(f"{candidate.pattern:<20}{candidate.probability:>12.3f}{candidate.typicality:>11.3f}{similarity:>11}")
-        print(f"-> {decision.pattern or 'full model'} ({decision.reason}, p={decision.probability:.3f})")
+        stage = ", by its n-grams (not embedded)" if decision.by_ngrams else ""
+        print(f"-> {decision.pattern or 'full model'} ({decision.reason}, p={decision.probability:.3f}{stage})")
         return 0
     for query, decision in zip(queries, decisions, strict=True):
         row = {
             "prompt": query,
             "pattern": decision.pattern,
             "reason": decision.reason,
+            "by_ngrams": decision.by_ngrams,
             "probability": round(decision.probability, 4),
             "typicality": None if decision.typicality is None else round(decision.typicality, 4),
         }

@@ -103,6 +103,13 @@ class RoutingPolicy(BaseModel):
         description="a query less typical of its pattern than this share of the pattern's held-out examples is of no "
         "stored task and gets the fallback; 0: never",
     )
+    ngram_gate: float = Field(
+        0.99,
+        gt=0,
+        le=1,
+        description="calibrated probability at which the n-gram stage routes a typical query without embedding it "
+        "(the embedding is most of a decision's time); 1: every query is embedded",
+    )
     neighbours: int = Field(10, ge=1, description="nearest example prompts whose similarity a decision reports")
 
 
@@ -150,6 +157,7 @@ class ServerConfig(BaseSettings):
     route_threshold: float = _routing_field("threshold")
     route_union: int = _routing_field("union")
     route_novelty: float = _routing_field("novelty")
+    route_ngram_gate: float = _routing_field("ngram_gate")
     store_poll: float = Field(
         2.0, ge=0, description="seconds between checks for patterns written by other processes; 0: never"
     )
@@ -229,7 +237,11 @@ class ServerConfig(BaseSettings):
     @property
     def routing(self) -> RoutingPolicy:
         return RoutingPolicy(
-            rule=self.route_rule, threshold=self.route_threshold, union=self.route_union, novelty=self.route_novelty
+            rule=self.route_rule,
+            threshold=self.route_threshold,
+            union=self.route_union,
+            novelty=self.route_novelty,
+            ngram_gate=self.route_ngram_gate,
         )
 
     @property

@@ -73,16 +73,32 @@ class RouteFeatures:
             dtype=np.float32,
         )
 
-    def transform(self, texts: Sequence[str], embeddings: torch.Tensor | np.ndarray) -> torch.Tensor:
+    @property
+    def ngram_weight(self) -> float:
+        """The share of the n-gram blocks in a feature vector (0: topic only, no n-gram stage)."""
+        return self.weights.content + self.weights.form
+
+    def ngrams(self, texts: Sequence[str]) -> torch.Tensor:
+        """[n, content + form buckets]: the n-gram blocks of the texts' feature vectors, as `transform` weighs
+        them: what routing reads of a text before (and whether) it is embedded."""
+        w = self.weights
+        if not texts:
+            return torch.zeros(0, w.content_buckets + w.form_buckets)
+        content = torch.from_numpy(self._content.transform(texts).toarray())
+        form = torch.from_numpy(self._form.transform(texts).toarray())
+        return torch.cat([content * w.content**0.5, form * w.form**0.5], dim=1)
+
+    def transform(
+        self, texts: Sequence[str], embeddings: torch.Tensor | np.ndarray, ngrams: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """`ngrams`: the texts' `ngrams`, when already known."""
         embeddings = torch.as_tensor(np.asarray(embeddings, dtype=np.float32)).reshape(len(texts), -1)
         if not texts:
             return torch.zeros(0, embeddings.shape[1] + self.weights.content_buckets + self.weights.form_buckets)
-        w = self.weights
-        content = torch.from_numpy(self._content.transform(texts).toarray())
-        form = torch.from_numpy(self._form.transform(texts).toarray())
+        ngrams = self.ngrams(texts) if ngrams is None else ngrams
         topic = torch.nn.functional.normalize(embeddings, dim=1)
-        return torch.cat([topic * w.topic**0.5, content * w.content**0.5, form * w.form**0.5], dim=1)
+        return torch.cat([topic * self.weights.topic**0.5, ngrams], dim=1)
 
     def form_block(self, features: torch.Tensor) -> torch.Tensor:
-        """The form n-grams of feature rows, unit length (zero rows stay zero)."""
+        """The form n-grams of feature (or `ngrams`) rows, unit length (zero rows stay zero)."""
         return torch.nn.functional.normalize(features[:, -self.weights.form_buckets :], dim=1)

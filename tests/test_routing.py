@@ -234,7 +234,8 @@ def test_a_query_of_a_task_with_no_pattern_goes_to_the_fallback(tmp_path) -> Non
     decision = router.route(novel)
     assert decision.reason == "out-of-store" and decision.patterns == () and decision.pattern is None
     assert decision.typicality is not None and decision.typicality < 0.02
-    assert Router(store, embedder, novelty=0.0).route(novel).patterns == ("boolq",), "novelty 0 turns it off"
+    one_stage = Router(store, embedder, novelty=0.0, ngram_gate=1.0)  # the n-gram stage reads no topic
+    assert one_stage.route(novel).patterns == ("boolq",), "novelty 0 turns it off"
 
 
 def test_an_empty_store_and_a_single_pattern_route_sensibly(tmp_path) -> None:
@@ -250,7 +251,15 @@ def test_an_empty_store_and_a_single_pattern_route_sensibly(tmp_path) -> None:
 
 def test_bad_router_settings_are_refused(separated) -> None:
     store, embedder = separated
-    for settings in ({"threshold": 0.0}, {"threshold": 1.5}, {"union": 0}, {"novelty": 1.0}, {"rule": "knn"}):
+    for settings in (
+        {"threshold": 0.0},
+        {"threshold": 1.5},
+        {"union": 0},
+        {"novelty": 1.0},
+        {"rule": "knn"},
+        {"ngram_gate": 0.0},
+        {"ngram_gate": 1.5},
+    ):
         with pytest.raises(ValueError):
             Router(store, embedder, **settings)
 
@@ -501,3 +510,161 @@ def test_relearning_runs_at_most_once_per_interval() -> None:
     assert relearning.wait(10)
     assert starts[0] - began < 0.4, "the first run waited"
     assert len(starts) <= 3 and all(b - a >= 0.49 for a, b in itertools.pairwise(starts)), starts
+
+
+# -- the n-gram stage ------------------------------------------------------------------------------
+
+FORMS = {  # arc and obqa share a form (as the benchmarks nearly do): only their topics tell them apart
+    "arc": "Question: {} Answer:",
+    "boolq": "{} Question: is it so? Answer yes or no.",
+    "gsm8k": "Solve: {} How many are left?",
+    "obqa": "Question: {} Answer:",
+    "wikitext2": "Continue the text: {} .",
+}
+SMALL_NGRAMS = FeatureWeights(content_buckets=2**6, form_buckets=2**6)  # a quick reference fit
+
+
+class CountingEmbedder(TableEmbedder):
+    """A table embedder that remembers what it was asked to embed (the n-gram stage must not ask)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.asked: list[str] = []
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        self.asked.extend(texts)
+        return super().embed(texts)
+
+
+def _words(generator: torch.Generator, count: int = 12) -> str:
+    return " ".join(f"w{int(x)}" for x in torch.randint(0, 99, (count,), generator=generator))
+
+
+def _form_queries(embedder: TableEmbedder, per: int, seed: int) -> tuple[list[str], list[str], torch.Tensor]:
+    """`per` texts of each task of `FORMS`, its topic an axis: (texts, tasks, embeddings)."""
+    generator = torch.Generator().manual_seed(seed)
+    texts, tasks, vectors = [], [], []
+    for i, (name, form) in enumerate(FORMS.items()):
+        for _ in range(per):
+            vectors.append(_axis(i) + 0.3 * torch.randn(DIM, generator=generator))
+            texts.append(embedder.add(form.format(_words(generator)), vectors[-1]))
+            tasks.append(name)
+    return texts, tasks, torch.stack(vectors)
+
+
+def _form_store(tmp_path, embedder: TableEmbedder, per: int = 30) -> PatternStore:
+    store = PatternStore(tmp_path)
+    texts, tasks, vectors = _form_queries(embedder, per, seed=2)
+    for name in FORMS:
+        rows = [i for i, task in enumerate(tasks) if task == name]
+        store.add(_pattern(name, [texts[i] for i in rows], vectors[rows]))
+    return store
+
+
+def test_the_ngram_stage_decides_typical_queries_unembedded_as_the_full_router_would(tmp_path) -> None:
+    embedder = CountingEmbedder()
+    store = _form_store(tmp_path, embedder)
+    queries, truth, _ = _form_queries(embedder, 6, seed=3)
+    router = Router(store, embedder)
+    router.learn()
+    embedder.asked.clear()
+    decisions = [router.route(query, similarity=False) for query in queries]  # as a completion routes
+    first = [d.by_ngrams for d in decisions]
+    twins = [task in ("arc", "obqa") for task in truth]
+    assert first == [not twin for twin in twins], "distinct forms are decided by n-grams, shared ones embedded"
+    assert embedder.asked == [q for q, twin in zip(queries, twins, strict=True) if twin]
+    one_stage = Router(store, embedder, ngram_gate=1.0).route_texts(queries)
+    assert not any(d.by_ngrams for d in one_stage)
+    for decision, full, by_ngrams, task in zip(decisions, one_stage, first, truth, strict=True):
+        assert decision.patterns == full.patterns == (task,), "the topic tells the twins apart"
+        if by_ngrams:
+            assert decision.reason == full.reason == "classifier"
+            assert decision.probability >= 0.99 and decision.typicality is not None and decision.typicality >= 0.02
+            assert decision.candidates[0].pattern == task and decision.candidates[0].similarity is None
+    known = router.route_texts(queries, embedder.embed(queries))
+    assert [(d.patterns, d.reason, d.by_ngrams) for d in known] == [
+        (d.patterns, d.reason, d.by_ngrams) for d in decisions
+    ], "known embeddings, and a report's similarities, change no decision"
+    assert all(d.candidates[0].similarity is not None for d in known), "a report has every similarity"
+
+
+def test_a_gate_of_1_embeds_every_query_and_topic_only_features_have_no_ngram_stage(tmp_path) -> None:
+    embedder = CountingEmbedder()
+    store = _form_store(tmp_path, embedder)
+    query = embedder.add(FORMS["gsm8k"].format("w1 w2 w3 w4 w5 w6"), _axis(2))
+    assert Router(store, embedder).route(query).by_ngrams
+    embedder.asked.clear()
+    one_stage = Router(store, embedder, ngram_gate=1.0).route(query)
+    assert one_stage.reason == "classifier" and not one_stage.by_ngrams
+    assert embedder.asked == [query]
+    topic_only = Router(store, embedder, features=RouteFeatures(TOPIC_ONLY))
+    learnt = topic_only.learn()
+    assert learnt is not None and learnt.ngram is None and topic_only.route(query).reason == "classifier"
+
+
+def test_the_ngram_stage_is_the_documented_regression_on_unit_ngram_rows_at_its_temperature(tmp_path) -> None:
+    """The reference of the full router's probabilities, on the full router's n-gram columns scaled to unit
+    length: what the n-gram stage documents. The twins' shared form keeps the held-out logits from
+    separating (a temperature to fit), and their queries' probabilities away from 0 and 1."""
+    embedder = TableEmbedder()
+    store = _form_store(tmp_path, embedder, per=20)
+    router = Router(store, embedder, features=RouteFeatures(SMALL_NGRAMS))
+    learnt = router.learn()
+    assert learnt is not None and learnt.ngram is not None
+    examples = store.examples()
+
+    def unit_ngrams(texts: list[str]) -> torch.Tensor:
+        rows = router.features.transform(texts, torch.zeros(len(texts), DIM)).double()[:, DIM:]
+        return rows / rows.norm(dim=1, keepdim=True)
+
+    x, classes = unit_ngrams(examples.texts), len(FORMS)
+    y = torch.tensor([learnt.names.index(owner) for owner in examples.owners])
+    held_out = torch.zeros(len(y), classes, dtype=torch.float64)
+    for train, test in StratifiedKFold(5, shuffle=True, random_state=0).split(x.numpy(), y.numpy()):
+        held_out[test] = _penalised_softmax_regression(x[train], y[train], classes, routing.L2)(x[test])
+    fitted = minimize_scalar(
+        lambda log_t: float(torch.nn.functional.cross_entropy(held_out / np.exp(log_t), y)),
+        bounds=(-5, 5),
+        method="bounded",
+        options={"xatol": 1e-6},
+    )
+    temperature = float(np.exp(fitted.x))
+    assert learnt.ngram.temperature == pytest.approx(temperature, rel=0.01)
+    texts, _, _ = _form_queries(TableEmbedder(), 4, seed=4)
+    expected = torch.softmax(
+        _penalised_softmax_regression(x, y, classes, routing.L2)(unit_ngrams(texts)) / temperature, -1
+    )
+    got = learnt.ngram_probabilities(router.features.ngrams(texts)).double()
+    assert (got - expected).abs().max() < 0.01
+    assert (torch.softmax(temperature * expected.log(), dim=-1) - expected).abs().max() > 0.02, "T is not 1"
+    assert expected.max(dim=1).values.min() < 0.9, "the twins' queries are unsure"
+
+
+@pytest.mark.slow
+def test_on_real_benchmark_prompts_the_ngram_stage_serves_what_the_embedding_router_serves(tmp_path) -> None:
+    """all-MiniLM-L6-v2 and `data/tasks`: 32 routing examples a task, the next 24 prompts as queries. The
+    n-gram stage decides many of them unembedded, and the router that embeds every query agrees with it."""
+    import json
+    from pathlib import Path
+
+    from pattern_store.embedder import Embedder
+
+    prompts: dict[str, list[str]] = {}
+    for file in sorted((Path(__file__).resolve().parents[1] / "data" / "tasks").glob("*.jsonl")):
+        for line in file.read_text().splitlines():
+            record = json.loads(line)
+            prompts.setdefault(record["task"], []).append(record["prompt"])
+    embedder = CountingEmbedder()
+    real = Embedder()
+    store = PatternStore(tmp_path)
+    for name, texts in prompts.items():
+        store.add(_pattern(name, texts[:32], real.embed(texts[:32])))
+    queries = [q for texts in prompts.values() for q in texts[32:56]]
+    for query, vector in zip(queries, real.embed(queries), strict=True):
+        embedder.add(query, vector)
+    decisions = Router(store, embedder).route_texts(queries, similarity=False)
+    assert embedder.asked == [q for q, d in zip(queries, decisions, strict=True) if not d.by_ngrams]
+    one_stage = Router(store, embedder, ngram_gate=1.0).route_texts(queries)
+    first = [(d, full) for d, full in zip(decisions, one_stage, strict=True) if d.by_ngrams]
+    assert len(first) >= 0.4 * len(queries), len(first)
+    assert sum(d.patterns == full.patterns for d, full in first) >= 0.97 * len(first)

@@ -72,6 +72,7 @@ def test_routing_defaults_are_the_policys_everywhere() -> None:
         ({"cache_budget": "0"}, "--cache-budget (TASKMOE_CACHE_BUDGET)"),
         ({"route_threshold": "1.5"}, "--route-threshold (TASKMOE_ROUTE_THRESHOLD)"),
         ({"route_rule": "knn"}, "--route-rule"),
+        ({"route_ngram_gate": "0"}, "--route-ngram-gate (TASKMOE_ROUTE_NGRAM_GATE)"),
         ({"port": "70000"}, "--port"),
         ({"max_batch": "0"}, "--max-batch"),
         ({"cache_budget": "4 parsecs"}, "invalid size"),
