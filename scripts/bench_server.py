@@ -6,7 +6,8 @@ Phases (`--phases` picks some; all by default):
 - overhead: one request at a time through `taskmoe serve` (a separate process on loopback, non-streamed,
   greedy, pattern named and routed) against `model.generate` of the same variant on the same prompt in this
   process, interleaved prompt by prompt. Target: median server latency <= 1.15x median direct latency.
-- routing: embed + FAISS search + the routing rule, in this process. Target: p50 <= 15 ms.
+- routing: a completion's routing decision (two stages: n-grams, then the embedder when they are not
+  confident), in this process. Target: p50 <= 5 ms.
 - decoder: decoding in this process, without HTTP: one at a time against the batched decoder.
 - load: HTTP load from `scripts/load_generator.py`, a process of its own (asyncio, one connection per
   client) whose CPU time is recorded, so that the tables show the generator was not the limit. Against a
@@ -14,7 +15,9 @@ Phases (`--phases` picks some; all by default):
   pattern), same budget: one pattern (demo-moe@sort) at 1 and 32 clients, three patterns mixed
   (@sort, @upper, @arith, round robin) at 8 and 32, non-streamed and streamed, `max_tokens` 64 with
   `ignore_eos`, greedy. Targets: one pattern at 32 clients >= 11x the tokens/s of one client; three
-  patterns mixed at 32 clients >= 80% of one pattern's tokens/s at 32 (with the pool).
+  patterns mixed at 32 clients >= 90% of one pattern's tokens/s at 32, eight patterns (the six demo
+  patterns and two random selections) >= 85%, and one pattern through the pool >= 97% of the server with a
+  variant per pattern (with the pool).
 - cycling: a budget that holds the union of all stored patterns' experts (plus one expert per layer),
   each pattern asked in turn for three rounds; evictions after the first round, with the pool and with a
   variant per pattern. Target with the pool: none.
@@ -84,6 +87,7 @@ SCENARIOS = [
     ("three patterns", THREE_PATTERNS, 32),
     ("eight patterns", EIGHT_PATTERNS, 32),
 ]
+ROUTING_TARGET_MS = 5.0  # a routing decision's p50 (one thread in the server)
 SCALING_TARGET = 11.0  # one pattern, tokens/s at 32 clients over 1 client
 MIXED_TARGET = 0.9  # three patterns mixed over one pattern, tokens/s at 32 clients
 EIGHT_TARGET = 0.85  # eight patterns mixed over one pattern, tokens/s at 32 clients
@@ -185,7 +189,7 @@ def routing_cost(model_dir: Path, prompts: list[str]) -> dict:
     times = []
     for prompt in prompts * 3:
         started = time.perf_counter()
-        router.route(prompt)
+        router.route(prompt, similarity=False)  # as a completion routes: no similarity search
         times.append(time.perf_counter() - started)
     return {"queries": len(times), "p50_ms": statistics.median(times) * 1000, "p99_ms": percentile(times, 99) * 1000}
 
@@ -482,7 +486,7 @@ def targets(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
     if "single_request" in result:
         target("server_vs_direct_generate", 1.15, result["single_request"]["ratio"], at_least=False)
     if "routing" in result:
-        target("routing_p50_ms", 15.0, result["routing"]["p50_ms"], at_least=False)
+        target("routing_p50_ms", ROUTING_TARGET_MS, result["routing"]["p50_ms"], at_least=False)
     if "ratios" in result:
         for name, key, threshold in (
             ("one_pattern_32_vs_1_client", "one_pattern_32_over_1", SCALING_TARGET),
