@@ -348,24 +348,25 @@ def extra_patterns(model_dir: Path, work: Path) -> Path:
 
 
 def server_phases(args: argparse.Namespace, prompts: list[str], phases: set[str]) -> dict[str, Any]:
-    """The overhead phase and the load phase: both need a server; the overhead runs on the pooled one."""
+    """The overhead phase (on a pooled server with the model's own store, whose routing it measures) and the
+    load phase (on servers whose store also holds the two extra patterns of the eight-pattern level)."""
     out: dict[str, Any] = {}
+    if "overhead" in phases:
+        with serving(args.model, args.budget, args.torch_threads, args.workers, pool_option(True)) as url:
+            print("overhead: one request at a time, server vs direct generate ...", file=sys.stderr)
+            client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=300)
+            out["single_request"] = overhead(client, args.model, prompts, args.repeats)
+    if "load" not in phases:
+        return out
     load: dict[str, list[dict[str, Any]]] = {}
-    work = Path(tempfile.mkdtemp(prefix="bench-server-"))
-    store = ["--store", str(extra_patterns(args.model, work))] if "load" in phases else []
-    for pool in (True, False) if "load" in phases else (True,):
-        with serving(args.model, args.budget, args.torch_threads, args.workers, pool_option(pool) + store) as url:
-            if pool and "overhead" in phases:
-                print("overhead: one request at a time, server vs direct generate ...", file=sys.stderr)
-                client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=300)
-                out["single_request"] = overhead(client, args.model, prompts, args.repeats)
-            if "load" in phases:
+    with tempfile.TemporaryDirectory(prefix="bench-server-") as work:
+        store = ["--store", str(extra_patterns(args.model, Path(work)))]
+        for pool in (True, False):
+            with serving(args.model, args.budget, args.torch_threads, args.workers, pool_option(pool) + store) as url:
                 print(f"HTTP load, expert pool {str(pool).lower()} ...", file=sys.stderr)
                 warm_up(url, prompts, args.warmup_requests)
                 load["pool" if pool else "variants"] = load_levels(url, prompts, args.requests_per_client, args.least)
-    if load:
-        out |= {"load": load, "ratios": load_ratios(load)}
-    return out
+    return out | {"load": load, "ratios": load_ratios(load)}
 
 
 def union_budget(model_dir: Path) -> dict[str, int]:
