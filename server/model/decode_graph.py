@@ -33,7 +33,8 @@ class RouteBuffer(BatchMasks):
     def __init__(self, pooled: PooledModel, rows: int) -> None:
         table = pooled.route_masks
         super().__init__([RowRoute("full")] * rows, table)
-        self.pruning = True  # always routed by masks: a row of the full model is a row of zeros
+        self.pruned_layers = set(table.position)  # always routed by masks: a full-model row is a row of zeros
+        self.pruning = True
         self._per_row = torch.zeros((len(table.position), rows, table.width), dtype=torch.bool, device=pooled.device)
 
     def assign(self, routes: Sequence[RowRoute]) -> None:

@@ -76,7 +76,9 @@ class BatchMasks:
         self.routes = list(routes)
         self.table = table
         distinct = {id(route): route for route in self.routes}
-        self.pruning = any(route.kept for route in distinct.values())
+        #: the sparse layers some row prunes: the others' routers run as they are
+        self.pruned_layers: set[int] = {layer for route in distinct.values() for layer in route.kept}
+        self.pruning = bool(self.pruned_layers)
         self.single = next(iter(distinct.values())) if self.pruning and len(distinct) == 1 else None
         self._per_row: torch.Tensor | None = None
         self._tokens: dict[int, torch.Tensor] = {}
@@ -99,10 +101,11 @@ class BatchMasks:
         return self._per_row
 
     def tokens(self, layer: int, count: int) -> torch.Tensor | None:
-        """[count, experts] for sparse layer `layer`, the tokens being rows x sequence length, row-major."""
-        per_row = self.per_row
-        if per_row is None:
+        """[count, experts] for sparse layer `layer`, the tokens being rows x sequence length, row-major; None
+        when no row prunes that layer."""
+        if layer not in self.pruned_layers:
             return None
+        per_row = self.per_row
         found = self._tokens.get(count)
         if found is None:
             rows = len(self.routes)
