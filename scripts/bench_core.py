@@ -66,7 +66,7 @@ QUICK_SHAPE: dict[str, Any] = {
     "max_position_embeddings": 256,
 }
 ONE, MIXED, VARIANT = "pool, one pattern", "pool, three patterns mixed", "the pattern's variant"
-GRAPHED = " (static cache, CUDA graph)"  # the same, decoded by `decode_graph.StaticDecodeStep` on CUDA
+GRAPHED = " (static cache, CUDA graph)"  # the same, decoded by `static_rows.StaticRows` on CUDA
 STATIC = " (static cache, eager)"  # and on the CPU, where there are no graphs
 TARGET_MIXED_OVER_ONE = 0.9  # three patterns mixed at batch 32 against one pattern (tokens/s)
 TARGET_POOL_OVER_VARIANT = 0.97  # one pattern through the pool at batch 32 against its variant (CPU)
@@ -140,13 +140,14 @@ def synchronize(device: Any) -> None:
 
 class StepSplit:
     """Seconds spent inside the routers' and the experts modules' forward passes, from forward hooks (the
-    pool's routers are patched per instance, which the module's hooks wrap all the same)."""
+    pool's routers are patched per instance, which the module's hooks wrap all the same), and the distinct
+    experts the step's rows chose, summed over the sparse layers: the expert weights a step must read."""
 
     def __init__(self, model: Any, builder: Any, device: Any) -> None:
         from server.model.masking import router_of
 
         self.device = device
-        self.seconds = {"routing": 0.0, "experts": 0.0}
+        self.seconds = {"routing": 0.0, "experts": 0.0, "experts_read": 0.0}
         self._handles = []
         for layer in builder.sparse_layers.values():
             block = model.get_submodule(layer.prefix)
@@ -163,12 +164,14 @@ class StepSplit:
         def hook(module: Any, args: Any, output: Any) -> None:
             synchronize(self.device)
             self.seconds[part] += time.perf_counter() - self._started
+            if part == "experts" and len(args) > 1:  # (hidden states, chosen experts [tokens, k], weights)
+                self.seconds["experts_read"] += int(args[1].unique().numel())  # after the clock: not timed
 
         return hook
 
     def take(self) -> dict[str, float]:
         """The seconds since the last `take`, and a fresh count."""
-        taken, self.seconds = self.seconds, {"routing": 0.0, "experts": 0.0}
+        taken, self.seconds = self.seconds, {"routing": 0.0, "experts": 0.0, "experts_read": 0.0}
         return taken
 
     def remove(self) -> None:
@@ -229,6 +232,7 @@ def step_row(mode: str, batch: int, samples: list[dict[str, float]]) -> dict[str
             "experts": 1e3 * experts,
             "rest": 1e3 * (seconds - routing - experts),
         }
+        row["experts_read"] = statistics.median(s["experts_read"] for s in samples)
     return row
 
 
@@ -358,12 +362,15 @@ def measure_steps(settings: Settings, pool: Any, leases: dict[str, Any], variant
 
 
 def graph_rows(settings: Settings, pool: Any, leases: dict[str, Any]) -> list[dict[str, Any]]:
-    """One pattern and three mixed decoded by `StaticDecodeStep`: a static cache and, on CUDA, each batch
-    size's step captured once as a CUDA graph and replayed (on the CPU the same steps run eagerly, in quick
-    runs only, so that the path is exercised). The two take their steps in turn, as in `decode_samples`."""
+    """One pattern and three mixed decoded as the server decodes them on a GPU (`static_rows.StaticRows`): a
+    static cache and, on CUDA, each step size captured once as a CUDA graph and replayed (on the CPU the same
+    steps run eagerly, in quick runs only, so that the path is exercised). A step's time includes reading
+    its tokens back, as the server's sampling does. The two take their steps in turn, as in
+    `decode_samples`."""
     import torch
 
-    from server.model.decode_graph import StaticDecodeStep
+    from server.model.kv_cache import cache_argument, new_cache
+    from server.static_rows import StaticRows
 
     pooled = pool.pooled
     graph = settings.device == "cuda"
@@ -378,16 +385,22 @@ def graph_rows(settings: Settings, pool: Any, leases: dict[str, Any]) -> list[di
         ids = torch.randint(3, int(config.vocab_size), (batch, settings.prompt), generator=generator)
         ids = ids.to(settings.device)
         length = settings.prompt + settings.warmup + settings.steps + 1
-        steps = {mode: StaticDecodeStep(pooled, batch, length, graph=graph) for mode in routes}
-        tokens = {
-            mode: step.prefill(ids, torch.ones_like(ids), routes[mode]).argmax(-1) for mode, step in steps.items()
-        }
-        samples: dict[str, list[dict[str, float]]] = {mode: [] for mode in steps}
+        batches = {mode: StaticRows(pooled, batch, length, graphs=graph) for mode in routes}
+        for mode, rows_of in batches.items():
+            cache = new_cache(config)
+            with torch.no_grad(), pooled.rows(routes[mode]):
+                out = pooled.model(input_ids=ids, use_cache=True, **cache_argument(pooled.model, cache))
+            mask, index = torch.ones_like(ids), torch.arange(batch, device=ids.device)
+            first = out.logits[:, -1].argmax(-1)
+            rows_of.join(list(range(batch)), routes[mode], cache, mask, index, mask.sum(-1), first)
+            del cache, out
+        samples: dict[str, list[dict[str, float]]] = {mode: [] for mode in batches}
         for index in range(settings.warmup + settings.steps):
-            for mode, step in steps.items():
+            for mode, rows_of in batches.items():
                 synchronize(settings.device)
                 started = time.perf_counter()
-                tokens[mode] = step.step(tokens[mode]).argmax(-1)
+                tokens = rows_of.step().argmax(-1).tolist()
+                rows_of.advance(list(range(batch)), tokens, rows_of.requests)
                 synchronize(settings.device)
                 if index >= settings.warmup:
                     samples[mode].append({"seconds": time.perf_counter() - started})
@@ -395,7 +408,7 @@ def graph_rows(settings: Settings, pool: Any, leases: dict[str, Any]) -> list[di
         for mode, found in samples.items():
             rows.append(step_row(mode + suffix, batch, found))
             _log(f"  batch {batch:>3} {mode + suffix}: {rows[-1]['step_ms']:.1f} ms a step")
-        del steps
+        del batches
     return rows
 
 

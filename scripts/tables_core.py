@@ -13,6 +13,12 @@ TARGETS = {
     "step_over_read": "decode step / time to read its bytes at the measured bandwidth",
 }
 GPU_FILE = "gpu.json"
+READ_NOTE = (
+    "Experts read: the distinct experts the step's rows chose, summed over the sparse layers (each one's weights "
+    "are read once a step). One pattern keeps half of each layer's experts and the three patterns 3/4 of them "
+    "between them, so a mixed batch chooses among more experts and reads more weights; the last column shows "
+    "whether the expert time follows the weights read."
+)
 NOT_RUN = (
     "The GPU check has not run on a GPU yet. On a machine with a CUDA device, run `make gpu-check` (or "
     "`make gpu-check PYTHON=python3` where there is no virtual environment); it writes `bench/results/gpu.json`, "
@@ -36,13 +42,21 @@ def _settings_line(report: Report) -> str:
 
 def _steps(report: Report) -> list[str]:
     split = any("split_ms" in row for row in report["steps"])
-    head = "| batch | what runs | step ms | tokens/s |" + (" routing ms | experts ms | rest ms |" if split else "")
+    head = "| batch | what runs | step ms | tokens/s |"
+    head += " routing ms | experts ms | rest ms | experts read | experts ms per expert read |" if split else ""
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    if split:
+        lines = [READ_NOTE, "", *lines]
     for row in report["steps"]:
         line = f"| {row['batch']} | {row['mode']} | {row['step_ms']:.1f} | {row['tokens_per_s']:,.0f} |"
         if split:
             parts = row.get("split_ms")
-            line += " | | |" if parts is None else "".join(f" {parts[k]:.1f} |" for k in ("routing", "experts", "rest"))
+            line += (
+                " | | | | |" if parts is None else "".join(f" {parts[k]:.1f} |" for k in ("routing", "experts", "rest"))
+            )
+            read = row.get("experts_read")
+            if parts is not None:
+                line += " |  |" if not read else f" {read:.0f} | {parts['experts'] / read:.3f} |"
         lines.append(line)
     return lines
 

@@ -30,9 +30,10 @@ from transformers import Cache, PreTrainedModel
 
 from server.decoding_rows import DecodingRows, left_padded
 from server.engine import Delta, Generation
-from server.model.cache_rows import repeat_rows, select_rows
+from server.model.cache_rows import select_rows
 from server.model.kv_cache import cache_argument, new_cache
 from server.model.pooled import PooledModel, RowRoute
+from server.static_rows import StaticRows, static_decodable
 
 log = logging.getLogger("taskmoe.batching")
 
@@ -109,9 +110,14 @@ class BatchedDecoder:
         max_batch: int = 32,
         pooled: PooledModel | None = None,
         max_prefill_tokens: int | None = None,
+        static_length: int | None = None,
+        graphs: bool | None = None,
     ) -> None:
         """`max_prefill_tokens`: a prompt longer than this is prefilled that many tokens at a time, one chunk
-        between two decode steps, so that the batch's streams keep their pace (None: in one pass)."""
+        between two decode steps, so that the batch's streams keep their pace (None: in one pass).
+        `static_length`: a pooled model's requests whose prompt and new tokens fit in this many columns
+        decode in a static cache (`static_rows`), each step a CUDA graph where `graphs` (default: on CUDA);
+        the others, and every request when None, in the growing cache of `decoding_rows`."""
         if max_prefill_tokens is not None and max_prefill_tokens < 1:
             raise ValueError("max_prefill_tokens must be at least 1")
         self.model = model
@@ -124,6 +130,14 @@ class BatchedDecoder:
         self._work = threading.Condition()
         self._thread: threading.Thread | None = None
         self._rows: DecodingRows[_Request] = DecodingRows(self.device)  # the batch
+        self._static: StaticRows[_Request] | None = None  # the batch's rows in a static cache
+        if static_length is not None and pooled is not None and static_decodable(model):
+            self._static = StaticRows(pooled, max_batch, static_length, graphs)
+
+    @property
+    def static(self) -> StaticRows[_Request] | None:
+        """The rows in a static cache (None: every row decodes in the growing cache)."""
+        return self._static
 
     def run(
         self, generation: Generation, emit: Callable[[Delta], None] | None = None, route: RowRoute | None = None
@@ -159,22 +173,34 @@ class BatchedDecoder:
                         self._admit(admitted)
                     if self._prefilling:
                         self._prefill_chunk(self._prefilling[0])
-                    if self._rows.requests:
-                        self._step()
+                    for rows in self._batches():
+                        if rows.requests:
+                            self._step(rows)
                 except BaseException as error:  # fail the requests in the batch, keep serving the rest
                     log.exception("batched decoding failed")
-                    for request in [*self._rows.requests, *admitted, *self._prefilling]:
+                    for request in [*self._decoding(), *admitted, *self._prefilling]:
                         request.finish(error)
-                    self._rows.clear()
+                    self._clear()
                     self._prefilling = []
+
+    def _batches(self) -> list[DecodingRows[_Request] | StaticRows[_Request]]:
+        return [self._rows] if self._static is None else [self._rows, self._static]
+
+    def _decoding(self) -> list[_Request]:
+        """The requests whose rows are in the batch."""
+        return [request for rows in self._batches() for request in rows.requests]
+
+    def _clear(self) -> None:
+        for rows in self._batches():
+            rows.clear()
 
     def _take_pending(self) -> list[_Request] | None:
         """The pending requests that fit beside the busy ones (first come, first served; one always fits an
         idle decoder), after waiting a moment when idle; None when no work is left (the thread ends)."""
         with self._work:
-            if not self._pending and not self._rows.requests and not self._prefilling:
+            if not self._pending and not self._decoding() and not self._prefilling:
                 self._work.wait(timeout=IDLE_SECONDS)  # stay a moment: the next request is likely near
-            busy = self._rows.requests + self._prefilling
+            busy = self._decoding() + self._prefilling
             room = self.max_batch - sum(r.generation.params.n for r in busy)
             admitted: list[_Request] = []
             while self._pending and (self._pending[0].generation.params.n <= room or not busy + admitted):
@@ -183,7 +209,7 @@ class BatchedDecoder:
                 admitted.append(request)
             if not admitted and not busy:
                 self._thread = None
-                self._rows.clear()
+                self._clear()
                 return None
             return admitted
 
@@ -220,11 +246,8 @@ class BatchedDecoder:
         tokens = request.first_tokens(logits, self.device)
         if tokens is None:
             return
-        n = generation.params.n
-        repeat_rows(cache, n)
-        mask = torch.ones((n, len(prompt)), dtype=torch.long, device=self.device)
-        positions = torch.full((n,), len(prompt), dtype=torch.long, device=self.device)
-        self._rows.join([request], cache, mask, positions, torch.tensor(tokens, device=self.device))
+        mask = torch.ones((1, len(prompt)), dtype=torch.long, device=self.device)
+        self._join([request], cache, mask, [0] * generation.params.n, tokens)
 
     def _forward(self, routes: list[RowRoute | None], cache: Cache, **inputs: object) -> torch.Tensor:
         """The model's last-position logits [rows, vocab], extending `cache`; in a pooled model row i routes
@@ -250,12 +273,41 @@ class BatchedDecoder:
             rows.extend([row] * request.generation.params.n)  # each choice its own row of the batch
             first_tokens.extend(tokens)
             joining.append(request)
-        if not joining:
-            return
-        index = torch.tensor(rows, device=self.device)  # [rows of the joining choices]
-        select_rows(cache, index)
-        lengths = mask[index].sum(-1)  # [rows]: the position of each row's next token
-        self._rows.join(joining, cache, mask[index], lengths, torch.tensor(first_tokens, device=self.device))
+        if joining:
+            self._join(joining, cache, mask, rows, first_tokens)
+
+    def _join(
+        self, requests: list[_Request], cache: Cache, mask: torch.Tensor, rows: list[int], tokens: list[int]
+    ) -> None:
+        """Join the prefilled `requests` to the batch: their choices are rows `rows` of the prefill's `cache`
+        and `mask`, with first `tokens`. Those that fit the static cache go there, the others to the growing
+        one."""
+        static = self._static
+        fits = [
+            static is not None and static.fits(len(r.generation.prompt_ids), r.generation.params.max_tokens)
+            for r in requests
+        ]
+        for into_static in (True, False):
+            chosen, index, first = [], [], []
+            start = 0
+            for request, fit in zip(requests, fits, strict=True):
+                n = request.generation.params.n
+                if fit == into_static:
+                    chosen.append(request)
+                    index += rows[start : start + n]
+                    first += tokens[start : start + n]
+                start += n
+            if not chosen:
+                continue
+            index_tensor = torch.tensor(index, device=self.device)  # [rows of the joining choices]
+            lengths = mask[index_tensor].sum(-1)  # [rows]: the position of each row's next token
+            first_tensor = torch.tensor(first, device=self.device)
+            if into_static:
+                routes = [r.route for r in chosen for _ in range(r.generation.params.n)]
+                static.join(chosen, routes, cache, mask, index_tensor, lengths, first_tensor)
+            else:
+                select_rows(cache, index_tensor)
+                self._rows.join(chosen, cache, mask[index_tensor], lengths, first_tensor)
 
     def _prefill_together(self, live: list[_Request]) -> tuple[Cache, torch.Tensor, torch.Tensor]:
         """One left-padded forward pass over the prompts: their cache, mask [requests, width] and last
@@ -275,11 +327,13 @@ class BatchedDecoder:
         )
         return cache, mask, logits
 
-    def _step(self) -> None:
+    def _step(self, rows: DecodingRows[_Request] | StaticRows[_Request]) -> None:
         """One forward pass for every row; each request samples and streams its own tokens."""
-        rows = self._rows
-        routes = [r.route for r in rows.requests for _ in range(r.generation.params.n)]
-        logits = self._forward(routes, cache=rows.cache, use_cache=True, **rows.step_inputs())
+        if isinstance(rows, StaticRows):
+            logits = rows.step()
+        else:
+            routes = [r.route for r in rows.requests for _ in range(r.generation.params.n)]
+            logits = self._forward(routes, cache=rows.cache, use_cache=True, **rows.step_inputs())
         keep, start, next_tokens = [], 0, []
         for request in rows.requests:
             n = request.generation.params.n

@@ -187,6 +187,17 @@ class ServerConfig(BaseSettings):
         description="prompts longer than this are prefilled in chunks of it between decode steps, so running streams "
         "keep their pace; 0 or none: whole prompts at once",
     )
+    static_decode: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="decode the expert pool's batch in a static KV cache, each step a CUDA graph replayed (auto: on "
+        "a GPU; on: also on the CPU, run eagerly; models with linear-attention or sliding-window layers never do)",
+    )
+    static_cache_tokens: int = Field(
+        4096,
+        ge=16,
+        description="columns of the static KV cache: requests whose prompt and max_tokens fit decode there, the "
+        "others beside them in a growing cache; memory: max_batch x this x the model's KV bytes per token",
+    )
     max_n: int = Field(16, ge=1, description="most choices (n) one request may ask for")
     max_request_bytes: Bytes = Field(
         8 * 2**20, ge=1024, description="request bodies larger than this get 413 before they are read"

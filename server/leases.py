@@ -36,6 +36,7 @@ from server.model.quantized_slots import SlotFormat
 from server.model.variant import VariantBuilder
 from server.resolver import Choice, check_stored
 from server.routing import UNION_SEPARATOR
+from server.static_rows import static_decodable
 
 log = logging.getLogger("taskmoe.leases")
 
@@ -205,6 +206,17 @@ def pool_slots(builder: VariantBuilder, budget: int, quantized: SlotFormat | Non
     return int(slots)
 
 
+def static_length(config: ServerConfig, pooled: PooledModel) -> int | None:
+    """The static cache's columns when the pool's batch decodes in one (`--static-decode`), else None."""
+    wanted = config.static_decode == "on" or (config.static_decode == "auto" and pooled.device.type == "cuda")
+    if not wanted:
+        return None
+    if not static_decodable(pooled.model):
+        log.info("static decoding is off: the model has linear-attention or sliding-window layers")
+        return None
+    return config.static_cache_tokens
+
+
 class PoolLeases:
     """Leases on one expert pool; every pattern's rows share one batched decoder."""
 
@@ -220,7 +232,11 @@ class PoolLeases:
         self.decoder: BatchedDecoder | None = None
         if config.max_batch > 1 and batchable(pooled.model):
             self.decoder = BatchedDecoder(
-                pooled.model, config.max_batch, pooled=pooled, max_prefill_tokens=config.max_prefill_tokens
+                pooled.model,
+                config.max_batch,
+                pooled=pooled,
+                max_prefill_tokens=config.max_prefill_tokens,
+                static_length=static_length(config, pooled),
             )
         self._routes: dict[VariantKey, RowRoute] = {}
 
@@ -246,6 +262,8 @@ class PoolLeases:
 
     def report(self) -> dict[str, Any]:
         pool = self.pool.snapshot()
+        if self.decoder is not None and self.decoder.static is not None:
+            pool["static_decode"] = self.decoder.static.report()
         return {
             "budget_bytes": self.budget,
             "backbone_bytes": self.builder.backbone_bytes,

@@ -76,6 +76,22 @@ def test_the_gpu_check_runs_end_to_end_on_the_cpu(scripts, tmp_path) -> None:
     assert not unexpected, f"the GPU check imports {unexpected}: carry their wheels or avoid the import"
 
 
+@pytest.mark.slow
+def test_the_gpu_test_files_import_only_what_the_check_carries(scripts) -> None:
+    """Collecting the files the check runs imports nothing beyond the image and the carried wheels (pytest
+    captures the import-time lines of collection, so this collects them with capture off)."""
+    gpu_check = scripts["gpu_check"]
+    files = [str(path) for path in gpu_check.gpu_test_files()]
+    command = [sys.executable, "-m", "pytest", "-s", "--collect-only", "-q", "-m", "gpu", "-p", "no:cacheprovider"]
+    env = {**os.environ, "PYTHONPROFILEIMPORTTIME": "1"}
+    done = subprocess.run([*command, *files], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-2000:]
+    imported = _imported(done.stderr)
+    assert "torch" in imported
+    unexpected = (imported & (DECLARED | {"openai"})) - set(gpu_check.IMAGE) - set(gpu_check.CARRIED) - TRANSFORMERS_OWN
+    assert not unexpected, f"collecting {files} imports {unexpected}: keep such tests in files without gpu marks"
+
+
 def test_a_missing_module_is_named_with_the_wheels_to_carry(scripts, monkeypatch, capsys) -> None:
     gpu_check = scripts["gpu_check"]
     monkeypatch.setitem(gpu_check.CARRIED, "no_such_module_of_taskmoe", "no-such-wheel")
