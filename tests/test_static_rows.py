@@ -152,10 +152,22 @@ class _Tokens:  # the tiny models have no tokenizer: text is the ids
 def test_the_decoder_serves_fitting_requests_from_the_static_cache_and_the_rest_beside_them(
     checkpoints, model_type
 ) -> None:
+    _decoder_run(checkpoints[model_type], "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_the_decoder_replays_cuda_graphs_for_concurrent_requests(checkpoints) -> None:
+    decoder = _decoder_run(checkpoints["qwen3_moe"], "cuda")
+    report = decoder.static.report()
+    assert report["graph_error"] is None and report["graphs"], report
+
+
+def _decoder_run(checkpoint: Path, device: str) -> BatchedDecoder:
     """Concurrent requests of three patterns and the full model, with two choices for one and one that does
     not fit the static cache: each gets its variant's greedy answer, and the static steps did run."""
-    builder, pooled, routes = _pooled(checkpoints[model_type])
-    decoder = BatchedDecoder(pooled.model, max_batch=8, pooled=pooled, static_length=24, graphs=False)
+    builder, pooled, routes = _pooled(checkpoint, device)
+    decoder = BatchedDecoder(pooled.model, max_batch=8, pooled=pooled, static_length=24)
     static_steps = []
     step = decoder._static.step
     decoder._static.step = lambda: static_steps.append(decoder._static.rows) or step()
@@ -185,6 +197,7 @@ def test_the_decoder_serves_fitting_requests_from_the_static_cache_and_the_rest_
     for i, (route, prompt, max_tokens, n) in enumerate(work):
         alone = _alone(builder, route, prompt, max_tokens)
         assert results[i] == [alone] * n, i
+    return decoder
 
 
 def test_step_sizes_and_which_models_decode_in_a_static_cache(checkpoints) -> None:
