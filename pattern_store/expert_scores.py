@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from pattern_store.coverage import gate_mass_sums
 from pattern_store.recipes import MOE_METHODS, OUTPUT_METHODS
 from pattern_store.tcess import frequency_sums, logit_sums, tcess_sums
 
@@ -46,6 +47,10 @@ def output_sums(
     return per_expert(weighted), per_expert(norms.float().reshape(-1)), per_expert(weighted * token_change)
 
 
+SUMS = ("tcess", "logit", "frequency", "reap", "ean", "easy_ep", "mass", "top1")
+"""The per-expert running sums of `ExpertStatistics`."""
+
+
 @dataclass
 class ExpertStatistics:
     """Running sums of one MoE layer over a task's calibration tokens; `scores(method)` turns them into scores."""
@@ -59,13 +64,22 @@ class ExpertStatistics:
     reap: torch.Tensor = field(init=False)
     ean: torch.Tensor = field(init=False)
     easy_ep: torch.Tensor = field(init=False)
+    mass: torch.Tensor = field(init=False)  # per expert: its share of each token's top-k gate mass, summed
+    top1: torch.Tensor = field(init=False)  # per expert: tokens whose heaviest choice it is
     has_outputs: bool = False
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.threshold <= 1.0:
             raise ValueError(f"the TCESS confidence threshold r must lie in [0, 1], got {self.threshold}")
-        for name in ("tcess", "logit", "frequency", "reap", "ean", "easy_ep"):
+        for name in SUMS:
             setattr(self, name, torch.zeros(self.num_experts))
+
+    def update_weights(self, weights: torch.Tensor, top_index: torch.Tensor) -> None:
+        """The same batch's gate weights [T, k] of the selections [T, k] (the routing the model applies):
+        the sums coverage is computed from (`pattern_store.coverage`)."""
+        mass, top1 = gate_mass_sums(weights, top_index, self.num_experts)
+        self.mass += mass.cpu()
+        self.top1 += top1.cpu()
 
     def update(self, logits: torch.Tensor, gates: torch.Tensor, top_index: torch.Tensor) -> None:
         """One batch of tokens as the router saw it: logits and gating weights [T, E], selections [T, k]."""
@@ -87,7 +101,7 @@ class ExpertStatistics:
     def merge(self, other: ExpertStatistics) -> ExpertStatistics:
         """Statistics of both token sets together (the task-agnostic baseline pools every task)."""
         merged = ExpertStatistics(self.num_experts, self.threshold)
-        for name in ("tcess", "logit", "frequency", "reap", "ean", "easy_ep"):
+        for name in SUMS:
             setattr(merged, name, getattr(self, name) + getattr(other, name))
         merged.tokens = self.tokens + other.tokens
         merged.has_outputs = self.has_outputs and other.has_outputs

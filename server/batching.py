@@ -255,7 +255,7 @@ class BatchedDecoder:
         inputs |= cache_argument(self.model, cache)
         if self.pooled is None:
             return self.model(**inputs).logits[:, -1, :]
-        with self.pooled.rows(routes):  # type: ignore[arg-type]
+        with self.pooled.rows(routes, attention_mask=inputs.get("attention_mask")):  # type: ignore[arg-type]
             return self.model(**inputs).logits[:, -1, :]
 
     def _admit(self, requests: list[_Request]) -> None:

@@ -229,10 +229,44 @@ def _plot_patterns(args: argparse.Namespace) -> int:
     return 0
 
 
+def _record_coverage(args: argparse.Namespace) -> int:
+    """Measure and record the calibrated coverage of stored MoE patterns made before calibration recorded it."""
+    from server.model.checkpoint import model_fingerprint, model_identity
+    from server.model.variant import VariantBuilder
+    from server.patterns import load_tokenizer, measure_coverage, read_calibration
+
+    if not args.model:
+        raise CliError("patterns coverage needs --model, the model the patterns belong to")
+    store = _open_store(args.store)
+    names = [args.name] if args.name else store.names()
+    try:
+        builder = VariantBuilder(_model_dir(args.model), device="cpu", dtype="float32")
+        tokenizer = load_tokenizer(args.model)
+        texts = read_calibration(args.prompts) if args.prompts else None
+        for name in names:
+            pattern = store.get(name)
+            if not args.name and (pattern.kind != "moe_experts" or not (pattern.examples or texts)):
+                print(f"{name}: skipped ({'dense channels' if pattern.kind != 'moe_experts' else 'no examples'})")
+                continue
+            pattern.check_model(model_fingerprint(builder.model_dir), model_identity(builder.model_dir))
+            coverage = measure_coverage(pattern, builder, tokenizer, texts)
+            pattern.parameters["coverage"] = coverage
+            store.add(pattern, replace=True)
+            figures = f"{coverage['mass']:.3f} (top-1 {coverage['top1']:.3f}) on {coverage['tokens']} tokens"
+            print(f"{name}: coverage {figures}")
+    except KeyError as error:
+        raise CliError(str(error.args[0])) from None
+    except (ValueError, OSError) as error:
+        raise CliError(str(error)) from None
+    return 0
+
+
 def cmd_patterns(args: argparse.Namespace) -> int:
-    """List, show, remove or plot stored patterns."""
+    """List, show, remove or plot stored patterns, or record their calibrated coverage."""
     if args.action == "plot":
         return _plot_patterns(args)
+    if args.action == "coverage":
+        return _record_coverage(args)
     store = _open_store(args.store)
     if args.action == "list":
         rows = [store.summary(name) for name in store.names()]
@@ -477,9 +511,15 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--quiet", action="store_true", help="no progress bar")
     calibrate.set_defaults(func=cmd_calibrate)
 
-    patterns = commands.add_parser("patterns", help="list, show, remove or plot stored patterns")
-    patterns.add_argument("action", choices=["list", "show", "remove", "plot"])
-    patterns.add_argument("name", nargs="?", help="the pattern (show, remove)")
+    patterns = commands.add_parser(
+        "patterns", help="list, show, remove or plot stored patterns, or record their calibrated coverage"
+    )
+    patterns.add_argument("action", choices=["list", "show", "remove", "plot", "coverage"])
+    patterns.add_argument("name", nargs="?", help="the pattern (show, remove; coverage: default every MoE pattern)")
+    patterns.add_argument("--model", help="coverage: the model directory the patterns belong to")
+    patterns.add_argument(
+        "--prompts", help="coverage: JSONL calibration prompts to measure on (default: each pattern's examples)"
+    )
     patterns.add_argument("--store", required=True, help="pattern store directory")
     patterns.add_argument("--json", action="store_true", help="list: one JSON array")
     patterns.add_argument("--out", help="plot: the picture to write (FILE.png)")

@@ -198,6 +198,19 @@ class ServerConfig(BaseSettings):
         description="columns of the static KV cache: requests whose prompt and max_tokens fit decode there, the "
         "others beside them in a growing cache; memory: max_batch x this x the model's KV bytes per token",
     )
+    coverage_rate: float = Field(
+        0.05,
+        ge=0,
+        le=1,
+        description="share of the expert pool's forward passes that also run the full routers, to measure each "
+        "pattern's live coverage (the full router's gate mass on its kept experts); 0: off, nothing extra runs",
+    )
+    coverage_tolerance: float = Field(
+        0.1,
+        gt=0,
+        le=1,
+        description="flag a pattern whose recent live coverage is this far below its calibrated coverage",
+    )
     max_n: int = Field(16, ge=1, description="most choices (n) one request may ask for")
     max_request_bytes: Bytes = Field(
         8 * 2**20, ge=1024, description="request bodies larger than this get 413 before they are read"

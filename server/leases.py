@@ -31,6 +31,7 @@ from server.errors import LoadFailed, NoRoom, PatternNotFound, PatternUnusable
 from server.expert_pool import ExpertPool, PoolLease
 from server.metrics import Metrics
 from server.model.checkpoint import model_identity
+from server.model.coverage_meter import CoverageMeter
 from server.model.pooled import PooledModel, RowRoute, pool_expert_format, slot_expert_bytes
 from server.model.quantized_slots import SlotFormat
 from server.model.variant import VariantBuilder
@@ -64,6 +65,10 @@ class LeaseManager(Protocol):
     def evict(self, label: str) -> int | None: ...
 
     def report(self) -> dict[str, Any]: ...
+
+    def coverage(self, label: str) -> dict[str, Any] | None:
+        """The live coverage of the pattern `label` (None: not sampled, or not measured by this manager)."""
+        ...
 
 
 @dataclass
@@ -149,6 +154,15 @@ class PatternSelections:
             )
         return document
 
+    def calibrated_coverage(self, choice: Choice) -> float | None:
+        """The coverage a single pattern recorded at calibration (None for unions, the full model, and
+        patterns calibrated before it was recorded)."""
+        if len(choice.patterns) != 1:
+            return None
+        coverage = (self._document(choice.patterns[0]).get("parameters") or {}).get("coverage")
+        mass = coverage.get("mass") if isinstance(coverage, dict) else None
+        return float(mass) if isinstance(mass, (int, float)) else None
+
     def of(self, choice: Choice) -> tuple[VariantKey, Callable[[], Selection | None]]:
         """The revision key of `choice` and a function that parses its (union) selection once."""
         documents = [self._document(name) for name in choice.patterns]
@@ -229,6 +243,10 @@ class PoolLeases:
         self.pool = ExpertPool(pooled, metrics.pool_listener(), wait=config.cache_wait)
         metrics.watch_pool(self.pool)
         self.budget = config.cache_budget
+        if config.coverage_rate > 0:
+            pooled.coverage = CoverageMeter(
+                config.coverage_rate, config.coverage_tolerance, metrics.coverage_listener()
+            )
         self.decoder: BatchedDecoder | None = None
         if config.max_batch > 1 and batchable(pooled.model):
             self.decoder = BatchedDecoder(
@@ -245,7 +263,8 @@ class PoolLeases:
         with _leasing_errors(key.label, self.metrics):
             route = self._routes.get(key)
             if route is None:
-                route = RowRoute(key.label, self.builder.kept_experts(selection()))
+                calibrated = self.selections.calibrated_coverage(choice)
+                route = RowRoute(key.label, self.builder.kept_experts(selection()), key.revision, calibrated)
                 if len(self._routes) >= self.MAX_ROUTES:
                     self._routes.clear()
                 self._routes[key] = route
@@ -259,6 +278,10 @@ class PoolLeases:
         """Free the slots of the pattern's experts that nothing pins (0 when all are in use); None: never
         leased."""
         return self.pool.evict(label)
+
+    def coverage(self, label: str) -> dict[str, Any] | None:
+        meter = self.pool.pooled.coverage
+        return None if meter is None else meter.report(label)
 
     def report(self) -> dict[str, Any]:
         pool = self.pool.snapshot()
@@ -308,6 +331,9 @@ class VariantLeases:
     def forget(self, name: str) -> None:
         for label in self.selections.labels_with(name):
             self.cache.evict(label)
+
+    def coverage(self, label: str) -> dict[str, Any] | None:
+        return None  # a variant runs only its kept experts' router: there is no full choice to compare with
 
     def evict(self, label: str) -> int | None:
         """Drop the pattern's variant ('full': the full model's); None: nothing of it is cached."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -10,6 +11,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from pattern_store.store import PatternStore
 from server.cache import CacheListener, Variant, VariantKey
 from server.expert_pool import ExpertPool, PoolListener
+from server.model.coverage_meter import PatternCoverage
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -63,6 +65,7 @@ class Metrics:
             ["pattern", "reason"],
             registry=r,
         )
+        self._coverage_metrics(r)
         self.route_seconds = Histogram(
             "taskmoe_route_seconds", "Time to route a query (embed and search)", buckets=_LATENCY_BUCKETS, registry=r
         )
@@ -130,6 +133,39 @@ class Metrics:
             "taskmoe_pool_loaded_bytes", "Bytes of experts copied into the pool", registry=r
         )
         self.pool_evicted = Counter("taskmoe_pool_experts_evicted", "Experts evicted from the pool", registry=r)
+
+    def _coverage_metrics(self, r: CollectorRegistry) -> None:
+        self.coverage = Gauge(
+            "taskmoe_pattern_coverage",
+            "Recent live coverage: the share of the full router's top-k gate mass on the pattern's kept experts",
+            ["pattern"],
+            registry=r,
+        )
+        self.coverage_calibrated = Gauge(
+            "taskmoe_pattern_coverage_calibrated", "The coverage the pattern recorded at calibration", ["pattern"],
+            registry=r,
+        )  # fmt: skip
+        self.coverage_samples = Gauge(
+            "taskmoe_pattern_coverage_samples", "Sampled rows behind the pattern's live coverage", ["pattern"],
+            registry=r,
+        )  # fmt: skip
+        self.coverage_low = Gauge(
+            "taskmoe_pattern_coverage_low",
+            "1 when the pattern's recent live coverage is below its calibrated coverage by more than the tolerance",
+            ["pattern"],
+            registry=r,
+        )
+
+    def coverage_listener(self) -> Callable[[PatternCoverage], None]:
+        def updated(entry: PatternCoverage) -> None:
+            report = entry.report()
+            self.coverage.labels(entry.label).set(report["recent_mass"])
+            self.coverage_samples.labels(entry.label).set(entry.samples)
+            self.coverage_low.labels(entry.label).set(1.0 if entry.flagged else 0.0)
+            if entry.calibrated is not None:
+                self.coverage_calibrated.labels(entry.label).set(entry.calibrated)
+
+        return updated
 
     def _store_metrics(self, r: CollectorRegistry) -> None:
         self.store_problems = Gauge(

@@ -77,6 +77,8 @@ class PatternAdmin:
             raise PatternNotFound(f"pattern {shown(name)} does not exist") from None
         summary.pop("tensors", None)
         summary["id"] = f"{self.info.name}@{name}"
+        calibrated = (summary.get("parameters") or {}).get("coverage")
+        summary["coverage"] = {"calibrated": calibrated, "live": self.leases.coverage(name)}
         return summary
 
     def summaries(self) -> list[dict[str, Any]]:

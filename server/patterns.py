@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from pattern_store.coverage import calibrated_coverage
 from pattern_store.embedder import Embedder
 from pattern_store.pattern import TaskPattern, validate_name
 from pattern_store.recipes import (
@@ -359,6 +360,17 @@ def _refine_by_answer_loss(
     return {index: list(experts) for index, experts in search.kept.items()}, record
 
 
+def pattern_coverage(stats: CalibrationStatistics, selection: Selection) -> dict[str, Any]:
+    """The kept experts' coverage of the full router's choices on the calibration tokens (`coverage`)."""
+    layers = stats.router
+    return calibrated_coverage(
+        {layer: s.mass for layer, s in layers.items()},
+        {layer: s.top1 for layer, s in layers.items()},
+        next(iter(layers.values())).tokens if layers else 0,
+        dict(selection.layers),
+    )
+
+
 def pattern_from_statistics(
     name: str,
     builder: VariantBuilder,
@@ -375,6 +387,7 @@ def pattern_from_statistics(
     if stats.kind == "moe_experts":
         pruned, record = select_experts(builder, stats, recipe, calibration, progress)
         parameters["selection"] = record
+        parameters["coverage"] = pattern_coverage(stats, pruned.selection)
     else:
         pruned = dense_selection(stats, builder, recipe.sparsity, recipe.method, seed=recipe.seed)
     return TaskPattern(
@@ -417,6 +430,25 @@ def make_pattern(
         name, builder, stats, recipe, examples, embedder, fingerprint, calibration, progress
     )
     return pattern, stats
+
+
+def measure_coverage(
+    pattern: TaskPattern,
+    builder: VariantBuilder,
+    tokenizer: PreTrainedTokenizerBase,
+    texts: Sequence[CalibrationText] | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
+    """The coverage of a stored MoE pattern's kept experts on `texts` (default: its example prompts), run
+    through the full model: what calibration records now, for patterns made before it did."""
+    if pattern.kind != "moe_experts":
+        raise ValueError(f"pattern {pattern.name!r} keeps dense channels: coverage is a MoE pattern's figure")
+    texts = list(texts) if texts is not None else [CalibrationText(example, None) for example in pattern.examples]
+    if not texts:
+        raise ValueError(f"pattern {pattern.name!r} has no example prompts: give prompts to measure on")
+    calibration = calibration_set(tokenizer, texts, max_context(builder))
+    stats = collect_statistics(builder, calibration.token_ids, progress=progress)
+    return pattern_coverage(stats, pattern.selection)
 
 
 def load_tokenizer(model_dir: str | Path) -> PreTrainedTokenizerBase:

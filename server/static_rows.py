@@ -177,13 +177,18 @@ class StaticRows(Generic[Request]):
         columns = next(size for size in self.column_sizes if size > self.column)
         self.mask[:rows, self.column] = 1
         step = self._steps.get((rows, columns)) or self._new_step(rows, columns)
-        if self.graphs and step.graph is None:
-            self._capture(step, rows, columns)
-        if step.graph is not None:
-            step.graph.replay()
-            logits = step.logits
+        meter = self.pooled.coverage
+        if meter is not None and meter.draw():  # a coverage sample runs the step eagerly, the full routers too
+            active = (torch.arange(rows, device=self.mask.device) < self.rows).unsqueeze(1)  # padding rows: 0
+            logits = self._forward(step, rows, columns, sample=True, active=active)
         else:
-            logits = self._forward(step, rows, columns)
+            if self.graphs and step.graph is None:
+                self._capture(step, rows, columns)
+            if step.graph is not None:
+                step.graph.replay()
+                logits = step.logits
+            else:
+                logits = self._forward(step, rows, columns)
         self.positions[:rows] += 1
         self.column += 1
         self.steps += 1
@@ -203,8 +208,10 @@ class StaticRows(Generic[Request]):
             "graph_error": self.graph_error,
         }
 
-    def _forward(self, step: _Step, rows: int, columns: int) -> torch.Tensor:
-        with torch.no_grad(), self.pooled.batch_masks(step.routes):
+    def _forward(
+        self, step: _Step, rows: int, columns: int, sample: bool = False, active: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        with torch.no_grad(), self.pooled.batch_masks(step.routes, sample=sample, attention_mask=active):
             out = self.pooled.model(
                 input_ids=self.tokens[:rows],
                 attention_mask=self.mask[:rows, :columns],
@@ -237,6 +244,7 @@ class StaticRows(Generic[Request]):
             layer.keys, layer.values = whole.keys[:rows, :, :columns], whole.values[:rows, :, :columns]
             layer.batch_size, layer.is_initialized = rows, True
         step = _Step(view, self.route_buffer.first(self.pooled, rows))
+        step.routes.routes = self.route_buffer.routes[:rows]
         self._steps[(rows, columns)] = step
         return step
 
@@ -285,6 +293,8 @@ class StaticRows(Generic[Request]):
     def _assign_routes(self) -> None:
         """The active rows' routes; the free rows route as the first row (its experts are resident)."""
         self.route_buffer.assign(self.routes + [self.routes[0]] * (self.capacity - self.rows))
+        for (rows, _), step in self._steps.items():  # the steps' views name their rows' routes (coverage)
+            step.routes.routes = self.route_buffer.routes[:rows]
 
     def _set_column(self, column: int) -> None:
         self.column = column

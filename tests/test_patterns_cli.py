@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
@@ -169,3 +170,22 @@ def test_refined_calibration_records_what_it_did(tmp_path, capsys) -> None:
     }
     assert set(record["local"]) == {"0", "1", "2", "3"}
     assert all(layer["error"] <= layer["start_error"] for layer in record["local"].values())
+
+
+def test_calibration_records_coverage_and_patterns_coverage_measures_it_again(store_dir, tmp_path, capsys) -> None:
+    """The figure `calibrate` records is what `patterns coverage` measures on the same prompts; measured on
+    another task's prompts it is lower; without --model the command says what it needs."""
+    recorded = PatternStore(store_dir).get("upper").parameters["coverage"]
+    assert 0 < recorded["top1"] <= 1 and 0 < recorded["mass"] < 1 and recorded["tokens"] > 24
+    copy = tmp_path / "store"
+    shutil.copytree(store_dir, copy)
+    prompts = _write_prompts(tmp_path / "upper.jsonl", "upper", 24, seed=11)  # the calibration prompts again
+    args = ["patterns", "coverage", "upper", "--store", str(copy), "--model", str(DEMO_MOE)]
+    assert main([*args, "--prompts", prompts]) == 0
+    again = PatternStore(copy).get("upper").parameters["coverage"]
+    assert again["mass"] == pytest.approx(recorded["mass"], abs=1e-5) and again["tokens"] == recorded["tokens"]
+    other = _write_prompts(tmp_path / "arith.jsonl", "arith", 24, seed=11)
+    assert main([*args, "--prompts", other]) == 0
+    assert PatternStore(copy).get("upper").parameters["coverage"]["mass"] < recorded["mass"]
+    assert main(["patterns", "coverage", "--store", str(copy)]) == 2
+    assert "needs --model" in capsys.readouterr().err

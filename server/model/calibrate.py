@@ -102,10 +102,12 @@ class MoeObserver:
         ]
 
     def on_router(self, module: nn.Module, args: Any, output: Any) -> None:
-        logits, _, selected = output
+        logits, weights, selected = output
         real = self.stream.current.real.to(logits.device)
         logits = logits.reshape(-1, logits.shape[-1])[real]
-        self.stats.update(logits, _gating(logits, self.activation), selected.reshape(-1, selected.shape[-1])[real])
+        selected = selected.reshape(-1, selected.shape[-1])[real]
+        self.stats.update(logits, _gating(logits, self.activation), selected)
+        self.stats.update_weights(weights.reshape(-1, weights.shape[-1])[real], selected)
 
     def on_residual(self, module: nn.Module, args: Any) -> None:
         self.residual = args[0]

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
+from server.model.coverage_meter import CoverageMeter, CoverageSample
 from server.model.layout import SparseLayer
 from server.model.masking import RouterMasks, router_of
 from server.model.module_tree import meta_model, set_tensor
@@ -96,6 +97,8 @@ class RowRoute:
 
     label: str
     kept: Mapping[int, tuple[int, ...]] = field(default_factory=dict)
+    revision: str = ""  # which stored revision of the pattern (live coverage starts again on a new one)
+    calibrated: float | None = None  # the coverage the pattern recorded at calibration (`coverage_meter`)
 
 
 class PooledModel:
@@ -117,6 +120,8 @@ class PooledModel:
             for index, layer in self.layers.items()
         }
         self.route_masks = RouteMaskTable(self.layers, device)
+        #: samples the full router's choices beside the masked ones (None: off, nothing extra runs)
+        self.coverage: CoverageMeter | None = None
         self._restricted_routers = RouterMasks(
             self.model, builder.family, builder.config, {index: layer.prefix for index, layer in self.layers.items()}
         )
@@ -151,21 +156,30 @@ class PooledModel:
     # -- running ---------------------------------------------------------------------------------
 
     @contextmanager
-    def rows(self, routes: Sequence[RowRoute]) -> Iterator[None]:
-        """Forward passes of this thread inside the block route row i of the batch as `routes[i]`."""
-        with self.batch_masks(BatchMasks(routes, self.route_masks)):
+    def rows(self, routes: Sequence[RowRoute], attention_mask: torch.Tensor | None = None) -> Iterator[None]:
+        """Forward passes of this thread inside the block route row i of the batch as `routes[i]`
+        (`attention_mask`: which of the rows' tokens are real, for coverage sampling)."""
+        with self.batch_masks(BatchMasks(routes, self.route_masks), attention_mask=attention_mask):
             yield
 
     @contextmanager
-    def batch_masks(self, masks: BatchMasks) -> Iterator[None]:
+    def batch_masks(
+        self, masks: BatchMasks, sample: bool | None = None, attention_mask: torch.Tensor | None = None
+    ) -> Iterator[None]:
         """Forward passes of this thread inside the block route their rows by `masks` (which a captured
-        graph keeps: `decode_graph.RouteBuffer`)."""
+        graph keeps: `decode_graph.RouteBuffer`). `sample`: whether the pass records coverage (None: the
+        meter draws; a captured graph passes False)."""
         previous = getattr(self._local, "batch", None)
-        self._local.batch = masks
+        meter = self.coverage
+        sampled = meter is not None and masks.pruning and (meter.draw() if sample is None else sample)
+        coverage = CoverageSample(masks.routes, attention_mask) if sampled else None
+        self._local.batch, self._local.coverage = masks, coverage
         try:
             yield
         finally:
-            self._local.batch = previous
+            self._local.batch, self._local.coverage = previous, None
+        if coverage is not None and meter is not None:
+            meter.finish(coverage)
 
     def routed(self, route: RowRoute) -> RoutedModel:
         """A model-like view that runs every row of every batch as `route`."""
@@ -190,12 +204,17 @@ class PooledModel:
             batch: BatchMasks | None = getattr(self._local, "batch", None)
             if batch is None:
                 raise RuntimeError("a pooled model runs inside PooledModel.rows(...) (each row needs its route)")
+            count = hidden_states.numel() // hidden_states.shape[-1]
+            coverage: CoverageSample | None = getattr(self._local, "coverage", None)
+            if coverage is not None:  # the full router's own choice, for the patterns' live coverage
+                _, full_weights, full_experts = full_router(hidden_states, *arguments)
+                coverage.add(layer, full_weights, full_experts, batch.tokens(layer, count))
             single = batch.single.kept.get(layer) if batch.single is not None and not self.masked_only else None
             if single is not None:
                 restricted, ids = self._restricted(layer, single)
                 logits, weights, positions = restricted(hidden_states.reshape(-1, hidden_states.shape[-1]))
                 return logits, weights, _slots(table, ids[positions])
-            pruned = batch.tokens(layer, hidden_states.numel() // hidden_states.shape[-1])
+            pruned = batch.tokens(layer, count)
             if pruned is None:
                 logits, weights, experts = full_router(hidden_states, *arguments)
             else:

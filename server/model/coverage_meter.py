@@ -1,0 +1,172 @@
+"""Live coverage of each pattern on the tokens the expert pool serves it (`pattern_store.coverage`).
+
+A sampled forward pass (a share `rate` of them, drawn at random) runs each sparse layer's full router a
+second time, without the rows' masks, on the hidden states the rows really have, and records for every
+token the share of the full router's top-k gate mass on experts its pattern keeps, and whether the heaviest
+choice is kept. One row of one sampled pass (its real tokens, every sparse layer) is one sample of its
+pattern. Per pattern the meter keeps the running means, per layer and overall, and the mean of the last
+`window` samples; when at least `min_samples` of them fall on average more than `tolerance` below the
+coverage the pattern recorded at calibration, the pattern is flagged: its traffic is no longer the task it
+was calibrated for. Nothing runs when the meter is off (`rate` 0: the pool has no meter).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from pattern_store.coverage import token_coverage
+
+log = logging.getLogger("taskmoe.coverage")
+
+WINDOW = 200
+"""Samples (rows of sampled passes) the recent mean and the flag look at."""
+MIN_SAMPLES = 40
+"""Samples a pattern needs before it can be flagged."""
+
+
+@dataclass
+class PatternCoverage:
+    """What the meter knows of one pattern (one revision of it)."""
+
+    label: str
+    revision: str
+    calibrated: float | None
+    tokens: int = 0
+    samples: int = 0
+    mass: dict[int, float] = field(default_factory=dict)  # per sparse layer: sums over sampled tokens
+    top1: dict[int, float] = field(default_factory=dict)
+    recent: deque[float] = field(default_factory=lambda: deque(maxlen=WINDOW))
+    flagged: bool = False
+
+    def report(self) -> dict[str, Any]:
+        tokens = max(self.tokens, 1)
+        layers = {
+            str(layer): {"mass": self.mass[layer] / tokens, "top1": self.top1[layer] / tokens} for layer in self.mass
+        }
+        count = max(len(layers), 1)
+        return {
+            "mass": sum(entry["mass"] for entry in layers.values()) / count,
+            "top1": sum(entry["top1"] for entry in layers.values()) / count,
+            "recent_mass": sum(self.recent) / len(self.recent) if self.recent else None,
+            "samples": self.samples,
+            "tokens": self.tokens,
+            "layers": layers,
+            "flagged": self.flagged,
+        }
+
+
+class CoverageSample:
+    """One sampled forward pass: each sparse layer's per-token coverage, as the layers run."""
+
+    def __init__(self, routes: Sequence[Any], attention_mask: torch.Tensor | None) -> None:
+        self.routes = list(routes)
+        self.attention_mask = attention_mask
+        self.layers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def add(self, layer: int, weights: torch.Tensor, experts: torch.Tensor, pruned: torch.Tensor | None) -> None:
+        """The full router's `weights` and `experts` [tokens, k] at `layer`; `pruned` [tokens, experts] (None:
+        no row prunes this layer, every token is covered)."""
+        weights = weights.reshape(-1, weights.shape[-1])
+        if pruned is None:
+            ones = torch.ones(weights.shape[0], dtype=torch.float32, device=weights.device)
+            self.layers[layer] = (ones, ones)
+            return
+        self.layers[layer] = token_coverage(weights, experts.reshape(-1, experts.shape[-1]), pruned)
+
+
+class CoverageMeter:
+    """Samples forward passes at `rate` and keeps each pattern's live coverage; `listener` hears every update."""
+
+    def __init__(
+        self,
+        rate: float,
+        tolerance: float,
+        listener: Callable[[PatternCoverage], None] | None = None,
+        min_samples: int = MIN_SAMPLES,
+        seed: int | None = None,
+    ) -> None:
+        if not 0.0 < rate <= 1.0:
+            raise ValueError(f"a coverage sampling rate is in (0, 1], not {rate}")
+        self.rate, self.tolerance, self.listener, self.min_samples = rate, tolerance, listener, min_samples
+        self._random = random.Random(seed)
+        self._patterns: dict[str, PatternCoverage] = {}
+        self._lock = threading.Lock()
+
+    def draw(self) -> bool:
+        """Whether the next forward pass is sampled."""
+        with self._lock:
+            return self._random.random() < self.rate
+
+    def finish(self, sample: CoverageSample) -> None:
+        """Fold a sampled pass into its rows' patterns (reads the figures back from the device)."""
+        if not sample.layers:
+            return
+        layers = sorted(sample.layers)
+        rows = len(sample.routes)
+        mass = torch.stack([sample.layers[layer][0] for layer in layers]).reshape(len(layers), rows, -1)
+        top1 = torch.stack([sample.layers[layer][1] for layer in layers]).reshape(len(layers), rows, -1)
+        valid = torch.ones(mass.shape[1:], dtype=torch.float32, device=mass.device)
+        if sample.attention_mask is not None:
+            valid = sample.attention_mask[:, -mass.shape[2] :].to(mass.device, torch.float32)
+        tokens = valid.sum(-1)  # [rows]
+        row_mass = ((mass * valid).sum(-1)).cpu()  # [layers, rows]: sums over each row's real tokens
+        row_top1 = ((top1 * valid).sum(-1)).cpu()
+        tokens = tokens.cpu().tolist()
+        touched: dict[str, PatternCoverage] = {}
+        with self._lock:
+            for row, route in enumerate(sample.routes):
+                if not route.kept or tokens[row] == 0:
+                    continue  # the full model covers itself
+                entry = self._entry(route)
+                for position, layer in enumerate(layers):
+                    entry.mass[layer] = entry.mass.get(layer, 0.0) + float(row_mass[position, row])
+                    entry.top1[layer] = entry.top1.get(layer, 0.0) + float(row_top1[position, row])
+                entry.tokens += int(tokens[row])
+                entry.samples += 1
+                entry.recent.append(float(row_mass[:, row].sum()) / (len(layers) * tokens[row]))
+                self._judge(entry)
+                touched[entry.label] = entry
+        if self.listener is not None:
+            for entry in touched.values():
+                self.listener(entry)
+
+    def report(self, label: str) -> dict[str, Any] | None:
+        """The live coverage of the pattern (or union) `label`; None before any of its tokens was sampled."""
+        with self._lock:
+            entry = self._patterns.get(label)
+            return None if entry is None else entry.report() | {"calibrated": entry.calibrated}
+
+    def flagged(self) -> list[str]:
+        with self._lock:
+            return sorted(label for label, entry in self._patterns.items() if entry.flagged)
+
+    def _entry(self, route: Any) -> PatternCoverage:
+        entry = self._patterns.get(route.label)
+        if entry is None or entry.revision != route.revision:  # a new pattern under the name: start again
+            entry = PatternCoverage(route.label, route.revision, route.calibrated)
+            self._patterns[route.label] = entry
+        return entry
+
+    def _judge(self, entry: PatternCoverage) -> None:
+        if entry.calibrated is None or len(entry.recent) < self.min_samples:
+            return
+        recent = sum(entry.recent) / len(entry.recent)
+        low = recent < entry.calibrated - self.tolerance
+        if low and not entry.flagged:
+            log.warning(
+                "pattern %s: live coverage %.3f over its last %d samples, below its calibrated %.3f by more "
+                "than %.2f: its traffic may not be the task it was calibrated for",
+                entry.label, recent, len(entry.recent), entry.calibrated, self.tolerance,
+            )  # fmt: skip
+        elif entry.flagged and not low:
+            log.info("pattern %s: live coverage %.3f is back within %.2f of its calibrated %.3f",
+                     entry.label, recent, self.tolerance, entry.calibrated)  # fmt: skip
+        entry.flagged = low
