@@ -64,22 +64,25 @@ class PatternCoverage:
 
 
 class CoverageSample:
-    """One sampled forward pass: each sparse layer's per-token coverage, as the layers run."""
+    """The sampled forward passes of one `PooledModel.rows` block (usually one pass): each sparse layer's
+    per-token coverage, as the layers run."""
 
     def __init__(self, routes: Sequence[Any], attention_mask: torch.Tensor | None) -> None:
         self.routes = list(routes)
         self.attention_mask = attention_mask
-        self.layers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.passes: list[dict[int, tuple[torch.Tensor, torch.Tensor]]] = []
 
     def add(self, layer: int, weights: torch.Tensor, experts: torch.Tensor, pruned: torch.Tensor | None) -> None:
         """The full router's `weights` and `experts` [tokens, k] at `layer`; `pruned` [tokens, experts] (None:
-        no row prunes this layer, every token is covered)."""
+        no row prunes this layer, every token is covered). A layer seen again starts the next pass."""
+        if not self.passes or layer in self.passes[-1]:
+            self.passes.append({})
         weights = weights.reshape(-1, weights.shape[-1])
         if pruned is None:
             ones = torch.ones(weights.shape[0], dtype=torch.float32, device=weights.device)
-            self.layers[layer] = (ones, ones)
+            self.passes[-1][layer] = (ones, ones)
             return
-        self.layers[layer] = token_coverage(weights, experts.reshape(-1, experts.shape[-1]), pruned)
+        self.passes[-1][layer] = token_coverage(weights, experts.reshape(-1, experts.shape[-1]), pruned)
 
 
 class CoverageMeter:
@@ -106,20 +109,27 @@ class CoverageMeter:
             return self._random.random() < self.rate
 
     def finish(self, sample: CoverageSample) -> None:
-        """Fold a sampled pass into its rows' patterns (reads the figures back from the device)."""
-        if not sample.layers:
-            return
-        layers = sorted(sample.layers)
+        """Fold a sample's passes into their rows' patterns (reads the figures back from the device)."""
+        touched: dict[str, PatternCoverage] = {}
+        for recorded in sample.passes:
+            touched |= self._fold(sample, recorded)
+        if self.listener is not None:
+            for entry in touched.values():
+                self.listener(entry)
+
+    def _fold(
+        self, sample: CoverageSample, recorded: dict[int, tuple[torch.Tensor, torch.Tensor]]
+    ) -> dict[str, PatternCoverage]:
+        layers = sorted(recorded)
         rows = len(sample.routes)
-        mass = torch.stack([sample.layers[layer][0] for layer in layers]).reshape(len(layers), rows, -1)
-        top1 = torch.stack([sample.layers[layer][1] for layer in layers]).reshape(len(layers), rows, -1)
+        mass = torch.stack([recorded[layer][0] for layer in layers]).reshape(len(layers), rows, -1)
+        top1 = torch.stack([recorded[layer][1] for layer in layers]).reshape(len(layers), rows, -1)
         valid = torch.ones(mass.shape[1:], dtype=torch.float32, device=mass.device)
         if sample.attention_mask is not None:
             valid = sample.attention_mask[:, -mass.shape[2] :].to(mass.device, torch.float32)
-        tokens = valid.sum(-1)  # [rows]
-        row_mass = ((mass * valid).sum(-1)).cpu()  # [layers, rows]: sums over each row's real tokens
-        row_top1 = ((top1 * valid).sum(-1)).cpu()
-        tokens = tokens.cpu().tolist()
+        row_mass = (mass * valid).sum(-1).cpu()  # [layers, rows]: sums over each row's real tokens
+        row_top1 = (top1 * valid).sum(-1).cpu()
+        tokens = valid.sum(-1).cpu().tolist()
         touched: dict[str, PatternCoverage] = {}
         with self._lock:
             for row, route in enumerate(sample.routes):
@@ -134,9 +144,7 @@ class CoverageMeter:
                 entry.recent.append(float(row_mass[:, row].sum()) / (len(layers) * tokens[row]))
                 self._judge(entry)
                 touched[entry.label] = entry
-        if self.listener is not None:
-            for entry in touched.values():
-                self.listener(entry)
+        return touched
 
     def report(self, label: str) -> dict[str, Any] | None:
         """The live coverage of the pattern (or union) `label`; None before any of its tokens was sampled."""
