@@ -32,7 +32,7 @@ import json
 import random
 import statistics
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -215,7 +215,7 @@ def replay(
     rng = random.Random(seed)
     recent: deque[float] = deque(maxlen=WINDOW)
     for request in range(limit):
-        for value in served[request % len(served)].passes:
+        for value in served[request % len(served)].passes[1:]:  # its decode steps, as the meter flags on
             if rng.random() < rate:
                 recent.append(value)
         if len(recent) >= MIN_SAMPLES and sum(recent) / len(recent) < calibrated - tolerance:
@@ -243,6 +243,11 @@ def flags(served: Sequence[Served], calibrated: dict[str, float], rate: float, t
     }
 
 
+def _mean(values: Iterable[float]) -> float:
+    """The mean of the values that are numbers (a request that generated nothing has no generated signal)."""
+    return statistics.fmean(value for value in values if value == value)
+
+
 def summarise(served: Sequence[Served]) -> dict[str, Any]:
     accuracy: dict[str, dict[str, float]] = {}
     for s in served:
@@ -258,8 +263,8 @@ def summarise(served: Sequence[Served]) -> dict[str, Any]:
         "accuracy": accuracy,
         "mean_signal": {
             signal: {
-                "own_task": statistics.fmean(s.signals[signal] for s in served if s.pattern == s.task),
-                "other_tasks": statistics.fmean(s.signals[signal] for s in served if s.pattern != s.task),
+                "own_task": _mean(s.signals[signal] for s in served if s.pattern == s.task),
+                "other_tasks": _mean(s.signals[signal] for s in served if s.pattern != s.task),
             }
             for signal in SIGNALS
         },

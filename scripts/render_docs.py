@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tables_core import core_cpu, gpu_check
+from tables_coverage import coverage
 from tables_models import demo_models, supported_models, unsupported_models
 from tables_pruning import (
     ANSWER_LOSS,
@@ -130,6 +131,7 @@ def flags() -> str:
 
 SECTIONS: dict[str, Section] = {
     "flags": Section(flags),
+    "coverage": Section(coverage, ("coverage.json",)),
     "headline": Section(headline, ("pruning.json", "routing.json", "variants.json", "server.json"), footer=False),
     "demo-models": Section(demo_models),
     "supported-models": Section(supported_models),

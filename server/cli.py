@@ -229,6 +229,25 @@ def _plot_patterns(args: argparse.Namespace) -> int:
     return 0
 
 
+def _served_coverage(server: str, name: str, admin_key: str | None) -> dict[str, Any]:
+    """The pattern's calibrated and live coverage as a running server reports them (`/admin/patterns/NAME`)."""
+    import httpx
+
+    headers = {"Authorization": f"Bearer {admin_key}"} if admin_key else {}
+    url = f"{server.rstrip('/')}/admin/patterns/{name}"
+    try:
+        response = httpx.get(url, headers=headers, timeout=30)
+    except httpx.HTTPError as error:
+        raise CliError(f"{url}: {error}") from None
+    if response.status_code != 200:
+        try:
+            message = response.json()["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            message = response.text[:200]
+        raise CliError(f"{url}: {response.status_code} {message}")
+    return response.json().get("coverage") or {}
+
+
 def _record_coverage(args: argparse.Namespace) -> int:
     """Measure and record the calibrated coverage of stored MoE patterns made before calibration recorded it."""
     from server.model.checkpoint import model_fingerprint, model_identity
@@ -288,6 +307,8 @@ def cmd_patterns(args: argparse.Namespace) -> int:
         if args.action == "show":
             summary = store.summary(args.name)
             summary["examples"] = summary["examples"][:5] + (["..."] if len(summary["examples"]) > 5 else [])
+            if args.server:
+                summary["coverage"] = _served_coverage(args.server, args.name, args.admin_key)
             print(json.dumps(summary, indent=1))
         else:
             store.remove(args.name)
@@ -517,6 +538,12 @@ def build_parser() -> argparse.ArgumentParser:
     patterns.add_argument("action", choices=["list", "show", "remove", "plot", "coverage"])
     patterns.add_argument("name", nargs="?", help="the pattern (show, remove; coverage: default every MoE pattern)")
     patterns.add_argument("--model", help="coverage: the model directory the patterns belong to")
+    patterns.add_argument(
+        "--server", help="show: also the live coverage a running server measures (its URL, e.g. http://host:8000)"
+    )
+    patterns.add_argument(
+        "--admin-key", default=os.environ.get("TASKMOE_ADMIN_KEY"), help="show --server: the admin key"
+    )
     patterns.add_argument(
         "--prompts", help="coverage: JSONL calibration prompts to measure on (default: each pattern's examples)"
     )

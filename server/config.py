@@ -206,7 +206,7 @@ class ServerConfig(BaseSettings):
         "pattern's live coverage (the full router's gate mass on its kept experts); 0: off, nothing extra runs",
     )
     coverage_tolerance: float = Field(
-        0.1,
+        0.05,
         gt=0,
         le=1,
         description="flag a pattern whose recent live coverage is this far below its calibrated coverage",

@@ -159,7 +159,8 @@ class Metrics:
     def coverage_listener(self) -> Callable[[PatternCoverage], None]:
         def updated(entry: PatternCoverage) -> None:
             report = entry.report()
-            self.coverage.labels(entry.label).set(report["recent_mass"])
+            if report["recent_mass"] is not None:  # before any decode step was sampled: the prompt's only
+                self.coverage.labels(entry.label).set(report["recent_mass"])
             self.coverage_samples.labels(entry.label).set(entry.samples)
             self.coverage_low.labels(entry.label).set(1.0 if entry.flagged else 0.0)
             if entry.calibrated is not None:

@@ -204,8 +204,10 @@ def _draw_grid(ax: Axes, drawn: _Drawn) -> None:
     ax.set_yticks(range(len(layers)), [f"L{layer}" for layer in layers])
     ax.tick_params(labelsize=7)
     total = sum(drawn.widths.values())
+    coverage = drawn.pattern.parameters.get("coverage")
+    covered = f", coverage {coverage['mass']:.2f}" if isinstance(coverage, dict) and "mass" in coverage else ""
     ax.set_title(
-        f"{drawn.pattern.name}: keeps {len(drawn.kept)}/{total} ({100 * len(drawn.kept) / total:.0f}%)",
+        f"{drawn.pattern.name}: keeps {len(drawn.kept)}/{total} ({100 * len(drawn.kept) / total:.0f}%){covered}",
         fontsize=9,
         color=drawn.colour,
         fontweight="bold",

@@ -6,6 +6,7 @@ to the hidden states each router received, read by forward pre-hooks on the tran
 
 from __future__ import annotations
 
+import json
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import torch
 from demo.tasks import get_task
 from pattern_store.coverage import calibrated_coverage, gate_mass_sums, token_coverage
 from pattern_store.selection import Selection
+from server.cli import main
 from server.config import ServerConfig
 from server.model.calibrate import collect_statistics
 from server.model.coverage_meter import CoverageMeter, CoverageSample
@@ -171,6 +173,14 @@ def test_a_pattern_is_flagged_when_its_recent_coverage_falls_below_its_calibrati
 
     feed(0.78, 30)
     assert meter.flagged() == [] and meter.report("sort")["recent_mass"] == pytest.approx(0.78)
+    prompt = CoverageSample([route], None)  # a prefill pass of 3 tokens counts, but not towards the flag
+    prompt.add(
+        0, torch.tensor([[0.1, 0.9]] * 3), torch.tensor([[0, 2]] * 3), torch.tensor([[False, False, True, True]] * 3)
+    )
+    meter.finish(prompt)
+    report = meter.report("sort")
+    assert report["tokens"] == 33 and report["recent_mass"] == pytest.approx(0.78)
+    assert report["mass"] == pytest.approx((30 * 0.78 + 3 * 0.1) / 33)
     feed(0.5, 9)
     assert meter.flagged() == []  # the window's mean is still within the tolerance
     feed(0.5, 200)
@@ -185,10 +195,11 @@ def test_a_pattern_is_flagged_when_its_recent_coverage_falls_below_its_calibrati
 
 @pytest.mark.slow
 @pytest.mark.parametrize("rate", [1.0, 0.0], ids=["sampled", "off"])
-def test_the_server_reports_each_patterns_live_and_calibrated_coverage(tmp_path, rate) -> None:
-    """`/metrics` and `GET /admin/patterns/NAME` show the live coverage beside the calibrated one; off, the
-    live figure is absent and no coverage metric is exported."""
-    config = ServerConfig(model=DEMO_MOE, store=copy_demo_store(tmp_path), coverage_rate=rate, admin_key="k")
+def test_the_server_reports_each_patterns_live_and_calibrated_coverage(tmp_path, rate, capsys) -> None:
+    """`/metrics`, `GET /admin/patterns/NAME` and `taskmoe patterns show --server` show the live coverage
+    beside the calibrated one; off, the live figure is absent and no coverage metric is exported."""
+    store = copy_demo_store(tmp_path)
+    config = ServerConfig(model=DEMO_MOE, store=store, coverage_rate=rate, admin_key="k")
     with running_server(config) as server:
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120)
         prompts = [example.prompt for example in get_task("sort").examples(4, 5)]
@@ -208,3 +219,9 @@ def test_the_server_reports_each_patterns_live_and_calibrated_coverage(tmp_path,
         assert server.metric("taskmoe_pattern_coverage", 'pattern="sort"') == pytest.approx(live["recent_mass"])
         assert server.metric("taskmoe_pattern_coverage_samples", 'pattern="sort"') == live["samples"]
         assert server.metric("taskmoe_pattern_coverage_calibrated", 'pattern="sort"') == calibrated["mass"]
+        show = ["patterns", "show", "sort", "--store", str(store), "--server", server.url]
+        capsys.readouterr()
+        assert main([*show, "--admin-key", "k"]) == 0
+        assert json.loads(capsys.readouterr().out)["coverage"]["live"]["samples"] >= live["samples"]
+        assert main([*show, "--admin-key", "wrong"]) == 2
+        assert "403 this key is not the admin key" in capsys.readouterr().err

@@ -4,10 +4,12 @@ A sampled forward pass (a share `rate` of them, drawn at random) runs each spars
 second time, without the rows' masks, on the hidden states the rows really have, and records for every
 token the share of the full router's top-k gate mass on experts its pattern keeps, and whether the heaviest
 choice is kept. One row of one sampled pass (its real tokens, every sparse layer) is one sample of its
-pattern. Per pattern the meter keeps the running means, per layer and overall, and the mean of the last
-`window` samples; when at least `min_samples` of them fall on average more than `tolerance` below the
-coverage the pattern recorded at calibration, the pattern is flagged: its traffic is no longer the task it
-was calibrated for. Nothing runs when the meter is off (`rate` 0: the pool has no meter).
+pattern. Per pattern the meter keeps the running means over every sampled token, per layer and overall,
+and the mean of the last `window` generated tokens sampled (decode steps: on the demo their coverage tells
+right answers from wrong ones better than the prompt's, `scripts/eval_coverage.py`); when at least
+`min_samples` of those fall on average more than `tolerance` below the coverage the pattern recorded at
+calibration, the pattern is flagged: its traffic is no longer the task it was calibrated for. Nothing runs
+when the meter is off (`rate` 0: the pool has no meter).
 """
 
 from __future__ import annotations
@@ -27,9 +29,9 @@ from pattern_store.coverage import token_coverage
 log = logging.getLogger("taskmoe.coverage")
 
 WINDOW = 200
-"""Samples (rows of sampled passes) the recent mean and the flag look at."""
+"""Generated tokens sampled (rows of sampled decode steps) that the recent mean and the flag look at."""
 MIN_SAMPLES = 40
-"""Samples a pattern needs before it can be flagged."""
+"""Generated tokens sampled that a pattern needs before it can be flagged."""
 
 
 @dataclass
@@ -141,8 +143,9 @@ class CoverageMeter:
                     entry.top1[layer] = entry.top1.get(layer, 0.0) + float(row_top1[position, row])
                 entry.tokens += int(tokens[row])
                 entry.samples += 1
-                entry.recent.append(float(row_mass[:, row].sum()) / (len(layers) * tokens[row]))
-                self._judge(entry)
+                if mass.shape[2] == 1:  # a decode step: the flag follows generated tokens (they tell more)
+                    entry.recent.append(float(row_mass[:, row].sum()) / len(layers))
+                    self._judge(entry)
                 touched[entry.label] = entry
         return touched
 
