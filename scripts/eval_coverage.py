@@ -271,6 +271,33 @@ def summarise(served: Sequence[Served]) -> dict[str, Any]:
     }
 
 
+def plot_bands(report: dict[str, Any], out: Path) -> None:
+    """Accuracy by coverage band of the report split, one bar per band, with the number of requests: the
+    picture of the operator's page (`docs/watching-patterns.md`)."""
+    from matplotlib.figure import Figure
+
+    from server.plots import save_figure
+
+    bands = report["report"]["bands"]
+    figure = Figure(figsize=(6.4, 3.4), layout="constrained")
+    ax = figure.subplots()
+    labels = [f"{band['low']:.1f}-{band['high']:.1f}" for band in bands]
+    accuracy = [100 * (band["accuracy"] or 0) for band in bands]
+    bars = ax.bar(labels, accuracy, color="#4c72b0")
+    for bar, band in zip(bars, bands, strict=True):
+        ax.text(
+            bar.get_x() + bar.get_width() / 2, bar.get_height() + 1, f"n={band['requests']}", ha="center", fontsize=8
+        )
+    ax.set_ylim(0, 105)
+    ax.set_ylabel("answers right (%)", fontsize=9)
+    ax.set_xlabel("coverage of the generated tokens (per request)", fontsize=9)
+    auc = report["report"]["auc"][report["signal_chosen"]]
+    ax.set_title(
+        f"{report['model']}: every task through every pattern (ROC AUC {auc:.2f})", fontsize=10, fontweight="bold"
+    )
+    save_figure(figure, out)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from pattern_store.store import PatternStore
     from server.config import ServerConfig
@@ -283,7 +310,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--choose-seed", type=int, default=CHOOSE_SEED)
     parser.add_argument("--report-seed", type=int, default=REPORT_SEED)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "coverage.json")
+    parser.add_argument("--picture", type=Path, default=ROOT / "docs" / "images" / "coverage-accuracy.png")
+    parser.add_argument("--replot", action="store_true", help="only draw the picture from --out's JSON")
     args = parser.parse_args(argv)
+    if args.replot:
+        plot_bands(json.loads(args.out.read_text()), args.picture)
+        print(f"wrote {args.picture}")
+        return 0
     store = PatternStore(args.model / "patterns")
     calibrated = {
         name: store.get(name).parameters["coverage"]["mass"]
@@ -312,6 +345,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     report["report"]["bands"] = bands(splits["report"], signal)
     report["measured"] = measured()
     args.out.write_text(json.dumps(report, indent=1) + "\n")
+    plot_bands(report, args.picture)
     print(json.dumps({k: report[k] for k in ("signal_chosen", "tolerance_chosen")}))
     for split in ("choose", "report"):
         print(split, {k: round(v, 3) if v else v for k, v in report[split]["auc"].items()})
