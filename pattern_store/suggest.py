@@ -2,8 +2,9 @@
 
 Each recorded query is placed as routing places it: its embedding (unit length, weighted as routing
 weighs the topic block) beside its n-gram features (already weighted), and the queries are clustered by
-cosine distance with HDBSCAN (scikit-learn), which needs no number of clusters and leaves stray queries out
-(noise) rather than forcing them into a task. A cluster of at least `min_size` queries is a suggestion: its
+cosine distance (scikit-learn's agglomerative clustering, average linkage, cut at a distance rather than a
+number of clusters: nobody knows how many tasks the traffic holds). A cluster of at least `min_size`
+queries is a suggestion: its
 size, why its queries went to the fallback, a few example prompts (when text was recorded), and the stored
 pattern nearest to its centre (the nearest example prompt in the store's index) with that similarity; a
 cluster that sits on an existing pattern's examples says which pattern already covers it.
@@ -28,8 +29,9 @@ COVERED_SIMILARITY = 0.9
 """A cluster whose centre is this similar to a stored pattern's example is that pattern's traffic (a
 query can fall back below the routing threshold between two patterns): the suggestion names it."""
 EXAMPLES = 5
-MERGE_DISTANCE = 0.0
-"""Clusters closer than this cosine distance are merged (`cluster`)."""
+CLUSTER_DISTANCE = 0.8
+"""Where the clustering is cut (average cosine distance between clusters): chosen on one split of the
+prompts by `scripts/eval_suggest.py`, which reports on another."""
 
 
 @dataclass(frozen=True)
@@ -60,26 +62,18 @@ def features(queries: Sequence[RecordedQuery], ngram_width: int, topic_weight: f
     return np.concatenate([embeddings * topic_weight**0.5, ngrams], axis=1)
 
 
-def cluster(vectors: np.ndarray, min_size: int = MIN_SIZE, merge: float = MERGE_DISTANCE) -> np.ndarray:
-    """A cluster label per row (-1: noise): HDBSCAN on cosine distances, then clusters whose centres are
-    closer than `merge` (cosine distance, average linkage) become one, so that one task asked in several
-    phrasings stays one suggestion."""
-    from sklearn.cluster import HDBSCAN, AgglomerativeClustering
-    from sklearn.metrics.pairwise import cosine_distances
+def cluster(vectors: np.ndarray, min_size: int = MIN_SIZE, distance: float = CLUSTER_DISTANCE) -> np.ndarray:
+    """A cluster label per row (-1: in a cluster of fewer than `min_size`): agglomerative clustering with
+    average linkage on cosine distances, cut where clusters are `distance` apart."""
+    from sklearn.cluster import AgglomerativeClustering
 
-    if len(vectors) < min_size:
+    if len(vectors) < max(min_size, 2):
         return np.full(len(vectors), -1)
-    distances = cosine_distances(vectors).astype(np.float64)
-    labels = HDBSCAN(min_cluster_size=min_size, metric="precomputed", copy=True).fit_predict(distances)
-    found = sorted(set(labels.tolist()) - {-1})
-    if merge <= 0 or len(found) < 2:
-        return labels
-    centres = np.stack([vectors[labels == label].mean(axis=0) for label in found])
-    merged = AgglomerativeClustering(
-        n_clusters=None, distance_threshold=merge, metric="cosine", linkage="average"
-    ).fit_predict(centres)
-    relabel = dict(zip(found, merged.tolist(), strict=True))
-    return np.array([relabel.get(label, -1) for label in labels.tolist()])
+    labels = AgglomerativeClustering(
+        n_clusters=None, distance_threshold=distance, metric="cosine", linkage="average"
+    ).fit_predict(vectors)
+    counts = np.bincount(labels)
+    return np.array([label if counts[label] >= min_size else -1 for label in labels.tolist()])
 
 
 def suggest(
@@ -88,12 +82,12 @@ def suggest(
     ngram_width: int,
     topic_weight: float,
     min_size: int = MIN_SIZE,
-    merge: float = MERGE_DISTANCE,
+    distance: float = CLUSTER_DISTANCE,
 ) -> list[Suggestion]:
     """The record's clusters of at least `min_size` queries, the largest first."""
     if not queries:
         return []
-    labels = cluster(features(queries, ngram_width, topic_weight), min_size, merge)
+    labels = cluster(features(queries, ngram_width, topic_weight), min_size, distance)
     found = []
     for label in sorted(set(labels.tolist()) - {-1}):
         members = [i for i, value in enumerate(labels.tolist()) if value == label]

@@ -13,8 +13,8 @@ calibrated into a pattern (`taskmoe calibrate`'s recipe on the cluster's prompts
 task are routed (target: at least 90% to the new pattern) and answered by it against the shipped pattern
 (target: within 1 point).
 
-The merge distance of the clustering is chosen on one split of the prompts (`--choose` offsets) and
-reported on another.
+The distance at which the clustering is cut is chosen on one split of the prompts and reported on
+another (`pattern_store.suggest.CLUSTER_DISTANCE` is the choice).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-MERGES = (0.0, 0.5, 0.6, 0.7, 0.8, 0.9)
+MERGES = (0.6, 0.7, 0.75, 0.8, 0.85, 0.9)
 EXAMPLES = 64  # routing examples per benchmark pattern (the first prompts of each file)
 CHOOSE_SPLIT, REPORT_SPLIT = 0, 1
 DEMO_SEEDS = {CHOOSE_SPLIT: 5101, REPORT_SPLIT: 5202}  # neither a calibration seed (7000) nor EVAL_SEED
@@ -117,8 +117,8 @@ def judge(suggestions: list[Any], tasks: list[str], left_out: str) -> dict[str, 
     }
 
 
-def leave_out(kind: str, task: str, split: int, count: int, embedder: Any, merges: tuple[float, ...]) -> dict:
-    """One task left out of one task set: per merge distance, what the suggestions hold."""
+def leave_out(kind: str, task: str, split: int, count: int, embedder: Any, distances: tuple[float, ...]) -> dict:
+    """One task left out of one task set: per cut distance, what the suggestions hold."""
     from pattern_store.suggest import suggest
     from server.route_features import FeatureWeights
 
@@ -130,8 +130,8 @@ def leave_out(kind: str, task: str, split: int, count: int, embedder: Any, merge
         queries = benchmark_queries(split, count) if kind == "benchmark" else demo_queries(split, count)
         kept, tasks = record(store, embedder, queries, root)
         found = {}
-        for merge in merges:
-            suggestions = suggest(kept.queries(), store, width, weights.topic, merge=merge)
+        for merge in distances:
+            suggestions = suggest(kept.queries(), store, width, weights.topic, distance=merge)
             found[str(merge)] = judge(suggestions, tasks, task) | {"merge": merge}
         return found
 
@@ -154,7 +154,7 @@ def calibrate_from_suggestion(task: str, count: int, embedder: Any, merge: float
         store = demo_store(root, task)
         kept, tasks = record(store, embedder, demo_queries(REPORT_SPLIT, count), root)
         suggestions = suggest(kept.queries(), store, weights.content_buckets + weights.form_buckets,
-                              weights.topic, merge=merge)  # fmt: skip
+                              weights.topic, distance=merge)  # fmt: skip
         verdict = judge(suggestions, tasks, task)
         if verdict["cluster"] is None:
             return verdict | {"calibrated": False}
