@@ -33,6 +33,7 @@ from tables_pruning import (
 )
 from tables_routing import SERVED, routing, routing_findings, routing_settings, routing_targets
 from tables_store import fit_placement, store_changes
+from tables_suggest import suggestions
 from tables_variants import RATIOS, fp8_slots, variants, variants_findings
 
 from _measured import ROUTING_REWRITE, describe, predates
@@ -131,6 +132,7 @@ def flags() -> str:
 
 SECTIONS: dict[str, Section] = {
     "flags": Section(flags),
+    "suggestions": Section(suggestions, ("suggest.json",)),
     "coverage": Section(coverage, ("coverage.json",)),
     "headline": Section(headline, ("pruning.json", "routing.json", "variants.json", "server.json"), footer=False),
     "demo-models": Section(demo_models),

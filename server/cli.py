@@ -280,10 +280,85 @@ def _record_coverage(args: argparse.Namespace) -> int:
     return 0
 
 
+def _suggest(args: argparse.Namespace) -> int:
+    """Candidate tasks in the fallback traffic a server recorded; `--calibrate NAME` makes one a pattern."""
+    from pattern_store.fallback_record import FILE_NAME, read_record
+    from pattern_store.suggest import suggest
+    from server.route_features import FeatureWeights
+
+    if args.min_size < 2:
+        raise CliError("--min-size must be at least 2")
+    store = _open_store(args.store)
+    try:
+        queries = read_record(store.root / FILE_NAME)
+    except ValueError as error:
+        raise CliError(str(error)) from None
+    if not queries:
+        raise CliError(
+            f"{store.root}: no fallback queries recorded; start `taskmoe serve` with --record-fallback N (and "
+            "--record-text to keep their prompts, which calibrating from a suggestion needs)"
+        )
+    weights = FeatureWeights()
+    found = suggest(queries, store, weights.content_buckets + weights.form_buckets, weights.topic, args.min_size)
+    if args.calibrate:
+        return _calibrate_suggestion(args, found, queries)
+    if args.json:
+        print(json.dumps([suggestion.to_json() for suggestion in found], indent=1))
+        return 0
+    print(f"{len(queries)} recorded fallback queries, {len(found)} candidate tasks (clusters of >= {args.min_size})")
+    for suggestion in found:
+        near = (
+            f"nearest pattern {suggestion.nearest_pattern} ({suggestion.similarity:.2f})"
+            if suggestion.nearest_pattern
+            else "no stored pattern"
+        )
+        covered = f"; already covered by {suggestion.covered_by}" if suggestion.covered_by else ""
+        print(f"[{suggestion.cluster}] {suggestion.size} queries, {near}{covered}")
+        for example in suggestion.examples:
+            print(f"      {example[:100]!r}")
+    return 0
+
+
+def _calibrate_suggestion(args: argparse.Namespace, found: list, queries: list) -> int:
+    """`taskmoe calibrate` on the recorded prompts of suggestion `--cluster` (default the largest)."""
+    import tempfile
+
+    if not args.model:
+        raise CliError("patterns suggest --calibrate needs --model, the model to calibrate the pattern on")
+    if not found:
+        raise CliError("no suggestion to calibrate: no cluster is large enough (try a smaller --min-size)")
+    chosen = next((s for s in found if s.cluster == args.cluster), None)
+    if chosen is None:
+        raise CliError(f"no suggestion {args.cluster}: there are {len(found)} (0 to {len(found) - 1})")
+    if chosen.covered_by:
+        print(f"note: suggestion {chosen.cluster} sits on pattern {chosen.covered_by!r}'s examples", file=sys.stderr)
+    prompts = [queries[i].text for i in chosen.members if queries[i].text is not None]
+    if not prompts:
+        raise CliError("the record keeps no text: calibrating needs the prompts (serve with --record-text)")
+    from server.model.variant import VariantBuilder
+    from server.patterns import answered_by_full_model, load_tokenizer
+
+    print(f"answering the {len(prompts)} prompts of suggestion {chosen.cluster} with the full model", file=sys.stderr)
+    builder = VariantBuilder(_model_dir(args.model), device="cpu", dtype="float32")
+    texts = answered_by_full_model(builder, load_tokenizer(args.model), prompts)
+    # recorded prompts never leave the store directory: the calibration file is a private file there
+    with tempfile.NamedTemporaryFile(
+        "w", dir=args.store, prefix=".suggestion-", suffix=".jsonl", delete=False
+    ) as handle:
+        handle.writelines(json.dumps({"prompt": t.prompt, "response": t.response}) + "\n" for t in texts)
+    try:
+        argv = ["calibrate", "--model", args.model, "--store", args.store, "--name", args.calibrate]
+        return main([*argv, "--prompts", handle.name, *(["--quiet"] if args.quiet else [])])
+    finally:
+        Path(handle.name).unlink(missing_ok=True)
+
+
 def cmd_patterns(args: argparse.Namespace) -> int:
-    """List, show, remove or plot stored patterns, or record their calibrated coverage."""
+    """List, show, remove or plot stored patterns, record their calibrated coverage, or suggest new ones."""
     if args.action == "plot":
         return _plot_patterns(args)
+    if args.action == "suggest":
+        return _suggest(args)
     if args.action == "coverage":
         return _record_coverage(args)
     store = _open_store(args.store)
@@ -535,9 +610,13 @@ def build_parser() -> argparse.ArgumentParser:
     patterns = commands.add_parser(
         "patterns", help="list, show, remove or plot stored patterns, or record their calibrated coverage"
     )
-    patterns.add_argument("action", choices=["list", "show", "remove", "plot", "coverage"])
+    patterns.add_argument("action", choices=["list", "show", "remove", "plot", "coverage", "suggest"])
     patterns.add_argument("name", nargs="?", help="the pattern (show, remove; coverage: default every MoE pattern)")
-    patterns.add_argument("--model", help="coverage: the model directory the patterns belong to")
+    patterns.add_argument("--model", help="coverage, suggest --calibrate: the model directory")
+    patterns.add_argument("--min-size", type=int, default=5, help="suggest: the fewest queries a suggestion groups")
+    patterns.add_argument("--calibrate", metavar="NAME", help="suggest: calibrate a pattern NAME from a suggestion")
+    patterns.add_argument("--cluster", type=int, default=0, help="suggest --calibrate: which (default 0, the largest)")
+    patterns.add_argument("--quiet", action="store_true", help="suggest --calibrate: no progress bar")
     patterns.add_argument(
         "--server", help="show: also the live coverage a running server measures (its URL, e.g. http://host:8000)"
     )

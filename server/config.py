@@ -211,6 +211,15 @@ class ServerConfig(BaseSettings):
         le=1,
         description="flag a pattern whose recent live coverage is this far below its calibrated coverage",
     )
+    record_fallback: int = Field(
+        0,
+        ge=0,
+        description="keep the newest N routed queries that no pattern fit (sent to the fallback) in the store "
+        "directory, for `taskmoe patterns suggest`: their embeddings and n-grams; 0: record nothing",
+    )
+    record_text: bool = Field(
+        False, description="with --record-fallback: keep the queries' text too (prompts may be private)"
+    )
     max_n: int = Field(16, ge=1, description="most choices (n) one request may ask for")
     max_request_bytes: Bytes = Field(
         8 * 2**20, ge=1024, description="request bodies larger than this get 413 before they are read"

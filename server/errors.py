@@ -93,6 +93,10 @@ class PatternUnusable(ServiceError):
     """A stored pattern that cannot serve this model (another model's, or a selection the model refuses)."""
 
 
+class RecordingOff(ServiceError):
+    """The fallback record is asked for on a server that records nothing."""
+
+
 class JobInProgress(ServiceError):
     """A calibration job for the same pattern is queued or running."""
 

@@ -258,6 +258,24 @@ def complete_answers(
     return CalibrationSet(token_ids, starts)
 
 
+def answered_by_full_model(
+    builder: VariantBuilder, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], max_new_tokens: int = 64
+) -> list[CalibrationText]:
+    """The prompts with the full model's greedy answers as responses: calibration texts for prompts that
+    came without answers (recorded traffic), so that the statistics cover the answers too."""
+    model = builder.build()
+    eos = end_of_generation_ids(tokenizer, builder.generation_config) or end_of_generation_ids(None, builder.config)
+    calibration = complete_answers(
+        model, calibration_set(tokenizer, [CalibrationText(p, None) for p in prompts], max_context(builder)), eos,
+        max_new_tokens,
+    )  # fmt: skip
+    texts = []
+    for prompt, ids, start in zip(prompts, calibration.token_ids, calibration.answer_starts, strict=True):
+        answer = [token for token in ids[start:] if token not in eos]
+        texts.append(CalibrationText(prompt, tokenizer.decode(answer, skip_special_tokens=True).strip()))
+    return texts
+
+
 def _candidate_methods(stats: CalibrationStatistics) -> list[str]:
     """The scoring methods whose selections the refinements start from (every one the statistics allow)."""
     layer = next(iter(stats.router.values()))

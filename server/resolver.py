@@ -126,12 +126,13 @@ class Resolver:
         """The choice the request names, checked (cheap: no routing); None when it must be routed."""
         return explicit_choice(model, pattern, self.model_name, self.store)
 
-    def route(self, query: str, similarity: bool = False) -> Choice:
+    def route(self, query: str, similarity: bool = False, record: bool = False) -> Choice:
         """The router's choice for a query (an embedding: the costly step of resolving). `similarity`: also
         each candidate's similarity to its nearest example (a search of the example index that no decision
-        needs: only `explain`'s callers report it)."""
+        needs: only `explain`'s callers report it). `record`: served traffic, which a fallback record keeps
+        when it goes to the fallback."""
         with self.metrics.route_seconds.time():
-            decision = self.router.route(query[:MAX_ROUTED_CHARACTERS], similarity)
+            decision = self.router.route(query[:MAX_ROUTED_CHARACTERS], similarity, record)
         names = decision.patterns or ((decision.fallback,) if decision.fallback else ())
         choice = Choice(names, decision.reason, decision.probability, decision)
         self.metrics.routes.labels(choice.label, decision.reason).inc()
@@ -146,7 +147,7 @@ class Resolver:
 
     def resolve(self, model: str, pattern: str | None, query: str) -> Choice:
         """The named choice or, without one, the routed one: what serves a completion."""
-        return self.named(model, pattern) or self.route(query)
+        return self.named(model, pattern) or self.route(query, record=True)
 
     def explain(self, model: str, pattern: str | None, query: str) -> Choice:
         """`resolve`'s choice with all the router saw, each candidate's nearest-example similarity too: what

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -281,6 +281,10 @@ class LearntRouter:
         return out
 
 
+RECORDED_REASONS = frozenset({"below-threshold", "out-of-store"})
+"""Fallback decisions whose queries a fallback record keeps: no stored pattern fits them."""
+
+
 class Router:
     def __init__(
         self,
@@ -305,14 +309,21 @@ class Router:
         self._adopted = threading.Condition()  # notified whenever a newer router serves
         self.fitter = fitter or FittingProcess()
         self.relearning = Relearning(self.relearn, name="taskmoe-router-learn", min_interval=RELEARN_INTERVAL)
+        #: hears every query that `route(..., record=True)` sends to the fallback (the server's fallback record)
+        self.recorder: Callable[[str, Any, torch.Tensor, str], None] | None = None
 
     # -- deciding ------------------------------------------------------------------------------
 
-    def route(self, text: str, similarity: bool = True) -> RouteDecision:
-        return self.route_texts([text], similarity=similarity)[0]
+    def route(self, text: str, similarity: bool = True, record: bool = False) -> RouteDecision:
+        """`record`: a query sent to the fallback goes to `recorder` (served traffic, not reports)."""
+        return self.route_texts([text], similarity=similarity, record=record)[0]
 
     def route_texts(
-        self, texts: Sequence[str], vectors: torch.Tensor | np.ndarray | None = None, similarity: bool = True
+        self,
+        texts: Sequence[str],
+        vectors: torch.Tensor | np.ndarray | None = None,
+        similarity: bool = True,
+        record: bool = False,
     ) -> list[RouteDecision]:
         """Decisions in two stages: the n-gram stage's where it is confident, the full router's for the rest,
         which alone are embedded. `vectors`: the texts' embeddings when already known (batch evaluation
@@ -339,8 +350,10 @@ class Router:
             chosen = [texts[i] for i in rest]
             embedded = self.embedder.embed(chosen) if vectors is None else np.asarray(vectors)[rest]
             full = self._full(learnt, chosen, embedded, ngrams[rest], typicality[rest], stored, similarity)
-            for i, decision in zip(rest, full, strict=True):
+            for k, (i, decision) in enumerate(zip(rest, full, strict=True)):
                 decisions[i] = decision
+                if record and self.recorder is not None and decision.reason in RECORDED_REASONS:
+                    self.recorder(texts[i], embedded[k], ngrams[i], decision.reason)
         return decisions  # type: ignore[return-value]
 
     def route_embedded(

@@ -11,9 +11,12 @@ from typing import Any
 import torch
 
 from pattern_store.embedder import Embedder
+from pattern_store.fallback_record import FallbackRecord
 from pattern_store.store import PatternStore
+from pattern_store.suggest import MIN_SIZE, Suggestion, suggest
 from server.completions import Completions
 from server.config import ServerConfig
+from server.errors import RecordingOff
 from server.leases import LeaseManager, make_leases
 from server.metrics import Metrics
 from server.model.variant import VariantBuilder
@@ -105,6 +108,26 @@ class Runtime:
             self.info, self.resolver, self.leases, self.metrics, executor, config.max_n, upstream
         )
         self.watcher = follow_store(config, self.store, self.leases, self.router)
+        self.fallback_record: FallbackRecord | None = None
+        if config.record_fallback > 0:
+            self.fallback_record = FallbackRecord(self.store.root, config.record_fallback, config.record_text)
+            self.router.recorder = self.fallback_record.add
+            self.fallback_record.start()
+
+    def recorded(self) -> FallbackRecord:
+        """The fallback record; 409 when the server records nothing."""
+        if self.fallback_record is None:
+            raise RecordingOff(
+                "this server records no fallback queries: start it with --record-fallback N (and --record-text "
+                "to keep their prompts as examples)"
+            )
+        return self.fallback_record
+
+    def suggestions(self, min_size: int = MIN_SIZE) -> list[Suggestion]:
+        """Candidate tasks in the recorded fallback traffic (`pattern_store.suggest`)."""
+        weights = self.router.features.weights
+        width = weights.content_buckets + weights.form_buckets
+        return suggest(self.recorded().queries(), self.store, width, weights.topic, min_size)
 
     def store_report(self) -> dict[str, Any]:
         """`GET /admin/store`: the store as this server last read it: its patterns, the files it skipped and
@@ -124,5 +147,7 @@ class Runtime:
     def close(self) -> None:
         if self.watcher is not None:
             self.watcher.stop()
+        if self.fallback_record is not None:
+            self.fallback_record.close()
         self.patterns.close()
         self.router.close()

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Query, Request
 from starlette.concurrency import run_in_threadpool
 
+from pattern_store.suggest import MIN_SIZE
 from server.api.auth import require_admin_key, runtime_of
 from server.api.schemas import CalibrationPrompt, RegisterPatternRequest
 from server.errors import APIError, InvalidRequest, shown
@@ -85,6 +86,29 @@ async def delete_pattern(name: str, request: Request) -> dict[str, Any]:
 async def show_store(request: Request) -> dict[str, Any]:
     """The store as the server last read it: patterns, damaged or unreadable files, routing's revision."""
     return runtime_of(request).store_report()
+
+
+# -- traffic no pattern covers ----------------------------------------------------------------------
+
+
+@router.get("/fallback-record")
+async def show_fallback_record(request: Request) -> dict[str, Any]:
+    """How many fallback queries are recorded, why they fell back, and whether their text is kept."""
+    return {"object": "fallback_record", **runtime_of(request).recorded().summary()}
+
+
+@router.delete("/fallback-record")
+async def clear_fallback_record(request: Request) -> dict[str, Any]:
+    """Forget every recorded query (the file in the store directory too)."""
+    cleared = await run_in_threadpool(runtime_of(request).recorded().clear)
+    return {"object": "fallback_record", "cleared": cleared}
+
+
+@router.get("/suggestions")
+async def list_suggestions(request: Request, min_size: int = Query(MIN_SIZE, ge=2, le=10_000)) -> dict[str, Any]:
+    """Candidate tasks: clusters of the recorded fallback queries, with the nearest stored pattern."""
+    suggestions = await run_in_threadpool(runtime_of(request).suggestions, min_size)
+    return {"object": "list", "data": [suggestion.to_json() for suggestion in suggestions]}
 
 
 # -- jobs -------------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from server.errors import (
     PatternInUse,
     PatternNotFound,
     PatternUnusable,
+    RecordingOff,
     ServiceError,
     TooManyJobs,
 )
@@ -46,6 +47,7 @@ SERVICE_ERRORS: dict[type[ServiceError], tuple[int, str | None]] = {
     PatternInUse: (409, "pattern_in_use"),
     PatternUnusable: (409, "pattern_unusable"),
     JobInProgress: (409, "job_in_progress"),
+    RecordingOff: (409, "recording_off"),
     TooManyJobs: (429, "too_many_jobs"),
     NoRoom: (503, "cache_full"),
     LoadFailed: (500, "variant_build_failed"),
