@@ -1,0 +1,93 @@
+"""What live coverage sampling costs: tokens/s at 32 clients with `--coverage-rate 0` and with the default.
+
+    python scripts/bench_coverage.py [--rounds 3] [--out bench/results/coverage_cost.json]
+
+Two `taskmoe serve` processes on the demo MoE (the expert pool), one with coverage sampling off and one with
+the shipped default rate, both up for the whole run; the load generator of `scripts/bench_server.py` sends
+one pattern and three patterns mixed at 32 clients to each in turn, alternating which goes first each
+round, so that the machine's drift falls on both. Target: sampling costs at most 3% of tokens/s (the
+ratio of the medians at least 0.97).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+TARGET = 0.97
+CLIENTS = 32
+
+
+def main(argv: list[str] | None = None) -> int:
+    import bench_server as bench
+
+    from demo.evaluate import EVAL_SEED
+    from demo.tasks import get_task
+    from server.config import ServerConfig
+
+    from _measured import measured
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, default=ROOT / "models" / "demo-moe")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--requests", type=int, default=128, help="requests of a level")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "coverage_cost.json")
+    args = parser.parse_args(argv)
+    rate = ServerConfig.model_fields["coverage_rate"].default
+    prompts = [e.prompt for task in bench.TASKS for e in get_task(task).examples(8, EVAL_SEED + 1)]
+    scenarios = {"one pattern": bench.ONE_PATTERN, "three patterns": bench.THREE_PATTERNS}
+    rows: list[dict[str, Any]] = []
+    off_options, on_options = ["--coverage-rate", "0"], ["--coverage-rate", str(rate)]
+    with (
+        bench.serving(args.model, "4GiB", 1, None, off_options) as off,
+        bench.serving(args.model, "4GiB", 1, None, on_options) as on,
+    ):
+        urls = {"off": off, "on": on}
+        for url in urls.values():  # every pattern leased and every path run before anything is timed
+            bench.summarise_load(bench.run_generator(bench.load_spec(url, bench.THREE_PATTERNS, prompts, 8, 32, False)))
+        for round_ in range(args.rounds):
+            order = ["off", "on"] if round_ % 2 == 0 else ["on", "off"]
+            for scenario, models in scenarios.items():
+                for mode in order:
+                    spec = bench.load_spec(urls[mode], models, prompts, CLIENTS, args.requests, False)
+                    level = bench.summarise_load(bench.run_generator(spec))
+                    rows.append({"round": round_, "scenario": scenario, "coverage": mode, **level})
+                    print(f"  round {round_} {scenario} coverage {mode}: {level['tokens_per_second']:,.0f} tokens/s",
+                          file=sys.stderr, flush=True)  # fmt: skip
+    ratios = {}
+    for scenario in scenarios:
+        speed = {
+            mode: [r["tokens_per_second"] for r in rows if r["scenario"] == scenario and r["coverage"] == mode]
+            for mode in ("off", "on")
+        }
+        ratios[scenario] = {
+            "off_median": statistics.median(speed["off"]),
+            "on_median": statistics.median(speed["on"]),
+            "ratio": statistics.median(speed["on"]) / statistics.median(speed["off"]),
+            "per_round": [b / a for a, b in zip(speed["off"], speed["on"], strict=True)],
+            "met": statistics.median(speed["on"]) / statistics.median(speed["off"]) >= TARGET,
+        }
+    report = {"rate": rate, "clients": CLIENTS, "rounds": args.rounds, "levels": rows, "ratios": ratios,
+              "target": TARGET, "measured": measured()}  # fmt: skip
+    args.out.write_text(json.dumps(report, indent=1) + "\n")
+    print(f"| scenario, 32 clients | coverage off, tokens/s | on (rate {rate:.2f}) | on / off | per round |")
+    print("|---|---|---|---|---|")
+    for scenario, entry in ratios.items():
+        rounds = ", ".join(f"{value:.3f}" for value in entry["per_round"])
+        print(
+            f"| {scenario} | {entry['off_median']:,.0f} | {entry['on_median']:,.0f} | {entry['ratio']:.3f} | {rounds} |"
+        )
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
