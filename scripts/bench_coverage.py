@@ -1,6 +1,6 @@
 """What live coverage sampling costs: tokens/s at 32 clients with `--coverage-rate 0` and with the default.
 
-    python scripts/bench_coverage.py [--rounds 3] [--out bench/results/coverage_cost.json]
+    python scripts/bench_coverage.py [--rounds 5] [--out bench/results/coverage_cost.json]
 
 Two `taskmoe serve` processes on the demo MoE (the expert pool), one with coverage sampling off and one with
 the shipped default rate, both up for the whole run; the load generator of `scripts/bench_server.py` sends
@@ -37,8 +37,8 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=ROOT / "models" / "demo-moe")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--requests", type=int, default=128, help="requests of a level")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--requests", type=int, default=512, help="requests of a level (about 9 s here)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "coverage_cost.json")
     args = parser.parse_args(argv)
     rate = ServerConfig.model_fields["coverage_rate"].default
