@@ -6,7 +6,9 @@ Two `taskmoe serve` processes on the demo MoE (the expert pool), one with covera
 the shipped default rate, both up for the whole run; the load generator of `scripts/bench_server.py` sends
 one pattern and three patterns mixed at 32 clients to each in turn, alternating which goes first each
 round, so that the machine's drift falls on both. Target: sampling costs at most 3% of tokens/s (the
-ratio of the medians at least 0.97).
+ratio of the medians at least 0.97). The servers' ratio moves by +-10% from round to round on this shared
+machine, so the script also times decode steps in process (one pattern, batch 32, steps with and without
+sampling taken in turn): the extra time of a sampled step, times the rate, is the cost without the noise.
 """
 
 from __future__ import annotations
@@ -24,6 +26,61 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 TARGET = 0.97
 CLIENTS = 32
+
+
+def step_cost(model_dir: Path, batch: int = CLIENTS, steps: int = 40) -> dict[str, float]:
+    """In process, where the server's load noise is absent: decode steps of one pattern at `batch` rows
+    without a meter and with every step sampled, taken in turn; the extra time of a sampled step, and what
+    it costs at the default rate."""
+    import time
+
+    import torch
+
+    from pattern_store.store import PatternStore
+    from server.config import ServerConfig
+    from server.model.coverage_meter import CoverageMeter
+    from server.model.kv_cache import cache_argument, new_cache
+    from server.model.pooled import PooledModel, RowRoute
+    from server.model.variant import VariantBuilder
+
+    torch.set_num_threads(1)
+    builder = VariantBuilder(model_dir, device="cpu", dtype="float32")
+    pooled = PooledModel(builder, slots=max(layer.num_experts for layer in builder.sparse_layers.values()))
+    for layer, sparse in pooled.layers.items():
+        pooled.load(layer, list(range(sparse.num_experts)), list(range(sparse.num_experts)))
+        for expert in range(sparse.num_experts):
+            pooled.place(layer, expert, expert)
+    selection = PatternStore(model_dir / "patterns").get("sort").selection
+    route = RowRoute("sort", builder.kept_experts(selection), "r", 0.8)
+    meter = CoverageMeter(rate=1.0, tolerance=0.05)
+    ids = torch.randint(3, 60, (batch, 16), generator=torch.Generator().manual_seed(0))
+    caches = {mode: new_cache(builder.config) for mode in ("off", "sampled")}
+    tokens = {}
+    seconds: dict[str, list[float]] = {"off": [], "sampled": []}
+    with torch.inference_mode():
+        for mode, cache in caches.items():
+            with pooled.rows([route] * batch):
+                out = pooled.model(input_ids=ids, **cache_argument(pooled.model, cache))
+            tokens[mode] = out.logits[:, -1:].argmax(-1)
+        for step in range(steps + 5):
+            for mode, cache in caches.items():
+                pooled.coverage = meter if mode == "sampled" else None
+                started = time.perf_counter()
+                with pooled.rows([route] * batch):
+                    out = pooled.model(input_ids=tokens[mode], **cache_argument(pooled.model, cache))
+                tokens[mode] = out.logits[:, -1:].argmax(-1)
+                if step >= 5:
+                    seconds[mode].append(time.perf_counter() - started)
+    pooled.coverage = None
+    off, sampled = statistics.median(seconds["off"]), statistics.median(seconds["sampled"])
+    rate = ServerConfig.model_fields["coverage_rate"].default
+    return {
+        "batch": batch,
+        "step_ms": 1e3 * off,
+        "sampled_step_ms": 1e3 * sampled,
+        "extra_ms": 1e3 * (sampled - off),
+        "cost_at_default_rate": rate * (sampled - off) / off,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,8 +132,9 @@ def main(argv: list[str] | None = None) -> int:
             "per_round": [b / a for a, b in zip(speed["off"], speed["on"], strict=True)],
             "met": statistics.median(speed["on"]) / statistics.median(speed["off"]) >= TARGET,
         }
+    steps = step_cost(args.model)
     report = {"rate": rate, "clients": CLIENTS, "rounds": args.rounds, "levels": rows, "ratios": ratios,
-              "target": TARGET, "measured": measured()}  # fmt: skip
+              "step": steps, "target": TARGET, "measured": measured()}  # fmt: skip
     args.out.write_text(json.dumps(report, indent=1) + "\n")
     print(f"| scenario, 32 clients | coverage off, tokens/s | on (rate {rate:.2f}) | on / off | per round |")
     print("|---|---|---|---|---|")
@@ -85,6 +143,10 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"| {scenario} | {entry['off_median']:,.0f} | {entry['on_median']:,.0f} | {entry['ratio']:.3f} | {rounds} |"
         )
+    print(
+        f"in process, batch {steps['batch']}: a step {steps['step_ms']:.2f} ms, a sampled step "
+        f"{steps['sampled_step_ms']:.2f} ms; at rate {rate}: {100 * steps['cost_at_default_rate']:.2f}% of the time"
+    )
     print(f"wrote {args.out}")
     return 0
 
