@@ -156,8 +156,8 @@ def test_a_routed_request_whose_patterns_left_before_its_lease_is_answered(serve
     resolver = runtime.resolver
     route, removed = resolver.route, []
 
-    def route_then_remove(query: str):
-        choice = route(query)
+    def route_then_remove(query: str, **options):
+        choice = route(query, **options)
         for name in choice.patterns:  # another process removes what was chosen, before the lease
             PatternStore(store_dir).remove(name)
             removed.append(name)
