@@ -30,7 +30,7 @@ from server.model.checkpoint import model_identity
 from server.model.pruning import keep_count
 from server.model.variant import VariantBuilder
 from server.model_info import ModelInfo
-from server.patterns import CalibrationText, PatternRecipe, make_pattern
+from server.patterns import CalibrationText, PatternRecipe, answered_by_full_model, make_pattern
 from server.resolver import Choice
 from server.routing import UNION_SEPARATOR
 
@@ -93,15 +93,25 @@ class PatternAdmin:
     # -- changing --------------------------------------------------------------------------------------
 
     def create(
-        self, name: str, texts: Sequence[CalibrationText], examples: Sequence[str], recipe: PatternRecipe, replace: bool
+        self,
+        name: str,
+        texts: Sequence[CalibrationText],
+        examples: Sequence[str],
+        recipe: PatternRecipe,
+        replace: bool,
+        answer: bool = False,
     ) -> Job:
         """Start calibrating a pattern; it is routable as soon as the job succeeds. Everything that can be
-        checked is checked first, so that a 202 means the job can run."""
+        checked is checked first, so that a 202 means the job can run. `answer`: the full model answers the
+        prompts first (recorded traffic comes without answers), which needs the whole model beside the pool."""
         self._check_new_name(name)
         self._check_calibration_input(texts, examples, recipe)
+        if answer:
+            self._check_whole_model_fits(answering=True)
         if name in self.store and not replace:
             raise PatternExists(f"pattern {name!r} exists; send replace=true to recalibrate it")
-        stages = ["statistics", *(["layer-local refinement"] if recipe.refine != "none" else [])]
+        stages = ["answers"] if answer else []
+        stages += ["statistics", *(["layer-local refinement"] if recipe.refine != "none" else [])]
         stages += ["answer-loss refinement"] if recipe.refine == "e2e" else []
 
         def calibrate(progress: Any) -> dict[str, Any]:
@@ -111,11 +121,16 @@ class PatternAdmin:
                 progress((stages.index(stage) + min(share, 1.0)) / len(stages) if stage in stages else 0.0)
 
             with self._calibrating:
+                calibration = texts
+                if answer:
+                    prompts = [text.prompt for text in texts]
+                    calibration = answered_by_full_model(self.builder, self.info.tokenizer, prompts)
+                    staged("answers", 1, 1)
                 pattern, _ = make_pattern(
                     name,
                     self.builder,
                     self.info.tokenizer,
-                    texts,
+                    calibration,
                     recipe,
                     examples,
                     self.embedder,
@@ -235,9 +250,17 @@ class PatternAdmin:
         except ValueError as error:
             raise InvalidRequest(f"{param}: {error}", param=param) from None
 
-    def _check_whole_model_fits(self) -> None:
-        """The answer-loss refinement holds the whole model beside what serves: only when it fits."""
+    def _check_whole_model_fits(self, answering: bool = False) -> None:
+        """The answer-loss refinement (or answering prompts with the full model) holds the whole model beside
+        what serves: only when it fits."""
         whole = self.builder.variant_bytes(None)
+        if whole > self.config.cache_budget and answering:
+            raise InvalidRequest(
+                f"answering the suggestion's prompts holds the whole model ({whole / 2**30:.2f} GiB of experts) in "
+                f"this server's memory, more than its cache budget ({self.config.cache_budget / 2**30:.2f} GiB); "
+                "run 'taskmoe patterns suggest --calibrate NAME' where the model fits and import the pattern",
+                param="name",
+            )
         if whole > self.config.cache_budget:
             raise InvalidRequest(
                 f"refine 'e2e' holds the whole model ({whole / 2**30:.2f} GiB of experts) in this server's memory, "

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 import stat
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -79,7 +80,8 @@ def _held_out_store(tmp_path: Path, *left_out: str) -> Path:
 @pytest.mark.slow
 def test_fallback_traffic_is_recorded_suggested_and_calibrated_into_a_pattern(tmp_path, capsys) -> None:
     """The demo store without `upper`: its queries fall back, are recorded within the bound, form one pure
-    suggestion, and `patterns suggest --calibrate` makes a pattern that routing then sends them to."""
+    suggestion, and the admin job and `patterns suggest --calibrate` make patterns that routing then sends
+    them to."""
     store_dir = _held_out_store(tmp_path, "upper")
     assert main(["patterns", "suggest", "--store", str(store_dir)]) == 2
     assert "--record-fallback" in capsys.readouterr().err  # nothing recorded: how to turn it on
@@ -106,6 +108,18 @@ def test_fallback_traffic_is_recorded_suggested_and_calibrated_into_a_pattern(tm
             list(pool.map(ask, [e.prompt for e in get_task("upper").examples(30, 92)]))
         assert httpx.get(f"{server.url}/admin/fallback-record", headers=headers).json()["queries"] == 40
         suggestions = httpx.get(f"{server.url}/admin/suggestions", headers=headers).json()["data"]
+        calibrate = f"{server.url}/admin/suggestions/{{}}/calibrate"
+        missing = httpx.post(calibrate.format(99), headers=headers, json={"name": "nope"})
+        assert missing.status_code == 404 and missing.json()["error"]["code"] == "suggestion_not_found"
+        job = httpx.post(calibrate.format(0), headers=headers, json={"name": "upper-job"}).json()
+        for _ in range(600):  # the admin job: the full model answers the prompts, then the usual recipe
+            job = httpx.get(f"{server.url}/admin/jobs/{job['id']}", headers=headers).json()
+            if job["status"] in ("succeeded", "failed"):
+                break
+            time.sleep(0.1)
+        assert job["status"] == "succeeded", job
+        assert "upper-job" in PatternStore(store_dir).names()
+        assert httpx.delete(f"{server.url}/admin/patterns/upper-job", headers=headers).status_code == 200
         assert suggestions[0]["size"] >= 20 and suggestions[0]["covered_by"] is None
         assert all(
             "uppercase" in e.lower() or "capital" in e.lower() or "upper" in e.lower()

@@ -9,7 +9,7 @@ from starlette.concurrency import run_in_threadpool
 
 from pattern_store.suggest import MIN_SIZE
 from server.api.auth import require_admin_key, runtime_of
-from server.api.schemas import CalibrationPrompt, RegisterPatternRequest
+from server.api.schemas import CalibrateSuggestionRequest, CalibrationPrompt, RegisterPatternRequest
 from server.errors import APIError, InvalidRequest, shown
 from server.patterns import CalibrationText, PatternRecipe, RecipeError
 
@@ -102,6 +102,30 @@ async def clear_fallback_record(request: Request) -> dict[str, Any]:
     """Forget every recorded query (the file in the store directory too)."""
     cleared = await run_in_threadpool(runtime_of(request).recorded().clear)
     return {"object": "fallback_record", "cleared": cleared}
+
+
+@router.post("/suggestions/{cluster}/calibrate", status_code=202)
+async def calibrate_suggestion(cluster: int, body: CalibrateSuggestionRequest, request: Request) -> dict[str, Any]:
+    """Calibrate suggestion `cluster` into a pattern: the full model answers its recorded prompts, then
+    the usual recipe; poll the returned job. The store's routing picks the pattern up when the job ends."""
+    runtime = runtime_of(request)
+    suggestions = await run_in_threadpool(runtime.suggestions, body.min_size)
+    chosen = next((s for s in suggestions if s.cluster == cluster), None)
+    if chosen is None:
+        raise APIError(404, f"no suggestion {cluster}: there are {len(suggestions)}", code="suggestion_not_found")
+    queries = runtime.recorded().queries()
+    prompts = [queries[i].text for i in chosen.members if queries[i].text is not None]
+    if not prompts:
+        raise APIError(
+            409, "the record keeps no text to calibrate on: start the server with --record-text", code="no_text"
+        )
+    try:
+        recipe = PatternRecipe.for_model(runtime.info.kind == "moe")
+    except RecipeError as error:
+        raise InvalidRequest(str(error), param=error.param) from None
+    texts = [CalibrationText(prompt, None) for prompt in prompts]
+    job = await run_in_threadpool(runtime.patterns.create, body.name, texts, prompts, recipe, body.replace, True)
+    return job.to_json()
 
 
 @router.get("/suggestions")

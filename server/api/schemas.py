@@ -262,3 +262,13 @@ class RegisterPatternRequest(BaseModel):
     sparsity: float = Field(default=0.2, ge=0, lt=1)
     threshold: float = Field(default=0.0, ge=0, lt=1)
     replace: bool = False
+
+
+class CalibrateSuggestionRequest(BaseModel):
+    """`POST /admin/suggestions/{cluster}/calibrate`: the new pattern's name, as the suggestions were listed."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    replace: bool = Field(default=False, description="overwrite a pattern of that name")
+    min_size: int = Field(default=5, ge=2, le=10_000, description="as in GET /admin/suggestions?min_size=")
