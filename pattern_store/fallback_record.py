@@ -58,7 +58,8 @@ class FallbackRecord:
         self._queries: deque[RecordedQuery] = deque(read_record(self.path), maxlen=limit)
         if not keep_text:  # text recorded by an earlier run with --record-text is dropped, not kept
             self._queries = deque((_without_text(q) for q in self._queries), maxlen=limit)
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the queries: `add` holds it only to append
+        self._writing = threading.Lock()  # the file: one write (or clear) at a time
         self._changed = False
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -107,7 +108,7 @@ class FallbackRecord:
 
     def clear(self) -> int:
         """Forget every recorded query, on disk too; how many there were."""
-        with self._lock:
+        with self._writing, self._lock:
             count = len(self._queries)
             self._queries.clear()
             self._changed = False
@@ -115,13 +116,15 @@ class FallbackRecord:
         return count
 
     def flush(self) -> None:
-        """Write the record if it changed since the last write."""
-        with self._lock:
-            if not self._changed:
-                return
-            queries = list(self._queries)
-            self._changed = False
-            write_record(self.path, queries)  # under the lock: a `clear` never races a write
+        """Write the record if it changed since the last write. Requests go on recording meanwhile: the
+        write holds the file's lock, not the queries'."""
+        with self._writing:
+            with self._lock:
+                if not self._changed:
+                    return
+                queries = list(self._queries)
+                self._changed = False
+            write_record(self.path, queries)
 
     def summary(self) -> dict[str, object]:
         queries = self.queries()

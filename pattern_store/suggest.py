@@ -47,6 +47,10 @@ class Suggestion:
     covered_by: str | None
     members: list[int]
 
+    def prompts(self, queries: Sequence[RecordedQuery]) -> list[str]:
+        """The recorded text of its queries (`queries`: the record it was suggested from), where kept."""
+        return [queries[i].text for i in self.members if queries[i].text is not None]
+
     def to_json(self, members: bool = False) -> dict[str, Any]:
         found = asdict(self)
         if not members:

@@ -123,7 +123,7 @@ def leave_out(kind: str, task: str, split: int, count: int, embedder: Any, dista
     from server.route_features import FeatureWeights
 
     weights = FeatureWeights()
-    width = weights.content_buckets + weights.form_buckets
+    width = weights.ngram_buckets
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         store = benchmark_store(root, task, embedder) if kind == "benchmark" else demo_store(root, task)
@@ -153,13 +153,13 @@ def calibrate_from_suggestion(task: str, count: int, embedder: Any, merge: float
         root = Path(tmp)
         store = demo_store(root, task)
         kept, tasks = record(store, embedder, demo_queries(REPORT_SPLIT, count), root)
-        suggestions = suggest(kept.queries(), store, weights.content_buckets + weights.form_buckets,
+        suggestions = suggest(kept.queries(), store, weights.ngram_buckets,
                               weights.topic, distance=merge)  # fmt: skip
         verdict = judge(suggestions, tasks, task)
         if verdict["cluster"] is None:
             return verdict | {"calibrated": False}
         chosen = next(s for s in suggestions if s.cluster == verdict["cluster"])
-        prompts = [kept.queries()[i].text for i in chosen.members]
+        prompts = chosen.prompts(kept.queries())
         builder = VariantBuilder(model_dir, device="cpu", dtype="float32")
         tokenizer = load_tokenizer(model_dir)
         recipe = PatternRecipe.for_model(True)

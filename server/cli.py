@@ -299,7 +299,7 @@ def _suggest(args: argparse.Namespace) -> int:
             "--record-text to keep their prompts, which calibrating from a suggestion needs)"
         )
     weights = FeatureWeights()
-    found = suggest(queries, store, weights.content_buckets + weights.form_buckets, weights.topic, args.min_size)
+    found = suggest(queries, store, weights.ngram_buckets, weights.topic, args.min_size)
     if args.calibrate:
         return _calibrate_suggestion(args, found, queries)
     if args.json:
@@ -332,7 +332,7 @@ def _calibrate_suggestion(args: argparse.Namespace, found: list, queries: list) 
         raise CliError(f"no suggestion {args.cluster}: there are {len(found)} (0 to {len(found) - 1})")
     if chosen.covered_by:
         print(f"note: suggestion {chosen.cluster} sits on pattern {chosen.covered_by!r}'s examples", file=sys.stderr)
-    prompts = [queries[i].text for i in chosen.members if queries[i].text is not None]
+    prompts = chosen.prompts(queries)
     if not prompts:
         raise CliError("the record keeps no text: calibrating needs the prompts (serve with --record-text)")
     from server.model.variant import VariantBuilder

@@ -44,6 +44,11 @@ class FeatureWeights:
         if min(weights) < 0 or abs(sum(weights) - 1.0) > 1e-6:
             raise ValueError(f"feature weights must be >= 0 and sum to 1, got {weights}")
 
+    @property
+    def ngram_buckets(self) -> int:
+        """The width of the n-gram blocks (content, then form) of a feature vector."""
+        return self.content_buckets + self.form_buckets
+
 
 def _ends(text: str, chars: int) -> str:
     """The first and last `chars` characters (the whole text when it is short), digits folded to 0."""
@@ -83,7 +88,7 @@ class RouteFeatures:
         them: what routing reads of a text before (and whether) it is embedded."""
         w = self.weights
         if not texts:
-            return torch.zeros(0, w.content_buckets + w.form_buckets)
+            return torch.zeros(0, w.ngram_buckets)
         content = torch.from_numpy(self._content.transform(texts).toarray())
         form = torch.from_numpy(self._form.transform(texts).toarray())
         return torch.cat([content * w.content**0.5, form * w.form**0.5], dim=1)
@@ -94,7 +99,7 @@ class RouteFeatures:
         """`ngrams`: the texts' `ngrams`, when already known."""
         embeddings = torch.as_tensor(np.asarray(embeddings, dtype=np.float32)).reshape(len(texts), -1)
         if not texts:
-            return torch.zeros(0, embeddings.shape[1] + self.weights.content_buckets + self.weights.form_buckets)
+            return torch.zeros(0, embeddings.shape[1] + self.weights.ngram_buckets)
         ngrams = self.ngrams(texts) if ngrams is None else ngrams
         topic = torch.nn.functional.normalize(embeddings, dim=1)
         return torch.cat([topic * self.weights.topic**0.5, ngrams], dim=1)

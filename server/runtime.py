@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from pattern_store.embedder import Embedder
-from pattern_store.fallback_record import FallbackRecord
+from pattern_store.fallback_record import FallbackRecord, RecordedQuery
 from pattern_store.store import PatternStore
 from pattern_store.suggest import MIN_SIZE, Suggestion, suggest
 from server.completions import Completions
@@ -123,11 +123,12 @@ class Runtime:
             )
         return self.fallback_record
 
-    def suggestions(self, min_size: int = MIN_SIZE) -> list[Suggestion]:
-        """Candidate tasks in the recorded fallback traffic (`pattern_store.suggest`)."""
+    def suggestions(self, min_size: int = MIN_SIZE) -> tuple[list[RecordedQuery], list[Suggestion]]:
+        """Candidate tasks in the recorded fallback traffic (`pattern_store.suggest`), with the snapshot of
+        the record they index (the record goes on changing)."""
         weights = self.router.features.weights
-        width = weights.content_buckets + weights.form_buckets
-        return suggest(self.recorded().queries(), self.store, width, weights.topic, min_size)
+        queries = self.recorded().queries()
+        return queries, suggest(queries, self.store, weights.ngram_buckets, weights.topic, min_size)
 
     def store_report(self) -> dict[str, Any]:
         """`GET /admin/store`: the store as this server last read it: its patterns, the files it skipped and

@@ -109,12 +109,11 @@ async def calibrate_suggestion(cluster: int, body: CalibrateSuggestionRequest, r
     """Calibrate suggestion `cluster` into a pattern: the full model answers its recorded prompts, then
     the usual recipe; poll the returned job. The store's routing picks the pattern up when the job ends."""
     runtime = runtime_of(request)
-    suggestions = await run_in_threadpool(runtime.suggestions, body.min_size)
+    queries, suggestions = await run_in_threadpool(runtime.suggestions, body.min_size)
     chosen = next((s for s in suggestions if s.cluster == cluster), None)
     if chosen is None:
         raise APIError(404, f"no suggestion {cluster}: there are {len(suggestions)}", code="suggestion_not_found")
-    queries = runtime.recorded().queries()
-    prompts = [queries[i].text for i in chosen.members if queries[i].text is not None]
+    prompts = chosen.prompts(queries)
     if not prompts:
         raise APIError(
             409, "the record keeps no text to calibrate on: start the server with --record-text", code="no_text"
@@ -131,7 +130,7 @@ async def calibrate_suggestion(cluster: int, body: CalibrateSuggestionRequest, r
 @router.get("/suggestions")
 async def list_suggestions(request: Request, min_size: int = Query(MIN_SIZE, ge=2, le=10_000)) -> dict[str, Any]:
     """Candidate tasks: clusters of the recorded fallback queries, with the nearest stored pattern."""
-    suggestions = await run_in_threadpool(runtime_of(request).suggestions, min_size)
+    _, suggestions = await run_in_threadpool(runtime_of(request).suggestions, min_size)
     return {"object": "list", "data": [suggestion.to_json() for suggestion in suggestions]}
 
 

@@ -112,16 +112,10 @@ class CoverageMeter:
 
     def finish(self, sample: CoverageSample) -> None:
         """Fold a sample's passes into their rows' patterns (reads the figures back from the device)."""
-        touched: dict[str, PatternCoverage] = {}
         for recorded in sample.passes:
-            touched |= self._fold(sample, recorded)
-        if self.listener is not None:
-            for entry in touched.values():
-                self.listener(entry)
+            self._fold(sample, recorded)
 
-    def _fold(
-        self, sample: CoverageSample, recorded: dict[int, tuple[torch.Tensor, torch.Tensor]]
-    ) -> dict[str, PatternCoverage]:
+    def _fold(self, sample: CoverageSample, recorded: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> None:
         layers = sorted(recorded)
         rows = len(sample.routes)
         mass = torch.stack([recorded[layer][0] for layer in layers]).reshape(len(layers), rows, -1)
@@ -133,7 +127,7 @@ class CoverageMeter:
         row_top1 = (top1 * valid).sum(-1).cpu()
         tokens = valid.sum(-1).cpu().tolist()
         touched: dict[str, PatternCoverage] = {}
-        with self._lock:
+        with self._lock:  # the listener too: it reads entries that other threads' passes change
             for row, route in enumerate(sample.routes):
                 if not route.kept or tokens[row] == 0:
                     continue  # the full model covers itself
@@ -147,7 +141,9 @@ class CoverageMeter:
                     entry.recent.append(float(row_mass[:, row].sum()) / len(layers))
                     self._judge(entry)
                 touched[entry.label] = entry
-        return touched
+            if self.listener is not None:
+                for entry in touched.values():
+                    self.listener(entry)
 
     def report(self, label: str) -> dict[str, Any] | None:
         """The live coverage of the pattern (or union) `label`; None before any of its tokens was sampled."""
