@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tables_core import core_cpu, gpu_check
-from tables_coverage import coverage
+from tables_coverage import coverage, coverage_summary
 from tables_models import demo_models, supported_models, unsupported_models
 from tables_pruning import (
     ANSWER_LOSS,
@@ -134,6 +134,7 @@ SECTIONS: dict[str, Section] = {
     "flags": Section(flags),
     "suggestions": Section(suggestions, ("suggest.json",)),
     "coverage": Section(coverage, ("coverage.json",)),
+    "coverage-summary": Section(coverage_summary, ("coverage.json",)),
     "headline": Section(headline, ("pruning.json", "routing.json", "variants.json", "server.json"), footer=False),
     "demo-models": Section(demo_models),
     "supported-models": Section(supported_models),

@@ -69,3 +69,22 @@ def coverage(report: Report | None = None) -> str:
     )
     lines = [intro, "", *_auc(report), "", *_bands(report), "", *_flags(report)]
     return "\n".join(lines) + "\n"
+
+
+def coverage_summary(report: Report | None = None) -> str:
+    """The operator's page in a few sentences (`docs/watching-patterns.md`), from the same JSON."""
+    report = report if report is not None else load("coverage.json")
+    shown = report["report"]
+    chosen, bands = report["signal_chosen"], shown["bands"]
+    flags = shown["flags_at_shipped"]
+    return (
+        f"{SIGNAL_NAMES[chosen][0].upper()}{SIGNAL_NAMES[chosen][1:]} is the signal that best tells right answers "
+        f"from wrong ones across the cross-task matrix, with a ROC AUC of {shown['auc'][chosen]:.2f} (the "
+        f"coverage over every token, prompt included: {shown['auc']['mass']:.2f}). Accuracy rises with it: "
+        f"{100 * bands[0]['accuracy']:.0f}% of the answers are right below {bands[0]['high']:.1f}, "
+        f"{100 * bands[-2]['accuracy']:.0f}% from {bands[-2]['low']:.1f} to {bands[-2]['high']:.1f}. Replayed at "
+        f"the default rate ({report['rate']:.2f}) and tolerance ({report['shipped_tolerance']:.2f}), the flag "
+        f"caught a pattern serving another task's traffic within 200 requests in {flags['other_flagged_within_200']} "
+        f"of the {flags['other_pairs']} cross-task streams, and flagged "
+        f"{len(flags['own_flagged_within_2000']) or 'no'} pattern serving its own task in 2,000 requests.\n"
+    )
