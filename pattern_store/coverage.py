@@ -47,13 +47,38 @@ def gate_mass_sums(weights: torch.Tensor, experts: torch.Tensor, num_experts: in
 
 
 def calibrated_coverage(
-    mass: Mapping[int, torch.Tensor], top1: Mapping[int, torch.Tensor], tokens: int, kept: Mapping[int, Sequence[int]]
+    mass: Mapping[int, torch.Tensor],
+    top1: Mapping[int, torch.Tensor],
+    tokens: int,
+    kept: Mapping[int, Sequence[int]],
+    answers: tuple[Mapping[int, torch.Tensor], Mapping[int, torch.Tensor], int] | None = None,
 ) -> dict[str, object]:
     """The coverage of the kept experts on the calibration tokens, per sparse layer and overall (the mean
-    over the layers): what a pattern records, and what its live coverage is compared with. A layer the
-    selection does not name keeps every expert (coverage 1)."""
+    over the layers): what a pattern records. `answers`: the same sums over the answers' tokens only; when
+    they hold any, the record's `answers` entry gives their coverage, which is what a server's live
+    coverage of generated tokens is compared with (`reference_coverage`). A layer the selection does not
+    name keeps every expert (coverage 1)."""
     if tokens <= 0:
         raise ValueError("no calibration tokens to measure coverage on")
+    record = _coverage_of(mass, top1, tokens, kept)
+    if answers is not None and answers[2] > 0:
+        record["answers"] = _coverage_of(*answers, kept)
+    return record
+
+
+def reference_coverage(record: Mapping[str, object] | None) -> float | None:
+    """The calibrated figure live coverage is judged against: the answers' coverage when the pattern
+    recorded it (generated tokens are compared with answer tokens), else the coverage over every token."""
+    if not isinstance(record, Mapping):
+        return None
+    answers = record.get("answers")
+    value = answers.get("mass") if isinstance(answers, Mapping) else record.get("mass")
+    return float(value) if isinstance(value, int | float) else None
+
+
+def _coverage_of(
+    mass: Mapping[int, torch.Tensor], top1: Mapping[int, torch.Tensor], tokens: int, kept: Mapping[int, Sequence[int]]
+) -> dict[str, object]:
     layers: dict[str, dict[str, float]] = {}
     for layer in sorted(mass):
         experts = list(kept.get(layer, range(mass[layer].numel())))

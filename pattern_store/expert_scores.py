@@ -47,7 +47,7 @@ def output_sums(
     return per_expert(weighted), per_expert(norms.float().reshape(-1)), per_expert(weighted * token_change)
 
 
-SUMS = ("tcess", "logit", "frequency", "reap", "ean", "easy_ep", "mass", "top1")
+SUMS = ("tcess", "logit", "frequency", "reap", "ean", "easy_ep", "mass", "top1", "answer_mass", "answer_top1")
 """The per-expert running sums of `ExpertStatistics`."""
 
 
@@ -66,6 +66,9 @@ class ExpertStatistics:
     easy_ep: torch.Tensor = field(init=False)
     mass: torch.Tensor = field(init=False)  # per expert: its share of each token's top-k gate mass, summed
     top1: torch.Tensor = field(init=False)  # per expert: tokens whose heaviest choice it is
+    answer_mass: torch.Tensor = field(init=False)  # `mass` and `top1` over the answers' tokens only
+    answer_top1: torch.Tensor = field(init=False)
+    answer_tokens: int = 0
     has_outputs: bool = False
 
     def __post_init__(self) -> None:
@@ -74,12 +77,21 @@ class ExpertStatistics:
         for name in SUMS:
             setattr(self, name, torch.zeros(self.num_experts))
 
-    def update_weights(self, weights: torch.Tensor, top_index: torch.Tensor) -> None:
+    def update_weights(
+        self, weights: torch.Tensor, top_index: torch.Tensor, answer: torch.Tensor | None = None
+    ) -> None:
         """The same batch's gate weights [T, k] of the selections [T, k] (the routing the model applies):
-        the sums coverage is computed from (`pattern_store.coverage`)."""
+        the sums coverage is computed from (`pattern_store.coverage`). `answer` [T] marks the tokens of the
+        calibration answers, which also feed the answer sums: a served pattern's live coverage is measured on
+        the tokens it generates, and the prompt's tokens (the chat template's among them) cover differently."""
         mass, top1 = gate_mass_sums(weights, top_index, self.num_experts)
         self.mass += mass.cpu()
         self.top1 += top1.cpu()
+        if answer is not None and bool(answer.any()):
+            mass, top1 = gate_mass_sums(weights[answer], top_index[answer], self.num_experts)
+            self.answer_mass += mass.cpu()
+            self.answer_top1 += top1.cpu()
+            self.answer_tokens += int(answer.sum())
 
     def update(self, logits: torch.Tensor, gates: torch.Tensor, top_index: torch.Tensor) -> None:
         """One batch of tokens as the router saw it: logits and gating weights [T, E], selections [T, k]."""
@@ -104,6 +116,7 @@ class ExpertStatistics:
         for name in SUMS:
             setattr(merged, name, getattr(self, name) + getattr(other, name))
         merged.tokens = self.tokens + other.tokens
+        merged.answer_tokens = self.answer_tokens + other.answer_tokens
         merged.has_outputs = self.has_outputs and other.has_outputs
         return merged
 

@@ -58,7 +58,9 @@ def build_store(model_dir: Path, recipe: PatternRecipe, prompts_per_task: int, e
         texts = calibration_texts(task.name, prompts_per_task)
         prompts = [text.prompt for text in texts]
         calibration = calibration_set(tokenizer, texts, max_context(builder))
-        stats = collect_statistics(builder, calibration.token_ids, threshold=recipe.threshold)
+        stats = collect_statistics(
+            builder, calibration.token_ids, threshold=recipe.threshold, answer_starts=calibration.answer_starts
+        )
         pooled_stats = stats if pooled_stats is None else pooled_stats.merge(stats)
         pooled_ids += calibration.token_ids
         pooled_starts += calibration.answer_starts

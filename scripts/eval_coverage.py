@@ -15,11 +15,14 @@ several per-request signals separate right from wrong answers (ROC AUC over the 
 - `min_layer`: the lowest of the per-layer means;
 - `top1`: how often the full router's heaviest expert is kept;
 - `min_token_generated`: the worst generated token (its layers' mean); `top1_generated`, `min_layer_generated`:
-  `top1` and `min_layer` over the generated tokens.
+  `top1` and `min_layer` over the generated tokens;
+- `confidence`: not coverage, the served model's own confidence: the mean probability it gave the tokens it
+  generated (what the meter keeps for the requests it watches).
 
 Then, per pattern, accuracy by coverage band (where accuracy drops), and the meter's flag replayed on the
-recorded passes at the default sampling rate: requests until a pattern serving another task's traffic is
-flagged, and whether a pattern serving its own task is flagged within 2,000 requests. Signals and the
+recorded passes at the default sampling rate, against each pattern's calibrated reference (its answers'
+coverage, `reference_coverage`): requests until a pattern serving another task's traffic is flagged, and
+whether a pattern serving its own task is flagged within 2,000 requests. Signals and the
 tolerance are chosen on one prompt split (`--choose-seed`) and reported on another (`--report-seed`); the
 patterns were calibrated on neither.
 """
@@ -50,7 +53,10 @@ SIGNALS = (
     "mass_last_layer",
     "min_layer",
     "top1",
+    "confidence",
 )
+COVERAGE_SIGNAL = "mass_generated"
+"""The coverage signal the meter flags on (the recent mean over generated tokens)."""
 CHOOSE_SEED, REPORT_SEED = 4101, 4202  # prompt splits: neither is a calibration seed (7000) nor EVAL_SEED
 MAX_NEW_TOKENS = 24
 
@@ -97,15 +103,25 @@ def serve(pooled: Any, tokenizer: Any, route: Any, examples: Sequence[Any], patt
     for row, ids in enumerate(prompts):
         input_ids[row, width - len(ids) :], mask[row, width - len(ids) :] = torch.tensor(ids), 1
     with torch.inference_mode(), pooled.rows([route] * len(prompts)):
-        output = pooled.model.generate(
+        generated_output = pooled.model.generate(
             input_ids=input_ids,
             attention_mask=mask,
             max_new_tokens=MAX_NEW_TOKENS,
             do_sample=False,
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
+            output_scores=True,
+            return_dict_in_generate=True,
         )
     pooled.coverage = None
+    output = generated_output.sequences
+    probabilities = torch.stack(  # [rows, steps]: the probability the model gave each token it generated
+        [
+            torch.softmax(scores.float(), dim=-1).gather(1, output[:, width + step, None]).squeeze(1)
+            for step, scores in enumerate(generated_output.scores)
+        ],
+        dim=1,
+    )
     layers = sorted(recorder.passes[0])
     served = []
     for row, example in enumerate(examples):
@@ -149,6 +165,7 @@ def serve(pooled: Any, tokenizer: Any, route: Any, examples: Sequence[Any], patt
             "mass_last_layer": layer_means[layers[-1]],
             "min_layer": min(layer_means.values()),
             "top1": statistics.fmean(statistics.fmean(v) for v in per_layer_top1.values()),
+            "confidence": float(probabilities[row, : max(length, 1)].mean()),
         }
         right = get_task(example.task).score(example, answer)
         served.append(Served(pattern, example.task, bool(right), signals, passes))
@@ -192,8 +209,13 @@ def auc(served: Sequence[Served], signal: str) -> float | None:
     return float(roc_auc_score(labels, [value for value, _ in pairs]))
 
 
-def bands(served: Sequence[Served], signal: str, edges: Sequence[float] = (0.6, 0.7, 0.8, 0.9)) -> list[dict]:
-    """Accuracy per coverage band, over every request of the matrix."""
+BAND_EDGES = {"confidence": (0.9, 0.95, 0.98, 0.995)}
+"""Where a signal's bands part (default: 0.6, 0.7, 0.8, 0.9); the confidence of most answers is above 0.9."""
+
+
+def bands(served: Sequence[Served], signal: str) -> list[dict]:
+    """Accuracy per band of `signal`, over every request of the matrix."""
+    edges = BAND_EDGES.get(signal, (0.6, 0.7, 0.8, 0.9))
     found = []
     bounds = [0.0, *edges, 1.0000001]
     for low, high in itertools.pairwise(bounds):
@@ -271,34 +293,45 @@ def summarise(served: Sequence[Served]) -> dict[str, Any]:
     }
 
 
+AXIS_LABELS = {
+    COVERAGE_SIGNAL: "coverage of the generated tokens (per request)",
+    "confidence": "mean probability of the generated tokens (per request)",
+}
+
+
 def plot_bands(report: dict[str, Any], out: Path) -> None:
-    """Accuracy by coverage band of the report split, one bar per band, with the number of requests: the
-    picture of the operator's page (`docs/watching-patterns.md`)."""
+    """Accuracy by band of the report split, one bar per band with its number of requests: by coverage, and
+    by the served model's confidence when it was the chosen signal. The picture of the operator's page
+    (`docs/watching-patterns.md`)."""
     from matplotlib.figure import Figure
 
     from server.plots import save_figure
 
-    bands = report["report"]["bands"]
-    figure = Figure(figsize=(6.4, 3.4), layout="constrained")
-    ax = figure.subplots()
-    labels = [f"{band['low']:.1f}-{band['high']:.1f}" for band in bands]
-    accuracy = [100 * (band["accuracy"] or 0) for band in bands]
-    bars = ax.bar(labels, accuracy, color="#4c72b0")
-    for bar, band in zip(bars, bands, strict=True):
-        ax.text(
-            bar.get_x() + bar.get_width() / 2, bar.get_height() + 1, f"n={band['requests']}", ha="center", fontsize=8
-        )
-    ax.set_ylim(0, 105)
-    ax.set_ylabel("answers right (%)", fontsize=9)
-    ax.set_xlabel("coverage of the generated tokens (per request)", fontsize=9)
-    auc = report["report"]["auc"][report["signal_chosen"]]
-    ax.set_title(
-        f"{report['model']}: every task through every pattern (ROC AUC {auc:.2f})", fontsize=10, fontweight="bold"
-    )
+    shown = report["report"]
+    panels = [(COVERAGE_SIGNAL, shown.get("coverage_bands", shown["bands"]))]
+    if report["signal_chosen"] != COVERAGE_SIGNAL:
+        panels.append((report["signal_chosen"], shown["bands"]))
+    figure = Figure(figsize=(6.4 * len(panels), 3.4), layout="constrained")
+    axes = figure.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (signal, signal_bands) in zip(axes, panels, strict=True):
+        labels = [f"{band['low']:g}-{band['high']:g}" for band in signal_bands]
+        accuracy = [100 * (band["accuracy"] or 0) for band in signal_bands]
+        bars = ax.bar(labels, accuracy, color="#4c72b0")
+        for bar, band in zip(bars, signal_bands, strict=True):
+            ax.text(
+                bar.get_x() + bar.get_width() / 2, bar.get_height() + 1, f"n={band['requests']}", ha="center",
+                fontsize=8,
+            )  # fmt: skip
+        ax.set_ylim(0, 105)
+        ax.set_ylabel("answers right (%)", fontsize=9)
+        ax.set_xlabel(AXIS_LABELS.get(signal, signal), fontsize=9)
+        ax.set_title(f"ROC AUC {shown['auc'][signal]:.2f}", fontsize=10)
+    figure.suptitle(f"{report['model']}: every task through every pattern", fontsize=11, fontweight="bold")
     save_figure(figure, out)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from pattern_store.coverage import reference_coverage
     from pattern_store.store import PatternStore
     from server.config import ServerConfig
 
@@ -319,9 +352,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     store = PatternStore(args.model / "patterns")
     calibrated = {
-        name: store.get(name).parameters["coverage"]["mass"]
+        name: reference
         for name in store.names()
-        if "coverage" in store.get(name).parameters
+        if (reference := reference_coverage(store.get(name).parameters.get("coverage"))) is not None
     }
     rate = ServerConfig.model_fields["coverage_rate"].default
     shipped = ServerConfig.model_fields["coverage_tolerance"].default
@@ -343,6 +376,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal = max(SIGNALS, key=lambda name: report["choose"]["auc"][name] or 0.0)
     report["signal_chosen"] = signal
     report["report"]["bands"] = bands(splits["report"], signal)
+    report["report"]["coverage_bands"] = bands(splits["report"], COVERAGE_SIGNAL)
     report["measured"] = measured()
     args.out.write_text(json.dumps(report, indent=1) + "\n")
     plot_bands(report, args.picture)

@@ -14,6 +14,7 @@ SIGNAL_NAMES = {
     "mass_last_layer": "coverage at the last sparse layer",
     "min_layer": "the worst layer's coverage",
     "top1": "top-1 kept, every token and layer",
+    "confidence": "not coverage: the served model's mean probability of the tokens it generated",
 }
 
 
@@ -34,11 +35,11 @@ def _auc(report: Report) -> list[str]:
     return lines
 
 
-def _bands(report: Report) -> list[str]:
-    lines = [f"| {SIGNAL_NAMES[report['signal_chosen']]} | requests | right |", "|---|---|---|"]
-    for band in report["report"]["bands"]:
+def _bands(signal: str, bands: list[dict]) -> list[str]:
+    lines = [f"| {SIGNAL_NAMES[signal]} | requests | right |", "|---|---|---|"]
+    for band in bands:
         right = "" if band["accuracy"] is None else f"{100 * band['accuracy']:.0f}%"
-        lines.append(f"| {band['low']:.1f} to {band['high']:.1f} | {band['requests']} | {right} |")
+        lines.append(f"| {band['low']:g} to {band['high']:g} | {band['requests']} | {right} |")
     return lines
 
 
@@ -67,7 +68,11 @@ def coverage(report: Report | None = None) -> str:
         f"right in the report split); every forward pass sampled. The meter samples {report['rate']:.0%} of the "
         "passes when the flag is replayed."
     )
-    lines = [intro, "", *_auc(report), "", *_bands(report), "", *_flags(report)]
+    shown = report["report"]
+    lines = [intro, "", *_auc(report), "", *_bands("mass_generated", shown["coverage_bands"]), ""]
+    if report["signal_chosen"] != "mass_generated":
+        lines += [*_bands(report["signal_chosen"], shown["bands"]), ""]
+    lines += _flags(report)
     return "\n".join(lines) + "\n"
 
 
@@ -75,16 +80,18 @@ def coverage_summary(report: Report | None = None) -> str:
     """The operator's page in a few sentences (`docs/watching-patterns.md`), from the same JSON."""
     report = report if report is not None else load("coverage.json")
     shown = report["report"]
-    chosen, bands = report["signal_chosen"], shown["bands"]
+    auc, covered, confident = shown["auc"], shown["coverage_bands"], shown["bands"]
     flags = shown["flags_at_shipped"]
     return (
-        f"{SIGNAL_NAMES[chosen][0].upper()}{SIGNAL_NAMES[chosen][1:]} is the signal that best tells right answers "
-        f"from wrong ones across the cross-task matrix, with a ROC AUC of {shown['auc'][chosen]:.2f} (the "
-        f"coverage over every token, prompt included: {shown['auc']['mass']:.2f}). Accuracy rises with it: "
-        f"{100 * bands[0]['accuracy']:.0f}% of the answers are right below {bands[0]['high']:.1f}, "
-        f"{100 * bands[-2]['accuracy']:.0f}% from {bands[-2]['low']:.1f} to {bands[-2]['high']:.1f}. Replayed at "
-        f"the default rate ({report['rate']:.2f}) and tolerance ({report['shipped_tolerance']:.2f}), the flag "
-        f"caught a pattern serving another task's traffic within 200 requests in {flags['other_flagged_within_200']} "
-        f"of the {flags['other_pairs']} cross-task streams, and flagged "
+        f"Coverage of the generated tokens tells right answers from wrong ones across the cross-task matrix with "
+        f"a ROC AUC of {auc['mass_generated']:.2f} (over every token, prompt included: {auc['mass']:.2f}): "
+        f"{100 * covered[0]['accuracy']:.0f}% of the answers are right below {covered[0]['high']:g}, "
+        f"{100 * covered[-1]['accuracy']:.0f}% from {covered[-1]['low']:g}. The served model's own confidence, "
+        f"the mean probability it gave the tokens it generated, tells them apart better, with "
+        f"{auc['confidence']:.2f}: {100 * confident[0]['accuracy']:.0f}% right below {confident[0]['high']:g}, "
+        f"{100 * confident[-1]['accuracy']:.0f}% from {confident[-1]['low']:g}. Replayed at the default rate "
+        f"({report['rate']:.2f}) and tolerance ({report['shipped_tolerance']:.2f}), against each pattern's "
+        f"answers' coverage, the flag caught a pattern serving another task's traffic within 200 requests in "
+        f"{flags['other_flagged_within_200']} of the {flags['other_pairs']} cross-task streams, and flagged "
         f"{len(flags['own_flagged_within_2000']) or 'no'} pattern serving its own task in 2,000 requests.\n"
     )

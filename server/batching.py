@@ -31,6 +31,7 @@ from transformers import Cache, PreTrainedModel
 from server.decoding_rows import DecodingRows, left_padded
 from server.engine import Delta, Generation
 from server.model.cache_rows import select_rows
+from server.model.coverage_meter import AnswerConfidence, CoverageMeter
 from server.model.kv_cache import cache_argument, new_cache
 from server.model.pooled import PooledModel, RowRoute
 from server.static_rows import StaticRows, static_decodable
@@ -54,11 +55,16 @@ class _Request:
     step: int = 0
     done: threading.Event = field(default_factory=threading.Event)
     error: BaseException | None = None
+    meter: CoverageMeter | None = None  # the pool's meter, when this request is watched
+    confidence: AnswerConfidence | None = None  # its generated tokens' probabilities, when watched
 
     def finish(self, error: BaseException | None = None) -> None:
         """Hand the generation (or `error`) back to the caller waiting in `BatchedDecoder.run`."""
         if not self.done.is_set():
             self.error = error
+            watched = error is None and not self.generation.cancelled
+            if watched and self.meter is not None and self.confidence is not None:
+                self.meter.finish_watch(self.route, self.confidence)
             self.done.set()
 
     def cancelled(self) -> bool:
@@ -73,6 +79,8 @@ class _Request:
         """Sample each choice's next token from its row of `logits` [n, vocab] and stream the deltas; the
         tokens, or None when that finishes the request."""
         tokens = self.generation.sample(logits, self.generator)
+        if self.confidence is not None:
+            self.confidence.add(logits, tokens)
         for delta in self.generation.accept(tokens, self.step):
             if self.emit is not None:
                 self.emit(delta)
@@ -147,6 +155,9 @@ class BatchedDecoder:
         if (route is None) != (self.pooled is None):
             raise ValueError("a pooled model's requests need a route, and only those")
         request = _Request(generation, emit, route)
+        meter = self.pooled.coverage if self.pooled is not None else None
+        if meter is not None:
+            request.meter, request.confidence = meter, meter.watch(route)
         with self._work:
             self._pending.append(request)
             self._work.notify()

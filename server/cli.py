@@ -268,10 +268,13 @@ def _record_coverage(args: argparse.Namespace) -> int:
                 print(f"{name}: skipped ({'dense channels' if pattern.kind != 'moe_experts' else 'no examples'})")
                 continue
             pattern.check_model(model_fingerprint(builder.model_dir), model_identity(builder.model_dir))
-            coverage = measure_coverage(pattern, builder, tokenizer, texts)
+            coverage = measure_coverage(pattern, builder, tokenizer, texts, answer=args.answer)
             pattern.parameters["coverage"] = coverage
             store.add(pattern, replace=True)
             figures = f"{coverage['mass']:.3f} (top-1 {coverage['top1']:.3f}) on {coverage['tokens']} tokens"
+            answers = coverage.get("answers")
+            if answers:
+                figures += f"; answers {answers['mass']:.3f} on {answers['tokens']} tokens"
             print(f"{name}: coverage {figures}")
     except KeyError as error:
         raise CliError(str(error.args[0])) from None
@@ -625,6 +628,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     patterns.add_argument(
         "--prompts", help="coverage: JSONL calibration prompts to measure on (default: each pattern's examples)"
+    )
+    patterns.add_argument(
+        "--answer",
+        action="store_true",
+        help="coverage: the full model answers the prompts that come without a response, so that the answers' "
+        "coverage (what live coverage is judged against) is recorded too; the whole model must fit in memory",
     )
     patterns.add_argument("--store", required=True, help="pattern store directory")
     patterns.add_argument("--json", action="store_true", help="list: one JSON array")

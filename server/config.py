@@ -203,13 +203,15 @@ class ServerConfig(BaseSettings):
         ge=0,
         le=1,
         description="share of the expert pool's forward passes that also run the full routers, to measure each "
-        "pattern's live coverage (the full router's gate mass on its kept experts); 0: off, nothing extra runs",
+        "pattern's live coverage (the full router's gate mass on its kept experts), and of its requests whose "
+        "generated tokens' probabilities are averaged (its confidence); 0: off, nothing extra runs",
     )
     coverage_tolerance: float = Field(
         0.05,
         gt=0,
         le=1,
-        description="flag a pattern whose recent live coverage is this far below its calibrated coverage",
+        description="flag a pattern whose recent live coverage is this far below its calibrated coverage (of "
+        "its answers' tokens, when it recorded them)",
     )
     record_fallback: int = Field(
         0,

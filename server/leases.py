@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from pattern_store.coverage import reference_coverage
 from pattern_store.pattern import PatternError, model_mismatch
 from pattern_store.selection import Selection, SelectionError, union
 from pattern_store.store import PatternStore
@@ -155,13 +156,11 @@ class PatternSelections:
         return document
 
     def calibrated_coverage(self, choice: Choice) -> float | None:
-        """The coverage a single pattern recorded at calibration (None for unions, the full model, and
-        patterns calibrated before it was recorded)."""
+        """The coverage a single pattern recorded at calibration, on its answers' tokens when it recorded
+        them (None for unions, the full model, and patterns calibrated before it was recorded)."""
         if len(choice.patterns) != 1:
             return None
-        coverage = (self._document(choice.patterns[0]).get("parameters") or {}).get("coverage")
-        mass = coverage.get("mass") if isinstance(coverage, dict) else None
-        return float(mass) if isinstance(mass, (int, float)) else None
+        return reference_coverage((self._document(choice.patterns[0]).get("parameters") or {}).get("coverage"))
 
     def of(self, choice: Choice) -> tuple[VariantKey, Callable[[], Selection | None]]:
         """The revision key of `choice` and a function that parses its (union) selection once."""

@@ -155,6 +155,13 @@ class Metrics:
             ["pattern"],
             registry=r,
         )
+        self.confidence = Gauge(
+            "taskmoe_pattern_confidence",
+            "Mean probability the served pattern gave the tokens it generated, over its last watched requests "
+            "(it tells right answers from wrong better than coverage does)",
+            ["pattern"],
+            registry=r,
+        )
 
     def coverage_listener(self) -> Callable[[PatternCoverage], None]:
         def updated(entry: PatternCoverage) -> None:
@@ -165,6 +172,8 @@ class Metrics:
             self.coverage_low.labels(entry.label).set(1.0 if entry.flagged else 0.0)
             if entry.calibrated is not None:
                 self.coverage_calibrated.labels(entry.label).set(entry.calibrated)
+            if report["recent_confidence"] is not None:
+                self.confidence.labels(entry.label).set(report["recent_confidence"])
 
         return updated
 

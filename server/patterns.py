@@ -381,11 +381,18 @@ def _refine_by_answer_loss(
 def pattern_coverage(stats: CalibrationStatistics, selection: Selection) -> dict[str, Any]:
     """The kept experts' coverage of the full router's choices on the calibration tokens (`coverage`)."""
     layers = stats.router
+    first = next(iter(layers.values()), None)
+    answers = (
+        {layer: s.answer_mass for layer, s in layers.items()},
+        {layer: s.answer_top1 for layer, s in layers.items()},
+        first.answer_tokens if first is not None else 0,
+    )
     return calibrated_coverage(
         {layer: s.mass for layer, s in layers.items()},
         {layer: s.top1 for layer, s in layers.items()},
-        next(iter(layers.values())).tokens if layers else 0,
+        first.tokens if first is not None else 0,
         dict(selection.layers),
+        answers,
     )
 
 
@@ -443,6 +450,7 @@ def make_pattern(
         calibration.token_ids,
         threshold=recipe.threshold,
         progress=_stage(progress, "statistics", builder.config.num_hidden_layers),
+        answer_starts=calibration.answer_starts,
     )
     pattern = pattern_from_statistics(
         name, builder, stats, recipe, examples, embedder, fingerprint, calibration, progress
@@ -456,16 +464,25 @@ def measure_coverage(
     tokenizer: PreTrainedTokenizerBase,
     texts: Sequence[CalibrationText] | None = None,
     progress: Callable[[int], None] | None = None,
+    answer: bool = False,
 ) -> dict[str, Any]:
     """The coverage of a stored MoE pattern's kept experts on `texts` (default: its example prompts), run
-    through the full model: what calibration records now, for patterns made before it did."""
+    through the full model: what calibration records now, for patterns made before it did. Texts with a
+    response also give the answers' coverage; `answer`: the full model answers those without one first
+    (the whole model in memory), so that every text gives it."""
     if pattern.kind != "moe_experts":
         raise ValueError(f"pattern {pattern.name!r} keeps dense channels: coverage is a MoE pattern's figure")
     texts = list(texts) if texts is not None else [CalibrationText(example, None) for example in pattern.examples]
     if not texts:
         raise ValueError(f"pattern {pattern.name!r} has no example prompts: give prompts to measure on")
+    unanswered = [text.prompt for text in texts if text.response is None]
+    if answer and unanswered:
+        answered = iter(answered_by_full_model(builder, tokenizer, unanswered))
+        texts = [next(answered) if text.response is None else text for text in texts]
     calibration = calibration_set(tokenizer, texts, max_context(builder))
-    stats = collect_statistics(builder, calibration.token_ids, progress=progress)
+    stats = collect_statistics(
+        builder, calibration.token_ids, progress=progress, answer_starts=calibration.answer_starts
+    )
     return pattern_coverage(stats, pattern.selection)
 
 

@@ -16,10 +16,12 @@ import pytest
 import torch
 
 from demo.tasks import get_task
-from pattern_store.coverage import calibrated_coverage, gate_mass_sums, token_coverage
+from pattern_store.coverage import calibrated_coverage, gate_mass_sums, reference_coverage, token_coverage
 from pattern_store.selection import Selection
+from server.batching import BatchedDecoder
 from server.cli import main
 from server.config import ServerConfig
+from server.engine import Generation, SamplingParams
 from server.model.calibrate import collect_statistics
 from server.model.coverage_meter import CoverageMeter, CoverageSample
 from server.model.pooled import PooledModel, RowRoute
@@ -32,6 +34,11 @@ from server_harness import copy_demo_store, running_server
 from tiny_models import moe_configs, save_random_model
 
 KEPT = {"a": (0, 1, 2), "b": (3, 4, 5, 6)}
+
+
+class _Ids:  # the tiny models have no tokenizer: text is the ids
+    def decode(self, ids, skip_special_tokens=True):
+        return " ".join(map(str, ids))
 
 
 @pytest.fixture(scope="module")
@@ -96,6 +103,75 @@ def test_calibration_records_the_full_routers_coverage_of_the_kept_experts(check
         expected = torch.cat([_reference(h, weight, k, KEPT["a"]) for h in captured[layer]]).mean()
         assert recorded["layers"][str(layer)]["mass"] == pytest.approx(float(expected), abs=1e-5)
     assert recorded["tokens"] == 14 and 0 < recorded["mass"] < 1
+    assert "answers" not in recorded  # not told where answers begin: no answers' figure
+
+
+def test_calibration_records_the_answers_coverage_on_the_answers_tokens_only(checkpoint) -> None:
+    """With answer starts, the answers' figure is the reference over the tokens from each start on (a prompt
+    whose start is its length has no answer); the overall figure still covers every token."""
+    builder = VariantBuilder(checkpoint)
+    prompts, starts = [[3, 4, 5, 6, 7, 8], [9, 10, 11], [12, 13, 14, 15, 16]], [4, 3, 1]
+    stats = collect_statistics(builder, prompts, batch_size=2, answer_starts=starts)
+    layers = sorted(builder.sparse_layers)
+    recorded = pattern_coverage(stats, Selection("moe_experts", {layer: list(KEPT["b"]) for layer in layers}))
+    model = builder.build()
+    captured, handles = _router_inputs(model, layers)
+    with torch.no_grad():
+        for ids in prompts:
+            model(torch.tensor([ids]))
+    for handle in handles:
+        handle.remove()
+    k = builder.config.num_experts_per_tok
+    answers = recorded["answers"]
+    assert answers["tokens"] == 2 + 0 + 4 and recorded["tokens"] == 14
+    for layer in layers:
+        weight = model.model.layers[layer].mlp.gate.weight
+        per_prompt = [_reference(h, weight, k, KEPT["b"]) for h in captured[layer]]
+        expected = torch.cat([values[start:] for values, start in zip(per_prompt, starts, strict=True)]).mean()
+        assert answers["layers"][str(layer)]["mass"] == pytest.approx(float(expected), abs=1e-5)
+        assert recorded["layers"][str(layer)]["mass"] == pytest.approx(float(torch.cat(per_prompt).mean()), abs=1e-5)
+    assert reference_coverage(recorded) == answers["mass"] != recorded["mass"]
+    assert reference_coverage({"mass": 0.7}) == 0.7 and reference_coverage(None) is None
+
+
+def test_watched_requests_report_the_probability_their_variant_gave_each_generated_token(checkpoint) -> None:
+    """At rate 1 every pattern request is watched: per pattern, the meter's confidence is the mean over its
+    requests of each one's mean token probability, which a reference computes by running the pattern's own
+    variant over the prompt and the generated tokens (teacher-forced); the full model's requests are not
+    watched, and a cancelled request is not counted."""
+    builder, pooled = _pool(checkpoint)
+    pooled.coverage = CoverageMeter(rate=1.0, tolerance=0.1)
+    layers = sorted(builder.sparse_layers)
+    routes = {name: RowRoute(name, {layer: KEPT[name] for layer in layers}, "r1", 0.9) for name in KEPT}
+    routes["full"] = RowRoute("full")
+    decoder = BatchedDecoder(pooled.model, max_batch=4, pooled=pooled)
+    work = [("a", [3, 4, 5, 6], 6), ("b", [7, 8, 9], 5), ("a", [10, 11], 7), ("full", [12, 13, 14], 4)]
+    answers: list[list[int]] = [[] for _ in work]
+
+    def run(i: int) -> None:
+        name, prompt, max_tokens = work[i]
+        params = SamplingParams(max_tokens, temperature=0.0, ignore_eos=True)
+        generation = Generation(pooled.routed(routes[name]), _Ids(), prompt, params)
+        decoder.run(generation, route=routes[name])
+        answers[i] = generation.choices[0].ids
+
+    with ThreadPoolExecutor(len(work)) as pool:
+        list(pool.map(run, range(len(work))))
+    expected: dict[str, list[float]] = {}
+    for (name, prompt, _), answer in zip(work, answers, strict=True):
+        if name == "full":
+            continue
+        variant = builder.build(Selection("moe_experts", {layer: list(KEPT[name]) for layer in layers}))
+        with torch.no_grad():
+            logits = variant(torch.tensor([prompt + answer])).logits[0, len(prompt) - 1 : -1]
+        chosen = torch.softmax(logits.double(), -1).gather(1, torch.tensor(answer)[:, None])
+        expected.setdefault(name, []).append(float(chosen.mean()))
+    for name, means in expected.items():
+        report = pooled.coverage.report(name)
+        assert report["confidence_requests"] == len(means)
+        assert report["confidence"] == pytest.approx(sum(means) / len(means), abs=1e-4), name
+        assert report["recent_confidence"] == pytest.approx(report["confidence"])
+    assert pooled.coverage.report("full") is None
 
 
 def _pool(checkpoint: Path) -> tuple[VariantBuilder, PooledModel]:
@@ -215,10 +291,14 @@ def test_the_server_reports_each_patterns_live_and_calibrated_coverage(tmp_path,
             assert live is None and "taskmoe_pattern_coverage{" not in httpx.get(f"{server.url}/metrics").text
             return
         assert live["samples"] >= 4 and live["tokens"] > 4 * 8 and 0 < live["mass"] <= 1
-        assert live["calibrated"] == calibrated["mass"] and live["flagged"] is False
+        reference = calibrated["answers"]["mass"]  # the demo's patterns record their answers' coverage
+        assert live["calibrated"] == reference and live["flagged"] is False
         assert server.metric("taskmoe_pattern_coverage", 'pattern="sort"') == pytest.approx(live["recent_mass"])
         assert server.metric("taskmoe_pattern_coverage_samples", 'pattern="sort"') == live["samples"]
-        assert server.metric("taskmoe_pattern_coverage_calibrated", 'pattern="sort"') == calibrated["mass"]
+        assert server.metric("taskmoe_pattern_coverage_calibrated", 'pattern="sort"') == reference
+        assert live["confidence_requests"] == 4 and 0 < live["confidence"] <= 1  # every request watched at rate 1
+        confidence = server.metric("taskmoe_pattern_confidence", 'pattern="sort"')
+        assert confidence == pytest.approx(live["recent_confidence"])
         show = ["patterns", "show", "sort", "--store", str(store), "--server", server.url]
         capsys.readouterr()
         assert main([*show, "--admin-key", "k"]) == 0

@@ -107,7 +107,9 @@ class MoeObserver:
         logits = logits.reshape(-1, logits.shape[-1])[real]
         selected = selected.reshape(-1, selected.shape[-1])[real]
         self.stats.update(logits, _gating(logits, self.activation), selected)
-        self.stats.update_weights(weights.reshape(-1, weights.shape[-1])[real], selected)
+        answer = self.stream.current.answer
+        answer = answer.to(logits.device)[real] if answer is not None else None
+        self.stats.update_weights(weights.reshape(-1, weights.shape[-1])[real], selected, answer)
 
     def on_residual(self, module: nn.Module, args: Any) -> None:
         self.residual = args[0]
@@ -176,13 +178,15 @@ def collect_statistics(
     threshold: float = 0.0,
     progress: Progress | None = None,
     after_layer: Callable[[int], None] | None = None,
+    answer_starts: Sequence[int] | None = None,
 ) -> CalibrationStatistics:
     """Statistics of `token_ids` (one list of ids per prompt), layer by layer.
 
     `progress(n)` is called with the number of layers done so far; `after_layer(l)` right after layer
-    l's weights are freed (tests use it to watch memory).
+    l's weights are freed (tests use it to watch memory). `answer_starts`: where each prompt's answer
+    begins (its length when it has none), for the coverage of the answers' tokens.
     """
-    streamed = StreamedLayers(builder.layout, builder.tensors, token_ids, batch_size)
+    streamed = StreamedLayers(builder.layout, builder.tensors, token_ids, batch_size, answer_starts)
     kind = "moe_experts" if builder.family.kind == "moe" else "dense_channels"
     stats = CalibrationStatistics(kind=kind, prompts=len(token_ids), tokens=streamed.stream.tokens)
     for index in streamed.layers(progress, after_layer):

@@ -8,8 +8,15 @@ pattern. Per pattern the meter keeps the running means over every sampled token,
 and the mean of the last `window` generated tokens sampled (decode steps: on the demo their coverage tells
 right answers from wrong ones better than the prompt's, `scripts/eval_coverage.py`); when at least
 `min_samples` of those fall on average more than `tolerance` below the coverage the pattern recorded at
-calibration, the pattern is flagged: its traffic is no longer the task it was calibrated for. Nothing runs
-when the meter is off (`rate` 0: the pool has no meter).
+calibration (on its answers' tokens when it recorded them: `reference_coverage`), the pattern is flagged:
+its traffic is no longer the task it was calibrated for. Nothing runs when the meter is off (`rate` 0: the
+pool has no meter).
+
+Coverage tells whether a pattern's traffic routes as its task did; whether the answers are right, it tells
+only in part (ROC AUC about 0.8 across the demo's cross-task matrix). The served model's own confidence tells
+more (about 0.94): a share `rate` of the requests a pattern serves is watched (`AnswerConfidence`), the
+probability the served model gave each token it generated is averaged per request, and the meter keeps each
+pattern's mean over its watched requests and over the last `window` of them.
 """
 
 from __future__ import annotations
@@ -47,6 +54,9 @@ class PatternCoverage:
     top1: dict[int, float] = field(default_factory=dict)
     recent: deque[float] = field(default_factory=lambda: deque(maxlen=WINDOW))
     flagged: bool = False
+    confidence: float = 0.0  # sum over watched requests of each one's mean token probability
+    confident_requests: int = 0  # watched requests
+    recent_confidence: deque[float] = field(default_factory=lambda: deque(maxlen=WINDOW))
 
     def report(self) -> dict[str, Any]:
         tokens = max(self.tokens, 1)
@@ -62,7 +72,32 @@ class PatternCoverage:
             "tokens": self.tokens,
             "layers": layers,
             "flagged": self.flagged,
+            "confidence": self.confidence / self.confident_requests if self.confident_requests else None,
+            "recent_confidence": sum(self.recent_confidence) / len(self.recent_confidence)
+            if self.recent_confidence
+            else None,
+            "confidence_requests": self.confident_requests,
         }
+
+
+@dataclass
+class AnswerConfidence:
+    """The probabilities a served model gave the tokens one watched request generated (before temperature
+    and top-p: the model's own distribution), summed over its steps and choices."""
+
+    total: float = 0.0
+    tokens: int = 0
+
+    def add(self, logits: torch.Tensor, tokens: Sequence[int]) -> None:
+        """One step: the logits [n, vocab] the choices' `tokens` were sampled from."""
+        chosen = torch.tensor(tokens, device=logits.device).reshape(-1, 1)
+        probabilities = torch.softmax(logits.float(), dim=-1).gather(1, chosen)
+        self.total += float(probabilities.sum())
+        self.tokens += len(tokens)
+
+    @property
+    def mean(self) -> float | None:
+        return self.total / self.tokens if self.tokens else None
 
 
 class CoverageSample:
@@ -144,6 +179,27 @@ class CoverageMeter:
             if self.listener is not None:
                 for entry in touched.values():
                     self.listener(entry)
+
+    def watch(self, route: Any) -> AnswerConfidence | None:
+        """A confidence watch for a new request of `route` (a share `rate` of a pattern's requests; None for
+        the others and for the full model)."""
+        if route is None or not route.kept:
+            return None
+        with self._lock:
+            return AnswerConfidence() if self._random.random() < self.rate else None
+
+    def finish_watch(self, route: Any, watched: AnswerConfidence) -> None:
+        """Fold a finished watched request's mean token probability into its pattern."""
+        mean = watched.mean
+        if mean is None:
+            return
+        with self._lock:
+            entry = self._entry(route)
+            entry.confidence += mean
+            entry.confident_requests += 1
+            entry.recent_confidence.append(mean)
+            if self.listener is not None:
+                self.listener(entry)
 
     def report(self, label: str) -> dict[str, Any] | None:
         """The live coverage of the pattern (or union) `label`; None before any of its tokens was sampled."""

@@ -33,6 +33,7 @@ class StreamBatch:
     real: torch.Tensor  # [B * S] bool: real tokens, not padding
     ids: torch.Tensor  # [B, S] token ids
     prompts: list[int]  # the index of each row's prompt in the stream's input
+    answer: torch.Tensor | None = None  # [B * S] bool: the answers' tokens (None: not told where they begin)
 
 
 class _Reached(Exception):
@@ -108,7 +109,15 @@ class LayerStream:
     real) the layer is processing.
     """
 
-    def __init__(self, model: PreTrainedModel, token_ids: Sequence[Sequence[int]], batch_size: int = 16) -> None:
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        token_ids: Sequence[Sequence[int]],
+        batch_size: int = 16,
+        answer_starts: Sequence[int] | None = None,
+    ) -> None:
+        if answer_starts is not None and len(answer_starts) != len(token_ids):
+            raise ValueError(f"{len(answer_starts)} answer starts for {len(token_ids)} prompts")
         if not token_ids or not all(token_ids):
             raise ValueError("calibration needs at least one non-empty prompt")
         self.model = model
@@ -121,7 +130,13 @@ class LayerStream:
             for ids, mask, prompts in padded_batches(token_ids, batch_size, pad_id):
                 ids, mask = ids.to(device), mask.to(device)
                 hidden, inputs = layer_inputs(model, ids, mask)
-                self.batches.append(StreamBatch(hidden, inputs, mask.reshape(-1).bool(), ids, prompts))
+                real = mask.reshape(-1).bool()
+                answer = None
+                if answer_starts is not None:
+                    starts = torch.tensor([answer_starts[p] for p in prompts], device=device)
+                    columns = torch.arange(ids.shape[1], device=device)
+                    answer = (columns[None, :] >= starts[:, None]).reshape(-1) & real
+                self.batches.append(StreamBatch(hidden, inputs, real, ids, prompts, answer))
         self.current: StreamBatch = self.batches[0]
 
     @property
@@ -205,13 +220,18 @@ class StreamedLayers:
     """
 
     def __init__(
-        self, layout: ModelLayout, tensors: TensorReader, token_ids: Sequence[Sequence[int]], batch_size: int
+        self,
+        layout: ModelLayout,
+        tensors: TensorReader,
+        token_ids: Sequence[Sequence[int]],
+        batch_size: int,
+        answer_starts: Sequence[int] | None = None,
     ) -> None:
         self.loader = LayerLoader(layout, tensors)
         self.model = self.loader.model
         self.loader.load("model.embed_tokens")
         self.loader.load("model.rotary_emb")
-        self.stream = LayerStream(self.model, token_ids, batch_size)
+        self.stream = LayerStream(self.model, token_ids, batch_size, answer_starts)
         self.loader.free("model.embed_tokens")
 
     def layers(
