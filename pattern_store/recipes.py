@@ -24,6 +24,15 @@ BUDGETS: tuple[str, ...] = ("uniform", "adaptive")
 #: answer loss (`server.model.answer_loss_refinement`)
 REFINEMENTS: tuple[str, ...] = ("none", "local", "e2e")
 
+
+def suggestion_refinement(moe: bool) -> str:
+    """The refinement a pattern calibrated from a suggestion gets by default. The full model answers the
+    recorded prompts first, so it is in memory anyway, and refining by answer loss closes the gap to a
+    pattern calibrated on true answers (demo: arith 84% -> 100%, translate 84% -> 93% against 100% and 94%);
+    a dense model has no expert refinement."""
+    return "e2e" if moe else "none"
+
+
 #: how a query is matched to a pattern (`server.routing`): a classifier on the examples, the nearest
 #: centroid (both calibrated to probabilities)
 ROUTE_RULES: tuple[str, ...] = ("classifier", "centroid")

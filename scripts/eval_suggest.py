@@ -9,7 +9,8 @@ left out, the router the server runs (`RoutingPolicy` defaults) routes `--querie
 `FallbackRecord` keeps what falls back, and `pattern_store.suggest` clusters it. Reported per task: how
 many of its queries fell back; the suggestion holding most of them, its share of them (recall: target at
 least 80%) and their share of it (purity: target at least 90%). On the demo, the suggestion is then
-calibrated into a pattern (`taskmoe calibrate`'s recipe on the cluster's prompts), and new prompts of the
+calibrated into a pattern (as `patterns suggest --calibrate` does: the full model answers the cluster's
+prompts, `taskmoe calibrate`'s recipe refined by answer loss), and new prompts of the
 task are routed (target: at least 90% to the new pattern) and answered by it against the shipped pattern
 (target: within 1 point).
 
@@ -140,6 +141,7 @@ def calibrate_from_suggestion(task: str, count: int, embedder: Any, merge: float
     """The demo task left out, suggested, calibrated into a pattern; then new prompts routed and answered."""
     from demo.evaluate import greedy_answers
     from demo.tasks import get_task
+    from pattern_store.recipes import suggestion_refinement
     from pattern_store.suggest import suggest
     from server.config import RoutingPolicy
     from server.model.variant import VariantBuilder
@@ -162,7 +164,7 @@ def calibrate_from_suggestion(task: str, count: int, embedder: Any, merge: float
         prompts = chosen.prompts(kept.queries())
         builder = VariantBuilder(model_dir, device="cpu", dtype="float32")
         tokenizer = load_tokenizer(model_dir)
-        recipe = PatternRecipe.for_model(True)
+        recipe = PatternRecipe.for_model(True, refine=suggestion_refinement(True))  # as `--calibrate` does
         name = f"suggested-{task}"
         texts = answered_by_full_model(builder, tokenizer, prompts)  # as `patterns suggest --calibrate` does
         pattern, _ = make_pattern(name, builder, tokenizer, texts, recipe, prompts, embedder)

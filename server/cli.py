@@ -16,6 +16,7 @@ from pattern_store.recipes import (  # names only, no torch
     DEFAULT_MOE_METHOD,
     MOE_METHODS,
     REFINEMENTS,
+    suggestion_refinement,
 )
 
 
@@ -344,13 +345,14 @@ def _calibrate_suggestion(args: argparse.Namespace, found: list, queries: list) 
     print(f"answering the {len(prompts)} prompts of suggestion {chosen.cluster} with the full model", file=sys.stderr)
     builder = VariantBuilder(_model_dir(args.model), device="cpu", dtype="float32")
     texts = answered_by_full_model(builder, load_tokenizer(args.model), prompts)
+    refine = args.refine or suggestion_refinement(builder.family.kind == "moe")
     # recorded prompts never leave the store directory: the calibration file is a private file there
     with tempfile.NamedTemporaryFile(
         "w", dir=args.store, prefix=".suggestion-", suffix=".jsonl", delete=False
     ) as handle:
         handle.writelines(json.dumps({"prompt": t.prompt, "response": t.response}) + "\n" for t in texts)
     try:
-        argv = ["calibrate", "--model", args.model, "--store", args.store, "--name", args.calibrate]
+        argv = ["calibrate", "--model", args.model, "--store", args.store, "--name", args.calibrate, "--refine", refine]
         return main([*argv, "--prompts", handle.name, *(["--quiet"] if args.quiet else [])])
     finally:
         Path(handle.name).unlink(missing_ok=True)
@@ -620,6 +622,12 @@ def build_parser() -> argparse.ArgumentParser:
     patterns.add_argument("--calibrate", metavar="NAME", help="suggest: calibrate a pattern NAME from a suggestion")
     patterns.add_argument("--cluster", type=int, default=0, help="suggest --calibrate: which (default 0, the largest)")
     patterns.add_argument("--quiet", action="store_true", help="suggest --calibrate: no progress bar")
+    patterns.add_argument(
+        "--refine",
+        choices=REFINEMENTS,
+        help="suggest --calibrate: the refinement (default e2e on a MoE model: the full model answers the prompts "
+        "anyway, and refining by answer loss closes most of the gap to a pattern calibrated on true answers)",
+    )
     patterns.add_argument(
         "--server", help="show: also the live coverage a running server measures (its URL, e.g. http://host:8000)"
     )

@@ -118,8 +118,8 @@ def test_fallback_traffic_is_recorded_suggested_and_calibrated_into_a_pattern(tm
                 break
             time.sleep(0.1)
         assert job["status"] == "succeeded", job
-        assert "upper-job" in PatternStore(store_dir).names()
-        assert httpx.delete(f"{server.url}/admin/patterns/upper-job", headers=headers).status_code == 200
+        assert PatternStore(store_dir).get("upper-job").parameters["refine"] == "e2e"  # the suggestion's default
+        assert httpx.delete(f"{server.url}/admin/patterns/upper-job", headers=headers, timeout=60).status_code == 200
         assert suggestions[0]["size"] >= 20 and suggestions[0]["covered_by"] is None
         assert all(
             "uppercase" in e.lower() or "capital" in e.lower() or "upper" in e.lower()
@@ -129,7 +129,7 @@ def test_fallback_traffic_is_recorded_suggested_and_calibrated_into_a_pattern(tm
     assert main(["patterns", "suggest", "--store", str(store_dir), "--json"]) == 0
     args = ["patterns", "suggest", "--store", str(store_dir), "--model", str(DEMO_MOE), "--quiet"]
     assert main([*args, "--calibrate", "upper-suggested"]) == 0
-    assert "upper-suggested" in PatternStore(store_dir).names()
+    assert PatternStore(store_dir).get("upper-suggested").parameters["refine"] == "e2e"
     assert not list(store_dir.glob(".suggestion-*"))  # the prompts' calibration file is gone
     from pattern_store.embedder import Embedder
     from server.routing import Router

@@ -7,6 +7,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Query, Request
 from starlette.concurrency import run_in_threadpool
 
+from pattern_store.recipes import suggestion_refinement
 from pattern_store.suggest import MIN_SIZE
 from server.api.auth import require_admin_key, runtime_of
 from server.api.schemas import CalibrateSuggestionRequest, CalibrationPrompt, RegisterPatternRequest
@@ -107,7 +108,8 @@ async def clear_fallback_record(request: Request) -> dict[str, Any]:
 @router.post("/suggestions/{cluster}/calibrate", status_code=202)
 async def calibrate_suggestion(cluster: int, body: CalibrateSuggestionRequest, request: Request) -> dict[str, Any]:
     """Calibrate suggestion `cluster` into a pattern: the full model answers its recorded prompts, then
-    the usual recipe; poll the returned job. The store's routing picks the pattern up when the job ends."""
+    the usual recipe, refined by answer loss on a MoE model (`refine`); poll the returned job. The store's
+    routing picks the pattern up when the job ends."""
     runtime = runtime_of(request)
     queries, suggestions = await run_in_threadpool(runtime.suggestions, body.min_size)
     chosen = next((s for s in suggestions if s.cluster == cluster), None)
@@ -119,7 +121,8 @@ async def calibrate_suggestion(cluster: int, body: CalibrateSuggestionRequest, r
             409, "the record keeps no text to calibrate on: start the server with --record-text", code="no_text"
         )
     try:
-        recipe = PatternRecipe.for_model(runtime.info.kind == "moe")
+        moe = runtime.info.kind == "moe"
+        recipe = PatternRecipe.for_model(moe, refine=body.refine or suggestion_refinement(moe))
     except RecipeError as error:
         raise InvalidRequest(str(error), param=error.param) from None
     texts = [CalibrationText(prompt, None) for prompt in prompts]

@@ -272,3 +272,8 @@ class CalibrateSuggestionRequest(BaseModel):
     name: str
     replace: bool = Field(default=False, description="overwrite a pattern of that name")
     min_size: int = Field(default=5, ge=2, le=10_000, description="as in GET /admin/suggestions?min_size=")
+    refine: Literal["none", "local", "e2e"] | None = Field(
+        default=None,
+        description="MoE: the refinement (default e2e: the full model answers the prompts anyway, and answer-loss "
+        "refinement closes most of the gap to a pattern calibrated on true answers; dense models: none)",
+    )
