@@ -16,6 +16,10 @@ MOE_METHODS: tuple[str, ...] = (*ROUTING_METHODS, *OUTPUT_METHODS, "random")
 DEFAULT_MOE_METHOD = "reap"
 #: the share of each layer's experts a pattern keeps unless told otherwise (PreMoe's 8/128 point is 0.5)
 DEFAULT_KEEP = 0.5
+#: `--keep auto`: the fewest experts whose held-out answers match the full model's `--target` share of the time
+KEEP_AUTO = "auto"
+#: the share `--keep auto` aims at unless told otherwise
+DEFAULT_TARGET = 0.99
 #: channel scoring methods of dense models (SEAP, its WIFN variant, and the baselines)
 DENSE_METHODS: tuple[str, ...] = ("seap", "seap-wifn", "magnitude", "random")
 #: how kept experts are spread over layers: the same count in each, or what each layer's scores ask for

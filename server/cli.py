@@ -14,6 +14,8 @@ from pattern_store.recipes import (  # names only, no torch
     BUDGETS,
     DEFAULT_KEEP,
     DEFAULT_MOE_METHOD,
+    DEFAULT_TARGET,
+    KEEP_AUTO,
     MOE_METHODS,
     REFINEMENTS,
     suggestion_refinement,
@@ -154,6 +156,16 @@ class StageBars:
             self.bar = None
 
 
+def _keep_value(text: str) -> float | str:
+    """`--keep`: a share of the experts, or `auto`."""
+    if text == KEEP_AUTO:
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a share of the experts such as 0.5, or {KEEP_AUTO}") from None
+
+
 def cmd_calibrate(args: argparse.Namespace) -> int:
     """Calibrate a task pattern from prompts and store it."""
     from pattern_store.embedder import Embedder
@@ -180,6 +192,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
             seed=args.seed,
             budget=args.budget,
             refine=args.refine,
+            target=args.target,
         )
         tokenizer = load_tokenizer(args.model)
         embedder = Embedder(args.embedder) if args.embedder else Embedder()  # fail before the long part
@@ -192,6 +205,13 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     kept = pattern.selection.layers
     sizes = sorted({len(v) for v in kept.values()})
     refined = pattern.parameters.get("refine", "none")
+    searched = pattern.parameters.get("keep_search")
+    if searched:
+        print(
+            f"keep {KEEP_AUTO}: {searched['experts']} of {searched['of']} experts per layer; their answers matched the "
+            f"full model's on {100 * searched['estimate']:.1f}% of {searched['held_out']} held-out prompts "
+            f"(target {100 * searched['target']:.1f}%; tried {searched['tried']})"
+        )
     print(
         f"stored pattern {args.name!r} in {args.store}: {pattern.kind}, method {recipe.method}"
         + (f", refined ({refined})" if refined != "none" else "")
@@ -582,7 +602,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     calibrate.add_argument("--examples", help="JSONL of prompts routing matches against (default: --prompts)")
     keep = calibrate.add_mutually_exclusive_group()
-    keep.add_argument("--keep", type=float, help=f"MoE: share of experts kept per layer (default {DEFAULT_KEEP})")
+    keep.add_argument(
+        "--keep",
+        type=_keep_value,
+        help=f"MoE: share of experts kept per layer (default {DEFAULT_KEEP}), or {KEEP_AUTO}: the fewest experts whose "
+        "answers to held-out calibration prompts match the full model's --target share of the time (the full "
+        "model must fit in memory)",
+    )
     keep.add_argument("--keep-experts", type=int, help="MoE: number of experts kept per layer")
     calibrate.add_argument(
         "--method",
@@ -603,6 +629,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="MoE: swap experts while the layer-local reconstruction error drops (local: any model size), or "
         "choose among every score's selection and swap while the calibration answers' loss drops (e2e: the "
         "model must fit in memory; prompts without a response are answered by the full model first)",
+    )
+    calibrate.add_argument(
+        "--target",
+        type=float,
+        help=f"--keep {KEEP_AUTO}: the share of held-out answers that must match the full model's "
+        f"(default {DEFAULT_TARGET})",
     )
     calibrate.add_argument("--threshold", type=float, default=0.0, help="TCESS confidence threshold r (default 0)")
     calibrate.add_argument("--sparsity", type=float, default=0.2, help="dense: global channel sparsity (default 0.2)")

@@ -25,6 +25,7 @@ from server.errors import (
     shown,
 )
 from server.jobs import Job, JobRefused, JobRunner
+from server.keep_search import held_out_indices
 from server.leases import LeaseManager
 from server.model.checkpoint import model_identity
 from server.model.pruning import keep_count
@@ -111,8 +112,11 @@ class PatternAdmin:
         if name in self.store and not replace:
             raise PatternExists(f"pattern {name!r} exists; send replace=true to recalibrate it")
         stages = ["answers"] if answer else []
-        stages += ["statistics", *(["layer-local refinement"] if recipe.refine != "none" else [])]
-        stages += ["answer-loss refinement"] if recipe.refine == "e2e" else []
+        if recipe.keep_auto:  # each selection the search tries refines silently: one stage for them all
+            stages += ["statistics", "keep search"]
+        else:
+            stages += ["statistics", *(["layer-local refinement"] if recipe.refine != "none" else [])]
+            stages += ["answer-loss refinement"] if recipe.refine == "e2e" else []
 
         def calibrate(progress: Any) -> dict[str, Any]:
             def staged(stage: str, done: int, total: int | None) -> None:
@@ -236,9 +240,15 @@ class PatternAdmin:
                     raise InvalidRequest(
                         f"a text in {param} of {len(text)} characters cannot fit the model's context", param=param
                     )
-        if self.info.kind == "moe":
+        if self.info.kind == "moe" and not recipe.keep_auto:
             self._check_keep(recipe)
-        if recipe.refine == "e2e":
+        if recipe.keep_auto:
+            try:
+                held_out_indices(len(texts))
+            except ValueError as error:
+                raise InvalidRequest(str(error).replace("--keep auto", "keep 'auto'"), param="prompts") from None
+            self._check_whole_model_fits(keep_auto=True)
+        elif recipe.refine == "e2e":
             self._check_whole_model_fits()
 
     def _check_keep(self, recipe: PatternRecipe) -> None:
@@ -250,10 +260,17 @@ class PatternAdmin:
         except ValueError as error:
             raise InvalidRequest(f"{param}: {error}", param=param) from None
 
-    def _check_whole_model_fits(self, answering: bool = False) -> None:
-        """The answer-loss refinement (or answering prompts with the full model) holds the whole model beside
-        what serves: only when it fits."""
+    def _check_whole_model_fits(self, answering: bool = False, keep_auto: bool = False) -> None:
+        """The answer-loss refinement (or answering prompts with the full model, or judging a keep by its
+        answers) holds the whole model beside what serves: only when it fits."""
         whole = self.builder.variant_bytes(None)
+        if whole > self.config.cache_budget and keep_auto:
+            raise InvalidRequest(
+                f"keep 'auto' answers held-out prompts with the whole model ({whole / 2**30:.2f} GiB of experts) in "
+                f"this server's memory, more than its cache budget ({self.config.cache_budget / 2**30:.2f} GiB); "
+                "give keep as a share, or run 'taskmoe calibrate --keep auto' where the model fits and import it",
+                param="keep",
+            )
         if whole > self.config.cache_budget and answering:
             raise InvalidRequest(
                 f"answering the suggestion's prompts holds the whole model ({whole / 2**30:.2f} GiB of experts) in "

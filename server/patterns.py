@@ -6,6 +6,7 @@ make patterns the same way.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Callable, Sequence
@@ -23,12 +24,22 @@ from pattern_store.recipes import (
     BUDGETS,
     DEFAULT_KEEP,
     DEFAULT_MOE_METHOD,
+    DEFAULT_TARGET,
     DENSE_METHODS,
+    KEEP_AUTO,
     MOE_METHODS,
     OUTPUT_METHODS,
     REFINEMENTS,
 )
 from pattern_store.selection import Selection
+from server.keep_search import (
+    agreement,
+    candidate_counts,
+    full_model_answers,
+    greedy_answers,
+    held_out_indices,
+    search_keep,
+)
 from server.model.answer_loss_refinement import refine_by_answer_loss
 from server.model.calibrate import CalibrationStatistics, collect_statistics
 from server.model.checkpoint import model_fingerprint, model_identity
@@ -155,31 +166,44 @@ class PatternRecipe:
     budget: str = "uniform"
     refine: str = "none"
     search: SearchOptions = field(default_factory=SearchOptions)
+    target: float | None = None  # `--keep auto`: the fewest experts whose held-out answers match this share
+
+    @property
+    def keep_auto(self) -> bool:
+        return self.target is not None
 
     @classmethod
     def for_model(
         cls,
         moe: bool,
         method: str | None = None,
-        keep: float | None = None,
+        keep: float | str | None = None,
         keep_experts: int | None = None,
         threshold: float = 0.0,
         sparsity: float = 0.2,
         seed: int = 0,
         budget: str = "uniform",
         refine: str = "none",
+        target: float | None = None,
     ) -> PatternRecipe:
         """The recipe for user input (the CLI's flags or the admin API's JSON), defaults filled by the model's
-        kind (method: reap for MoE, seap for dense; keep `DEFAULT_KEEP` unless a count is given) and validated."""
+        kind (method: reap for MoE, seap for dense; keep `DEFAULT_KEEP` unless a count is given; `keep="auto"`:
+        the fewest experts that meet `target`, default `DEFAULT_TARGET`) and validated."""
+        auto = keep == KEEP_AUTO
+        if isinstance(keep, str) and not auto:
+            raise RecipeError(f"keep is a share of the experts in (0, 1] or {KEEP_AUTO!r}, not {keep!r}", "keep")
+        if target is not None and not auto:
+            raise RecipeError(f"target sets the quality of keep={KEEP_AUTO!r}; give keep={KEEP_AUTO!r} too", "target")
         recipe = cls(
             method=method or (DEFAULT_MOE_METHOD if moe else "seap"),
-            keep_ratio=None if keep_experts else (DEFAULT_KEEP if keep is None else keep),
+            keep_ratio=None if keep_experts or auto else (DEFAULT_KEEP if keep is None else float(keep)),
             keep_experts=keep_experts,
             threshold=threshold,
             sparsity=sparsity,
             seed=seed,
             budget=budget,
             refine=refine,
+            target=(DEFAULT_TARGET if target is None else target) if auto else None,
         )
         recipe.validate(moe)
         return recipe
@@ -199,6 +223,11 @@ class PatternRecipe:
             raise RecipeError(f"unknown layer budget {self.budget!r}; expected one of {', '.join(BUDGETS)}", "budget")
         if self.refine not in REFINEMENTS:
             raise RecipeError(f"unknown refinement {self.refine!r}; expected one of {', '.join(REFINEMENTS)}", "refine")
+        if self.target is not None and not 0 < self.target <= 1:
+            raise RecipeError("target is the share of held-out answers that must match the full model's, in (0, 1]",
+                              "target")  # fmt: skip
+        if self.target is not None and not moe:
+            raise RecipeError(f"keep={KEEP_AUTO!r} chooses how many experts to keep; a dense model has none", "keep")
         if not moe and (self.refine != "none" or self.budget != "uniform"):
             param = "refine" if self.refine != "none" else "budget"
             raise RecipeError(f"{param} chooses experts; a dense model's pattern has none", param)
@@ -211,6 +240,7 @@ class PatternRecipe:
                 "threshold": self.threshold,
                 "budget": self.budget,
                 "refine": self.refine,
+                **({"keep": KEEP_AUTO, "target": self.target} if self.keep_auto else {}),
             }
         return {"sparsity": self.sparsity}
 
@@ -406,11 +436,16 @@ def pattern_from_statistics(
     fingerprint: str | None = None,
     calibration: CalibrationSet | None = None,
     progress: StageProgress | None = None,
+    selected: tuple[PrunedSelection, dict[str, Any]] | None = None,
 ) -> TaskPattern:
+    """The pattern `stats` make by `recipe` (MoE: `selected`, its experts when already chosen, as `--keep
+    auto` does), its examples embedded for routing."""
     validate_name(name)
     parameters = recipe.parameters(stats.kind)
     if stats.kind == "moe_experts":
-        pruned, record = select_experts(builder, stats, recipe, calibration, progress)
+        pruned, record = (
+            selected if selected is not None else select_experts(builder, stats, recipe, calibration, progress)
+        )
         parameters["selection"] = record
         parameters["coverage"] = pattern_coverage(stats, pruned.selection)
     else:
@@ -445,6 +480,10 @@ def make_pattern(
     API make them."""
     recipe.validate(builder.family.kind == "moe")
     calibration = calibration_set(tokenizer, texts, max_context(builder))
+    if recipe.keep_auto:
+        return _auto_kept_pattern(
+            name, builder, tokenizer, calibration, recipe, examples, embedder, fingerprint, progress
+        )
     stats = collect_statistics(
         builder,
         calibration.token_ids,
@@ -455,6 +494,59 @@ def make_pattern(
     pattern = pattern_from_statistics(
         name, builder, stats, recipe, examples, embedder, fingerprint, calibration, progress
     )
+    return pattern, stats
+
+
+def _auto_kept_pattern(
+    name: str,
+    builder: VariantBuilder,
+    tokenizer: PreTrainedTokenizerBase,
+    calibration: CalibrationSet,
+    recipe: PatternRecipe,
+    examples: Sequence[str],
+    embedder: Embedder | None,
+    fingerprint: str | None,
+    progress: StageProgress | None,
+) -> tuple[TaskPattern, CalibrationStatistics]:
+    """`--keep auto`: statistics on the prompts not held out, then the fewest experts whose answers to the
+    held-out prompts match the full model's at least `recipe.target` of the time (`keep_search`)."""
+    held = set(held_out_indices(len(calibration.token_ids)))
+    pairs = list(zip(calibration.token_ids, calibration.answer_starts, strict=True))
+    fit = CalibrationSet([ids for i, (ids, _) in enumerate(pairs) if i not in held],
+                         [start for i, (_, start) in enumerate(pairs) if i not in held])  # fmt: skip
+    prompts = [ids[:start] for i, (ids, start) in enumerate(pairs) if i in held]
+    stats = collect_statistics(
+        builder,
+        fit.token_ids,
+        threshold=recipe.threshold,
+        progress=_stage(progress, "statistics", builder.config.num_hidden_layers),
+        answer_starts=fit.answer_starts,
+    )
+    eos = end_of_generation_ids(tokenizer, builder.generation_config) or end_of_generation_ids(None, builder.config)
+    reference = full_model_answers(builder, prompts, eos)
+    layer = next(iter(builder.sparse_layers.values()))
+    counts = candidate_counts(layer.num_experts, int(builder.config.num_experts_per_tok),
+                              builder.family.balanced_groups(builder.config))  # fmt: skip
+
+    def evaluate(count: int) -> tuple[PrunedSelection, dict[str, Any], float]:
+        fixed = dataclasses.replace(recipe, keep_ratio=None, keep_experts=count, target=None)
+        pruned, record = select_experts(builder, stats, fixed, fit)
+        answers = greedy_answers(builder.build(pruned.selection), prompts, eos)
+        return pruned, record, agreement(answers, reference)
+
+    searched = _stage(progress, "keep search", max(1, (len(counts) - 1).bit_length()))
+    pruned, record, search = search_keep(
+        counts, evaluate, float(recipe.target or 1.0), len(prompts),
+        progress=(lambda done, total: searched(done)) if searched is not None else None,
+    )  # fmt: skip
+    if pruned is None:  # only every expert meets the target: the pattern keeps them all
+        every = dataclasses.replace(recipe, keep_ratio=None, keep_experts=search.experts, target=None, refine="none")
+        pruned, record = select_experts(builder, stats, every, fit)
+    pattern = pattern_from_statistics(
+        name, builder, stats, recipe, examples, embedder, fingerprint, fit, progress, selected=(pruned, record)
+    )
+    pattern.parameters["keep_experts"] = search.experts
+    pattern.parameters["keep_search"] = search.record()
     return pattern, stats
 
 

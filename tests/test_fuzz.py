@@ -95,6 +95,7 @@ register_bodies = st.fixed_dictionaries(
         "prompts": st.lists(st.text(max_size=30) | values, max_size=3) | values,
         "keep": values,
         "keep_experts": values,
+        "target": values,
         "method": values,
         "refine": values,
         "budget": values,

@@ -694,6 +694,10 @@ def test_long_inputs_are_refused_or_cut_before_tokenizing(server) -> None:
         ({"keep_experts": 1}, "keep_experts"),
         ({"keep_experts": 1000}, "keep_experts"),
         ({"keep": 0.01}, "keep"),
+        ({"keep": "half"}, "keep"),
+        ({"keep": "auto"}, "prompts"),  # one prompt: nothing to hold out
+        ({"target": 0.9}, "target"),  # a target without keep 'auto'
+        ({"keep": "auto", "target": 1.5}, "target"),
         ({"prompts": ["Sort: 3, 1 \ud800"]}, "prompts"),
         ({"examples": ["ok", "bad \udfff"]}, "examples"),
     ],

@@ -52,6 +52,7 @@ async def register_pattern(body: RegisterPatternRequest, request: Request) -> di
             sparsity=body.sparsity,
             budget=body.budget,
             refine=body.refine,
+            target=body.target,
         )
     except RecipeError as error:
         raise InvalidRequest(str(error), param=error.param) from None

@@ -257,7 +257,12 @@ class RegisterPatternRequest(BaseModel):
     refine: Literal["none", "local", "e2e"] = Field(
         default="none", description="MoE: swap experts by layer-local error (local) or by answer loss (e2e)"
     )
-    keep: float | None = Field(default=None, gt=0, le=1)
+    keep: float | Literal["auto"] | None = Field(
+        default=None,
+        description="MoE: share of experts kept per layer, or 'auto': the fewest experts whose answers to held-out "
+        "calibration prompts match the full model's `target` share of the time",
+    )
+    target: float | None = Field(default=None, gt=0, le=1, description="keep 'auto': default 0.99")
     keep_experts: int | None = Field(default=None, ge=1)
     sparsity: float = Field(default=0.2, ge=0, lt=1)
     threshold: float = Field(default=0.0, ge=0, lt=1)
