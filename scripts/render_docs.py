@@ -19,6 +19,7 @@ from pathlib import Path
 
 from tables_core import core_cpu, gpu_check
 from tables_coverage import coverage, coverage_summary
+from tables_keep_auto import keep_auto
 from tables_models import demo_models, supported_models, unsupported_models
 from tables_pruning import (
     ANSWER_LOSS,
@@ -135,6 +136,7 @@ SECTIONS: dict[str, Section] = {
     "suggestions": Section(suggestions, ("suggest.json",)),
     "coverage": Section(coverage, ("coverage.json",)),
     "coverage-summary": Section(coverage_summary, ("coverage.json",)),
+    "keep-auto": Section(keep_auto, ("keep_auto.json",)),
     "headline": Section(headline, ("pruning.json", "routing.json", "variants.json", "server.json"), footer=False),
     "demo-models": Section(demo_models),
     "supported-models": Section(supported_models),

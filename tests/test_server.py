@@ -710,6 +710,17 @@ def test_calibration_jobs_that_could_not_run_are_refused_before_202(server, extr
     assert "doomed" not in server.runtime.store.names()
 
 
+def test_a_job_with_keep_auto_stores_the_count_it_chose_and_its_estimate(server) -> None:
+    body = {"name": "auto", "prompts": [e.prompt for e in get_task("sort").examples(16, 98)], "keep": "auto",
+            "target": 0.9}  # fmt: skip
+    job = wait_for_job(server, admin(server, "POST", "/patterns", json=body).json()["id"])
+    assert job["status"] == "succeeded", job
+    searched = server.runtime.store.get("auto").parameters["keep_search"]
+    assert searched["target"] == 0.9 and searched["held_out"] == 4 and searched["estimate"] >= 0.9
+    assert 2 <= searched["experts"] <= searched["of"] == 16
+    assert admin(server, "DELETE", "/patterns/auto").status_code == 200
+
+
 def test_a_second_job_for_the_same_name_is_a_409(server) -> None:
     body = {"name": "twice", "prompts": [e.prompt for e in get_task("sort").examples(16, 99)]}
     first = admin(server, "POST", "/patterns", json=body)

@@ -257,7 +257,7 @@ class RegisterPatternRequest(BaseModel):
     refine: Literal["none", "local", "e2e"] = Field(
         default="none", description="MoE: swap experts by layer-local error (local) or by answer loss (e2e)"
     )
-    keep: float | Literal["auto"] | None = Field(
+    keep: float | str | None = Field(
         default=None,
         description="MoE: share of experts kept per layer, or 'auto': the fewest experts whose answers to held-out "
         "calibration prompts match the full model's `target` share of the time",

@@ -1,0 +1,46 @@
+"""Tables of `scripts/eval_keep_auto.py` (`bench/results/keep_auto.json`): how many experts `--keep auto`
+chooses per demo task, and whether the search's estimate holds on the evaluation seed."""
+
+from __future__ import annotations
+
+from _results import Report, load
+
+
+def _percent(value: float | None) -> str:
+    return "" if value is None else f"{100 * value:.1f}%"
+
+
+def keep_auto(report: Report | None = None) -> str:
+    report = report if report is not None else load("keep_auto.json")
+    settings = report["settings"]
+    target = settings["target"]
+    lines = [
+        f"`--keep auto --target {target}`, refinement `{settings['refine']}`, on {settings['prompts']} calibration "
+        f"exchanges per task (a quarter held out by the search); accuracy on {settings['n']} examples of the "
+        "evaluation seed, which neither the statistics nor the search saw.",
+        "",
+        "| model | task | experts kept | estimate (held-out answers as the full model's) | accuracy | full model "
+        "| retained | estimate - retained, points | seconds |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for model, entry in report["models"].items():
+        for task, row in entry["tasks"].items():
+            error = "" if row["estimate_error"] is None else f"{100 * row['estimate_error']:+.1f}"
+            lines.append(
+                f"| {model} | {task} | {row['experts']} of {row['of']} | {_percent(row['estimate'])} | "
+                f"{_percent(row['accuracy'])} | {_percent(row['full_accuracy'])} | {_percent(row['retention'])} | "
+                f"{error} | {row['seconds']:.0f} |"
+            )
+    lines += ["", "| model | target | met? | tasks |", "|---|---|---|---|"]
+    names = {
+        "every_task_retained": (f"every task keeps at least {100 * target:.0f}%", "retained"),
+        "fewer_than_half_on_half_the_tasks": ("fewer than half the experts on half the tasks", "fewer_than_half"),
+        "estimate_within_1.5_points": ("the estimate within 1.5 points", "estimate_within"),
+        "at_most_5_minutes": ("at most 5 minutes a pattern", None),
+    }
+    for model, entry in report["models"].items():
+        verdict = entry["verdict"]
+        for key, (label, listed) in names.items():
+            tasks = ", ".join(verdict[listed]) if listed else f"slowest {verdict['slowest_seconds']:.0f} s"
+            lines.append(f"| {model} | {label} | {'met' if verdict['met'][key] else 'missed'} | {tasks} |")
+    return "\n".join(lines) + "\n"
