@@ -55,7 +55,7 @@ class _Request:
     step: int = 0
     done: threading.Event = field(default_factory=threading.Event)
     error: BaseException | None = None
-    meter: CoverageMeter | None = None  # the pool's meter, when this request is watched
+    meter: CoverageMeter | None = None  # the pool's coverage meter (None: off)
     confidence: AnswerConfidence | None = None  # its generated tokens' probabilities, when watched
 
     def finish(self, error: BaseException | None = None) -> None:

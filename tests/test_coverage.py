@@ -172,6 +172,11 @@ def test_watched_requests_report_the_probability_their_variant_gave_each_generat
         assert report["confidence"] == pytest.approx(sum(means) / len(means), abs=1e-4), name
         assert report["recent_confidence"] == pytest.approx(report["confidence"])
     assert pooled.coverage.report("full") is None
+    heard = CoverageMeter(rate=1.0, tolerance=0.1)  # a pattern heard of through a watched request only
+    watched = heard.watch(routes["a"])
+    watched.add(torch.tensor([[0.0, 0.0]]), [1])
+    heard.finish_watch(routes["a"], watched)
+    assert heard.report("a")["mass"] is None and heard.report("a")["confidence"] == pytest.approx(0.5)
 
 
 def _pool(checkpoint: Path) -> tuple[VariantBuilder, PooledModel]:

@@ -65,8 +65,9 @@ class PatternCoverage:
         }
         count = max(len(layers), 1)
         return {
-            "mass": sum(entry["mass"] for entry in layers.values()) / count,
-            "top1": sum(entry["top1"] for entry in layers.values()) / count,
+            # None until a token is sampled (a pattern may first be heard of through a watched request)
+            "mass": sum(entry["mass"] for entry in layers.values()) / count if layers else None,
+            "top1": sum(entry["top1"] for entry in layers.values()) / count if layers else None,
             "recent_mass": sum(self.recent) / len(self.recent) if self.recent else None,
             "samples": self.samples,
             "tokens": self.tokens,
