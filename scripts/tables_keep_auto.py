@@ -31,7 +31,7 @@ def keep_auto(report: Report | None = None) -> str:
                 f"{_percent(row['accuracy'])} | {_percent(row['full_accuracy'])} | {_percent(row['retention'])} | "
                 f"{error} | {row['seconds']:.0f} |"
             )
-    lines += ["", "| model | target | met? | tasks |", "|---|---|---|---|"]
+    lines += ["", "| model | target | met? | tasks that meet it |", "|---|---|---|---|"]
     names = {
         "every_task_retained": (f"every task keeps at least {100 * target:.0f}%", "retained"),
         "fewer_than_half_on_half_the_tasks": ("fewer than half the experts on half the tasks", "fewer_than_half"),
