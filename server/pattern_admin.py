@@ -111,12 +111,7 @@ class PatternAdmin:
             self._check_whole_model_fits(answering=True)
         if name in self.store and not replace:
             raise PatternExists(f"pattern {name!r} exists; send replace=true to recalibrate it")
-        stages = ["answers"] if answer else []
-        if recipe.keep_auto:  # each selection the search tries refines silently: one stage for them all
-            stages += ["statistics", "keep search"]
-        else:
-            stages += ["statistics", *(["layer-local refinement"] if recipe.refine != "none" else [])]
-            stages += ["answer-loss refinement"] if recipe.refine == "e2e" else []
+        stages = _stages(recipe, answer)
 
         def calibrate(progress: Any) -> dict[str, Any]:
             def staged(stage: str, done: int, total: int | None) -> None:
@@ -285,3 +280,12 @@ class PatternAdmin:
                 "(any model size), or run 'taskmoe calibrate --refine e2e' where the model fits and import it",
                 param="refine",
             )
+
+
+def _stages(recipe: PatternRecipe, answer: bool) -> list[str]:
+    """The stages a calibration job reports, in order (each an equal share of its progress)."""
+    stages = ["answers"] if answer else []
+    if recipe.keep_auto:  # each selection the search tries refines silently: one stage for them all
+        return [*stages, "statistics", "keep search"]
+    stages += ["statistics", *(["layer-local refinement"] if recipe.refine != "none" else [])]
+    return stages + (["answer-loss refinement"] if recipe.refine == "e2e" else [])
