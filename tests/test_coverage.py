@@ -54,6 +54,20 @@ def _reference(hidden: torch.Tensor, weight: torch.Tensor, k: int, kept: tuple[i
     return (top * keep).sum(-1) / top.sum(-1)
 
 
+def _full_router_inputs(
+    builder: VariantBuilder, prompts: list[list[int]], layers: list[int]
+) -> tuple[torch.nn.Module, dict[int, list[torch.Tensor]]]:
+    """The full model, and what each sparse layer's router received for each prompt run alone."""
+    model = builder.build()
+    captured, handles = _router_inputs(model, layers)
+    with torch.no_grad():
+        for ids in prompts:
+            model(torch.tensor([ids]))
+    for handle in handles:
+        handle.remove()
+    return model, captured
+
+
 def _router_inputs(model: torch.nn.Module, layers: list[int]) -> tuple[dict[int, list[torch.Tensor]], list]:
     captured: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
     handles = [
@@ -90,13 +104,7 @@ def test_calibration_records_the_full_routers_coverage_of_the_kept_experts(check
     stats = collect_statistics(builder, prompts, batch_size=2)
     layers = sorted(builder.sparse_layers)
     recorded = pattern_coverage(stats, Selection("moe_experts", {layer: list(KEPT["a"]) for layer in layers}))
-    model = builder.build()
-    captured, handles = _router_inputs(model, layers)
-    with torch.no_grad():
-        for ids in prompts:
-            model(torch.tensor([ids]))
-    for handle in handles:
-        handle.remove()
+    model, captured = _full_router_inputs(builder, prompts, layers)
     k = builder.config.num_experts_per_tok
     for layer in layers:
         weight = model.model.layers[layer].mlp.gate.weight
@@ -114,13 +122,7 @@ def test_calibration_records_the_answers_coverage_on_the_answers_tokens_only(che
     stats = collect_statistics(builder, prompts, batch_size=2, answer_starts=starts)
     layers = sorted(builder.sparse_layers)
     recorded = pattern_coverage(stats, Selection("moe_experts", {layer: list(KEPT["b"]) for layer in layers}))
-    model = builder.build()
-    captured, handles = _router_inputs(model, layers)
-    with torch.no_grad():
-        for ids in prompts:
-            model(torch.tensor([ids]))
-    for handle in handles:
-        handle.remove()
+    model, captured = _full_router_inputs(builder, prompts, layers)
     k = builder.config.num_experts_per_tok
     answers = recorded["answers"]
     assert answers["tokens"] == 2 + 0 + 4 and recorded["tokens"] == 14
