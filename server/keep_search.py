@@ -18,10 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
 from server.model.pruning import PrunedSelection
-from server.model.variant import VariantBuilder
 
 HELD_OUT_EVERY = 4
 """Every fourth calibration prompt is held out to judge the selections."""
@@ -76,31 +73,10 @@ def held_out_indices(prompts: int) -> list[int]:
     held = [index for index in range(prompts) if index % HELD_OUT_EVERY == HELD_OUT_EVERY - 1]
     if len(held) < MIN_HELD_OUT:
         raise ValueError(
-            f"--keep auto holds out every {HELD_OUT_EVERY}th calibration prompt and needs at least {MIN_HELD_OUT} "
+            f"keep auto holds out every {HELD_OUT_EVERY}th calibration prompt and needs at least {MIN_HELD_OUT} "
             f"of them: give at least {HELD_OUT_EVERY * MIN_HELD_OUT} prompts (got {prompts})"
         )
     return held
-
-
-@torch.inference_mode()
-def greedy_answers(
-    model: Any, prompts: Sequence[Sequence[int]], eos_ids: Sequence[int], max_new_tokens: int = 64
-) -> list[tuple[int, ...]]:
-    """Each prompt's greedy answer (token ids, up to its end-of-generation token), one prompt at a time so
-    that no padding can change an answer."""
-    found = []
-    for ids in prompts:
-        output = model.generate(
-            torch.tensor([list(ids)], device=model.device),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            eos_token_id=list(eos_ids) or None,
-            pad_token_id=eos_ids[0] if eos_ids else None,
-        )
-        answer = output[0, len(ids) :].tolist()
-        ends = [position for position, token in enumerate(answer) if token in eos_ids]
-        found.append(tuple(answer[: ends[0]] if ends else answer))
-    return found
 
 
 def agreement(answers: Sequence[tuple[int, ...]], reference: Sequence[tuple[int, ...]]) -> float:
@@ -137,12 +113,3 @@ def search_keep(
     search.seconds = time.perf_counter() - started
     selection, record = found.get(chosen, (None, {}))
     return selection, record, search
-
-
-def full_model_answers(builder: VariantBuilder, prompts: Sequence[Sequence[int]], eos_ids: Sequence[int]) -> list:
-    """The full model's greedy answers to the held-out prompts: what each selection is judged against."""
-    model = builder.build()
-    try:
-        return greedy_answers(model, prompts, eos_ids)
-    finally:
-        del model

@@ -241,7 +241,7 @@ class PatternAdmin:
             try:
                 held_out_indices(len(texts))
             except ValueError as error:
-                raise InvalidRequest(str(error).replace("--keep auto", "keep 'auto'"), param="prompts") from None
+                raise InvalidRequest(str(error), param="prompts") from None
             self._check_whole_model_fits(keep_auto=True)
         elif recipe.refine == "e2e":
             self._check_whole_model_fits()
@@ -258,28 +258,26 @@ class PatternAdmin:
     def _check_whole_model_fits(self, answering: bool = False, keep_auto: bool = False) -> None:
         """The answer-loss refinement (or answering prompts with the full model, or judging a keep by its
         answers) holds the whole model beside what serves: only when it fits."""
-        whole = self.builder.variant_bytes(None)
-        if whole > self.config.cache_budget and keep_auto:
-            raise InvalidRequest(
-                f"keep 'auto' answers held-out prompts with the whole model ({whole / 2**30:.2f} GiB of experts) in "
-                f"this server's memory, more than its cache budget ({self.config.cache_budget / 2**30:.2f} GiB); "
-                "give keep as a share, or run 'taskmoe calibrate --keep auto' where the model fits and import it",
-                param="keep",
+        whole, budget = self.builder.variant_bytes(None), self.config.cache_budget
+        if whole <= budget:
+            return
+        if keep_auto:
+            what, param = "keep 'auto' (the full model answers held-out prompts) holds", "keep"
+            advice = "give keep as a share, or run 'taskmoe calibrate --keep auto' where the model fits and import it"
+        elif answering:
+            what, param = "answering the suggestion's prompts holds", "name"
+            advice = "run 'taskmoe patterns suggest --calibrate NAME' where the model fits and import the pattern"
+        else:
+            what, param = "refine 'e2e' holds", "refine"
+            advice = (
+                "use refine 'local' (any model size), or run 'taskmoe calibrate --refine e2e' where the model fits "
+                "and import it"
             )
-        if whole > self.config.cache_budget and answering:
-            raise InvalidRequest(
-                f"answering the suggestion's prompts holds the whole model ({whole / 2**30:.2f} GiB of experts) in "
-                f"this server's memory, more than its cache budget ({self.config.cache_budget / 2**30:.2f} GiB); "
-                "run 'taskmoe patterns suggest --calibrate NAME' where the model fits and import the pattern",
-                param="name",
-            )
-        if whole > self.config.cache_budget:
-            raise InvalidRequest(
-                f"refine 'e2e' holds the whole model ({whole / 2**30:.2f} GiB of experts) in this server's memory, "
-                f"more than its cache budget ({self.config.cache_budget / 2**30:.2f} GiB); use refine 'local' "
-                "(any model size), or run 'taskmoe calibrate --refine e2e' where the model fits and import it",
-                param="refine",
-            )
+        raise InvalidRequest(
+            f"{what} the whole model ({whole / 2**30:.2f} GiB of experts) in this server's memory, more than its "
+            f"cache budget ({budget / 2**30:.2f} GiB); {advice}",
+            param=param,
+        )
 
 
 def _stages(recipe: PatternRecipe, answer: bool) -> list[str]:

@@ -32,14 +32,7 @@ from pattern_store.recipes import (
     REFINEMENTS,
 )
 from pattern_store.selection import Selection
-from server.keep_search import (
-    agreement,
-    candidate_counts,
-    full_model_answers,
-    greedy_answers,
-    held_out_indices,
-    search_keep,
-)
+from server.keep_search import agreement, candidate_counts, held_out_indices, search_keep
 from server.model.answer_loss_refinement import refine_by_answer_loss
 from server.model.calibrate import CalibrationStatistics, collect_statistics
 from server.model.checkpoint import model_fingerprint, model_identity
@@ -294,7 +287,7 @@ def answered_by_full_model(
     """The prompts with the full model's greedy answers as responses: calibration texts for prompts that
     came without answers (recorded traffic), so that the statistics cover the answers too."""
     model = builder.build()
-    eos = end_of_generation_ids(tokenizer, builder.generation_config) or end_of_generation_ids(None, builder.config)
+    eos = _eos_ids(builder, tokenizer)
     calibration = complete_answers(
         model, calibration_set(tokenizer, [CalibrationText(p, None) for p in prompts], max_context(builder)), eos,
         max_new_tokens,
@@ -484,13 +477,7 @@ def make_pattern(
         return _auto_kept_pattern(
             name, builder, tokenizer, calibration, recipe, examples, embedder, fingerprint, progress
         )
-    stats = collect_statistics(
-        builder,
-        calibration.token_ids,
-        threshold=recipe.threshold,
-        progress=_stage(progress, "statistics", builder.config.num_hidden_layers),
-        answer_starts=calibration.answer_starts,
-    )
+    stats = _statistics(builder, calibration, recipe, progress)
     pattern = pattern_from_statistics(
         name, builder, stats, recipe, examples, embedder, fingerprint, calibration, progress
     )
@@ -515,15 +502,9 @@ def _auto_kept_pattern(
     fit = CalibrationSet([ids for i, (ids, _) in enumerate(pairs) if i not in held],
                          [start for i, (_, start) in enumerate(pairs) if i not in held])  # fmt: skip
     prompts = [ids[:start] for i, (ids, start) in enumerate(pairs) if i in held]
-    stats = collect_statistics(
-        builder,
-        fit.token_ids,
-        threshold=recipe.threshold,
-        progress=_stage(progress, "statistics", builder.config.num_hidden_layers),
-        answer_starts=fit.answer_starts,
-    )
-    eos = end_of_generation_ids(tokenizer, builder.generation_config) or end_of_generation_ids(None, builder.config)
-    reference = full_model_answers(builder, prompts, eos)
+    stats = _statistics(builder, fit, recipe, progress)
+    eos = _eos_ids(builder, tokenizer)
+    reference = _greedy_answers(builder.build(), prompts, eos)
     layer = next(iter(builder.sparse_layers.values()))
     counts = candidate_counts(layer.num_experts, int(builder.config.num_experts_per_tok),
                               builder.family.balanced_groups(builder.config))  # fmt: skip
@@ -531,13 +512,12 @@ def _auto_kept_pattern(
     def evaluate(count: int) -> tuple[PrunedSelection, dict[str, Any], float]:
         fixed = dataclasses.replace(recipe, keep_ratio=None, keep_experts=count, target=None)
         pruned, record = select_experts(builder, stats, fixed, fit)
-        answers = greedy_answers(builder.build(pruned.selection), prompts, eos)
+        answers = _greedy_answers(builder.build(pruned.selection), prompts, eos)
         return pruned, record, agreement(answers, reference)
 
-    searched = _stage(progress, "keep search", max(1, (len(counts) - 1).bit_length()))
     pruned, record, search = search_keep(
         counts, evaluate, float(recipe.target or 1.0), len(prompts),
-        progress=(lambda done, total: searched(done)) if searched is not None else None,
+        progress=(lambda done, total: progress("keep search", done, total)) if progress is not None else None,
     )  # fmt: skip
     if pruned is None:  # only every expert meets the target: the pattern keeps them all
         every = dataclasses.replace(recipe, keep_ratio=None, keep_experts=search.experts, target=None, refine="none")
@@ -548,6 +528,34 @@ def _auto_kept_pattern(
     pattern.parameters["keep_experts"] = search.experts
     pattern.parameters["keep_search"] = search.record()
     return pattern, stats
+
+
+def _statistics(
+    builder: VariantBuilder, calibration: CalibrationSet, recipe: PatternRecipe, progress: StageProgress | None
+) -> CalibrationStatistics:
+    """The calibration pass over `calibration` (its answers' tokens marked, for their coverage)."""
+    return collect_statistics(
+        builder,
+        calibration.token_ids,
+        threshold=recipe.threshold,
+        progress=_stage(progress, "statistics", builder.config.num_hidden_layers),
+        answer_starts=calibration.answer_starts,
+    )
+
+
+def _eos_ids(builder: VariantBuilder, tokenizer: PreTrainedTokenizerBase) -> tuple[int, ...]:
+    """The tokens that end an answer: the tokenizer's and generation config's, else the model config's."""
+    return end_of_generation_ids(tokenizer, builder.generation_config) or end_of_generation_ids(None, builder.config)
+
+
+def _greedy_answers(model: PreTrainedModel, prompts: Sequence[Sequence[int]], eos: Sequence[int]) -> list[tuple]:
+    """Each prompt's greedy answer as token ids, its end-of-generation token left out (`complete_answers`, one
+    prompt at a time: no padding can change an answer)."""
+    answered = complete_answers(model, CalibrationSet([list(p) for p in prompts], [len(p) for p in prompts]), eos)
+    return [
+        tuple(token for token in ids[start:] if token not in eos)
+        for ids, start in zip(answered.token_ids, answered.answer_starts, strict=True)
+    ]
 
 
 def measure_coverage(

@@ -732,6 +732,21 @@ def test_a_second_job_for_the_same_name_is_a_409(server) -> None:
     assert admin(server, "DELETE", "/patterns/twice").status_code == 200
 
 
+def test_jobs_that_need_the_whole_model_are_refused_when_it_does_not_fit_the_budget(tmp_path) -> None:
+    whole = VariantBuilder(DEMO_MOE).variant_bytes(None)
+    config = ServerConfig(model=DEMO_MOE, store=copy_demo_store(tmp_path), cache_budget=whole - 1, admin_key=ADMIN_KEY)
+    prompts = [e.prompt for e in get_task("sort").examples(16, 97)]
+    with running_server(config) as tight:
+        for extra, param, says in (
+            ({"refine": "e2e"}, "refine", "refine 'e2e' holds the whole model"),
+            ({"keep": "auto"}, "keep", "keep 'auto' (the full model answers held-out prompts) holds the whole model"),
+        ):
+            refused = admin(tight, "POST", "/patterns", json={"name": "big", "prompts": prompts, **extra})
+            error = _error(refused, 400)
+            assert error["param"] == param and says in error["message"] and "cache budget" in error["message"]
+        assert "big" not in tight.runtime.store.names()
+
+
 @pytest.mark.parametrize("expert_pool", [False, True], ids=["variants", "pool"])
 def test_the_full_model_gets_through_a_stream_of_smaller_patterns(tmp_path, expert_pool) -> None:
     """Under a budget that holds the whole model only, `@full` got 0 of 20 requests through while the
