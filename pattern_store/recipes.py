@@ -22,8 +22,11 @@ KEEP_AUTO = "auto"
 DEFAULT_TARGET = 0.99
 #: channel scoring methods of dense models (SEAP, its WIFN variant, and the baselines)
 DENSE_METHODS: tuple[str, ...] = ("seap", "seap-wifn", "magnitude", "random")
-#: how kept experts are spread over layers: the same count in each, or what each layer's scores ask for
-BUDGETS: tuple[str, ...] = ("uniform", "adaptive")
+#: how kept experts are spread over layers: the same count in each, what each layer's scores ask for, or the
+#: same count in each to start with, then slots moved between layers by the answer loss (with `e2e` refinement)
+BUDGETS: tuple[str, ...] = ("uniform", "adaptive", "loss")
+#: the layer budget that the answer-loss refinement moves
+LOSS_BUDGET = "loss"
 #: refinements of an expert selection: layer-local (`server.model.local_refinement`) and end to end by the
 #: answer loss (`server.model.answer_loss_refinement`)
 REFINEMENTS: tuple[str, ...] = ("none", "local", "e2e")

@@ -3,7 +3,7 @@
     python scripts/eval_keep_auto.py [-n 200] [--prompts 128] [--target 0.99] [--out bench/results/keep_auto.json]
 
 For each MoE demo model and task, a pattern is calibrated with `--keep auto` (the default recipe otherwise:
-REAP, uniform budget; `--refine` to change it) on the task's calibration exchanges (seed 7000, the demo's
+REAP, uniform budget; `--refine` and `--budget` to change it) on the task's calibration exchanges (seed 7000, the demo's
 calibration seed; every fourth is held out by the search itself). Then the chosen variant answers `-n`
 examples of the evaluation seed, which neither the statistics nor the search saw, and its accuracy is set
 against the full model's: the measured retention, beside the search's estimate (the share of held-out
@@ -32,7 +32,7 @@ ESTIMATE_WITHIN = 0.015
 MAX_SECONDS = 300
 
 
-def evaluate_model(model_dir: Path, n: int, prompts: int, target: float, refine: str) -> dict[str, Any]:
+def evaluate_model(model_dir: Path, n: int, prompts: int, target: float, refine: str, budget: str) -> dict[str, Any]:
     from tqdm import tqdm
 
     from demo.calibration import calibration_texts
@@ -43,7 +43,7 @@ def evaluate_model(model_dir: Path, n: int, prompts: int, target: float, refine:
 
     builder = VariantBuilder(model_dir, dtype="float32")
     tokenizer = load_tokenizer(model_dir)
-    recipe = PatternRecipe.for_model(True, keep="auto", target=target, refine=refine)
+    recipe = PatternRecipe.for_model(True, keep="auto", target=target, refine=refine, budget=budget)
     full = builder.build()
     tasks: dict[str, Any] = {}
     for task in tqdm(TASK_NAMES, desc=f"{model_dir.name} keep auto", unit="task"):
@@ -104,14 +104,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompts", type=int, default=128, help="calibration exchanges per task (a quarter held out)")
     parser.add_argument("--target", type=float, default=0.99)
     parser.add_argument("--refine", choices=("none", "local", "e2e"), default="none")
+    parser.add_argument("--budget", choices=("uniform", "adaptive", "loss"), default="uniform")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "keep_auto.json")
     args = parser.parse_args(argv)
     report: dict[str, Any] = {
-        "settings": {"n": args.n, "prompts": args.prompts, "target": args.target, "refine": args.refine},
+        "settings": {
+            "n": args.n,
+            "prompts": args.prompts,
+            "target": args.target,
+            "refine": args.refine,
+            "budget": args.budget,
+        },
         "models": {},
     }
     for name in [args.only] if args.only else MODELS:
-        tasks = evaluate_model(args.models / name, args.n, args.prompts, args.target, args.refine)
+        tasks = evaluate_model(args.models / name, args.n, args.prompts, args.target, args.refine, args.budget)
         report["models"][name] = {"tasks": tasks, "verdict": verdict(tasks, args.target)}
         print(name, json.dumps(report["models"][name]["verdict"]["met"]))
     report["measured"] = measured()

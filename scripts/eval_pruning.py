@@ -4,13 +4,14 @@
     python scripts/eval_pruning.py --only demo-moe-fine --keeps 0.25      # one model, one keep level
 
 For every MoE demo model (`demo-moe`, 16 experts top-2; `demo-moe-fine`, 64 experts top-4 and a shared
-expert) and keep levels 50% and 25% of the routed experts, per task:
+expert) and keep levels 50%, 25% and 12.5% of the routed experts, per task:
 
 - every scoring method (TCESS, its raw-logit variant, selection frequency, REAP, EAN, EASY-EP), the
   task-agnostic baseline (TCESS over all tasks' prompts pooled) and random;
 - REAP with the adaptive per-layer budget;
-- the refinements: layer-local (reconstruction error) and end to end (answer loss), with the seconds each
-  pattern took to calibrate;
+- the refinements: layer-local (reconstruction error) and end to end (the divergence from the full model on
+  the calibration answers), the latter with the uniform budget and with the budget moved between layers by
+  that loss, with the seconds each pattern took to calibrate and the memory its kept experts take;
 - the cross-task matrix of the best recipe (every task served by every task's pattern).
 
 For `demo-dense`: SEAP expert-based (per task) and general (pooled) against weight magnitude and random at
@@ -54,16 +55,16 @@ from server.patterns import (
 import _measured
 
 MOE_MODELS = ("demo-moe", "demo-moe-fine")
-MOE_KEEPS = (0.5, 0.25)
+MOE_KEEPS = (0.5, 0.25, 0.125)
 DENSE_SPARSITIES = (0.2, 0.5, 0.7)
 #: the recipes beyond plain scoring: (row label, method, layer budget, refinement)
 REFINED = (
     ("reap, adaptive budget", "reap", "adaptive", "none"),
     ("layer-local refinement", "reap", "uniform", "local"),
     ("answer-loss refinement", "reap", "uniform", "e2e"),
-    ("answer-loss refinement, adaptive budget", "reap", "adaptive", "e2e"),
+    ("answer-loss refinement, moved budget", "reap", "loss", "e2e"),
 )
-BEST = "answer-loss refinement"
+BEST = "answer-loss refinement, moved budget"
 
 
 def _accuracy(model: Any, tokenizer: Any, task: str, n: int) -> float:
@@ -108,6 +109,7 @@ def evaluate_moe(model_dir: Path, n: int, prompts_per_task: int, keeps: tuple[fl
         k = keep_count(num_experts, top_k, keep_ratio=keep)
         rows: dict[str, dict[str, float]] = {}
         seconds: dict[str, dict[str, float]] = {}
+        layer_counts: dict[str, dict[str, dict[str, int]]] = {}
         selections: dict[str, dict[str, Selection]] = {}
         for method in [*(m for m in MOE_METHODS if m != "random"), "task-agnostic", "random"]:
             rows[method] = {}
@@ -117,7 +119,7 @@ def evaluate_moe(model_dir: Path, n: int, prompts_per_task: int, keeps: tuple[fl
                 selection = moe_selection(source, k, scorer, seed=TASK_NAMES.index(task)).selection
                 rows[method][task] = _accuracy(builder.build(selection), tokenizer, task, n)
         for label, method, budget, refine in REFINED:
-            rows[label], seconds[label], selections[label] = {}, {}, {}
+            rows[label], seconds[label], selections[label], layer_counts[label] = {}, {}, {}, {}
             recipe = PatternRecipe(method=method, keep_ratio=keep, budget=budget, refine=refine)
             for task in tqdm(TASK_NAMES, desc=f"{model_dir.name} keep {keep} {label}"):
                 started = time.perf_counter()
@@ -125,6 +127,7 @@ def evaluate_moe(model_dir: Path, n: int, prompts_per_task: int, keeps: tuple[fl
                 # the whole calibration of the pattern: the statistics pass and the selection with its refinement
                 seconds[label][task] = round(time.perf_counter() - started + statistics_seconds[task], 1)
                 selections[label][task] = pruned.selection
+                layer_counts[label][task] = {str(k): len(v) for k, v in pruned.selection.layers.items()}
                 rows[label][task] = _accuracy(builder.build(pruned.selection), tokenizer, task, n)
         cross = {}
         for pattern_task in tqdm(TASK_NAMES, desc=f"{model_dir.name} keep {keep} cross-task"):
@@ -135,6 +138,10 @@ def evaluate_moe(model_dir: Path, n: int, prompts_per_task: int, keeps: tuple[fl
             "of": num_experts,
             "methods": rows,
             "refinement_seconds": seconds,
+            "experts_per_layer": layer_counts,
+            # what a pattern's kept experts take (every recipe keeps the same total; novices would add to it)
+            "kept_expert_bytes": sum(builder.sizes.expert_bytes(i) for i in builder.sparse_layers) * k,
+            "all_expert_bytes": sum(builder.sizes.expert_bytes(i) for i in builder.sparse_layers) * num_experts,
             "cross_task_recipe": BEST,
             "cross_task": cross,
         }
@@ -177,9 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     torch.set_num_threads(1)  # one thread is fastest for these small models, and the numbers repeat
-    previous = json.loads(args.out.read_text()) if args.only and args.out.is_file() else {}
-    report: dict[str, Any] = {key: previous[key] for key in ("models", "dense") if key in previous}
-    report.setdefault("models", {})
+    report: dict[str, Any] = {"models": {}}
     report["settings"] = {
         "examples_per_task": args.n,
         "calibration_prompts_per_task": args.prompts_per_task,
@@ -192,13 +197,18 @@ def main(argv: list[str] | None = None) -> int:
             started = time.perf_counter()
             measured = evaluate_moe(args.models / name, args.n, args.prompts_per_task, tuple(args.keeps))
             measured["seconds"] = round(time.perf_counter() - started, 1)
-            report["models"][name] = {**report["models"].get(name, {}), **measured}  # other keep levels stay
+            report["models"][name] = measured
     if args.only in (None, "demo-dense"):
         started = time.perf_counter()
         report["dense"] = evaluate_dense(args.models / "demo-dense", args.n, args.prompts_per_task)
         report["dense"]["seconds"] = round(time.perf_counter() - started, 1)
     report["measured"] = _measured.measured()
-    if args.only:  # the other models' results are the earlier run's
+    if args.only:  # the other models' results are the file's when this run ends (runs of two models compose)
+        previous = json.loads(args.out.read_text()) if args.out.is_file() else {}
+        if "dense" in previous and "dense" not in report:
+            report["dense"] = previous["dense"]
+        models = previous.get("models", {})  # a model measured here keeps its other keep levels
+        report["models"] = {**models, **{name: {**models.get(name, {}), **m} for name, m in report["models"].items()}}
         report["measured"] |= {"only": args.only, "rest": previous.get("measured")}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n")

@@ -15,7 +15,8 @@ def keep_auto(report: Report | None = None) -> str:
     settings = report["settings"]
     target = settings["target"]
     lines = [
-        f"`--keep auto --target {target}`, refinement `{settings['refine']}`, on {settings['prompts']} calibration "
+        f"`--keep auto --target {target}`, refinement `{settings['refine']}`, budget "
+        f"`{settings.get('budget', 'uniform')}`, on {settings['prompts']} calibration "
         f"exchanges per task (a quarter held out by the search); accuracy on {settings['n']} examples of the "
         "evaluation seed, which neither the statistics nor the search saw.",
         "",

@@ -619,15 +619,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--budget",
         choices=BUDGETS,
         default="uniform",
-        help="MoE: keep the same number of experts in every layer, or spread the same total by what each "
-        "layer's scores ask for (adaptive; such a pattern cannot be exported)",
+        help="MoE: keep the same number of experts in every layer, spread the same total by what each "
+        "layer's scores ask for (adaptive), or move it from layer to layer while the answer loss drops (loss: "
+        "needs --refine e2e); a pattern whose layers keep different counts cannot be exported",
     )
     calibrate.add_argument(
         "--refine",
         choices=REFINEMENTS,
         default="none",
         help="MoE: swap experts while the layer-local reconstruction error drops (local: any model size), or "
-        "choose among every score's selection and swap while the calibration answers' loss drops (e2e: the "
+        "choose among every score's selection and swap while the divergence from the full model on the "
+        "calibration answers drops (e2e: the "
         "model must fit in memory; prompts without a response are answered by the full model first)",
     )
     calibrate.add_argument(

@@ -27,6 +27,7 @@ from pattern_store.recipes import (
     DEFAULT_TARGET,
     DENSE_METHODS,
     KEEP_AUTO,
+    LOSS_BUDGET,
     MOE_METHODS,
     OUTPUT_METHODS,
     REFINEMENTS,
@@ -216,6 +217,8 @@ class PatternRecipe:
             raise RecipeError(f"unknown layer budget {self.budget!r}; expected one of {', '.join(BUDGETS)}", "budget")
         if self.refine not in REFINEMENTS:
             raise RecipeError(f"unknown refinement {self.refine!r}; expected one of {', '.join(REFINEMENTS)}", "refine")
+        if moe and self.budget == LOSS_BUDGET and self.refine != "e2e":
+            raise RecipeError(f"budget {LOSS_BUDGET!r} is moved by the answer loss: it needs refine 'e2e'", "budget")
         if self.target is not None and not 0 < self.target <= 1:
             raise RecipeError("target is the share of held-out answers that must match the full model's, in (0, 1]",
                               "target")  # fmt: skip
@@ -357,6 +360,7 @@ def select_experts(
             kept, record["e2e"] = _refine_by_answer_loss(
                 builder, calibration, {**starts, "local": kept}, chosen.scores, recipe, progress
             )
+            record["experts_per_layer"] = {str(index): len(experts) for index, experts in kept.items()}
         record["seconds"] = round(time.perf_counter() - started, 1)
     for index, experts in kept.items():  # a selection the routing rule refuses must fail here, not when served
         if len(experts) < builder.sparse_layers[index].num_experts:
@@ -384,21 +388,29 @@ def _refine_by_answer_loss(
         recipe.search,
         progress=_stage(progress, "answer-loss refinement", recipe.search.e2e_evaluations),
         model=model,
+        move_budget=recipe.budget == LOSS_BUDGET,
     )
     pairs = zip(calibration.token_ids, calibration.answer_starts, strict=True)
     generated = sum(start >= len(ids) for ids, start in pairs)
     record = {
+        "objective": recipe.search.e2e_objective,
         "start": search.start,
-        "candidate_losses": {name: round(value, 5) for name, value in search.candidate_losses.items()},
-        "full_loss": round(search.full_loss, 5),
-        "start_loss": round(search.start_loss, 5),
-        "loss": round(search.loss, 5),
+        "candidate_losses": {name: _figures(value) for name, value in search.candidate_losses.items()},
+        "full_loss": _figures(search.full_loss),
+        "start_loss": _figures(search.start_loss),
+        "loss": _figures(search.loss),
         "swaps": search.swaps,
+        "moves": search.moves,
         "evaluations": search.evaluations,
         "stopped": search.stopped,
         "answers_generated": int(generated),
     }
     return {index: list(experts) for index, experts in search.kept.items()}, record
+
+
+def _figures(value: float) -> float:
+    """Four significant figures: a divergence from the full model can be 1e-6 and still tell selections apart."""
+    return float(f"{value:.4g}")
 
 
 def pattern_coverage(stats: CalibrationStatistics, selection: Selection) -> dict[str, Any]:

@@ -99,6 +99,7 @@ def test_calibrate_errors_are_one_line(store_dir, tmp_path, capsys) -> None:
         ([*base, "--name", "y", "--prompts", str(tmp_path / "a.jsonl"), "--keep-experts", "1"], "top-k"),
         ([*base, "--name", "y", "--prompts", str(tmp_path / "a.jsonl"), "--method", "magic"], "unknown"),
         ([*dense, "--name", "y", "--prompts", str(tmp_path / "a.jsonl"), "--budget", "adaptive"], "has none"),
+        ([*base, "--name", "y", "--prompts", str(tmp_path / "a.jsonl"), "--budget", "loss"], "needs refine 'e2e'"),
     ]
     for args, message in cases:
         assert main(args) == 2

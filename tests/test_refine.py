@@ -1,19 +1,23 @@
 """Refinement of expert selections: the losses it minimises are the real ones, and its searches keep their word.
 
 Every loss is checked against an independent computation: the reconstruction error against the masked
-block's own output, the answer loss against the cross-entropy of the built variant.
+block's own output, the answer loss against the cross-entropy of the built variant or its KL divergence from
+the full model (`torch.nn.functional.kl_div` over the whole vocabulary, which the tiny models' 64 tokens are).
 """
 
 from __future__ import annotations
 
 import itertools
 import math
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from pattern_store.selection import Selection
-from server.model.answer_loss_refinement import AnswerLoss, refine_by_answer_loss
+from server.model.answer_loss_refinement import TOP_TOKENS, AnswerLoss, refine_by_answer_loss
 from server.model.layer_stream import LayerStream
 from server.model.local_refinement import BlockReconstruction, SearchOptions, refine_locally
 from server.model.masking import RouterMasks
@@ -141,7 +145,7 @@ def test_answer_loss_is_the_built_variants_cross_entropy(tiny, name) -> None:
     builder = tiny[name]
     prompts = _prompts()
     starts = [len(ids) - 3 for ids in prompts]
-    loss = AnswerLoss(builder, prompts, starts, batch_size=4)
+    loss = AnswerLoss(builder, prompts, starts, batch_size=4, objective="answers")
     first = {layer: (0, 1, 4, 5) for layer in builder.sparse_layers}
     second = {**first, max(first): (2, 3, 6, 7)}
     for selection in (first, second):
@@ -162,6 +166,39 @@ def test_answer_loss_is_the_built_variants_cross_entropy(tiny, name) -> None:
     assert loss.evaluate({}) == pytest.approx(_cross_entropy(builder.build(), prompts, starts), rel=1e-5)
     with pytest.raises(ValueError, match="answer tokens"):
         AnswerLoss(builder, prompts, [len(ids) for ids in prompts])
+    with pytest.raises(ValueError, match="unknown answer-loss objective"):
+        AnswerLoss(builder, prompts, starts, objective="perplexity")
+
+
+def _divergence(variant, prompts: list[list[int]], starts: list[int], full) -> float:
+    """KL(full || variant) of the next-token distributions at the answer positions, per answer token."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for ids, start in zip(prompts, starts, strict=True):
+            x = torch.tensor([ids])
+            p = full(x).logits[0, start - 1 : -1].float().log_softmax(-1)
+            q = variant(x).logits[0, start - 1 : -1].float().log_softmax(-1)
+            total += float(torch.nn.functional.kl_div(q, p, log_target=True, reduction="sum"))
+            count += len(ids) - start
+    return total / count
+
+
+@pytest.mark.parametrize("name", ["qwen2_moe", "deepseek_v3"])
+def test_answer_loss_is_the_built_variants_divergence_from_the_full_model(tiny, name) -> None:
+    builder = tiny[name]
+    assert builder.config.vocab_size <= TOP_TOKENS, "the reference below is the KL over the whole vocabulary"
+    prompts = _prompts()
+    starts = [len(ids) - 3 for ids in prompts]
+    loss = AnswerLoss(builder, prompts, starts, batch_size=4)
+    full = builder.build()
+    assert loss.evaluate({}) == pytest.approx(0.0, abs=1e-6)
+    for selection in (
+        {layer: (0, 1, 4, 5) for layer in builder.sparse_layers},
+        {max(builder.sparse_layers): (2, 3, 6, 7)},
+    ):
+        expected = _divergence(builder.build(Selection("moe_experts", selection)), prompts, starts, full)
+        assert expected > 1e-4
+        assert loss.evaluate(selection) == pytest.approx(expected, rel=1e-4)
 
 
 def test_answer_loss_search_beats_its_best_candidate(tiny) -> None:
@@ -174,7 +211,8 @@ def test_answer_loss_search_beats_its_best_candidate(tiny) -> None:
     }
     tiebreak = {layer: torch.arange(8.0) for layer in builder.sparse_layers}
     passes = []
-    search = refine_by_answer_loss(builder, prompts, starts, candidates, tiebreak, SearchOptions(), passes.append)
+    options = SearchOptions(e2e_objective="answers")
+    search = refine_by_answer_loss(builder, prompts, starts, candidates, tiebreak, options, passes.append)
     assert search.start == min(search.candidate_losses, key=search.candidate_losses.get)
     assert search.stopped in {"converged", "evaluations"}
     assert search.loss <= search.start_loss and search.swaps > 0
@@ -208,6 +246,41 @@ def test_answer_loss_search_stops_at_its_budget_of_forward_passes(tiny) -> None:
     assert search.stopped == "evaluations" and search.evaluations <= 5 + SearchOptions().e2e_pairs
 
 
+def _lopsided_model(builder: VariantBuilder, directory: Path, quiet: int) -> VariantBuilder:
+    """The tiny model with the routed experts of sparse layer `quiet` writing a hundredth of what they did:
+    dropping experts there costs almost nothing, so a budget moved by the loss must take slots from it."""
+    tensors = load_file(builder.model_dir / "model.safetensors")
+    marked = f"layers.{quiet}.mlp.experts"
+    scaled = [name for name in tensors if marked in name and "down_proj" in name]
+    assert scaled, "the checkpoint names its routed experts' down projections"
+    for name in scaled:
+        tensors[name] = tensors[name] * 0.01
+    shutil.copytree(builder.model_dir, directory)
+    save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
+    return VariantBuilder(directory)
+
+
+def test_moved_budget_takes_slots_from_the_layer_that_needs_them_least(tiny, tmp_path) -> None:
+    quiet = max(tiny["qwen2_moe"].sparse_layers)
+    builder = _lopsided_model(tiny["qwen2_moe"], tmp_path / "lopsided", quiet)
+    prompts = _prompts(8, seed=3)
+    starts = [len(ids) - 4 for ids in prompts]
+    candidates = {"a": dict.fromkeys(builder.sparse_layers, (0, 1, 2, 3))}
+    tiebreak = {layer: torch.arange(8.0) for layer in builder.sparse_layers}
+    fixed = refine_by_answer_loss(builder, prompts, starts, candidates, tiebreak)
+    moved = refine_by_answer_loss(builder, prompts, starts, candidates, tiebreak, move_budget=True)
+    assert fixed.moves == 0 and all(len(kept) == 4 for kept in fixed.kept.values())
+    assert moved.moves > 0
+    counts = {layer: len(kept) for layer, kept in moved.kept.items()}
+    assert sum(counts.values()) == 4 * len(counts), "the total budget stays"
+    assert min(counts.values()) >= int(builder.config.num_experts_per_tok), "no layer below the routing's top-k"
+    assert counts[quiet] < 4 and max(counts.values()) > 4, counts
+    assert moved.loss < fixed.loss
+    variant = builder.build(Selection("moe_experts", moved.kept))
+    # a small divergence magnifies float32 rounding (padded batches against one prompt at a time)
+    assert moved.loss == pytest.approx(_divergence(variant, prompts, starts, builder.build()), rel=1e-3)
+
+
 def test_group_limited_swaps_stay_in_their_group(tiny) -> None:
     """DeepSeek-V3 with two groups of four: only swaps within a group keep the groups balanced."""
     builder = tiny["deepseek_v3"]
@@ -220,3 +293,15 @@ def test_group_limited_swaps_stay_in_their_group(tiny) -> None:
     for error, swapped in ranked:
         assert math.isfinite(error)
         assert sum(e < 4 for e in swapped) == 2 and sum(e >= 4 for e in swapped) == 2
+
+
+def test_moved_budget_is_refused_where_routing_keeps_expert_groups_balanced(tiny) -> None:
+    """DeepSeek-V3's groups need the same count in each: one slot cannot move, so the recipe says so up front."""
+    from server.model.calibrate import collect_statistics
+    from server.patterns import PatternRecipe, select_experts
+
+    builder = tiny["deepseek_v3"]
+    stats = collect_statistics(builder, _prompts())
+    recipe = PatternRecipe(method="reap", keep_ratio=0.5, budget="loss", refine="e2e")
+    with pytest.raises(ValueError, match="expert groups"):
+        select_experts(builder, stats, recipe, None)

@@ -253,7 +253,9 @@ class RegisterPatternRequest(BaseModel):
         default=None, max_length=10_000, description="what routing matches; default: the prompts"
     )
     method: str | None = Field(default=None, description="scoring method (default: reap for MoE, seap for dense)")
-    budget: Literal["uniform", "adaptive"] = Field(default="uniform", description="MoE: kept experts per layer")
+    budget: Literal["uniform", "adaptive", "loss"] = Field(
+        default="uniform", description="MoE: kept experts per layer ('loss' moves them by answer loss: refine 'e2e')"
+    )
     refine: Literal["none", "local", "e2e"] = Field(
         default="none", description="MoE: swap experts by layer-local error (local) or by answer loss (e2e)"
     )

@@ -47,6 +47,9 @@ class SearchOptions:
     e2e_sweeps: int = 2  # answer loss: passes over the layers
     e2e_evaluations: int = 400  # answer loss: forward passes in all
     e2e_seconds: float = 900.0  # answer loss: safety cap on wall time
+    e2e_objective: str = "divergence"  # answer loss: from the full model, or "answers" (their cross-entropy)
+    move_pairs: int = 2  # budget moves: additions and removals per layer given a forward pass each
+    move_trials: int = 12  # budget moves: (addition, removal) pairs in two layers tried per move
 
 
 @dataclass
@@ -141,6 +144,17 @@ class BlockReconstruction:
             pairs += [(out, add) for out in outs for add in ins]
         swaps = [(self.error(swap(out, add)), swap(out, add)) for out, add in pairs]
         return sorted(swap for swap in swaps if math.isfinite(swap[0]))
+
+    def ranked_resizes(self, kept: Kept, scores: torch.Tensor, grow: bool, candidates: int) -> list[Kept]:
+        """The kept set with one pruned expert added (`grow`) or one kept expert removed, best first by the
+        error (ties by score), at most `candidates` of them; a removal below the routing's top-k is none."""
+        changed = [e for e in range(self.num_experts) if e not in kept] if grow else list(kept)
+
+        def resized(e: int) -> Kept:
+            return tuple(sorted((*kept, e))) if grow else tuple(x for x in kept if x != e)
+
+        ranked = sorted((self.error(resized(e)), -float(scores[e]) if grow else float(scores[e]), e) for e in changed)
+        return [resized(e) for error, _, e in ranked if math.isfinite(error)][:candidates]
 
     def search(self, kept: Kept, scores: torch.Tensor, options: SearchOptions) -> tuple[Kept, float, int]:
         """Best-improvement swaps while the error drops; returns the kept set, its error and the swaps made."""

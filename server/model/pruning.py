@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from pattern_store.expert_scores import keep_top, layer_budget
-from pattern_store.recipes import BUDGETS, DENSE_METHODS, MOE_METHODS
+from pattern_store.recipes import BUDGETS, DENSE_METHODS, LOSS_BUDGET, MOE_METHODS
 from pattern_store.seap import bias_compensation, channel_scores, logistic_schedule, prune_layer, standardise
 from pattern_store.selection import Selection
 from server.model.calibrate import CalibrationStatistics
@@ -40,7 +40,12 @@ def expert_counts(
     expert groups a multiple of the groups with at least two per group)."""
     if budget not in BUDGETS:
         raise ValueError(f"unknown layer budget {budget!r}; expected one of {', '.join(BUDGETS)}")
-    if budget == "uniform":
+    if budget == LOSS_BUDGET and groups > 1:
+        raise ValueError(
+            f"budget {LOSS_BUDGET!r} moves one expert at a time, but this model's routing keeps the same number in "
+            f"each of {groups} expert groups; use 'uniform' or 'adaptive'"
+        )
+    if budget in ("uniform", LOSS_BUDGET):  # the loss budget starts uniform; the answer loss moves it
         return dict.fromkeys(stats.router, keep)
     scores = {layer: router.scores(method, seed=seed + layer) for layer, router in stats.router.items()}
     minimum = max(top_k, 2 * groups) if groups > 1 else top_k
