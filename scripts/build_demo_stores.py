@@ -5,8 +5,9 @@
 
 Each task pattern is calibrated on 64 generated prompts of its task with their answers (a seed that is
 neither the training stream's nor the held-out evaluation's) and routes on the same prompts. MoE patterns
-use the best measured recipe (docs/benchmarks-pruning.md): REAP scores, then the
-answer-loss refinement; dense patterns SEAP at 20% sparsity. The general pattern is calibrated (and
+use the recipe chosen on a choice split (seed 8100, neither calibration's nor the evaluation's): REAP scores,
+then the answer-loss refinement (the divergence from the full model) with the layer budget moved by it; dense
+patterns SEAP at 20% sparsity. The general pattern is calibrated (and
 refined) on all tasks' prompts together and has no routing examples: it is what a server can fall back to.
 """
 
@@ -26,7 +27,7 @@ from tqdm import tqdm
 from demo.calibration import calibration_texts
 from demo.tasks import TASKS
 from pattern_store.embedder import Embedder
-from pattern_store.recipes import REFINEMENTS
+from pattern_store.recipes import BUDGETS, REFINEMENTS
 from pattern_store.store import PatternStore
 from server.model.calibrate import collect_statistics
 from server.model.checkpoint import model_fingerprint
@@ -82,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompts-per-task", type=int, default=64)
     parser.add_argument("--keep", type=float, default=0.5, help="MoE: share of experts kept (default 0.5)")
     parser.add_argument("--refine", choices=REFINEMENTS, default="e2e", help="MoE refinement (default e2e)")
+    parser.add_argument("--budget", choices=BUDGETS, default="loss", help="MoE layer budget (default loss)")
     parser.add_argument("--sparsity", type=float, default=0.2, help="demo-dense: channel sparsity (default 0.2)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -92,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         if name == "demo-dense":
             recipe = PatternRecipe(method="seap", sparsity=args.sparsity)
         else:
-            recipe = PatternRecipe(method="reap", keep_ratio=args.keep, refine=args.refine)
+            recipe = PatternRecipe(method="reap", keep_ratio=args.keep, refine=args.refine, budget=args.budget)
         store = build_store(args.models / name, recipe, args.prompts_per_task, embedder)
         print(f"{args.models / name / 'patterns'}: {', '.join(store.names())}")
     return 0

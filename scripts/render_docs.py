@@ -22,7 +22,7 @@ from tables_coverage import coverage, coverage_summary
 from tables_keep_auto import keep_auto
 from tables_models import demo_models, supported_models, unsupported_models
 from tables_pruning import (
-    ANSWER_LOSS,
+    MOVED,
     pruning_cross,
     pruning_dense,
     pruning_findings,
@@ -30,6 +30,7 @@ from tables_pruning import (
     pruning_seconds,
     pruning_settings,
     pruning_targets,
+    refinement_choice,
     relative,
 )
 from tables_routing import SERVED, routing, routing_findings, routing_settings, routing_targets
@@ -76,14 +77,21 @@ def headline() -> str:
         load(n) for n in ("pruning.json", "routing.json", "variants.json", "server.json")
     )
     moe = pruning["models"]["demo-moe"]
-    kept, worst = relative(moe["keep_0.5"]["methods"][ANSWER_LOSS], moe["full"])
+    kept, worst = relative(moe["keep_0.5"]["methods"][MOVED], moe["full"])
+    quarter, quarter_worst = relative(moe["keep_0.25"]["methods"][MOVED], moe["full"])
     served = routing_report["results"][SERVED]
     ratio = {t["ratio"]: t["value"] for t in variants_report["targets"]}
     single = server["single_request"]
     rows = [
         (
-            f"demo-moe with half its experts ({ANSWER_LOSS})",
+            f"demo-moe with half its experts ({MOVED})",
             f"{100 * kept:.1f}% of the full model's accuracy, worst task {100 * worst:.1f}%",
+            "[pruning accuracy](docs/benchmarks-pruning.md)",
+            "pruning.json",
+        ),
+        (
+            "demo-moe with a quarter of its experts (the same recipe)",
+            f"{100 * quarter:.1f}% of the full model's accuracy, worst task {100 * quarter_worst:.1f}%",
             "[pruning accuracy](docs/benchmarks-pruning.md)",
             "pruning.json",
         ),
@@ -161,6 +169,7 @@ SECTIONS: dict[str, Section] = {
     "pruning-seconds": Section(pruning_seconds, ("pruning.json",)),
     "pruning-dense": Section(pruning_dense, ("pruning.json",)),
     "pruning-findings": Section(pruning_findings, ("pruning.json",)),
+    "refinement-choice": Section(refinement_choice, ("refinement_choice.json",)),
 }
 
 

@@ -349,3 +349,27 @@ def pruning_findings() -> str:
         ),
     ]
     return "\n".join(lines) + "\n"
+
+
+def refinement_choice() -> str:
+    """The choice-split comparison the demo stores' recipe was chosen by (`scripts/choose_refinement.py`)."""
+    report = load("refinement_choice.json")
+    full = report["full"]
+    lines = [
+        f"**{report['model']}**, {report['n']} prompts per task of the choice seed {report['seed']}: greedy exact "
+        "match (%)",
+        "",
+        "| kept | answer loss | " + " | ".join(TASKS) + " | mean | of full | experts per layer (translate) |",
+        "|---|---|" + "---|" * (len(TASKS) + 3),
+        "| all | full model | " + " | ".join(_pct(full[t]) for t in TASKS) + f" | **{_pct(_mean(full))}** | 100.0 | |",
+    ]
+    for keep, rows in report["keeps"].items():
+        for label, per_task in rows.items():
+            values = {t: per_task[t]["accuracy"] for t in TASKS}
+            shape = "/".join(str(n) for n in per_task["translate"]["experts_per_layer"].values())
+            lines.append(
+                f"| {round(100 * float(keep), 1):g}% | {label} | "
+                + " | ".join(_pct(values[t]) for t in TASKS)
+                + f" | **{_pct(_mean(values))}** | {_pct(relative(values, full)[0])} | {shape} |"
+            )
+    return "\n".join(lines) + "\n"
