@@ -124,18 +124,27 @@ def test_cli_export_never_overwrites_the_source_model(tmp_path, capsys) -> None:
     assert "not a directory" in capsys.readouterr().err
 
 
-def test_cli_export_of_a_stored_pattern(tmp_path) -> None:
+def test_cli_export_of_a_stored_pattern(tmp_path, capsys) -> None:
     from pattern_store.store import PatternStore
 
     from conftest import DEMO_MOE
 
     store = DEMO_MOE / "patterns"
-    out = tmp_path / "sort"
+    patterns = PatternStore(store, create=False)
+    # the demo stores' budget is moved by the answer loss: most patterns keep different counts in different layers
+    shapes = {name: {len(kept) for kept in patterns.get(name).selection.layers.values()} for name in patterns.names()}
+    uniform = next(name for name, counts in shapes.items() if len(counts) == 1)
+    moved = next(name for name, counts in shapes.items() if len(counts) > 1)
+    out = tmp_path / uniform
     assert (
-        main(["export", "--model", str(DEMO_MOE), "--pattern", "sort", "--store", str(store), "--out", str(out)]) == 0
+        main(["export", "--model", str(DEMO_MOE), "--pattern", uniform, "--store", str(store), "--out", str(out)]) == 0
     )
     exported = AutoModelForCausalLM.from_pretrained(out)
-    assert exported.config.num_experts == len(PatternStore(store, create=False).get("sort").selection.kept(0))
+    assert exported.config.num_experts == len(patterns.get(uniform).selection.kept(0))
+    args = ["export", "--model", str(DEMO_MOE), "--pattern", moved, "--store", str(store), "--out", str(tmp_path / "m")]
+    capsys.readouterr()
+    assert main(args) == 2
+    assert "same number of kept experts in every sparse layer" in capsys.readouterr().err
     assert (
         main(["export", "--model", str(DEMO_MOE), "--pattern", "nope", "--store", str(store), "--out", str(out)]) == 2
     )
