@@ -66,7 +66,12 @@ def stamp(name: str) -> str:
 
 
 def _row_stamp(name: str) -> str:
+    """The stamp of result file `name`; "FILE#PART" is the stamp of the run that measured PART (a run of one
+    model with `--only` records the earlier run's stamp as its `rest`)."""
+    name, _, part = name.partition("#")
     measured = load(name)["measured"]
+    while part and measured.get("only") not in (None, part) and isinstance(measured.get("rest"), dict):
+        measured = measured["rest"]
     old = " (before the routing rewrite)" if name in ROUTED_RESULTS and predates(measured) else ""
     return f"`{measured['commit'][:10]}`, {measured['date'][:10]}{old}"
 
@@ -87,13 +92,13 @@ def headline() -> str:
             f"demo-moe with half its experts ({MOVED})",
             f"{100 * kept:.1f}% of the full model's accuracy, worst task {100 * worst:.1f}%",
             "[pruning accuracy](docs/benchmarks-pruning.md)",
-            "pruning.json",
+            "pruning.json#demo-moe",
         ),
         (
             "demo-moe with a quarter of its experts (the same recipe)",
             f"{100 * quarter:.1f}% of the full model's accuracy, worst task {100 * quarter_worst:.1f}%",
             "[pruning accuracy](docs/benchmarks-pruning.md)",
-            "pruning.json",
+            "pruning.json#demo-moe",
         ),
         (
             f"routing {routing_report['settings']['queries']:,} unseen benchmark prompts",

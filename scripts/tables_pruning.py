@@ -297,7 +297,10 @@ def _specialisation_finding(models: Report) -> str:
 
 
 def _quarter_finding(models: Report) -> str:
-    parts = [f"{name} {_pct(rel)}% ({recipe})" for name, (recipe, rel, _) in _quarters(models).items()]
+    parts = [
+        f"{name} {_pct(rel)}%, worst task {_pct(worst)}% of its own ({recipe})"
+        for name, (recipe, rel, worst) in _quarters(models).items()
+    ]
     fine = models["demo-moe-fine"]
     upper = {key: max(block["upper"] for block in fine[key]["methods"].values()) for key in _levels(fine)}
     upper_text = ", ".join(f"{_pct(v)}% at {fine[k]['experts_kept']}/{fine[k]['of']}" for k, v in upper.items())
