@@ -101,8 +101,8 @@ def pruning_cross() -> str:
 def pruning_seconds() -> str:
     report = load("pruning.json")
     lines = [
-        "| model | kept | kept experts' memory | recipe | median s per pattern | slowest s |",
-        "|---|---|---|---|---|---|",
+        "| model | kept | kept experts' memory | recipe | median s per pattern | slowest s | widest layer |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name, model in report["models"].items():
         for key in _levels(model):
@@ -114,9 +114,11 @@ def pruning_seconds() -> str:
             )
             for recipe, per_task in block["refinement_seconds"].items():
                 values = list(per_task.values())
+                counts = block.get("experts_per_layer", {}).get(recipe, {})
+                widest = max((n for c in counts.values() for n in c.values()), default=None)
                 lines.append(
                     f"| {name} | {block['experts_kept']}/{block['of']} | {memory} | {recipe} | "
-                    f"{statistics.median(values):.1f} | {max(values):.1f} |"
+                    f"{statistics.median(values):.1f} | {max(values):.1f} | {widest or ''} |"
                 )
     return "\n".join(lines) + "\n"
 

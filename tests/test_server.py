@@ -526,13 +526,21 @@ def variant_size() -> int:
     store = PatternStore(DEMO_MOE / "patterns", create=False)
     builder = VariantBuilder(DEMO_MOE)
     sizes = {builder.variant_bytes(store.get(task).selection) for task in TASKS}
-    assert len(sizes) == 1  # every demo pattern keeps 8 of 16 experts
+    assert len(sizes) == 1  # every demo pattern keeps 8 of 16 experts per layer on average (32 in all)
     return sizes.pop()
+
+
+def widest_layer(tasks: tuple[str, ...]) -> int:
+    """The most experts any of the demo patterns `tasks` keeps in one layer. The pool has one slot count for
+    every layer, so a pattern whose budget was moved between layers needs that many slots per layer."""
+    store = PatternStore(DEMO_MOE / "patterns", create=False)
+    return max(len(kept) for task in tasks for kept in store.get(task).selection.layers.values())
 
 
 def test_one_variant_budget_serves_alternating_tasks_without_refusals(tmp_path, variant_size) -> None:
     """Requests that wait for room never hold a pin while queued behind others: all are served."""
-    budget = int(variant_size * 1.2)
+    # a variant's worth of slots in the pool: as many per layer as the widest layer of the two patterns keeps
+    budget = int(variant_size * 1.2 * widest_layer(("sort", "upper")) / 8)
     config = ServerConfig(
         model=DEMO_MOE, store=copy_demo_store(tmp_path), cache_budget=budget, workers=4, admin_key=ADMIN_KEY
     )
@@ -570,10 +578,15 @@ def test_overload_is_503_with_retry_after_and_no_admin_without_key(tmp_path, var
 
 @pytest.mark.parametrize("expert_pool", [True, False], ids=["pool", "variants"])
 def test_concurrent_mixed_tasks_under_a_tight_budget(tmp_path, variant_size, expert_pool) -> None:
-    """The pool gets 10 of 16 slots per layer (two 8-expert patterns never fit together); the per-variant
-    cache gets room for two and a half variants. Either way every answer comes from its own pattern and the
-    budget holds throughout."""
-    budget = int(variant_size * (1.25 if expert_pool else 2.5))
+    """The pool gets as many slots per layer as the widest layer of the patterns in play keeps, fewer than
+    their union needs (so they evict each other); the per-variant cache gets room for two and a half
+    variants. Either way every answer comes from its own pattern and the budget holds throughout."""
+    in_play = ("arith", "sort", "upper", "spell", "general")
+    widest = widest_layer(in_play)
+    store = PatternStore(DEMO_MOE / "patterns", create=False)
+    union = max(len(set().union(*(store.get(t).selection.layers[i] for t in in_play[:4]))) for i in range(4))
+    assert widest < union, "the premise: the four tasks' experts cannot all be resident at once"
+    budget = int(variant_size * (widest / 8 if expert_pool else 2.5))
     config = ServerConfig(
         model=DEMO_MOE,
         store=copy_demo_store(tmp_path),
