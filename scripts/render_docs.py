@@ -150,6 +150,7 @@ SECTIONS: dict[str, Section] = {
     "coverage": Section(coverage, ("coverage.json",)),
     "coverage-summary": Section(coverage_summary, ("coverage.json",)),
     "keep-auto": Section(keep_auto, ("keep_auto.json",)),
+    "keep-auto-moved": Section(lambda: keep_auto(load("keep_auto_moved.json")), ("keep_auto_moved.json",)),
     "headline": Section(headline, ("pruning.json", "routing.json", "variants.json", "server.json"), footer=False),
     "demo-models": Section(demo_models),
     "supported-models": Section(supported_models),
