@@ -289,17 +289,13 @@ def answered_by_full_model(
 ) -> list[CalibrationText]:
     """The prompts with the full model's greedy answers as responses: calibration texts for prompts that
     came without answers (recorded traffic), so that the statistics cover the answers too."""
-    model = builder.build()
     eos = _eos_ids(builder, tokenizer)
-    calibration = complete_answers(
-        model, calibration_set(tokenizer, [CalibrationText(p, None) for p in prompts], max_context(builder)), eos,
-        max_new_tokens,
-    )  # fmt: skip
-    texts = []
-    for prompt, ids, start in zip(prompts, calibration.token_ids, calibration.answer_starts, strict=True):
-        answer = [token for token in ids[start:] if token not in eos]
-        texts.append(CalibrationText(prompt, tokenizer.decode(answer, skip_special_tokens=True).strip()))
-    return texts
+    asked = calibration_set(tokenizer, [CalibrationText(p, None) for p in prompts], max_context(builder))
+    answers = _greedy_answers(builder.build(), asked.token_ids, eos, max_new_tokens)
+    return [
+        CalibrationText(prompt, tokenizer.decode(list(answer), skip_special_tokens=True).strip())
+        for prompt, answer in zip(prompts, answers, strict=True)
+    ]
 
 
 def _candidate_methods(stats: CalibrationStatistics) -> list[str]:
@@ -560,10 +556,13 @@ def _eos_ids(builder: VariantBuilder, tokenizer: PreTrainedTokenizerBase) -> tup
     return end_of_generation_ids(tokenizer, builder.generation_config) or end_of_generation_ids(None, builder.config)
 
 
-def _greedy_answers(model: PreTrainedModel, prompts: Sequence[Sequence[int]], eos: Sequence[int]) -> list[tuple]:
+def _greedy_answers(
+    model: PreTrainedModel, prompts: Sequence[Sequence[int]], eos: Sequence[int], max_new_tokens: int = 64
+) -> list[tuple]:
     """Each prompt's greedy answer as token ids, its end-of-generation token left out (`complete_answers`, one
     prompt at a time: no padding can change an answer)."""
-    answered = complete_answers(model, CalibrationSet([list(p) for p in prompts], [len(p) for p in prompts]), eos)
+    prompted = CalibrationSet([list(p) for p in prompts], [len(p) for p in prompts])
+    answered = complete_answers(model, prompted, eos, max_new_tokens)
     return [
         tuple(token for token in ids[start:] if token not in eos)
         for ids, start in zip(answered.token_ids, answered.answer_starts, strict=True)
