@@ -70,6 +70,8 @@ class ExpertStatistics:
     answer_top1: torch.Tensor = field(init=False)
     answer_tokens: int = 0
     has_outputs: bool = False
+    #: [E, H] per expert: the sum of its outputs E_j(x) (weight 1) over the tokens routed to it (novices)
+    output_sum: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.threshold <= 1.0:
@@ -101,14 +103,32 @@ class ExpertStatistics:
         self.tokens += int(gates.shape[0])
 
     def update_outputs(
-        self, weights: torch.Tensor, top_index: torch.Tensor, norms: torch.Tensor, change: torch.Tensor
+        self,
+        weights: torch.Tensor,
+        top_index: torch.Tensor,
+        norms: torch.Tensor,
+        change: torch.Tensor,
+        outputs: torch.Tensor | None = None,
     ) -> None:
-        """The same batch as the experts saw it (see `output_sums`)."""
+        """The same batch as the experts saw it (see `output_sums`); `outputs` [T*k, H] are the selected
+        experts' outputs themselves, row t*k+i for `top_index[t, i]`, summed per expert for its novice."""
         reap, ean, easy_ep = output_sums(weights, top_index, norms, change, self.num_experts)
         self.reap += reap.cpu()
         self.ean += ean.cpu()
         self.easy_ep += easy_ep.cpu()
         self.has_outputs = True
+        if outputs is not None:
+            if self.output_sum is None:
+                self.output_sum = torch.zeros(self.num_experts, outputs.shape[-1])
+            sums = torch.zeros(self.output_sum.shape, device=outputs.device)
+            self.output_sum += sums.index_add_(0, top_index.reshape(-1), outputs.float()).cpu()
+
+    def novices(self) -> torch.Tensor:
+        """[E, H]: each expert's novice, its mean output over the calibration tokens the full router sent to it
+        (MoNE); zeros for an expert no token was sent to (nothing to stand in for)."""
+        if self.output_sum is None:
+            raise ValueError("novices need the experts' outputs, which this calibration did not collect")
+        return self.output_sum / self.frequency.clamp_min(1.0)[:, None]
 
     def merge(self, other: ExpertStatistics) -> ExpertStatistics:
         """Statistics of both token sets together (the task-agnostic baseline pools every task)."""
@@ -118,6 +138,8 @@ class ExpertStatistics:
         merged.tokens = self.tokens + other.tokens
         merged.answer_tokens = self.answer_tokens + other.answer_tokens
         merged.has_outputs = self.has_outputs and other.has_outputs
+        if self.output_sum is not None and other.output_sum is not None:
+            merged.output_sum = self.output_sum + other.output_sum
         return merged
 
     def scores(self, method: str = "tcess", seed: int = 0) -> torch.Tensor:

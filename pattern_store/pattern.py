@@ -112,13 +112,16 @@ class TaskPattern:
 
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {f"scores.{layer}": scores.detach().float().cpu().contiguous() for layer, scores in self.scores.items()}
+        for layer, novices in self.selection.novices.items():
+            out[f"novices.{layer}"] = novices.detach().float().cpu().contiguous()
         if self.example_embeddings is not None:
             out["example_embeddings"] = self.example_embeddings.detach().float().cpu().contiguous()
         return out
 
     @classmethod
-    def from_parts(cls, document: Any, tensors: dict[str, torch.Tensor]) -> TaskPattern:
-        """Rebuild a pattern from its JSON document and tensors; every defect is a `PatternError`."""
+    def from_parts(cls, document: Any, tensors: dict[str, torch.Tensor], schema_only: bool = False) -> TaskPattern:
+        """Rebuild a pattern from its JSON document and tensors; every defect is a `PatternError`. `schema_only`:
+        the document is checked without its tensors (what the result lacks of them, it lacks)."""
         if not isinstance(document, dict) or document.get("format") != "taskmoe-pattern":
             raise PatternError("not a taskmoe pattern document")
         if document.get("version") != FORMAT_VERSION:
@@ -126,7 +129,8 @@ class TaskPattern:
                 f"pattern format version {document.get('version')!r}; this taskmoe reads {FORMAT_VERSION}"
             )
         try:
-            selection = Selection.from_json(document["selection"])
+            novices = {int(key.split(".", 1)[1]): value for key, value in tensors.items() if key.startswith("novices.")}
+            selection = Selection.from_json(document["selection"], novices, schema_only)
             scores = {int(key.split(".", 1)[1]): value for key, value in tensors.items() if key.startswith("scores.")}
             return cls(
                 name=document["name"],

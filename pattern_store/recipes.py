@@ -30,6 +30,10 @@ LOSS_BUDGET = "loss"
 #: refinements of an expert selection: layer-local (`server.model.local_refinement`) and end to end by the
 #: answer loss (`server.model.answer_loss_refinement`)
 REFINEMENTS: tuple[str, ...] = ("none", "local", "e2e")
+#: what stands in for a pruned expert when the router still chooses it: nothing (the router cannot choose it),
+#: or its novice, its mean output on the calibration tokens routed to it (MoNE: a vector, not a slot)
+SUBSTITUTES: tuple[str, ...] = ("none", "novice")
+NOVICE = "novice"
 
 
 def suggestion_refinement(moe: bool) -> str:

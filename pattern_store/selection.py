@@ -61,6 +61,15 @@ class Selection:
     kind: SelectionKind
     layers: Mapping[int, tuple[int, ...]]
     bias: Mapping[int, tuple[float, ...]] = field(default_factory=dict)
+    #: MoE: per pruned layer, what stands in for each pruned expert the full router still chooses: its novice,
+    #: a row of `novices[layer]` ([pruned experts, hidden], rows in ascending expert id), weighted by its gate.
+    #: The tensors live in the pattern's tensor file, not in this document
+    novices: Mapping[int, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def substitute(self) -> str:
+        """What a pruned expert's choice gets: "novice", or "none" (the router cannot choose it)."""
+        return "novice" if self.novices else "none"
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -78,8 +87,21 @@ class Selection:
                 raise SelectionError(f"layer {layer}: bias must be a list of numbers") from None
         if bias and self.kind != "dense_channels":
             raise SelectionError("only dense_channels selections carry a bias compensation")
+        if self.novices and self.kind != "moe_experts":
+            raise SelectionError("only moe_experts selections carry novices")
+        novices = {_layer_number(key): value for key, value in self.novices.items()}
+        if novices and set(novices) != set(layers):
+            raise SelectionError(
+                f"novices must stand in for every pruned layer: layers {sorted(layers)} are pruned, novices "
+                f"given for {sorted(novices)}"
+            )
+        for layer, value in novices.items():
+            shape = tuple(getattr(value, "shape", ()))
+            if len(shape) != 2:
+                raise SelectionError(f"layer {layer}: novices must be a 2-D tensor [pruned experts, hidden]")
         object.__setattr__(self, "layers", dict(sorted(layers.items())))
         object.__setattr__(self, "bias", dict(sorted(bias.items())))
+        object.__setattr__(self, "novices", dict(sorted(novices.items())))
 
     def kept(self, layer: int) -> tuple[int, ...] | None:
         """Kept indices of `layer`, or None when the layer keeps everything."""
@@ -92,10 +114,15 @@ class Selection:
         }
         if self.bias:
             document["bias"] = {str(k): list(v) for k, v in self.bias.items()}
+        if self.novices:
+            document["substitute"] = self.substitute
         return document
 
     @classmethod
-    def from_json(cls, document: Any) -> Selection:
+    def from_json(cls, document: Any, novices: Mapping[int, Any] | None = None, schema_only: bool = False) -> Selection:
+        """The selection of a JSON document; one whose pruned experts have novices needs them (`novices`: from
+        the pattern's tensor file), unless only the document's schema is checked (`schema_only`: the result then
+        lacks them)."""
         if not isinstance(document, Mapping):
             raise SelectionError("a selection is a JSON object with 'kind' and 'layers'")
         missing = {"kind", "layers"} - set(document)
@@ -106,7 +133,16 @@ class Selection:
         bias = document.get("bias") or {}
         if not isinstance(bias, Mapping):
             raise SelectionError("'bias' must map layer numbers to lists of floats")
-        return cls(kind=document["kind"], layers=dict(document["layers"]), bias=dict(bias))
+        substitute = document.get("substitute", "none")
+        if substitute not in ("none", "novice"):
+            raise SelectionError(f"unknown substitute {substitute!r} for pruned experts; expected none or novice")
+        if substitute == "novice" and not novices and not schema_only:
+            raise SelectionError(
+                "the selection's pruned experts have novices, which live in its pattern's tensor file, not in this "
+                "document: use the stored pattern"
+            )
+        novices = novices if substitute == "novice" else {}
+        return cls(kind=document["kind"], layers=dict(document["layers"]), bias=dict(bias), novices=novices or {})
 
     @classmethod
     def load(cls, path: str | Path) -> Selection:
@@ -129,7 +165,8 @@ class Selection:
 def union(selections: Sequence[Selection]) -> Selection:
     """What a union of patterns keeps: per layer, every index any of them keeps (a layer one of them leaves
     whole stays whole). A dense union carries no bias compensation: each pattern's bias stands for the
-    channels *it* removed, and the union keeps some of those, so neither bias is right for it."""
+    channels *it* removed, and the union keeps some of those, so neither bias is right for it; for the same
+    reason a MoE union carries no novices."""
     if not selections:
         raise SelectionError("a union needs at least one selection")
     kinds = {selection.kind for selection in selections}

@@ -46,7 +46,7 @@ def _read_document(path: Path) -> dict[str, Any]:
     """A pattern's JSON document, checked against the schema and against its file's name; its tensor file
     must exist (its content is checked by reading it)."""
     document = json.loads(path.read_text())
-    TaskPattern.from_parts(document, {})  # the whole schema, tensors aside
+    TaskPattern.from_parts(document, {}, schema_only=True)  # the whole schema, tensors aside
     if document.get("name") != path.stem:
         raise PatternError(f"document names pattern {document.get('name')!r}, file is {path.name}")
     tensors = document.get("tensors")

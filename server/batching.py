@@ -292,10 +292,13 @@ class BatchedDecoder:
     ) -> None:
         """Join the prefilled `requests` to the batch: their choices are rows `rows` of the prefill's `cache`
         and `mask`, with first `tokens`. Those that fit the static cache go there, the others to the growing
-        one."""
+        one. A route with novices decodes in the growing one: a captured step reads route masks only, and
+        novices are per-row tables."""
         static = self._static
         fits = [
-            static is not None and static.fits(len(r.generation.prompt_ids), r.generation.params.max_tokens)
+            static is not None
+            and static.fits(len(r.generation.prompt_ids), r.generation.params.max_tokens)
+            and not (r.route is not None and r.route.novices)
             for r in requests
         ]
         for into_static in (True, False):

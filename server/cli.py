@@ -18,6 +18,7 @@ from pattern_store.recipes import (  # names only, no torch
     KEEP_AUTO,
     MOE_METHODS,
     REFINEMENTS,
+    SUBSTITUTES,
     suggestion_refinement,
 )
 
@@ -193,6 +194,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
             budget=args.budget,
             refine=args.refine,
             target=args.target,
+            substitute=args.substitute,
         )
         tokenizer = load_tokenizer(args.model)
         embedder = Embedder(args.embedder) if args.embedder else Embedder()  # fail before the long part
@@ -215,6 +217,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     print(
         f"stored pattern {args.name!r} in {args.store}: {pattern.kind}, method {recipe.method}"
         + (f", refined ({refined})" if refined != "none" else "")
+        + (", novices for the pruned experts" if pattern.selection.novices else "")
         + f", {stats.prompts} prompts ({stats.tokens} tokens), keeps {sizes} per pruned layer in {len(kept)} layers"
     )
     return 0
@@ -631,6 +634,15 @@ def build_parser() -> argparse.ArgumentParser:
         "choose among every score's selection and swap while the divergence from the full model on the "
         "calibration answers drops (e2e: the "
         "model must fit in memory; prompts without a response are answered by the full model first)",
+    )
+    calibrate.add_argument(
+        "--substitute",
+        choices=SUBSTITUTES,
+        default="none",
+        help="MoE: what a pruned expert's choice gets: nothing, the router choosing among the kept experts only "
+        "(none), or the expert's novice, its mean output on the calibration tokens routed to it, the router "
+        "choosing as the full model does (novice: a vector of the hidden size per pruned expert, not a slot; "
+        "the refinements score candidates with novices; cannot be exported)",
     )
     calibrate.add_argument(
         "--target",

@@ -33,6 +33,7 @@ from server.expert_pool import ExpertPool, PoolLease
 from server.metrics import Metrics
 from server.model.checkpoint import model_identity
 from server.model.coverage_meter import CoverageMeter
+from server.model.novices import novice_tables
 from server.model.pooled import PooledModel, RowRoute, pool_expert_format, slot_expert_bytes
 from server.model.quantized_slots import SlotFormat
 from server.model.variant import VariantBuilder
@@ -175,7 +176,10 @@ class PatternSelections:
         def selection() -> Selection | None:
             if not documents:
                 return None
-            return union([Selection.from_json(document["selection"]) for document in documents])
+            if len(documents) == 1 and documents[0]["selection"].get("substitute", "none") != "none":
+                return self.store.get(choice.patterns[0]).selection  # its novices are in its tensor file
+            # a union routes among what its patterns keep together: no pattern's novices stand for it
+            return union([Selection.from_json(document["selection"], schema_only=True) for document in documents])
 
         return key, selection
 
@@ -263,7 +267,16 @@ class PoolLeases:
             route = self._routes.get(key)
             if route is None:
                 calibrated = self.selections.calibrated_coverage(choice)
-                route = RowRoute(key.label, self.builder.kept_experts(selection()), key.revision, calibrated)
+                chosen = selection()
+                kept = self.builder.kept_experts(chosen)
+                novices = novice_tables(
+                    chosen.novices if chosen is not None else {},
+                    kept,
+                    {index: layer.num_experts for index, layer in self.builder.sparse_layers.items()},
+                    self.builder.device,
+                    self.builder.dtype,
+                )
+                route = RowRoute(key.label, kept, key.revision, calibrated, novices)
                 if len(self._routes) >= self.MAX_ROUTES:
                     self._routes.clear()
                 self._routes[key] = route

@@ -29,8 +29,10 @@ from pattern_store.recipes import (
     KEEP_AUTO,
     LOSS_BUDGET,
     MOE_METHODS,
+    NOVICE,
     OUTPUT_METHODS,
     REFINEMENTS,
+    SUBSTITUTES,
 )
 from pattern_store.selection import Selection
 from server.keep_search import agreement, candidate_counts, held_out_indices, search_keep
@@ -38,6 +40,7 @@ from server.model.answer_loss_refinement import refine_by_answer_loss
 from server.model.calibrate import CalibrationStatistics, collect_statistics
 from server.model.checkpoint import model_fingerprint, model_identity
 from server.model.local_refinement import SearchOptions, refine_locally
+from server.model.novices import pruned_rows
 from server.model.pruning import (
     PrunedSelection,
     dense_selection,
@@ -161,6 +164,7 @@ class PatternRecipe:
     refine: str = "none"
     search: SearchOptions = field(default_factory=SearchOptions)
     target: float | None = None  # `--keep auto`: the fewest experts whose held-out answers match this share
+    substitute: str = "none"  # what a pruned expert's choice gets: nothing (the router cannot choose it), or NOVICE
 
     @property
     def keep_auto(self) -> bool:
@@ -179,6 +183,7 @@ class PatternRecipe:
         budget: str = "uniform",
         refine: str = "none",
         target: float | None = None,
+        substitute: str = "none",
     ) -> PatternRecipe:
         """The recipe for user input (the CLI's flags or the admin API's JSON), defaults filled by the model's
         kind (method: reap for MoE, seap for dense; keep `DEFAULT_KEEP` unless a count is given; `keep="auto"`:
@@ -198,6 +203,7 @@ class PatternRecipe:
             budget=budget,
             refine=refine,
             target=(DEFAULT_TARGET if target is None else target) if auto else None,
+            substitute=substitute,
         )
         recipe.validate(moe)
         return recipe
@@ -224,6 +230,12 @@ class PatternRecipe:
                               "target")  # fmt: skip
         if self.target is not None and not moe:
             raise RecipeError(f"keep={KEEP_AUTO!r} chooses how many experts to keep; a dense model has none", "keep")
+        if self.substitute not in SUBSTITUTES:
+            raise RecipeError(
+                f"unknown substitute {self.substitute!r}; expected one of {', '.join(SUBSTITUTES)}", "substitute"
+            )
+        if not moe and self.substitute != "none":
+            raise RecipeError("substitute stands in for pruned experts; a dense model has none", "substitute")
         if not moe and (self.refine != "none" or self.budget != "uniform"):
             param = "refine" if self.refine != "none" else "budget"
             raise RecipeError(f"{param} chooses experts; a dense model's pattern has none", param)
@@ -236,6 +248,7 @@ class PatternRecipe:
                 "threshold": self.threshold,
                 "budget": self.budget,
                 "refine": self.refine,
+                "substitute": self.substitute,
                 **({"keep": KEEP_AUTO, "target": self.target} if self.keep_auto else {}),
             }
         return {"sparsity": self.sparsity}
@@ -317,7 +330,8 @@ def select_experts(
     layer = next(iter(builder.sparse_layers.values()))
     top_k = int(builder.config.num_experts_per_tok)
     keep = keep_count(layer.num_experts, top_k, recipe.keep_ratio, recipe.keep_experts)
-    groups = builder.family.balanced_groups(builder.config)
+    # with novices the router keeps its own rule over every expert: no group constraint on what is kept
+    groups = builder.family.balanced_groups(builder.config) if recipe.substitute != NOVICE else 1
     # the per-layer counts come from the recipe's method alone; every method's selection keeps those counts,
     # so that refinements compare sets of the same sizes and never spend more than the budget
     counts = expert_counts(stats, keep, recipe.method, recipe.budget, top_k, groups, recipe.seed)
@@ -327,6 +341,8 @@ def select_experts(
 
     chosen = by(recipe.method)
     record: dict[str, Any] = {"experts_per_layer": {str(k): v for k, v in counts.items()}}
+    # every expert's novice, when pruned choices get them: the refinements score candidates with them too
+    novices = {index: s.novices() for index, s in stats.router.items()} if recipe.substitute == NOVICE else None
     kept = {index: list(experts) for index, experts in chosen.selection.layers.items()}
     if recipe.refine != "none":
         if calibration is None:
@@ -341,6 +357,7 @@ def select_experts(
             chosen.scores,
             recipe.search,
             progress=_stage(progress, "layer-local refinement", builder.config.num_hidden_layers),
+            novices=novices,
         )
         record["local"] = {
             str(index): {
@@ -354,14 +371,26 @@ def select_experts(
         kept = {index: list(search.kept) for index, search in local.items()}
         if recipe.refine == "e2e":
             kept, record["e2e"] = _refine_by_answer_loss(
-                builder, calibration, {**starts, "local": kept}, chosen.scores, recipe, progress
+                builder, calibration, {**starts, "local": kept}, chosen.scores, recipe, progress, novices
             )
             record["experts_per_layer"] = {str(index): len(experts) for index, experts in kept.items()}
         record["seconds"] = round(time.perf_counter() - started, 1)
-    for index, experts in kept.items():  # a selection the routing rule refuses must fail here, not when served
-        if len(experts) < builder.sparse_layers[index].num_experts:
-            builder.family.routing_overrides(builder.config, index, experts)
-    return PrunedSelection(Selection("moe_experts", kept), chosen.scores), record
+    return PrunedSelection(_kept_selection(builder, kept, novices), chosen.scores), record
+
+
+def _kept_selection(
+    builder: VariantBuilder, kept: dict[int, list[int]], novices: dict[int, torch.Tensor] | None
+) -> Selection:
+    """The selection of `kept`, with the pruned experts' novices when they get them; without, checked against
+    the routing rule now rather than when served."""
+    pruned = {
+        index: experts for index, experts in kept.items() if len(experts) < builder.sparse_layers[index].num_experts
+    }
+    if novices is not None:  # the router keeps every expert: any kept set routes, pruned choices get novices
+        return Selection("moe_experts", kept, novices={i: pruned_rows(novices[i], e) for i, e in pruned.items()})
+    for index, experts in pruned.items():
+        builder.family.routing_overrides(builder.config, index, experts)
+    return Selection("moe_experts", kept)
 
 
 def _refine_by_answer_loss(
@@ -371,6 +400,7 @@ def _refine_by_answer_loss(
     tiebreak: dict[int, torch.Tensor],
     recipe: PatternRecipe,
     progress: StageProgress | None,
+    novices: dict[int, torch.Tensor] | None = None,
 ) -> tuple[dict[int, list[int]], dict[str, Any]]:
     model = builder.build()
     eos = end_of_generation_ids(None, builder.generation_config) or end_of_generation_ids(None, builder.config)
@@ -385,6 +415,7 @@ def _refine_by_answer_loss(
         progress=_stage(progress, "answer-loss refinement", recipe.search.e2e_evaluations),
         model=model,
         move_budget=recipe.budget == LOSS_BUDGET,
+        novices=novices,
     )
     pairs = zip(calibration.token_ids, calibration.answer_starts, strict=True)
     generated = sum(start >= len(ids) for ids, start in pairs)

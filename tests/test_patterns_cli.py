@@ -190,3 +190,28 @@ def test_calibration_records_coverage_and_patterns_coverage_measures_it_again(st
     assert PatternStore(copy).get("upper").parameters["coverage"]["mass"] < recorded["mass"]
     assert main(["patterns", "coverage", "--store", str(copy)]) == 2
     assert "needs --model" in capsys.readouterr().err
+
+
+def test_calibration_with_novices_stores_them_and_export_refuses_the_pattern(tmp_path, capsys) -> None:
+    prompts = _write_prompts(tmp_path / "upper.jsonl", "upper", 12, seed=6)
+    store = tmp_path / "s"
+    args = ["calibrate", "--model", str(DEMO_MOE), "--store", str(store), "--name", "upper", "--quiet"]
+    assert main([*args, "--prompts", prompts, "--keep-experts", "3", "--substitute", "novice"]) == 0
+    assert "novices for the pruned experts" in capsys.readouterr().out
+    pattern = PatternStore(store).get("upper")
+    assert pattern.parameters["substitute"] == "novice"
+    assert {layer: rows.shape for layer, rows in pattern.selection.novices.items()} == dict.fromkeys(
+        range(4), (13, 128)
+    )
+    assert main(["patterns", "show", "upper", "--store", str(store)]) == 0
+    assert json.loads(capsys.readouterr().out)["selection"]["substitute"] == "novice"
+    out = tmp_path / "out"
+    assert (
+        main(["export", "--model", str(DEMO_MOE), "--pattern", "upper", "--store", str(store), "--out", str(out)]) == 2
+    )
+    error = capsys.readouterr().err
+    assert "novices" in error and "--substitute none" in error and len(error.strip().splitlines()) == 1
+    assert not out.exists()
+    with pytest.raises(SystemExit) as usage:
+        main([*args, "--prompts", prompts, "--substitute", "mean", "--replace"])
+    assert usage.value.code == 2 and "invalid choice: 'mean'" in capsys.readouterr().err

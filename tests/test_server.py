@@ -724,6 +724,33 @@ def test_calibration_jobs_that_could_not_run_are_refused_before_202(server, extr
     assert "doomed" not in server.runtime.store.names()
 
 
+def test_a_pattern_with_novices_is_calibrated_by_a_job_and_shares_the_pools_batches(server, client, direct) -> None:
+    """A quarter of the experts with novices: calibrated through the admin API, then served from the expert pool
+    while another pattern's requests run in the same batches, each answer its own variant's."""
+    assert isinstance(server.runtime.leases, PoolLeases)
+    examples = get_task("upper").examples(24, seed=4343)
+    body = {"name": "upper-novice", "prompts": [{"prompt": e.prompt, "response": e.answer} for e in examples],
+            "keep": 0.25, "substitute": "novice"}  # fmt: skip
+    job = wait_for_job(server, admin(server, "POST", "/patterns", json=body).json()["id"])
+    assert job["status"] == "succeeded", job
+    assert job["result"]["parameters"]["substitute"] == "novice"
+    assert job["result"]["selection"]["substitute"] == "novice"
+    stored = server.runtime.store.get("upper-novice")
+    assert all(len(kept) == 4 for kept in stored.selection.layers.values())
+    assert all(rows.shape == (12, 128) for rows in stored.selection.novices.values())
+    upper = [e.prompt for e in get_task("upper").examples(4, EVAL_SEED)]
+    sort = [e.prompt for e in get_task("sort").examples(4, EVAL_SEED)]
+    expected = direct(stored.selection, upper) + direct("sort", sort)
+    requests = [(p, "demo-moe@upper-novice") for p in upper] + [(p, "demo-moe@sort") for p in sort]
+    with ThreadPoolExecutor(len(requests)) as threads:
+        got = list(threads.map(lambda r: chat(client, r[0], model=r[1], max_tokens=32)[0], requests))
+    assert [response.choices[0].message.content for response in got] == expected
+    assert expected[:4] != direct(Selection("moe_experts", dict(stored.selection.layers)), upper)
+    refused = admin(server, "POST", "/patterns", json={"name": "x2", "prompts": ["a"], "substitute": "merge"})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "substitute"
+    assert admin(server, "DELETE", "/patterns/upper-novice").status_code == 200
+
+
 def test_a_job_with_keep_auto_stores_the_count_it_chose_and_its_estimate(server) -> None:
     body = {"name": "auto", "prompts": [e.prompt for e in get_task("sort").examples(16, 98)], "keep": "auto",
             "target": 0.9}  # fmt: skip

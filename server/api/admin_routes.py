@@ -53,6 +53,7 @@ async def register_pattern(body: RegisterPatternRequest, request: Request) -> di
             budget=body.budget,
             refine=body.refine,
             target=body.target,
+            substitute=body.substitute,
         )
     except RecipeError as error:
         raise InvalidRequest(str(error), param=error.param) from None

@@ -259,6 +259,11 @@ class RegisterPatternRequest(BaseModel):
     refine: Literal["none", "local", "e2e"] = Field(
         default="none", description="MoE: swap experts by layer-local error (local) or by answer loss (e2e)"
     )
+    substitute: Literal["none", "novice"] = Field(
+        default="none",
+        description="MoE: what a pruned expert's choice gets: nothing (none), or its novice, its mean output on "
+        "the calibration tokens routed to it (novice)",
+    )
     keep: float | str | None = Field(
         default=None,
         description="MoE: share of experts kept per layer, or 'auto': the fewest experts whose answers to held-out "

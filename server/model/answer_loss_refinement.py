@@ -26,11 +26,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 from transformers import PreTrainedModel
 
 from server.model.layer_stream import LayerStream, Progress
 from server.model.local_refinement import BlockCapture, BlockReconstruction, Kept, SearchOptions, token_budget
 from server.model.masking import RouterMasks
+from server.model.novices import NoviceMasks
 from server.model.variant import VariantBuilder
 
 IGNORE = -100
@@ -71,12 +73,19 @@ class AnswerLoss:
         model: PreTrainedModel | None = None,
         batch_size: int = 32,
         objective: str = "divergence",
+        novices: Mapping[int, torch.Tensor] | None = None,
     ) -> None:
         if objective not in OBJECTIVES:
             raise ValueError(f"unknown answer-loss objective {objective!r}; expected one of {', '.join(OBJECTIVES)}")
         self.model = model if model is not None else builder.build()
         self.sparse = {index: layer.prefix for index, layer in builder.sparse_layers.items()}
-        self.masks = RouterMasks(self.model, builder.family, builder.config, self.sparse)
+        #: per layer [E, H] when pruned choices get novices (candidates are scored with them)
+        self.novices = dict(novices) if novices is not None else None
+        self.masks: RouterMasks | NoviceMasks = (
+            RouterMasks(self.model, builder.family, builder.config, self.sparse)
+            if self.novices is None
+            else NoviceMasks(self.model, self.sparse, _on_model(self.novices, self.model))
+        )
         self.stream = LayerStream(self.model, token_ids, batch_size)
         #: Granite divides its logits by this (1 elsewhere)
         self.logits_scaling = float(getattr(self.model.config, "logits_scaling", 1.0) or 1.0)
@@ -172,6 +181,7 @@ def refine_by_answer_loss(
     progress: Progress | None = None,
     model: PreTrainedModel | None = None,
     move_budget: bool = False,
+    novices: Mapping[int, torch.Tensor] | None = None,
 ) -> AnswerLossSearch:
     """Choose among `candidates` (named selections) by the answer loss, then swap experts layer by layer while
     the loss drops. `answer_starts[i]` is where the answer of exchange i begins in its token ids; `tiebreak`
@@ -205,6 +215,12 @@ def refine_by_answer_loss(
         stopped=search.stopped,
         moves=search.moves,
     )
+
+
+def _on_model(tables: Mapping[int, torch.Tensor], model: nn.Module) -> dict[int, torch.Tensor]:
+    """Novice tables on the model's device, in its dtype."""
+    parameter = next(model.parameters())
+    return {layer: table.to(parameter.device, parameter.dtype) for layer, table in tables.items()}
 
 
 def _sorted(selection: Mapping[int, Sequence[int]]) -> dict[int, Kept]:
@@ -262,8 +278,9 @@ class _SwapSearch:
             budget = token_budget(self.options, experts, int(self.builder.config.hidden_size))
             x, y = self.loss.capture(layer, budget)
             block = self.loss.model.get_submodule(self.loss.sparse[layer])
+            novices = self.loss.novices[layer] if self.loss.novices is not None else None
             self._reconstructions[layer] = BlockReconstruction(
-                block, self.builder.family, self.builder.config, layer, x, y
+                block, self.builder.family, self.builder.config, layer, x, y, novices
             )
         return self._reconstructions[layer]
 

@@ -129,7 +129,7 @@ class MoeObserver:
         residual = self.stream_scale * self.residual.reshape(-1, self.residual.shape[-1])[real].float()
         added = self.residual_multiplier * routed.float()
         change = 1.0 - torch.nn.functional.cosine_similarity(residual, residual + added, dim=-1)
-        self.stats.update_outputs(top_weights, top_index, norms, change)
+        self.stats.update_outputs(top_weights, top_index, norms, change, outputs)
 
     def close(self) -> None:
         for handle in self.handles:

@@ -78,6 +78,13 @@ def export_variant(
     """Build the variant of `selection` and write it, with the tokenizer files, into `out`. A quantized
     checkpoint's variant keeps its precision unless `keep_quantization` is False (then it is dequantized)."""
     out = Path(out)
+    if selection.novices:
+        raise ExportError(
+            "the selection answers its pruned experts' choices by novices: its router keeps every expert, and a "
+            f"standard {builder.family.name} config has one expert count for its router and its experts, so a "
+            "novice would have to be a whole expert (the memory the pruning saved); serve it with taskmoe, or "
+            "calibrate the pattern with --substitute none to export it"
+        )
     model = builder.build(selection)
     if builder.family.kind == "moe":
         counts = {

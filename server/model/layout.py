@@ -125,7 +125,15 @@ class ModelLayout:
                 f"{sorted(self.sparse_layers)}"
             )
         top_k = int(self.config.num_experts_per_tok)
+        hidden = int(self.config.hidden_size)
         plan = {}
+        for index, novices in selection.novices.items():
+            pruned = self.sparse_layers[index].num_experts - len(selection.layers[index])
+            if tuple(novices.shape) != (pruned, hidden):
+                raise SelectionError(
+                    f"layer {index}: novices of shape {list(novices.shape)}, but it prunes {pruned} experts of "
+                    f"hidden size {hidden}"
+                )
         for index, layer in self.sparse_layers.items():
             kept = selection.kept(index) or tuple(range(layer.num_experts))
             if kept[-1] >= layer.num_experts:
@@ -133,7 +141,9 @@ class ModelLayout:
             if len(kept) < top_k:
                 raise SelectionError(f"layer {index}: keeps {len(kept)} experts, fewer than the top-{top_k} routing")
             pruned = len(kept) < layer.num_experts
-            overrides = self.family.routing_overrides(self.config, index, kept) if pruned else {}
+            # with novices the router keeps every expert and its own rule: no override, no group constraint
+            restricted = pruned and index not in selection.novices
+            overrides = self.family.routing_overrides(self.config, index, kept) if restricted else {}
             plan[index] = LayerExperts(kept, overrides)
         return plan
 

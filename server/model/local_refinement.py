@@ -28,6 +28,7 @@ from server.model.calibrate import expert_outputs
 from server.model.families import Family
 from server.model.layer_stream import LayerStream, Progress, StreamedLayers
 from server.model.masking import RouterMasks, full_router, restricted_router
+from server.model.novices import NoviceMasks, substituted_mask
 from server.model.variant import VariantBuilder
 
 Kept = tuple[int, ...]
@@ -76,12 +77,14 @@ class BlockReconstruction:
         layer: int,
         inputs: torch.Tensor,  # [N, H]: the MoE block's input (after its layer norm)
         target: torch.Tensor,  # [N, H]: the routed experts' output with every expert
+        novices: torch.Tensor | None = None,  # [E, H]: each expert's novice, when pruned choices get novices
     ) -> None:
         self.block, self.family, self.config, self.layer = block, family, config, layer
+        self.novices = novices.float().to(inputs.device) if novices is not None else None
         self.inputs = inputs
         self.target = target.float()
         self.num_experts = int(block.experts.num_experts)
-        self.groups = family.balanced_groups(config)
+        self.groups = family.balanced_groups(config) if novices is None else 1  # novices: any kept set routes
         n = inputs.shape[0]
         ids = torch.arange(self.num_experts, device=inputs.device).repeat(n)
         with torch.inference_mode():
@@ -101,7 +104,7 @@ class BlockReconstruction:
     def _error(self, kept: Kept) -> float:
         if len(kept) < int(self.config.num_experts_per_tok):
             return math.inf
-        if len(kept) == self.num_experts:
+        if len(kept) == self.num_experts or self.novices is not None:
             _, weights, index = full_router(self.block, self.family)(self.inputs)
         else:
             try:
@@ -112,6 +115,9 @@ class BlockReconstruction:
             _, weights, positions = router(self.inputs)
             index = torch.tensor(kept, device=positions.device)[positions]  # [N, k] expert ids
         chosen = self.outputs.gather(1, index[..., None].expand(-1, -1, self.outputs.shape[-1]))  # [N, k, H]
+        if self.novices is not None and len(kept) < self.num_experts:  # pruned choices answered by novices
+            substituted = substituted_mask(kept, self.num_experts, index.device)[index]
+            chosen = torch.where(substituted[..., None], self.novices[index], chosen)
         approx = (weights.float()[..., None] * chosen).sum(1)
         return float((approx - self.target).square().sum()) / self.scale
 
@@ -214,6 +220,7 @@ def refine_locally(
     batch_size: int = 16,
     progress: Progress | None = None,
     after_layer: Callable[[int], None] | None = None,
+    novices: Mapping[int, torch.Tensor] | None = None,
 ) -> dict[int, LayerSearch]:
     """Layer-local refinement in a layer-streamed pass (a model larger than memory works).
 
@@ -229,7 +236,8 @@ def refine_locally(
     with torch.inference_mode():
         for index in streamed.layers(progress, after_layer):
             if index in builder.sparse_layers:
-                result[index] = _refine_layer(builder, streamed, index, starts, tiebreak[index], options)
+                table = novices.get(index) if novices is not None else None
+                result[index] = _refine_layer(builder, streamed, index, starts, tiebreak[index], options, table)
             else:
                 streamed.stream.run_layer(index)
     return result
@@ -242,6 +250,7 @@ def _refine_layer(
     starts: Mapping[str, Mapping[int, Sequence[int]]],
     tiebreak: torch.Tensor,
     options: SearchOptions,
+    novices: torch.Tensor | None = None,
 ) -> LayerSearch:
     """Search sparse layer `index` (its weights read) on the tokens that reach it, then run it with the refined
     selection: the next layer sees this layer's refined output."""
@@ -252,12 +261,16 @@ def _refine_layer(
         stream.run_layer(index)
     x, y = capture.sample(token_budget(options, sparse.num_experts, int(builder.config.hidden_size)), seed=index)
     del capture
-    reconstruction = BlockReconstruction(block, builder.family, builder.config, index, x, y)
+    reconstruction = BlockReconstruction(block, builder.family, builder.config, index, x, y, novices)
     losses = {method: reconstruction.error(tuple(sorted(selection[index]))) for method, selection in starts.items()}
     method = min(losses, key=lambda m: (losses[m], m))
     refined, error, swaps = reconstruction.search(tuple(sorted(starts[method][index])), tiebreak, options)
     del reconstruction
-    masks = RouterMasks(streamed.model, builder.family, builder.config, {index: sparse.prefix})
+    masks = (
+        RouterMasks(streamed.model, builder.family, builder.config, {index: sparse.prefix})
+        if novices is None
+        else NoviceMasks(streamed.model, {index: sparse.prefix}, {index: novices.to(x.device, x.dtype)})
+    )
     masks.apply({index: refined})
     with masks:
         stream.run_layer(index, inputs)

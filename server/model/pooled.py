@@ -30,6 +30,7 @@ from server.model.coverage_meter import CoverageMeter, CoverageSample
 from server.model.layout import SparseLayer
 from server.model.masking import RouterMasks, router_of
 from server.model.module_tree import meta_model, set_tensor
+from server.model.novices import novice_term
 from server.model.quantized_slots import (
     AUTO,
     QUANTIZED_TENSORS,
@@ -99,6 +100,14 @@ class RowRoute:
     kept: Mapping[int, tuple[int, ...]] = field(default_factory=dict)
     revision: str = ""  # which stored revision of the pattern (live coverage starts again on a new one)
     calibrated: float | None = None  # the coverage the pattern recorded at calibration (`coverage_meter`)
+    #: per layer whose pruned choices get novices, its [E, H] `novices.novice_table` (on the pool's device):
+    #: those layers route as the full router does, and a pruned choice adds gate weight x novice
+    novices: Mapping[int, torch.Tensor] = field(default_factory=dict, compare=False, hash=False, repr=False)
+
+    @property
+    def masked(self) -> Mapping[int, tuple[int, ...]]:
+        """The layers whose router may choose only the kept experts (those without novices)."""
+        return {layer: kept for layer, kept in self.kept.items() if layer not in self.novices}
 
 
 class PooledModel:
@@ -131,8 +140,10 @@ class PooledModel:
         self.masked_only = False
         self._local = threading.local()  # the current forward pass's routes, one per row, per thread
         for index, layer in self.layers.items():
-            router = router_of(self.model.get_submodule(layer.prefix), builder.family)
+            block = self.model.get_submodule(layer.prefix)
+            router = router_of(block, builder.family)
             router.forward = self._routing(index, router.forward)  # this instance only; the class stays as it was
+            block.experts.register_forward_hook(self._adding_novices(index))
 
     @property
     def device(self) -> torch.device:
@@ -173,11 +184,12 @@ class PooledModel:
         meter = self.coverage
         sampled = meter is not None and masks.pruning and (meter.draw() if sample is None else sample)
         coverage = CoverageSample(masks.routes, attention_mask) if sampled else None
-        self._local.batch, self._local.coverage = masks, coverage
+        previous_terms = getattr(self._local, "novice_terms", None)
+        self._local.batch, self._local.coverage, self._local.novice_terms = masks, coverage, {}
         try:
             yield
         finally:
-            self._local.batch, self._local.coverage = previous, None
+            self._local.batch, self._local.coverage, self._local.novice_terms = previous, None, previous_terms
         if coverage is not None and meter is not None:
             meter.finish(coverage)
 
@@ -209,7 +221,7 @@ class PooledModel:
             if coverage is not None:  # the full router's own choice, for the patterns' live coverage
                 _, full_weights, full_experts = full_router(hidden_states, *arguments)
                 coverage.add(layer, full_weights, full_experts, batch.tokens(layer, count))
-            single = batch.single.kept.get(layer) if batch.single is not None and not self.masked_only else None
+            single = batch.single.masked.get(layer) if batch.single is not None and not self.masked_only else None
             if single is not None:
                 restricted, ids = self._restricted(layer, single)
                 logits, weights, positions = restricted(hidden_states.reshape(-1, hidden_states.shape[-1]))
@@ -220,9 +232,28 @@ class PooledModel:
             else:
                 with MaskedRouting(pruned, biases):
                     logits, weights, experts = full_router(hidden_states, *masked_arguments(arguments, pruned))
-            return logits, weights, _slots(table, experts)
+            novices = batch.novices(layer, count)
+            if novices is None:
+                return logits, weights, _slots(table, experts)
+            # rows whose pattern has novices here: a pruned choice adds gate weight x novice (after the experts
+            # run, `_adding_novices`) and runs slot 0 at weight 0 in place of an expert that may not be resident
+            row_of_token, substitutes, stacked = novices
+            substituted = substitutes[row_of_token].gather(1, experts)
+            flat = (row_of_token[:, None] * substitutes.shape[1] + experts).clamp_max(stacked.shape[0] - 1)
+            self._local.novice_terms[layer] = novice_term(weights, flat, substituted, stacked)
+            return logits, weights.masked_fill(substituted, 0.0), _slots(table, experts, substituted)
 
         return forward
+
+    def _adding_novices(self, layer: int) -> Callable[[nn.Module, tuple[Any, ...], torch.Tensor], Any]:
+        """A hook on the layer's experts module that adds the novices its router's rows asked for."""
+
+        def hook(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> Any:
+            terms = getattr(self._local, "novice_terms", None)
+            term = terms.pop(layer, None) if terms is not None else None
+            return None if term is None else output + term.to(output.dtype).reshape(output.shape)
+
+        return hook
 
     # -- loading ---------------------------------------------------------------------------------
 
@@ -242,10 +273,11 @@ class PooledModel:
         self.slot_of[layer][expert] = slot
 
 
-def _slots(table: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+def _slots(table: torch.Tensor, experts: torch.Tensor, substituted: torch.Tensor | None = None) -> torch.Tensor:
     """The slots of the chosen experts. A row only ever runs while its pattern's experts are pinned in the
-    pool; on the CPU (where it costs nothing) a miss is caught rather than read from a wrong slot."""
-    slots = table[experts]
+    pool; on the CPU (where it costs nothing) a miss is caught rather than read from a wrong slot. A choice a
+    novice answers (`substituted`) runs slot 0 at weight 0: its expert need not be resident."""
+    slots = table[experts] if substituted is None else table[experts].masked_fill(substituted, 0)
     if slots.device.type == "cpu" and bool((slots < 0).any()):
         missing = sorted(set(experts[slots < 0].tolist()))
         raise RuntimeError(f"experts {missing} were routed to but are not resident in the pool")

@@ -55,7 +55,7 @@ class RouteMaskTable:
         mask = torch.zeros((len(self.position), self.width), dtype=torch.bool)
         for index, position in self.position.items():
             mask[position, self.counts[index] :] = True  # a narrower layer's columns past its experts
-            kept = route.kept.get(index)
+            kept = route.masked.get(index)
             if kept is not None:
                 mask[position, : self.counts[index]] = True
                 mask[position, list(kept)] = False
@@ -77,8 +77,11 @@ class BatchMasks:
         self.table = table
         distinct = {id(route): route for route in self.routes}
         #: the sparse layers some row prunes: the others' routers run as they are
-        self.pruned_layers: set[int] = {layer for route in distinct.values() for layer in route.kept}
+        self.pruned_layers: set[int] = {layer for route in distinct.values() for layer in route.masked}
         self.pruning = bool(self.pruned_layers)
+        #: the sparse layers where some row's pruned choices get novices
+        self.novice_layers: set[int] = {layer for route in distinct.values() for layer in route.novices}
+        self._novices: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self.single = next(iter(distinct.values())) if self.pruning and len(distinct) == 1 else None
         self._per_row: torch.Tensor | None = None
         self._tokens: dict[int, torch.Tensor] = {}
@@ -112,6 +115,33 @@ class BatchMasks:
             found = per_row.repeat_interleave(count // rows, dim=1) if count != rows else per_row
             self._tokens[count] = found
         return found[self.table.position[layer], :, : self.table.counts[layer]]
+
+    def novices(self, layer: int, count: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """For sparse layer `layer` and `count` tokens (rows x sequence length, row-major), None when no row has
+        novices there, else: each token's novice route [count] (the routes with novices here numbered 0..R-1, R
+        for the rows without), which experts each of them substitutes [R + 1, E] (the last row none), and
+        their novice tables stacked [R * E, H]."""
+        if layer not in self.novice_layers:
+            return None
+        key = (layer, count)
+        if key not in self._novices:
+            numbered: dict[int, int] = {}
+            tables = []
+            for route in self.routes:
+                if layer in route.novices and id(route) not in numbered:
+                    numbered[id(route)] = len(tables)
+                    tables.append(route.novices[layer])
+            experts = self.table.counts[layer]
+            device = tables[0].device
+            substitutes = torch.zeros((len(tables) + 1, experts), dtype=torch.bool, device=device)
+            for route in self.routes:
+                if id(route) in numbered:
+                    substitutes[numbered[id(route)]] = True
+                    substitutes[numbered[id(route)], list(route.kept[layer])] = False
+            rows = torch.tensor([numbered.get(id(route), len(tables)) for route in self.routes], device=device)
+            row_of_token = rows.repeat_interleave(count // len(self.routes))
+            self._novices[key] = (row_of_token, substitutes, torch.cat(tables))
+        return self._novices[key]
 
 
 class MaskedRouting(TorchFunctionMode):

@@ -29,6 +29,7 @@ from server.model.families import Family, family_for
 from server.model.layout import DenseLayer, LayerExperts, ModelLayout, SparseLayer
 from server.model.masking import configure_router, router_of
 from server.model.module_tree import compute_buffers, computed_buffer_names, meta_model, set_tensor
+from server.model.novices import NoviceExperts, novice_table
 from server.model.sizing import VariantSizes
 from server.model.tensor_reader import Backbone, TensorReader
 
@@ -117,8 +118,13 @@ class VariantBuilder:
         selection = self.layout.checked(selection)
         if self.layout.is_moe:
             plan = self.layout.moe_plan(selection)
-            model = meta_model(_variant_config(self.config, self.family, plan))
-            assigned = _assign_experts(self, model, plan)
+            # with novices the routers keep every expert's row, so the config keeps the model's count
+            config = (
+                copy.deepcopy(self.config) if selection.novices else _variant_config(self.config, self.family, plan)
+            )
+            model = meta_model(config)
+            assigned = _assign_experts(self, model, plan, selection.novices)
+            return _attach_novices(self, self.complete(model, assigned), plan, selection.novices)
         else:
             model = meta_model(copy.deepcopy(self.config))  # a variant's config is its own (export edits it)
             assigned = _assign_channels(self, model, self.layout.dense_plan(selection))
@@ -165,13 +171,17 @@ def _variant_config(config: PretrainedConfig, family: Family, plan: dict[int, La
     return config
 
 
-def _assign_experts(builder: VariantBuilder, model: nn.Module, plan: dict[int, LayerExperts]) -> set[str]:
-    """Read the kept experts (projections and any biases) and their router slices into `model`; returns the
-    names assigned."""
+def _assign_experts(
+    builder: VariantBuilder, model: nn.Module, plan: dict[int, LayerExperts], novices: Mapping[int, torch.Tensor]
+) -> set[str]:
+    """Read the kept experts (projections and any biases) and their router slices into `model` (with `novices`,
+    the whole router, and the experts module wrapped to answer pruned choices by them); returns the names
+    assigned."""
     assigned = set()
     family = builder.family
     for index, layer_plan in plan.items():
         layer, kept = builder.sparse_layers[index], layer_plan.kept
+        routed = tuple(range(layer.num_experts)) if index in novices else kept
         tensors = dict(zip(("gate_up_proj", "down_proj"), builder.tensors.read_experts(layer, kept), strict=True))
         for name in family.expert_biases:
             tensors[name] = builder.tensors.read_expert_tensor(layer, name, kept)
@@ -181,12 +191,26 @@ def _assign_experts(builder: VariantBuilder, model: nn.Module, plan: dict[int, L
         for tensor in family.router_tensors:
             name = family.router_tensor_name(layer.prefix, tensor)
             # router weights and biases in the target dtype; selection biases as stored
-            set_tensor(model, name, builder.tensors.read_indices(name, kept, tensor.dim, keep_dtype=tensor.keep_dtype))
+            set_tensor(
+                model, name, builder.tensors.read_indices(name, routed, tensor.dim, keep_dtype=tensor.keep_dtype)
+            )
             assigned.add(name)
         block = model.get_submodule(layer.prefix)
         block.experts.num_experts = len(kept)
-        configure_router(router_of(block, family), len(kept), layer_plan.overrides)
+        configure_router(router_of(block, family), len(routed), layer_plan.overrides)
     return assigned
+
+
+def _attach_novices(
+    builder: VariantBuilder, model: PreTrainedModel, plan: dict[int, LayerExperts], novices: Mapping[int, torch.Tensor]
+) -> PreTrainedModel:
+    """Wrap each layer with novices in `NoviceExperts` (once every tensor is in place: the wrapper renames them)."""
+    for index, rows in novices.items():
+        layer = builder.sparse_layers[index]
+        block = model.get_submodule(layer.prefix)
+        table = novice_table(rows.to(builder.device, builder.dtype), plan[index].kept, layer.num_experts)
+        block.experts = NoviceExperts(block.experts, plan[index].kept, table)
+    return model
 
 
 def _assign_channels(builder: VariantBuilder, model: nn.Module, plan: dict[int, tuple[int, ...]]) -> set[str]:

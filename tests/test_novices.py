@@ -1,0 +1,273 @@
+"""Novices (MoNE): a pruned expert the full router still chooses answers with its mean output on calibration.
+
+The references are written here, apart from the code under test: the novices are each expert's outputs
+recomputed from its weight matrices (the SwiGLU formula) and averaged over the tokens a hook saw the router
+send to it; a variant with novices is checked against the full model whose experts module is replaced, token
+by token and choice by choice, by "the chosen expert's own output if it is kept, else its novice", times the
+full router's gate weight.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from pattern_store.pattern import PatternError, TaskPattern
+from pattern_store.selection import Selection, SelectionError
+from pattern_store.store import PatternStore
+from server.cache import VariantKey
+from server.expert_pool import ExpertPool
+from server.model.answer_loss_refinement import AnswerLoss
+from server.model.calibrate import collect_statistics
+from server.model.export import ExportError, export_variant
+from server.model.local_refinement import BlockReconstruction
+from server.model.novices import NoviceMasks, novice_tables, pruned_rows
+from server.model.pooled import PooledModel, RowRoute
+from server.model.variant import VariantBuilder
+from server.patterns import CalibrationSet, PatternRecipe, RecipeError, select_experts
+
+from tiny_models import moe_configs, save_random_model
+
+#: families with different routers and experts: softmax top-k (Qwen3), sigmoid with groups and a selection bias
+#: (DeepSeek-V3), experts with biases and a clamped GLU (gpt-oss), a router fed the bias by its block (MiniMax-M2)
+FAMILIES = ("qwen3_moe", "deepseek_v3", "gpt_oss", "minimax_m2")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> dict[str, VariantBuilder]:
+    root = tmp_path_factory.mktemp("novices")
+    configs = moe_configs()
+    return {name: VariantBuilder(save_random_model(configs[name], root / name)) for name in (*FAMILIES, "qwen2_moe")}
+
+
+def _prompts(n: int = 5, seed: int = 0) -> list[list[int]]:
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 64, (int(length),), generator=generator).tolist() for length in range(6, 6 + n)]
+
+
+def _novices(builder: VariantBuilder) -> dict[int, torch.Tensor]:
+    stats = collect_statistics(builder, _prompts(), batch_size=2)
+    return {layer: s.novices() for layer, s in stats.router.items()}
+
+
+def _kept(builder: VariantBuilder) -> dict[int, tuple[int, ...]]:
+    """Three of eight experts per layer, uneven over DeepSeek-V3's two groups: with novices the router keeps its
+    own rule, so no group constraint applies."""
+    return {layer: ((0, 1, 2), (1, 5, 6))[i % 2] for i, layer in enumerate(sorted(builder.sparse_layers))}
+
+
+def _selection(builder: VariantBuilder, tables: dict[int, torch.Tensor]) -> Selection:
+    kept = _kept(builder)
+    return Selection("moe_experts", kept, novices={layer: pruned_rows(tables[layer], k) for layer, k in kept.items()})
+
+
+def test_novices_are_each_experts_mean_output_on_the_tokens_routed_to_it(tiny) -> None:
+    builder = tiny["qwen2_moe"]
+    model = builder.build()
+    sums = {layer: torch.zeros(8, builder.config.hidden_size, dtype=torch.float64) for layer in builder.sparse_layers}
+    counts = {layer: torch.zeros(8) for layer in builder.sparse_layers}
+
+    def hook(layer: int):
+        experts = model.get_submodule(builder.sparse_layers[layer].prefix).experts
+        gate_up, down = experts.gate_up_proj.double(), experts.down_proj.double()
+        half = gate_up.shape[1] // 2
+
+        def on_experts(module, args, output) -> None:
+            hidden, index = args[0].double(), args[1]
+            for t in range(hidden.shape[0]):
+                for e in index[t].tolist():
+                    gate, up = gate_up[e, :half] @ hidden[t], gate_up[e, half:] @ hidden[t]
+                    sums[layer][e] += down[e] @ (torch.nn.functional.silu(gate) * up)
+                    counts[layer][e] += 1
+
+        return on_experts
+
+    handles = [
+        model.get_submodule(info.prefix).experts.register_forward_hook(hook(layer))
+        for layer, info in builder.sparse_layers.items()
+    ]
+    with torch.no_grad():
+        for ids in _prompts():
+            model(torch.tensor([ids]))
+    for handle in handles:
+        handle.remove()
+    novices = _novices(builder)
+    for layer in builder.sparse_layers:
+        assert bool((counts[layer] > 0).all()), "every expert is routed to at least once on these prompts"
+        expected = (sums[layer] / counts[layer][:, None]).float()
+        torch.testing.assert_close(novices[layer], expected, rtol=1e-4, atol=1e-5)
+
+
+def _reference(builder: VariantBuilder, kept: dict[int, tuple[int, ...]], tables: dict[int, torch.Tensor]):
+    """The full model whose experts modules answer each token's choices one by one: w * E_j(x) for a kept j (the
+    experts module's forward run on that token alone, for that expert alone, at weight 1), else w * novice_j."""
+    model = builder.build()
+
+    def replace(layer: int):
+        def on_experts(module, args, output):
+            hidden, index, weights = args[0], args[1], args[2]
+            rows = []
+            for t in range(hidden.shape[0]):
+                row = torch.zeros_like(hidden[t])
+                for e, w in zip(index[t].tolist(), weights[t].tolist(), strict=True):
+                    if e in kept[layer]:
+                        one = module.forward(
+                            hidden[t : t + 1], torch.tensor([[e]]), torch.ones(1, 1, dtype=hidden.dtype)
+                        )[0]
+                    else:
+                        one = tables[layer][e]
+                    row = row + w * one
+                rows.append(row)
+            return torch.stack(rows)
+
+        return on_experts
+
+    for layer, info in builder.sparse_layers.items():
+        model.get_submodule(info.prefix).experts.register_forward_hook(replace(layer))
+    return model
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_a_variant_with_novices_is_the_full_router_with_novices_for_its_pruned_experts(tiny, name) -> None:
+    builder = tiny[name]
+    tables = _novices(builder)
+    selection = _selection(builder, tables)
+    x = torch.tensor([_prompts()[-1]])
+    with torch.no_grad():
+        expected = _reference(builder, _kept(builder), tables)(x).logits
+        variant = builder.build(selection)
+        got = variant(x).logits
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+        # what it reads: the kept experts only, the routers whole
+        block = variant.get_submodule(builder.sparse_layers[min(builder.sparse_layers)].prefix)
+        assert block.experts.experts.gate_up_proj.shape[0] == 3
+        # the same on a model holding every expert, through the hooks the refinements score candidates with
+        full = builder.build()
+        masks = NoviceMasks(full, {i: info.prefix for i, info in builder.sparse_layers.items()}, tables)
+        masks.apply(_kept(builder))
+        with masks:
+            torch.testing.assert_close(full(x).logits, expected, rtol=1e-4, atol=1e-5)
+        unmasked = full(x).logits
+        # and the novices matter: neither the full model nor zero novices compute it
+        assert not torch.allclose(got, unmasked, atol=1e-3)
+        zeros = {layer: torch.zeros_like(rows) for layer, rows in selection.novices.items()}
+        silent = builder.build(Selection("moe_experts", _kept(builder), novices=zeros))(x).logits
+        assert not torch.allclose(got, silent, atol=1e-3)
+
+
+@pytest.mark.parametrize("name", ["qwen3_moe", "deepseek_v3"])
+def test_pool_rows_with_novices_equal_their_variant_with_only_kept_experts_resident(tiny, name) -> None:
+    builder = tiny[name]
+    tables = _novices(builder)
+    selection = _selection(builder, tables)
+    plain = {layer: (0, 1, 4, 5) for layer in builder.sparse_layers}  # a plain route sharing some experts
+    union = {layer: len(set(_kept(builder)[layer]) | set(plain[layer])) for layer in builder.sparse_layers}
+    pool = ExpertPool(PooledModel(builder, slots=max(union.values())))
+    counts = {layer: info.num_experts for layer, info in builder.sparse_layers.items()}
+    kept = builder.kept_experts(selection)
+    novice_route = RowRoute("novice", kept, novices=novice_tables(selection.novices, kept, counts, builder.device,
+                                                                   builder.dtype))  # fmt: skip
+    leases = [
+        pool.acquire(VariantKey("novice"), novice_route),
+        pool.acquire(VariantKey("plain"), RowRoute("plain", plain)),
+    ]
+    x = torch.randint(3, 64, (3, 8), generator=torch.Generator().manual_seed(3))
+    routes = [leases[0].route, leases[1].route, leases[0].route]
+    with torch.no_grad(), pool.pooled.rows(routes):
+        mixed = pool.pooled.model(x).logits
+    with torch.no_grad():
+        expected_novice = builder.build(selection)(x[[0, 2]]).logits
+        expected_plain = builder.build(Selection("moe_experts", plain))(x[1:2]).logits
+    torch.testing.assert_close(mixed[[0, 2]], expected_novice, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(mixed[1:2], expected_plain, rtol=1e-5, atol=1e-5)
+    for layer in builder.sparse_layers:  # the novice route's pruned experts never needed a slot
+        resident = set((pool.pooled.slot_of[layer] >= 0).nonzero().flatten().tolist())
+        assert resident <= set(kept[layer]) | set(plain[layer])
+    for lease in leases:
+        pool.release(lease)
+
+
+def test_a_pattern_stores_its_novices_in_its_tensor_file(tiny, tmp_path) -> None:
+    builder = tiny["qwen3_moe"]
+    selection = _selection(builder, _novices(builder))
+    pattern = TaskPattern("t", selection, {}, "reap", {"substitute": "novice"}, "fp", 0.0, 5)
+    store = PatternStore(tmp_path / "store")
+    store.add(pattern)
+    loaded = PatternStore(tmp_path / "store").get("t")
+    assert loaded.selection.substitute == "novice"
+    for layer, rows in selection.novices.items():
+        assert torch.equal(loaded.selection.novices[layer], rows)
+    document = json.loads((tmp_path / "store" / "patterns" / "t.json").read_text())
+    assert document["selection"]["substitute"] == "novice"
+    # the document alone cannot stand for the pattern: its novices are in the tensor file
+    with pytest.raises(SelectionError, match="tensor file"):
+        Selection.from_json(document["selection"])
+    with pytest.raises(PatternError, match="novices"):
+        TaskPattern.from_parts(document, {})
+    with pytest.raises(SelectionError, match="every pruned layer"):
+        Selection("moe_experts", {0: (0, 1)}, novices={1: torch.zeros(6, 4)})
+    wrong = Selection("moe_experts", _kept(builder), novices={k: v[:, :3] for k, v in selection.novices.items()})
+    with pytest.raises(SelectionError, match="novices of shape"):
+        builder.build(wrong)
+    with pytest.raises(ExportError, match="novices"):
+        export_variant(builder, selection, tmp_path / "export")
+    assert not (tmp_path / "export").exists()
+
+
+def test_refinement_scores_candidates_with_novices(tiny) -> None:
+    """The reconstruction error and the answer loss with novices are those of the variant with novices."""
+    builder = tiny["qwen3_moe"]
+    tables = _novices(builder)
+    layer = max(builder.sparse_layers)
+    model = builder.build()
+    block = model.get_submodule(builder.sparse_layers[layer].prefix)
+    seen = {}
+    handle = block.experts.register_forward_hook(lambda m, a, o: seen.update(x=a[0], y=o))
+    with torch.no_grad():
+        model(torch.tensor([_prompts()[-1]]))
+    handle.remove()
+    reconstruction = BlockReconstruction(
+        block, builder.family, builder.config, layer, seen["x"], seen["y"], tables[layer]
+    )
+    plain = BlockReconstruction(block, builder.family, builder.config, layer, seen["x"], seen["y"])
+    masks = NoviceMasks(model, {layer: builder.sparse_layers[layer].prefix}, tables)
+    for kept in [(0, 1, 2), (2, 5, 7)]:
+        masks.apply({layer: kept})
+        with masks, torch.no_grad():
+            routed = block.experts(seen["x"], *reversed(block.gate(seen["x"])[1:]))
+        expected = float((routed - seen["y"]).square().sum() / seen["y"].square().sum())
+        assert reconstruction.error(kept) == pytest.approx(expected, rel=1e-4)
+        assert reconstruction.error(kept) != pytest.approx(plain.error(kept), rel=1e-3)
+    prompts = _prompts()
+    starts = [len(ids) - 3 for ids in prompts]
+    loss = AnswerLoss(builder, prompts, starts, batch_size=4, objective="answers", novices=tables)
+    selection = _selection(builder, tables)
+    variant = builder.build(selection)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for ids, start in zip(prompts, starts, strict=True):
+            logits = variant(torch.tensor([ids])).logits[0, start - 1 : -1].float()
+            total += float(torch.nn.functional.cross_entropy(logits, torch.tensor(ids[start:]), reduction="sum"))
+            count += len(ids) - start
+    assert loss.evaluate(_kept(builder)) == pytest.approx(total / count, rel=1e-5)
+
+
+def test_a_recipe_with_novices_keeps_every_pruned_experts_novice(tiny) -> None:
+    builder = tiny["deepseek_v3"]
+    prompts = _prompts()
+    stats = collect_statistics(builder, prompts, batch_size=2)
+    recipe = PatternRecipe.for_model(True, keep_experts=3, refine="local", substitute="novice")
+    pruned, _ = select_experts(builder, stats, recipe, CalibrationSet(prompts, [len(p) for p in prompts]))
+    selection = pruned.selection
+    assert selection.substitute == "novice" and recipe.parameters("moe_experts")["substitute"] == "novice"
+    for layer, kept in selection.layers.items():
+        assert len(kept) == 3  # three of eight: under groups of four, only novices allow an odd count
+        torch.testing.assert_close(selection.novices[layer], pruned_rows(stats.router[layer].novices(), kept))
+    builder.build(selection)
+    with pytest.raises(RecipeError, match="dense model") as refused:
+        PatternRecipe.for_model(False, substitute="novice")
+    assert refused.value.param == "substitute"
+    with pytest.raises(RecipeError, match="unknown substitute"):
+        PatternRecipe.for_model(True, substitute="merge")
