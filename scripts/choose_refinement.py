@@ -3,12 +3,12 @@
     python scripts/choose_refinement.py [--model models/demo-moe] [-n 200] [--keeps 0.5 0.25]
 
 Every demo task is calibrated on its 64 calibration exchanges (seed 7000) with REAP and the answer-loss
-refinement three ways: the cross-entropy of the answers (the refinement's earlier objective), the divergence
-from the full model with the uniform budget, and the divergence with the budget moved by it (`--budget
-loss`). Each pattern answers `-n` prompts of the choice seed 8100 (the diagnosis seed: neither calibration's
-nor the evaluation seed that `eval_pruning.py` and `eval_served.py` report on), greedy, exact match. The
-demo stores use the recipe that wins here; the reported figures come from the other seeds. Writes
-`bench/results/refinement_choice.json`.
+refinement five ways: the cross-entropy of the answers (the refinement's earlier objective), the divergence
+from the full model with the uniform budget, the divergence with the budget moved by it (`--budget loss`), and
+the last two with novices for the pruned experts (`--substitute novice`). Each pattern answers `-n` prompts of
+the choice seed 8100 (the diagnosis seed: neither calibration's nor the evaluation seed that `eval_pruning.py`
+and `eval_served.py` report on), greedy, exact match. The demo stores use the recipe that wins here; the
+reported figures come from the other seeds. Writes `bench/results/refinement_choice.json`.
 """
 
 from __future__ import annotations
@@ -27,11 +27,13 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 CHOICE_SEED = 8100  # the diagnosis seed: neither calibration's (7000) nor the reported evaluations'
-#: (row label, objective of the answer loss, layer budget)
+#: (row label, objective of the answer loss, layer budget, substitute for the pruned experts)
 RECIPES = (
-    ("cross-entropy, uniform", "answers", "uniform"),
-    ("divergence, uniform", "divergence", "uniform"),
-    ("divergence, moved budget", "divergence", "loss"),
+    ("cross-entropy, uniform", "answers", "uniform", "none"),
+    ("divergence, uniform", "divergence", "uniform", "none"),
+    ("divergence, moved budget", "divergence", "loss", "none"),
+    ("divergence, uniform, novices", "divergence", "uniform", "novice"),
+    ("divergence, moved budget, novices", "divergence", "loss", "novice"),
 )
 
 
@@ -68,10 +70,12 @@ def main(argv: list[str] | None = None) -> int:
         report["full"][task] = task_accuracy(full, tokenizer, examples)[task]
     for keep in args.keeps:
         rows: dict[str, Any] = {}
-        for label, objective, budget in RECIPES:
+        for label, objective, budget, substitute in RECIPES:
             rows[label] = {}
             search = SearchOptions(e2e_objective=objective)
-            recipe = PatternRecipe(method="reap", keep_ratio=keep, budget=budget, refine="e2e", search=search)
+            recipe = PatternRecipe(
+                method="reap", keep_ratio=keep, budget=budget, refine="e2e", search=search, substitute=substitute
+            )
             for task in tqdm(TASK_NAMES, desc=f"keep {keep} {label}"):
                 started = time.perf_counter()
                 pruned, record = select_experts(builder, stats[task], recipe, calibrations[task])
@@ -87,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         full_mean = sum(report["full"].values()) / len(TASK_NAMES)
         for label, per_task in rows.items():
             mean = sum(r["accuracy"] for r in per_task.values()) / len(TASK_NAMES)
-            print(f"keep {keep} {label:<26} mean {100 * mean:.1f}% ({100 * mean / full_mean:.1f}% of full) "
+            print(f"keep {keep} {label:<34} mean {100 * mean:.1f}% ({100 * mean / full_mean:.1f}% of full) "
                   + " ".join(f"{t} {100 * r['accuracy']:.1f}" for t, r in per_task.items()))  # fmt: skip
     report["measured"] = measured()
     args.out.write_text(json.dumps(report, indent=1) + "\n")

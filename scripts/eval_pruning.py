@@ -12,6 +12,9 @@ expert) and keep levels 50%, 25% and 12.5% of the routed experts, per task:
 - the refinements: layer-local (reconstruction error) and end to end (the divergence from the full model on
   the calibration answers), the latter with the uniform budget and with the budget moved between layers by
   that loss, with the seconds each pattern took to calibrate and the memory its kept experts take;
+- the same REAP, answer-loss and moved-budget recipes with novices (`--substitute novice`: a pruned expert the
+  full router still chooses adds its mean calibration output, times its gate weight), and what the novices
+  cost in memory;
 - the cross-task matrix of the best recipe (every task served by every task's pattern).
 
 For `demo-dense`: SEAP expert-based (per task) and general (pooled) against weight magnitude and random at
@@ -57,12 +60,15 @@ import _measured
 MOE_MODELS = ("demo-moe", "demo-moe-fine")
 MOE_KEEPS = (0.5, 0.25, 0.125)
 DENSE_SPARSITIES = (0.2, 0.5, 0.7)
-#: the recipes beyond plain scoring: (row label, method, layer budget, refinement)
+#: the recipes beyond plain scoring: (row label, method, layer budget, refinement, substitute)
 REFINED = (
-    ("reap, adaptive budget", "reap", "adaptive", "none"),
-    ("layer-local refinement", "reap", "uniform", "local"),
-    ("answer-loss refinement", "reap", "uniform", "e2e"),
-    ("answer-loss refinement, moved budget", "reap", "loss", "e2e"),
+    ("reap, adaptive budget", "reap", "adaptive", "none", "none"),
+    ("layer-local refinement", "reap", "uniform", "local", "none"),
+    ("answer-loss refinement", "reap", "uniform", "e2e", "none"),
+    ("answer-loss refinement, moved budget", "reap", "loss", "e2e", "none"),
+    ("reap, novices", "reap", "uniform", "none", "novice"),
+    ("answer-loss refinement, novices", "reap", "uniform", "e2e", "novice"),
+    ("answer-loss refinement, moved budget, novices", "reap", "loss", "e2e", "novice"),
 )
 BEST = "answer-loss refinement, moved budget"
 
@@ -118,9 +124,9 @@ def evaluate_moe(model_dir: Path, n: int, prompts_per_task: int, keeps: tuple[fl
                 scorer = "tcess" if method == "task-agnostic" else method
                 selection = moe_selection(source, k, scorer, seed=TASK_NAMES.index(task)).selection
                 rows[method][task] = _accuracy(builder.build(selection), tokenizer, task, n)
-        for label, method, budget, refine in REFINED:
+        for label, method, budget, refine, substitute in REFINED:
             rows[label], seconds[label], selections[label], layer_counts[label] = {}, {}, {}, {}
-            recipe = PatternRecipe(method=method, keep_ratio=keep, budget=budget, refine=refine)
+            recipe = PatternRecipe(method=method, keep_ratio=keep, budget=budget, refine=refine, substitute=substitute)
             for task in tqdm(TASK_NAMES, desc=f"{model_dir.name} keep {keep} {label}"):
                 started = time.perf_counter()
                 pruned, _ = select_experts(builder, stats[task], recipe, calibration[task])
@@ -139,9 +145,11 @@ def evaluate_moe(model_dir: Path, n: int, prompts_per_task: int, keeps: tuple[fl
             "methods": rows,
             "refinement_seconds": seconds,
             "experts_per_layer": layer_counts,
-            # what a pattern's kept experts take (every recipe keeps the same total; novices would add to it)
+            # what a pattern's kept experts take (every recipe keeps the same total), and its novices when it has
+            # them: one vector of the hidden size per pruned expert per layer, in the model's dtype
             "kept_expert_bytes": sum(builder.sizes.expert_bytes(i) for i in builder.sparse_layers) * k,
             "all_expert_bytes": sum(builder.sizes.expert_bytes(i) for i in builder.sparse_layers) * num_experts,
+            "novice_bytes": len(builder.sparse_layers) * (num_experts - k) * int(builder.config.hidden_size) * 4,
             "cross_task_recipe": BEST,
             "cross_task": cross,
         }

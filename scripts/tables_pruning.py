@@ -113,11 +113,13 @@ def pruning_seconds() -> str:
                 else ""
             )
             for recipe, per_task in block["refinement_seconds"].items():
+                novices = block.get("novice_bytes") if recipe.endswith("novices") else None
+                cost = f"{memory} + {novices / 2**20:.2f} MiB novices" if novices else memory
                 values = list(per_task.values())
                 counts = block.get("experts_per_layer", {}).get(recipe, {})
                 widest = max((n for c in counts.values() for n in c.values()), default=None)
                 lines.append(
-                    f"| {name} | {block['experts_kept']}/{block['of']} | {memory} | {recipe} | "
+                    f"| {name} | {block['experts_kept']}/{block['of']} | {cost} | {recipe} | "
                     f"{statistics.median(values):.1f} | {max(values):.1f} | {widest or ''} |"
                 )
     return "\n".join(lines) + "\n"
