@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -204,13 +205,18 @@ def evaluate(model_dir: Path, n: int, keeps: Sequence[float]) -> dict[str, Any]:
     tokenizer = load_tokenizer(model_dir)
     full = builder.build()
     examples = {task: get_task(task).examples(n, CHOICE_SEED) for task in TASK_NAMES}
+    layer = next(iter(builder.sparse_layers.values()))
+    hidden = int(builder.config.hidden_size)
     result: dict[str, Any] = {
         "full": {task: task_accuracy(full, tokenizer, examples[task])[task] for task in TASK_NAMES},
+        "expert_floats": sum(math.prod(shape) for shape in layer.expert_shapes.values()),  # one expert's numbers
+        # the numbers each pruned expert's substitute stores (low-rank: the novice, the inputs' mean, U and V)
+        "substitute_floats": {"none": 0, "novice": hidden, "merge": 0}
+        | {f"low-rank {r}": 2 * hidden + 2 * r * hidden for r in RANKS},
         "keeps": {},
     }
     num_experts = next(iter(builder.sparse_layers.values())).num_experts
     top_k = int(builder.config.num_experts_per_tok)
-    hidden = int(builder.config.hidden_size)
     prepared = {}
     for task in tqdm(TASK_NAMES, desc=f"{model_dir.name} calibration"):
         calibration = calibration_set(tokenizer, calibration_texts(task, 64), max_context(builder))
@@ -249,15 +255,7 @@ def evaluate(model_dir: Path, n: int, keeps: Sequence[float]) -> dict[str, Any]:
             merged, remap = merged_model(builder, pairs, kept)
             SubstitutedChoices(builder, merged, kept, remap=remap)
             rows["merge"][task] = accuracy(merged)
-        pruned = (num_experts - k) * len(builder.sparse_layers)
-        result["keeps"][str(keep)] = {
-            "experts_kept": k,
-            "of": num_experts,
-            "substitutes": rows,
-            # numbers each pruned expert's substitute stores, over the whole model
-            "substitute_floats": {"none": 0, "novice": pruned * hidden, "merge": 0}
-            | {f"low-rank {r}": pruned * (hidden + 2 * r * hidden + hidden) for r in RANKS},
-        }
+        result["keeps"][str(keep)] = {"experts_kept": k, "of": num_experts, "substitutes": rows}
         mean_full = sum(result["full"].values())
         print(
             f"{model_dir.name} keep {keep}: "
