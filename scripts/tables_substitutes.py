@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from _results import load
 from tables_pruning import TASKS, _mean, _pct, relative
+
+from _results import load
 
 
 def substitutes() -> str:
