@@ -129,6 +129,8 @@ class PooledModel:
             for index, layer in self.layers.items()
         }
         self.route_masks = RouteMaskTable(self.layers, device)
+        #: what live coverage compares the full router's choice with: the kept experts, novices or not
+        self.coverage_masks = RouteMaskTable(self.layers, device, every_kept=True)
         #: samples the full router's choices beside the masked ones (None: off, nothing extra runs)
         self.coverage: CoverageMeter | None = None
         self._restricted_routers = RouterMasks(
@@ -182,10 +184,14 @@ class PooledModel:
         meter draws; a captured graph passes False)."""
         previous = getattr(self._local, "batch", None)
         meter = self.coverage
-        sampled = meter is not None and masks.pruning and (meter.draw() if sample is None else sample)
+        pruning = masks.pruning or bool(masks.novice_layers)
+        sampled = meter is not None and pruning and (meter.draw() if sample is None else sample)
         coverage = CoverageSample(masks.routes, attention_mask) if sampled else None
+        # rows with novices route unmasked; their coverage is still that of the experts they keep
+        kept = BatchMasks(masks.routes, self.coverage_masks) if sampled and masks.novice_layers else masks
         previous_terms = getattr(self._local, "novice_terms", None)
         self._local.batch, self._local.coverage, self._local.novice_terms = masks, coverage, {}
+        self._local.kept = kept
         try:
             yield
         finally:
@@ -220,7 +226,7 @@ class PooledModel:
             coverage: CoverageSample | None = getattr(self._local, "coverage", None)
             if coverage is not None:  # the full router's own choice, for the patterns' live coverage
                 _, full_weights, full_experts = full_router(hidden_states, *arguments)
-                coverage.add(layer, full_weights, full_experts, batch.tokens(layer, count))
+                coverage.add(layer, full_weights, full_experts, self._local.kept.tokens(layer, count))
             single = batch.single.masked.get(layer) if batch.single is not None and not self.masked_only else None
             if single is not None:
                 restricted, ids = self._restricted(layer, single)

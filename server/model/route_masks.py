@@ -32,9 +32,12 @@ CACHED_ROUTES = 512
 
 
 class RouteMaskTable:
-    """Each route's pruned experts as one boolean tensor [sparse layers, experts] (True: pruned), made once."""
+    """Each route's pruned experts as one boolean tensor [sparse layers, experts] (True: pruned), made once.
+    By default the experts its router may not choose (`RowRoute.masked`: a layer with novices masks nothing);
+    `every_kept`: the experts it does not keep (what live coverage measures, novices or not)."""
 
-    def __init__(self, layers: Mapping[int, SparseLayer], device: torch.device) -> None:
+    def __init__(self, layers: Mapping[int, SparseLayer], device: torch.device, every_kept: bool = False) -> None:
+        self.every_kept = every_kept
         self.position = {index: position for position, index in enumerate(sorted(layers))}
         self.width = max(layer.num_experts for layer in layers.values())
         self.counts = {index: layer.num_experts for index, layer in layers.items()}
@@ -55,7 +58,7 @@ class RouteMaskTable:
         mask = torch.zeros((len(self.position), self.width), dtype=torch.bool)
         for index, position in self.position.items():
             mask[position, self.counts[index] :] = True  # a narrower layer's columns past its experts
-            kept = route.masked.get(index)
+            kept = (route.kept if self.every_kept else route.masked).get(index)
             if kept is not None:
                 mask[position, : self.counts[index]] = True
                 mask[position, list(kept)] = False
@@ -77,7 +80,8 @@ class BatchMasks:
         self.table = table
         distinct = {id(route): route for route in self.routes}
         #: the sparse layers some row prunes: the others' routers run as they are
-        self.pruned_layers: set[int] = {layer for route in distinct.values() for layer in route.masked}
+        chosen_from = (lambda route: route.kept) if table.every_kept else (lambda route: route.masked)
+        self.pruned_layers: set[int] = {layer for route in distinct.values() for layer in chosen_from(route)}
         self.pruning = bool(self.pruned_layers)
         #: the sparse layers where some row's pruned choices get novices
         self.novice_layers: set[int] = {layer for route in distinct.values() for layer in route.novices}
