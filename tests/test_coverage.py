@@ -24,6 +24,7 @@ from server.config import ServerConfig
 from server.engine import Generation, SamplingParams
 from server.model.calibrate import collect_statistics
 from server.model.coverage_meter import CoverageMeter, CoverageSample
+from server.model.novices import NoviceTable
 from server.model.pooled import PooledModel, RowRoute
 from server.model.variant import VariantBuilder
 from server.patterns import pattern_coverage
@@ -204,7 +205,10 @@ def test_live_coverage_is_the_full_routers_mass_on_the_served_hidden_states(chec
     layers = sorted(builder.sparse_layers)
     routes = {name: RowRoute(name, {layer: KEPT[name] for layer in layers}, "r1", 0.9) for name in KEPT}
     hidden_size = int(builder.config.hidden_size)
-    tables = {layer: torch.randn(8, hidden_size, generator=torch.Generator().manual_seed(layer)) for layer in layers}
+    tables = {
+        layer: NoviceTable(torch.randn(8, hidden_size, generator=torch.Generator().manual_seed(layer)))
+        for layer in layers
+    }
     routes["novices"] = RowRoute("novices", routes["a"].kept, "r1", 0.9, tables)
     kept_sets = {**KEPT, "novices": KEPT["a"]}
     captured, handles = _router_inputs(pooled.model, layers)

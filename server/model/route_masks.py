@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from server.model.layout import SparseLayer
+from server.model.novices import NoviceTable
 
 CACHED_ROUTES = 512
 """Routes whose mask tensors are kept (one [sparse layers, experts] boolean each)."""
@@ -85,7 +86,7 @@ class BatchMasks:
         self.pruning = bool(self.pruned_layers)
         #: the sparse layers where some row's pruned choices get novices
         self.novice_layers: set[int] = {layer for route in distinct.values() for layer in route.novices}
-        self._novices: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._novices: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, NoviceTable]] = {}
         self.single = next(iter(distinct.values())) if self.pruning and len(distinct) == 1 else None
         self._per_row: torch.Tensor | None = None
         self._tokens: dict[int, torch.Tensor] = {}
@@ -120,11 +121,11 @@ class BatchMasks:
             self._tokens[count] = found
         return found[self.table.position[layer], :, : self.table.counts[layer]]
 
-    def novices(self, layer: int, count: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    def novices(self, layer: int, count: int) -> tuple[torch.Tensor, torch.Tensor, NoviceTable] | None:
         """For sparse layer `layer` and `count` tokens (rows x sequence length, row-major), None when no row has
         novices there, else: each token's novice route [count] (the routes with novices here numbered 0..R-1, R
         for the rows without), which experts each of them substitutes [R + 1, E] (the last row none), and
-        their novice tables stacked [R * E, H]."""
+        their novice tables stacked (R * E rows)."""
         if layer not in self.novice_layers:
             return None
         key = (layer, count)
@@ -136,7 +137,7 @@ class BatchMasks:
                     numbered[id(route)] = len(tables)
                     tables.append(route.novices[layer])
             experts = self.table.counts[layer]
-            device = tables[0].device
+            device = tables[0].novices.device
             substitutes = torch.zeros((len(tables) + 1, experts), dtype=torch.bool, device=device)
             for route in self.routes:
                 if id(route) in numbered:
@@ -144,7 +145,7 @@ class BatchMasks:
                     substitutes[numbered[id(route)], list(route.kept[layer])] = False
             rows = torch.tensor([numbered.get(id(route), len(tables)) for route in self.routes], device=device)
             row_of_token = rows.repeat_interleave(count // len(self.routes))
-            self._novices[key] = (row_of_token, substitutes, torch.cat(tables))
+            self._novices[key] = (row_of_token, substitutes, NoviceTable.stacked(tables))
         return self._novices[key]
 
 
