@@ -35,7 +35,7 @@ from tables_pruning import (
 )
 from tables_routing import SERVED, routing, routing_findings, routing_settings, routing_targets
 from tables_store import fit_placement, store_changes
-from tables_substitutes import substitutes
+from tables_substitutes import pruning_low_rank, substitutes
 from tables_suggest import suggestions
 from tables_variants import RATIOS, fp8_slots, variants, variants_findings
 
@@ -178,6 +178,7 @@ SECTIONS: dict[str, Section] = {
     "pruning-findings": Section(pruning_findings, ("pruning.json",)),
     "refinement-choice": Section(refinement_choice, ("refinement_choice.json",)),
     "substitutes": Section(substitutes, ("substitutes.json",)),
+    "pruning-low-rank": Section(pruning_low_rank, ("pruning_low_rank.json",)),
 }
 
 
