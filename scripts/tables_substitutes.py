@@ -4,11 +4,12 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from tables_pruning import TASKS, _levels, _mean, _pct, relative
 
 from _results import load
+
+#: the low-rank recipe the README's headline quotes (`eval_pruning.py`'s row)
+LOW_RANK_ROW = "answer-loss refinement, low-rank novices"
 
 
 def _memory_share(kept: int, of: int, expert: float, substitute: float) -> str:
@@ -75,14 +76,3 @@ def pruning_low_rank() -> str:
                     + f" | **{_pct(_mean(values))}** | {_pct(share)} | {_pct(worst)} | {100 * memory:.1f}% |"
                 )
     return "\n".join(lines) + "\n"
-
-
-def low_rank_quarter(report: dict[str, Any]) -> dict[str, tuple[str, float, float]]:
-    """Per model, the best low-rank recipe at 25%: (recipe, mean of full, worst task of full)."""
-    best = {}
-    for name, model in report["models"].items():
-        block = model.get("keep_0.25")
-        if block:
-            recipe = max(block["methods"], key=lambda r: relative(block["methods"][r], model["full"])[0])
-            best[name] = (recipe, *relative(block["methods"][recipe], model["full"]))
-    return best
