@@ -25,8 +25,17 @@ import torch
 
 #: the ridge of the fit, relative to the mean variance of the inputs
 RIDGE = 1e-2
-#: routed tokens kept per expert for the fit (a uniform sample of all of them)
+#: routed tokens kept per expert for the fit (a uniform sample of all of them), at most
 SAMPLES_PER_EXPERT = 512
+#: a layer's samples (every expert's inputs and outputs, float32) stay within this many bytes: a model with many
+#: wide experts keeps fewer tokens per expert (DeepSeek-V3, 256 experts of hidden size 7168: 146)
+SAMPLE_BYTES = 2 << 30
+
+
+def samples_per_expert(num_experts: int, hidden: int) -> int:
+    """How many routed tokens per expert the fit keeps: `SAMPLES_PER_EXPERT`, fewer where a layer's samples
+    would pass `SAMPLE_BYTES`, never fewer than 32."""
+    return max(32, min(SAMPLES_PER_EXPERT, SAMPLE_BYTES // (num_experts * 2 * hidden * 4)))
 
 
 @dataclass(frozen=True)

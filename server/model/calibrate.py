@@ -21,7 +21,7 @@ from torch import nn
 
 from pattern_store.expert_scores import ExpertStatistics
 from pattern_store.seap import ChannelStatistics
-from pattern_store.substitutes import ExpertSamples
+from pattern_store.substitutes import ExpertSamples, samples_per_expert
 from server.model.families import Family
 from server.model.layer_stream import LayerStream, Progress, StreamedLayers
 from server.model.masking import router_of
@@ -169,7 +169,8 @@ def _observe(
         sparse = builder.sparse_layers[index]
         stats.router[index] = ExpertStatistics(sparse.num_experts, threshold)
         if sampled:
-            stats.router[index].samples = ExpertSamples(sparse.num_experts, seed=index)
+            capacity = samples_per_expert(sparse.num_experts, int(builder.config.hidden_size))
+            stats.router[index].samples = ExpertSamples(sparse.num_experts, capacity, seed=index)
         block = model.get_submodule(sparse.prefix)
         layer = model.model.layers[index]
         return MoeObserver(layer, block, stats.router[index], streamed.stream, builder.family)
