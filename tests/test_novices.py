@@ -342,3 +342,18 @@ def test_a_recipe_with_novices_keeps_every_pruned_experts_novice(tiny) -> None:
     assert refused.value.param == "substitute"
     with pytest.raises(RecipeError, match="unknown substitute"):
         PatternRecipe.for_model(True, substitute="merge")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_variant_bytes_of_a_pattern_with_novices_equal_what_its_build_holds(tiny, kind) -> None:
+    builder = tiny["deepseek_v3"]
+    selection = _selection(builder, _novices(builder, kind))
+    full = builder.build()
+    held = {tensor.untyped_storage().data_ptr() for tensor in [*full.parameters(), *full.buffers()]}
+    variant = builder.build(selection)
+    owned = {
+        tensor.untyped_storage().data_ptr(): tensor.untyped_storage().nbytes()
+        for tensor in [*variant.parameters(), *variant.buffers()]
+        if tensor.untyped_storage().data_ptr() not in held
+    }
+    assert builder.variant_bytes(selection) == sum(owned.values()) > 0

@@ -162,13 +162,22 @@ class NoviceExperts(nn.Module):
     def __init__(self, experts: nn.Module, kept: Sequence[int], table: NoviceTable) -> None:
         super().__init__()
         self.experts = experts
-        self.table = table
         num_experts = table.rows
         device = table.novices.device
         position = torch.full((num_experts,), -1, dtype=torch.long, device=device)
         position[list(kept)] = torch.arange(len(kept), device=device)
         self.register_buffer("position", position, persistent=False)
+        # the table's tensors as buffers: they move with the model, and count as what the variant holds
+        self.register_buffer("novices", table.novices, persistent=False)
+        for part in ("means", "inputs", "outputs"):
+            value = getattr(table.low_rank, part) if table.low_rank is not None else None
+            self.register_buffer(part, value, persistent=False)
         self.num_experts = num_experts
+
+    @property
+    def table(self) -> NoviceTable:
+        low_rank = LowRankMaps(self.means, self.inputs, self.outputs) if self.means is not None else None
+        return NoviceTable(self.novices, low_rank)
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> Any:
         position = self.position[top_k_index]
