@@ -30,6 +30,8 @@ from server.model.novices import NoviceTable
 
 CACHED_ROUTES = 512
 """Routes whose mask tensors are kept (one [sparse layers, experts] boolean each)."""
+STACKED_TABLES = 64
+"""Stacks of several routes' novice tables kept per (layer, routes), for the decode steps that reuse them."""
 
 
 class RouteMaskTable:
@@ -44,6 +46,7 @@ class RouteMaskTable:
         self.counts = {index: layer.num_experts for index, layer in layers.items()}
         self.device = device
         self._cache: OrderedDict[int, tuple[Any, torch.Tensor]] = OrderedDict()
+        self._stacked: OrderedDict[tuple[int, tuple[int, ...]], tuple[list[Any], NoviceTable]] = OrderedDict()
         self._lock = threading.Lock()  # every decoding thread shares the table
 
     def pruned(self, route: Any) -> torch.Tensor:
@@ -68,6 +71,24 @@ class RouteMaskTable:
         while len(self._cache) > CACHED_ROUTES:
             self._cache.popitem(last=False)
         return mask
+
+    def stacked(self, layer: int, routes: Sequence[Any], tables: Sequence[NoviceTable]) -> NoviceTable:
+        """The novice tables of `routes` at `layer` as one (one route's: its own, nothing copied), kept for the
+        steps that follow: a decode step over the same rows reads the same stack."""
+        if len(tables) == 1:
+            return tables[0]
+        key = (layer, tuple(id(route) for route in routes))
+        with self._lock:
+            found = self._stacked.get(key)
+            if found is not None and all(a is b for a, b in zip(found[0], routes, strict=True)):
+                self._stacked.move_to_end(key)
+                return found[1]
+        table = NoviceTable.stacked(tables)
+        with self._lock:
+            self._stacked[key] = (list(routes), table)  # the routes are held, so their ids are not reused
+            while len(self._stacked) > STACKED_TABLES:
+                self._stacked.popitem(last=False)
+        return table
 
 
 class BatchMasks:
@@ -131,11 +152,12 @@ class BatchMasks:
         key = (layer, count)
         if key not in self._novices:
             numbered: dict[int, int] = {}
-            tables = []
+            tables, novice_routes = [], []
             for route in self.routes:
                 if layer in route.novices and id(route) not in numbered:
                     numbered[id(route)] = len(tables)
                     tables.append(route.novices[layer])
+                    novice_routes.append(route)
             experts = self.table.counts[layer]
             device = tables[0].novices.device
             substitutes = torch.zeros((len(tables) + 1, experts), dtype=torch.bool, device=device)
@@ -145,7 +167,7 @@ class BatchMasks:
                     substitutes[numbered[id(route)], list(route.kept[layer])] = False
             rows = torch.tensor([numbered.get(id(route), len(tables)) for route in self.routes], device=device)
             row_of_token = rows.repeat_interleave(count // len(self.routes))
-            self._novices[key] = (row_of_token, substitutes, NoviceTable.stacked(tables))
+            self._novices[key] = (row_of_token, substitutes, self.table.stacked(layer, novice_routes, tables))
         return self._novices[key]
 
 
