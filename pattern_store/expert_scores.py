@@ -26,6 +26,7 @@ import torch
 
 from pattern_store.coverage import gate_mass_sums
 from pattern_store.recipes import MOE_METHODS, OUTPUT_METHODS
+from pattern_store.substitutes import ExpertSamples, LowRankMaps
 from pattern_store.tcess import frequency_sums, logit_sums, tcess_sums
 
 
@@ -72,6 +73,10 @@ class ExpertStatistics:
     has_outputs: bool = False
     #: [E, H] per expert: the sum of its outputs E_j(x) (weight 1) over the tokens routed to it (novices)
     output_sum: torch.Tensor | None = None
+    #: a sample of each expert's routed tokens, kept while the layer runs when low-rank novices are wanted
+    samples: ExpertSamples | None = None
+    #: each expert's low-rank map, fitted on `samples` when the layer is done (`fit_low_rank`)
+    low_rank: LowRankMaps | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.threshold <= 1.0:
@@ -109,9 +114,11 @@ class ExpertStatistics:
         norms: torch.Tensor,
         change: torch.Tensor,
         outputs: torch.Tensor | None = None,
+        inputs: torch.Tensor | None = None,
     ) -> None:
         """The same batch as the experts saw it (see `output_sums`); `outputs` [T*k, H] are the selected
-        experts' outputs themselves, row t*k+i for `top_index[t, i]`, summed per expert for its novice."""
+        experts' outputs themselves, row t*k+i for `top_index[t, i]`, summed per expert for its novice, and
+        `inputs` [T*k, H] the tokens they saw (sampled for the low-rank novices, when `samples` is set)."""
         reap, ean, easy_ep = output_sums(weights, top_index, norms, change, self.num_experts)
         self.reap += reap.cpu()
         self.ean += ean.cpu()
@@ -122,6 +129,15 @@ class ExpertStatistics:
                 self.output_sum = torch.zeros(self.num_experts, outputs.shape[-1])
             sums = torch.zeros(self.output_sum.shape, device=outputs.device)
             self.output_sum += sums.index_add_(0, top_index.reshape(-1), outputs.float()).cpu()
+            if self.samples is not None and inputs is not None:
+                self.samples.add(top_index.reshape(-1), inputs, outputs)
+
+    def fit_low_rank(self, rank: int) -> None:
+        """Fit every expert's low-rank map on its sampled tokens, then drop the sample (its layer is done)."""
+        if self.samples is None or self.output_sum is None:
+            raise ValueError("low-rank novices need the experts' sampled tokens, which this calibration did not keep")
+        self.low_rank = self.samples.fit(rank, self.output_sum.shape[1])
+        self.samples = None
 
     def novices(self) -> torch.Tensor:
         """[E, H]: each expert's novice, its mean output over the calibration tokens the full router sent to it

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from pattern_store.selection import Selection, SelectionError
+from pattern_store.substitutes import LowRankMaps
 
 FORMAT_VERSION = 1
 EMBEDDING_NORM_TOLERANCE = 0.01
@@ -114,6 +115,9 @@ class TaskPattern:
         out = {f"scores.{layer}": scores.detach().float().cpu().contiguous() for layer, scores in self.scores.items()}
         for layer, novices in self.selection.novices.items():
             out[f"novices.{layer}"] = novices.detach().float().cpu().contiguous()
+        for layer, maps in self.selection.low_rank.items():
+            for part in LOW_RANK_PARTS:
+                out[f"low_rank.{layer}.{part}"] = getattr(maps, part).detach().float().cpu().contiguous()
         if self.example_embeddings is not None:
             out["example_embeddings"] = self.example_embeddings.detach().float().cpu().contiguous()
         return out
@@ -130,7 +134,7 @@ class TaskPattern:
             )
         try:
             novices = {int(key.split(".", 1)[1]): value for key, value in tensors.items() if key.startswith("novices.")}
-            selection = Selection.from_json(document["selection"], novices, schema_only)
+            selection = Selection.from_json(document["selection"], novices, schema_only, _low_rank(tensors))
             scores = {int(key.split(".", 1)[1]): value for key, value in tensors.items() if key.startswith("scores.")}
             return cls(
                 name=document["name"],
@@ -149,6 +153,15 @@ class TaskPattern:
             raise PatternError(f"pattern document lacks {error.args[0]!r}") from None
         except (SelectionError, TypeError, ValueError, IndexError, AttributeError) as error:
             raise PatternError(f"invalid pattern document: {error}") from None
+
+
+LOW_RANK_PARTS = ("means", "inputs", "outputs")
+
+
+def _low_rank(tensors: dict[str, torch.Tensor]) -> dict[int, LowRankMaps]:
+    """The low-rank maps in a pattern's tensors (`low_rank.LAYER.PART`), per layer."""
+    layers = {int(key.split(".")[1]) for key in tensors if key.startswith("low_rank.")}
+    return {layer: LowRankMaps(*(tensors[f"low_rank.{layer}.{part}"] for part in LOW_RANK_PARTS)) for layer in layers}
 
 
 def model_mismatch(

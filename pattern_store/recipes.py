@@ -31,9 +31,13 @@ LOSS_BUDGET = "loss"
 #: answer loss (`server.model.answer_loss_refinement`)
 REFINEMENTS: tuple[str, ...] = ("none", "local", "e2e")
 #: what stands in for a pruned expert when the router still chooses it: nothing (the router cannot choose it),
-#: or its novice, its mean output on the calibration tokens routed to it (MoNE: a vector, not a slot)
-SUBSTITUTES: tuple[str, ...] = ("none", "novice")
+#: its novice, its mean output on the calibration tokens routed to it (MoNE: a vector, not a slot), or a
+#: low-rank novice, the novice plus a rank-r linear map of the token fitted on those tokens
+SUBSTITUTES: tuple[str, ...] = ("none", "novice", "low-rank")
 NOVICE = "novice"
+LOW_RANK = "low-rank"
+#: the rank a low-rank novice keeps unless told otherwise (chosen on the choice split: `eval_substitutes.py`)
+DEFAULT_RANK = 16
 
 
 def suggestion_refinement(moe: bool) -> str:

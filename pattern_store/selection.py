@@ -65,11 +65,14 @@ class Selection:
     #: a row of `novices[layer]` ([pruned experts, hidden], rows in ascending expert id), weighted by its gate.
     #: The tensors live in the pattern's tensor file, not in this document
     novices: Mapping[int, Any] = field(default_factory=dict, compare=False, repr=False)
+    #: per layer with novices, when they are low-rank: the pruned experts' `substitutes.LowRankMaps` (same rows)
+    low_rank: Mapping[int, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def substitute(self) -> str:
-        """What a pruned expert's choice gets: "novice", or "none" (the router cannot choose it)."""
-        return "novice" if self.novices else "none"
+        """What a pruned expert's choice gets: "novice", "low-rank" (a novice and a low-rank map of the token),
+        or "none" (the router cannot choose it)."""
+        return "low-rank" if self.low_rank else "novice" if self.novices else "none"
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -99,9 +102,16 @@ class Selection:
             shape = tuple(getattr(value, "shape", ()))
             if len(shape) != 2:
                 raise SelectionError(f"layer {layer}: novices must be a 2-D tensor [pruned experts, hidden]")
+        low_rank = {_layer_number(key): value for key, value in self.low_rank.items()}
+        if low_rank and set(low_rank) != set(novices):
+            raise SelectionError("low-rank maps go with the novices of the same layers")
+        for layer, maps in low_rank.items():
+            if tuple(maps.means.shape) != tuple(novices[layer].shape) or maps.inputs.shape[:2] != maps.means.shape:
+                raise SelectionError(f"layer {layer}: low-rank maps do not match its novices' rows and hidden size")
         object.__setattr__(self, "layers", dict(sorted(layers.items())))
         object.__setattr__(self, "bias", dict(sorted(bias.items())))
         object.__setattr__(self, "novices", dict(sorted(novices.items())))
+        object.__setattr__(self, "low_rank", dict(sorted(low_rank.items())))
 
     def kept(self, layer: int) -> tuple[int, ...] | None:
         """Kept indices of `layer`, or None when the layer keeps everything."""
@@ -119,10 +129,16 @@ class Selection:
         return document
 
     @classmethod
-    def from_json(cls, document: Any, novices: Mapping[int, Any] | None = None, schema_only: bool = False) -> Selection:
-        """The selection of a JSON document; one whose pruned experts have novices needs them (`novices`: from
-        the pattern's tensor file), unless only the document's schema is checked (`schema_only`: the result then
-        lacks them)."""
+    def from_json(
+        cls,
+        document: Any,
+        novices: Mapping[int, Any] | None = None,
+        schema_only: bool = False,
+        low_rank: Mapping[int, Any] | None = None,
+    ) -> Selection:
+        """The selection of a JSON document; one whose pruned experts have novices needs them (`novices`, and
+        `low_rank` for low-rank ones: from the pattern's tensor file), unless only the document's schema is
+        checked (`schema_only`: the result then lacks them)."""
         if not isinstance(document, Mapping):
             raise SelectionError("a selection is a JSON object with 'kind' and 'layers'")
         missing = {"kind", "layers"} - set(document)
@@ -134,15 +150,21 @@ class Selection:
         if not isinstance(bias, Mapping):
             raise SelectionError("'bias' must map layer numbers to lists of floats")
         substitute = document.get("substitute", "none")
-        if substitute not in ("none", "novice"):
-            raise SelectionError(f"unknown substitute {substitute!r} for pruned experts; expected none or novice")
-        if substitute == "novice" and not novices and not schema_only:
+        if substitute not in ("none", "novice", "low-rank"):
+            raise SelectionError(
+                f"unknown substitute {substitute!r} for pruned experts; expected none, novice or low-rank"
+            )
+        missing = not novices or (substitute == "low-rank" and not low_rank)
+        if substitute != "none" and missing and not schema_only:
             raise SelectionError(
                 "the selection's pruned experts have novices, which live in its pattern's tensor file, not in this "
                 "document: use the stored pattern"
             )
-        novices = novices if substitute == "novice" else {}
-        return cls(kind=document["kind"], layers=dict(document["layers"]), bias=dict(bias), novices=novices or {})
+        novices = (novices or {}) if substitute != "none" and not missing else {}
+        low_rank = (low_rank or {}) if substitute == "low-rank" and novices else {}
+        return cls(
+            kind=document["kind"], layers=dict(document["layers"]), bias=dict(bias), novices=novices, low_rank=low_rank
+        )
 
     @classmethod
     def load(cls, path: str | Path) -> Selection:

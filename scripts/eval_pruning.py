@@ -41,7 +41,7 @@ from tqdm import tqdm
 from demo.calibration import CALIBRATION_SEED, calibration_texts
 from demo.evaluate import EVAL_SEED, task_accuracy
 from demo.tasks import TASK_NAMES, get_task
-from pattern_store.recipes import MOE_METHODS
+from pattern_store.recipes import DEFAULT_RANK, MOE_METHODS
 from pattern_store.selection import Selection
 from server.model.calibrate import CalibrationStatistics, collect_statistics
 from server.model.pruning import dense_selection, keep_count, moe_selection
@@ -69,6 +69,8 @@ REFINED = (
     ("reap, novices", "reap", "uniform", "none", "novice"),
     ("answer-loss refinement, novices", "reap", "uniform", "e2e", "novice"),
     ("answer-loss refinement, moved budget, novices", "reap", "loss", "e2e", "novice"),
+    ("reap, low-rank novices", "reap", "uniform", "none", "low-rank"),
+    ("answer-loss refinement, low-rank novices", "reap", "uniform", "e2e", "low-rank"),
 )
 BEST = "answer-loss refinement, moved budget"
 
@@ -92,14 +94,17 @@ def _pooled(stats: dict[str, CalibrationStatistics]) -> CalibrationStatistics:
     return pooled
 
 
-def evaluate_moe(model_dir: Path, n: int, prompts_per_task: int, keeps: tuple[float, ...]) -> dict[str, Any]:
+def evaluate_moe(
+    model_dir: Path, n: int, prompts_per_task: int, keeps: tuple[float, ...], recipes: tuple[str, ...] | None = None
+) -> dict[str, Any]:
+    """Every row at every keep level (`recipes`: only those rows of `REFINED`, no scoring rows, no cross-task)."""
     builder = VariantBuilder(model_dir, dtype="float32")
     tokenizer = load_tokenizer(model_dir)
     calibration = _calibration(builder, tokenizer, prompts_per_task)
     stats, statistics_seconds = {}, {}
     for task in TASK_NAMES:
         started = time.perf_counter()
-        stats[task] = collect_statistics(builder, calibration[task].token_ids)
+        stats[task] = collect_statistics(builder, calibration[task].token_ids, low_rank=DEFAULT_RANK)
         statistics_seconds[task] = time.perf_counter() - started
     pooled = _pooled(stats)
     num_experts = next(iter(builder.sparse_layers.values())).num_experts
@@ -117,7 +122,8 @@ def evaluate_moe(model_dir: Path, n: int, prompts_per_task: int, keeps: tuple[fl
         seconds: dict[str, dict[str, float]] = {}
         layer_counts: dict[str, dict[str, dict[str, int]]] = {}
         selections: dict[str, dict[str, Selection]] = {}
-        for method in [*(m for m in MOE_METHODS if m != "random"), "task-agnostic", "random"]:
+        scoring = [*(m for m in MOE_METHODS if m != "random"), "task-agnostic", "random"] if recipes is None else []
+        for method in scoring:
             rows[method] = {}
             for task in tqdm(TASK_NAMES, desc=f"{model_dir.name} keep {keep} {method}"):
                 source = pooled if method == "task-agnostic" else stats[task]
@@ -125,6 +131,8 @@ def evaluate_moe(model_dir: Path, n: int, prompts_per_task: int, keeps: tuple[fl
                 selection = moe_selection(source, k, scorer, seed=TASK_NAMES.index(task)).selection
                 rows[method][task] = _accuracy(builder.build(selection), tokenizer, task, n)
         for label, method, budget, refine, substitute in REFINED:
+            if recipes is not None and label not in recipes:
+                continue
             rows[label], seconds[label], selections[label], layer_counts[label] = {}, {}, {}, {}
             recipe = PatternRecipe(method=method, keep_ratio=keep, budget=budget, refine=refine, substitute=substitute)
             for task in tqdm(TASK_NAMES, desc=f"{model_dir.name} keep {keep} {label}"):
@@ -136,7 +144,7 @@ def evaluate_moe(model_dir: Path, n: int, prompts_per_task: int, keeps: tuple[fl
                 layer_counts[label][task] = {str(k): len(v) for k, v in pruned.selection.layers.items()}
                 rows[label][task] = _accuracy(builder.build(pruned.selection), tokenizer, task, n)
         cross = {}
-        for pattern_task in tqdm(TASK_NAMES, desc=f"{model_dir.name} keep {keep} cross-task"):
+        for pattern_task in tqdm(TASK_NAMES if BEST in selections else [], desc=f"{model_dir.name} keep {keep} cross"):
             variant = builder.build(selections[BEST][pattern_task])
             cross[pattern_task] = {task: _accuracy(variant, tokenizer, task, n) for task in TASK_NAMES}
         result[f"keep_{keep}"] = {
@@ -150,6 +158,12 @@ def evaluate_moe(model_dir: Path, n: int, prompts_per_task: int, keeps: tuple[fl
             "kept_expert_bytes": sum(builder.sizes.expert_bytes(i) for i in builder.sparse_layers) * k,
             "all_expert_bytes": sum(builder.sizes.expert_bytes(i) for i in builder.sparse_layers) * num_experts,
             "novice_bytes": len(builder.sparse_layers) * (num_experts - k) * int(builder.config.hidden_size) * 4,
+            # a low-rank novice also keeps its inputs' mean and the rank-r factors U and V: (2 r + 2) vectors
+            "low_rank_bytes": len(builder.sparse_layers)
+            * (num_experts - k)
+            * int(builder.config.hidden_size)
+            * 4
+            * (2 * DEFAULT_RANK + 2),
             "cross_task_recipe": BEST,
             "cross_task": cross,
         }
@@ -188,6 +202,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompts-per-task", type=int, default=64, help="calibration prompts per task")
     parser.add_argument("--only", choices=[*MOE_MODELS, "demo-dense"], help="evaluate one model, keep the others")
     parser.add_argument("--keeps", type=float, nargs="+", default=list(MOE_KEEPS), help="MoE keep levels")
+    parser.add_argument(
+        "--recipes",
+        nargs="+",
+        choices=[label for label, *_ in REFINED],
+        help="only these recipe rows (no scoring rows, no cross-task matrix; give another --out)",
+    )
     parser.add_argument("--out", type=Path, default=Path("bench/results/pruning.json"))
     args = parser.parse_args(argv)
     torch.manual_seed(0)
@@ -203,14 +223,17 @@ def main(argv: list[str] | None = None) -> int:
     for name in MOE_MODELS:
         if (args.only in (None, name)) and (args.models / name).is_dir():
             started = time.perf_counter()
-            measured = evaluate_moe(args.models / name, args.n, args.prompts_per_task, tuple(args.keeps))
+            recipes = tuple(args.recipes) if args.recipes else None
+            measured = evaluate_moe(args.models / name, args.n, args.prompts_per_task, tuple(args.keeps), recipes)
             measured["seconds"] = round(time.perf_counter() - started, 1)
             report["models"][name] = measured
-    if args.only in (None, "demo-dense"):
+    if args.only in (None, "demo-dense") and not args.recipes:
         started = time.perf_counter()
         report["dense"] = evaluate_dense(args.models / "demo-dense", args.n, args.prompts_per_task)
         report["dense"]["seconds"] = round(time.perf_counter() - started, 1)
     report["measured"] = _measured.measured()
+    if args.recipes:
+        report["recipes"] = args.recipes
     if args.only:  # the other models' results are the file's when this run ends (runs of two models compose)
         previous = json.loads(args.out.read_text()) if args.out.is_file() else {}
         if "dense" in previous and "dense" not in report:

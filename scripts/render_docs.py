@@ -35,6 +35,7 @@ from tables_pruning import (
 )
 from tables_routing import SERVED, routing, routing_findings, routing_settings, routing_targets
 from tables_store import fit_placement, store_changes
+from tables_substitutes import LOW_RANK_ROW, pruning_low_rank, substitutes
 from tables_suggest import suggestions
 from tables_variants import RATIOS, fp8_slots, variants, variants_findings
 
@@ -84,6 +85,11 @@ def headline() -> str:
     moe = pruning["models"]["demo-moe"]
     kept, worst = relative(moe["keep_0.5"]["methods"][MOVED], moe["full"])
     quarter, quarter_worst = relative(moe["keep_0.25"]["methods"][MOVED], moe["full"])
+    low = load("pruning_low_rank.json")
+    low_moe = low["models"]["demo-moe"]
+    low_quarter, low_worst = relative(low_moe["keep_0.25"]["methods"][LOW_RANK_ROW], low_moe["full"])
+    low_block = low_moe["keep_0.25"]
+    low_memory = (low_block["kept_expert_bytes"] + low_block["low_rank_bytes"]) / low_block["all_expert_bytes"]
     served = routing_report["results"][SERVED]
     ratio = {t["ratio"]: t["value"] for t in variants_report["targets"]}
     single = server["single_request"]
@@ -99,6 +105,13 @@ def headline() -> str:
             f"{100 * quarter:.1f}% of the full model's accuracy, worst task {100 * quarter_worst:.1f}%",
             "[pruning accuracy](docs/benchmarks-pruning.md)",
             "pruning.json#demo-moe",
+        ),
+        (
+            f"demo-moe with a quarter of its experts, the others low-rank novices ({LOW_RANK_ROW})",
+            f"{100 * low_quarter:.1f}% of the full model's accuracy, worst task {100 * low_worst:.1f}%, in "
+            f"{100 * low_memory:.1f}% of the experts' memory",
+            "[what stands in for a pruned expert](docs/benchmarks-pruning.md#what-stands-in-for-a-pruned-expert)",
+            "pruning_low_rank.json#demo-moe",
         ),
         (
             f"routing {routing_report['settings']['queries']:,} unseen benchmark prompts",
@@ -151,7 +164,11 @@ SECTIONS: dict[str, Section] = {
     "coverage-summary": Section(coverage_summary, ("coverage.json",)),
     "keep-auto": Section(keep_auto, ("keep_auto.json",)),
     "keep-auto-moved": Section(lambda: keep_auto(load("keep_auto_moved.json")), ("keep_auto_moved.json",)),
-    "headline": Section(headline, ("pruning.json", "routing.json", "variants.json", "server.json"), footer=False),
+    "headline": Section(
+        headline,
+        ("pruning.json", "pruning_low_rank.json", "routing.json", "variants.json", "server.json"),
+        footer=False,
+    ),
     "demo-models": Section(demo_models),
     "supported-models": Section(supported_models),
     "unsupported-models": Section(unsupported_models),
@@ -176,6 +193,8 @@ SECTIONS: dict[str, Section] = {
     "pruning-dense": Section(pruning_dense, ("pruning.json",)),
     "pruning-findings": Section(pruning_findings, ("pruning.json",)),
     "refinement-choice": Section(refinement_choice, ("refinement_choice.json",)),
+    "substitutes": Section(substitutes, ("substitutes.json",)),
+    "pruning-low-rank": Section(pruning_low_rank, ("pruning_low_rank.json",)),
 }
 
 

@@ -147,11 +147,33 @@ def pruning_dense() -> str:
     return "\n".join(lines) + "\n"
 
 
-def _best(model: dict[str, Any], key: str) -> tuple[str, float, float]:
-    """The recipe with the highest mean at a keep level: (name, mean of full, worst task of full)."""
-    block = model[key]["methods"]
-    name = max(block, key=lambda m: relative(block[m], model["full"])[0])
-    return (name, *relative(block[name], model["full"]))
+def _best(model: dict[str, Any], key: str, name: str | None = None) -> tuple[str, float, float]:
+    """The recipe with the highest mean at a keep level: (name, mean of full, worst task of full). With the
+    model's `name`, the rows `eval_pruning.py --recipes` measured into `pruning_low_rank.json` compete too."""
+    rows = {recipe: (values, model["full"]) for recipe, values in model[key]["methods"].items()}
+    extra = substitute_rows(name, key) if name else None
+    if extra is not None:
+        rows |= {recipe: (values, extra[1]) for recipe, values in extra[0].items()}
+    best = max(rows, key=lambda m: relative(*rows[m])[0])
+    return (best, *relative(*rows[best]))
+
+
+def _substitute_memory(model: str, key: str, recipe: str) -> str:
+    """ ", in N% of the experts' memory" for a low-rank recipe (its maps cost memory beside the kept experts)."""
+    if "low-rank" not in recipe:
+        return ""
+    block = load("pruning_low_rank.json")["models"][model][key]
+    share = (block["kept_expert_bytes"] + block["low_rank_bytes"]) / block["all_expert_bytes"]
+    return f", in {100 * share:.1f}% of the experts' memory"
+
+
+def substitute_rows(model: str, key: str) -> tuple[dict[str, dict[str, float]], dict[str, float]] | None:
+    """The novice and low-rank rows `eval_pruning.py --recipes` measured for `model` at `key` (a keep level), with
+    the full model's accuracies; None when it measured none."""
+    if not (RESULTS / "pruning_low_rank.json").is_file():
+        return None
+    found: dict[str, Any] = load("pruning_low_rank.json")["models"].get(model, {})
+    return (found[key]["methods"], found["full"]) if key in found else None
 
 
 def _slowest(models: Report) -> float:
@@ -183,13 +205,15 @@ def pruning_targets() -> str:
             f"{_pct(share)}% of the mean, worst task {_pct(worst)}% ({name})",
             share >= 0.99 and worst >= 0.95,
         )
-    quarter = {m: _best(models[m], "keep_0.25") for m in models if "keep_0.25" in models[m]}
+    quarter = {m: _best(models[m], "keep_0.25", m) for m in models if "keep_0.25" in models[m]}
     if quarter:
         shape = max(quarter, key=lambda m: (quarter[m][1] >= 0.9 and quarter[m][2] >= 0.8, quarter[m][1]))
         row(
             "25% kept: >= 90% of the full model's mean and every task >= 80% of its own, on either demo shape",
             "; ".join(
-                f"{m}: {_pct(quarter[m][1])}%, worst task {_pct(quarter[m][2])}% ({quarter[m][0]})" for m in quarter
+                f"{m}: {_pct(quarter[m][1])}%, worst task {_pct(quarter[m][2])}% ({quarter[m][0]}"
+                f"{_substitute_memory(m, 'keep_0.25', quarter[m][0])})"
+                for m in quarter
             ),
             quarter[shape][1] >= 0.9 and quarter[shape][2] >= 0.8,
         )
@@ -318,7 +342,7 @@ def _quarter_finding(models: Report) -> str:
 
 
 def _quarters(models: Report) -> dict[str, tuple[str, float, float]]:
-    return {name: _best(model, "keep_0.25") for name, model in models.items() if "keep_0.25" in model}
+    return {name: _best(model, "keep_0.25", name) for name, model in models.items() if "keep_0.25" in model}
 
 
 def _dense_finding(dense: Report) -> str:

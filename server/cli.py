@@ -14,6 +14,7 @@ from pattern_store.recipes import (  # names only, no torch
     BUDGETS,
     DEFAULT_KEEP,
     DEFAULT_MOE_METHOD,
+    DEFAULT_RANK,
     DEFAULT_TARGET,
     KEEP_AUTO,
     MOE_METHODS,
@@ -195,6 +196,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
             refine=args.refine,
             target=args.target,
             substitute=args.substitute,
+            rank=args.substitute_rank,
         )
         tokenizer = load_tokenizer(args.model)
         embedder = Embedder(args.embedder) if args.embedder else Embedder()  # fail before the long part
@@ -640,9 +642,16 @@ def build_parser() -> argparse.ArgumentParser:
         choices=SUBSTITUTES,
         default="none",
         help="MoE: what a pruned expert's choice gets: nothing, the router choosing among the kept experts only "
-        "(none), or the expert's novice, its mean output on the calibration tokens routed to it, the router "
+        "(none), the expert's novice, its mean output on the calibration tokens routed to it, the router "
         "choosing as the full model does (novice: a vector of the hidden size per pruned expert, not a slot; "
-        "the refinements score candidates with novices; cannot be exported)",
+        "the refinements score candidates with novices; cannot be exported), or a low-rank novice (low-rank: the "
+        "novice plus a linear map of the token of rank --substitute-rank, fitted on those tokens)",
+    )
+    calibrate.add_argument(
+        "--substitute-rank",
+        type=int,
+        help=f"--substitute low-rank: the rank of each pruned expert's map (default {DEFAULT_RANK}; it stores 2 x rank "
+        "+ 2 vectors of the hidden size per pruned expert and layer)",
     )
     calibrate.add_argument(
         "--target",

@@ -271,6 +271,7 @@ class PoolLeases:
                 kept = self.builder.kept_experts(chosen)
                 novices = novice_tables(
                     chosen.novices if chosen is not None else {},
+                    chosen.low_rank if chosen is not None else {},
                     kept,
                     {index: layer.num_experts for index, layer in self.builder.sparse_layers.items()},
                     self.builder.device,

@@ -24,12 +24,13 @@ from pattern_store.recipes import (
     BUDGETS,
     DEFAULT_KEEP,
     DEFAULT_MOE_METHOD,
+    DEFAULT_RANK,
     DEFAULT_TARGET,
     DENSE_METHODS,
     KEEP_AUTO,
     LOSS_BUDGET,
+    LOW_RANK,
     MOE_METHODS,
-    NOVICE,
     OUTPUT_METHODS,
     REFINEMENTS,
     SUBSTITUTES,
@@ -40,7 +41,7 @@ from server.model.answer_loss_refinement import refine_by_answer_loss
 from server.model.calibrate import CalibrationStatistics, collect_statistics
 from server.model.checkpoint import model_fingerprint, model_identity
 from server.model.local_refinement import SearchOptions, refine_locally
-from server.model.novices import pruned_rows
+from server.model.novices import NoviceTable, pruned_rows
 from server.model.pruning import (
     PrunedSelection,
     dense_selection,
@@ -164,7 +165,8 @@ class PatternRecipe:
     refine: str = "none"
     search: SearchOptions = field(default_factory=SearchOptions)
     target: float | None = None  # `--keep auto`: the fewest experts whose held-out answers match this share
-    substitute: str = "none"  # what a pruned expert's choice gets: nothing (the router cannot choose it), or NOVICE
+    substitute: str = "none"  # what a pruned expert's choice gets: nothing (the router can't choose it), or a novice
+    rank: int = DEFAULT_RANK  # a low-rank novice's rank
 
     @property
     def keep_auto(self) -> bool:
@@ -184,6 +186,7 @@ class PatternRecipe:
         refine: str = "none",
         target: float | None = None,
         substitute: str = "none",
+        rank: int | None = None,
     ) -> PatternRecipe:
         """The recipe for user input (the CLI's flags or the admin API's JSON), defaults filled by the model's
         kind (method: reap for MoE, seap for dense; keep `DEFAULT_KEEP` unless a count is given; `keep="auto"`:
@@ -204,6 +207,7 @@ class PatternRecipe:
             refine=refine,
             target=(DEFAULT_TARGET if target is None else target) if auto else None,
             substitute=substitute,
+            rank=DEFAULT_RANK if rank is None else rank,
         )
         recipe.validate(moe)
         return recipe
@@ -236,6 +240,8 @@ class PatternRecipe:
             )
         if not moe and self.substitute != "none":
             raise RecipeError("substitute stands in for pruned experts; a dense model has none", "substitute")
+        if not 1 <= self.rank <= 1024:
+            raise RecipeError(f"a low-rank novice's rank is 1 to 1024, not {self.rank}", "substitute_rank")
         if not moe and (self.refine != "none" or self.budget != "uniform"):
             param = "refine" if self.refine != "none" else "budget"
             raise RecipeError(f"{param} chooses experts; a dense model's pattern has none", param)
@@ -249,6 +255,7 @@ class PatternRecipe:
                 "budget": self.budget,
                 "refine": self.refine,
                 "substitute": self.substitute,
+                **({"substitute_rank": self.rank} if self.substitute == LOW_RANK else {}),
                 **({"keep": KEEP_AUTO, "target": self.target} if self.keep_auto else {}),
             }
         return {"sparsity": self.sparsity}
@@ -331,7 +338,7 @@ def select_experts(
     top_k = int(builder.config.num_experts_per_tok)
     keep = keep_count(layer.num_experts, top_k, recipe.keep_ratio, recipe.keep_experts)
     # with novices the router keeps its own rule over every expert: no group constraint on what is kept
-    groups = builder.family.balanced_groups(builder.config) if recipe.substitute != NOVICE else 1
+    groups = builder.family.balanced_groups(builder.config) if recipe.substitute == "none" else 1
     # the per-layer counts come from the recipe's method alone; every method's selection keeps those counts,
     # so that refinements compare sets of the same sizes and never spend more than the budget
     counts = expert_counts(stats, keep, recipe.method, recipe.budget, top_k, groups, recipe.seed)
@@ -342,7 +349,7 @@ def select_experts(
     chosen = by(recipe.method)
     record: dict[str, Any] = {"experts_per_layer": {str(k): v for k, v in counts.items()}}
     # every expert's novice, when pruned choices get them: the refinements score candidates with them too
-    novices = {index: s.novices() for index, s in stats.router.items()} if recipe.substitute == NOVICE else None
+    novices = _novice_tables(stats, recipe)
     kept = {index: list(experts) for index, experts in chosen.selection.layers.items()}
     if recipe.refine != "none":
         if calibration is None:
@@ -378,8 +385,29 @@ def select_experts(
     return PrunedSelection(_kept_selection(builder, kept, novices), chosen.scores), record
 
 
+def _novice_tables(stats: CalibrationStatistics, recipe: PatternRecipe) -> dict[int, NoviceTable] | None:
+    """Every expert's novice per layer when `recipe` substitutes novices (the refinements score with them)."""
+    if recipe.substitute == "none":
+        return None
+    if recipe.substitute == LOW_RANK:
+        missing = [layer for layer, s in stats.router.items() if s.low_rank is None or s.low_rank.rank != recipe.rank]
+        if missing:
+            raise ValueError(
+                f"low-rank novices of rank {recipe.rank} need statistics fitted at that rank (collect_statistics("
+                f"..., low_rank={recipe.rank})); layers {missing} have none"
+            )
+    return {
+        index: NoviceTable(s.novices(), s.low_rank if recipe.substitute == LOW_RANK else None)
+        for index, s in stats.router.items()
+    }
+
+
+def _pruned(kept: list[int], num_experts: int) -> list[int]:
+    return [e for e in range(num_experts) if e not in set(kept)]
+
+
 def _kept_selection(
-    builder: VariantBuilder, kept: dict[int, list[int]], novices: dict[int, torch.Tensor] | None
+    builder: VariantBuilder, kept: dict[int, list[int]], novices: dict[int, NoviceTable] | None
 ) -> Selection:
     """The selection of `kept`, with the pruned experts' novices when they get them; without, checked against
     the routing rule now rather than when served."""
@@ -387,7 +415,11 @@ def _kept_selection(
         index: experts for index, experts in kept.items() if len(experts) < builder.sparse_layers[index].num_experts
     }
     if novices is not None:  # the router keeps every expert: any kept set routes, pruned choices get novices
-        return Selection("moe_experts", kept, novices={i: pruned_rows(novices[i], e) for i, e in pruned.items()})
+        rows = {i: pruned_rows(novices[i].novices, e) for i, e in pruned.items()}
+        maps = {
+            i: novices[i].low_rank.rows(_pruned(e, novices[i].rows)) for i, e in pruned.items() if novices[i].low_rank
+        }
+        return Selection("moe_experts", kept, novices=rows, low_rank=maps)
     for index, experts in pruned.items():
         builder.family.routing_overrides(builder.config, index, experts)
     return Selection("moe_experts", kept)
@@ -400,7 +432,7 @@ def _refine_by_answer_loss(
     tiebreak: dict[int, torch.Tensor],
     recipe: PatternRecipe,
     progress: StageProgress | None,
-    novices: dict[int, torch.Tensor] | None = None,
+    novices: dict[int, NoviceTable] | None = None,
 ) -> tuple[dict[int, list[int]], dict[str, Any]]:
     model = builder.build()
     eos = end_of_generation_ids(None, builder.generation_config) or end_of_generation_ids(None, builder.config)
@@ -572,13 +604,15 @@ def _auto_kept_pattern(
 def _statistics(
     builder: VariantBuilder, calibration: CalibrationSet, recipe: PatternRecipe, progress: StageProgress | None
 ) -> CalibrationStatistics:
-    """The calibration pass over `calibration` (its answers' tokens marked, for their coverage)."""
+    """The calibration pass over `calibration` (its answers' tokens marked, for their coverage; every expert's
+    low-rank novice fitted when the recipe substitutes them)."""
     return collect_statistics(
         builder,
         calibration.token_ids,
         threshold=recipe.threshold,
         progress=_stage(progress, "statistics", builder.config.num_hidden_layers),
         answer_starts=calibration.answer_starts,
+        low_rank=recipe.rank if recipe.substitute == LOW_RANK and builder.family.kind == "moe" else None,
     )
 
 

@@ -24,6 +24,7 @@ from server.config import ServerConfig
 from server.engine import Generation, SamplingParams
 from server.model.calibrate import collect_statistics
 from server.model.coverage_meter import CoverageMeter, CoverageSample
+from server.model.novices import NoviceTable
 from server.model.pooled import PooledModel, RowRoute
 from server.model.variant import VariantBuilder
 from server.patterns import pattern_coverage
@@ -191,14 +192,25 @@ def _pool(checkpoint: Path) -> tuple[VariantBuilder, PooledModel]:
     return builder, pooled
 
 
-@pytest.mark.parametrize("rows", [["a", "b", "a"], ["a", "a"]], ids=["mixed", "one pattern"])
+@pytest.mark.parametrize(
+    "rows", [["a", "b", "a"], ["a", "a"], ["novices", "b"], ["novices"]],
+    ids=["mixed", "one pattern", "novices mixed", "novices alone"],
+)  # fmt: skip
 def test_live_coverage_is_the_full_routers_mass_on_the_served_hidden_states(checkpoint, rows) -> None:
     """At rate 1 every pass is sampled; per layer, the meter's figure for a pattern equals the reference over
-    its rows' tokens, on the hidden states the pooled (pruned) rows really had."""
+    its rows' tokens, on the hidden states the pooled (pruned) rows really had. A pattern with novices routes
+    unmasked, and its coverage is still the full router's mass on the experts it keeps."""
     builder, pooled = _pool(checkpoint)
     pooled.coverage = CoverageMeter(rate=1.0, tolerance=0.1)
     layers = sorted(builder.sparse_layers)
     routes = {name: RowRoute(name, {layer: KEPT[name] for layer in layers}, "r1", 0.9) for name in KEPT}
+    hidden_size = int(builder.config.hidden_size)
+    tables = {
+        layer: NoviceTable(torch.randn(8, hidden_size, generator=torch.Generator().manual_seed(layer)))
+        for layer in layers
+    }
+    routes["novices"] = RowRoute("novices", routes["a"].kept, "r1", 0.9, tables)
+    kept_sets = {**KEPT, "novices": KEPT["a"]}
     captured, handles = _router_inputs(pooled.model, layers)
     ids = torch.randint(3, 64, (len(rows), 5), generator=torch.Generator().manual_seed(1))
     with torch.no_grad(), pooled.rows([routes[name] for name in rows]):
@@ -213,7 +225,7 @@ def test_live_coverage_is_the_full_routers_mass_on_the_served_hidden_states(chec
             weight = pooled.model.model.layers[layer].mlp.gate.weight
             hidden = captured[layer][0].reshape(len(rows), 5, -1)
             mine = [row for row, route in enumerate(rows) if route == name]
-            expected = torch.cat([_reference(hidden[row], weight, k, KEPT[name]) for row in mine]).mean()
+            expected = torch.cat([_reference(hidden[row], weight, k, kept_sets[name]) for row in mine]).mean()
             assert report["layers"][str(layer)]["mass"] == pytest.approx(float(expected), abs=1e-5), (name, layer)
 
 

@@ -17,13 +17,14 @@ import torch
 from pattern_store.pattern import PatternError, TaskPattern
 from pattern_store.selection import Selection, SelectionError
 from pattern_store.store import PatternStore
+from pattern_store.substitutes import RIDGE, SAMPLES_PER_EXPERT, ExpertSamples
 from server.cache import VariantKey
 from server.expert_pool import ExpertPool
 from server.model.answer_loss_refinement import AnswerLoss
 from server.model.calibrate import collect_statistics
 from server.model.export import ExportError, export_variant
 from server.model.local_refinement import BlockReconstruction
-from server.model.novices import NoviceMasks, novice_tables, pruned_rows
+from server.model.novices import NoviceMasks, NoviceTable, novice_tables, pruned_rows
 from server.model.pooled import PooledModel, RowRoute
 from server.model.variant import VariantBuilder
 from server.patterns import CalibrationSet, PatternRecipe, RecipeError, select_experts
@@ -47,9 +48,15 @@ def _prompts(n: int = 5, seed: int = 0) -> list[list[int]]:
     return [torch.randint(3, 64, (int(length),), generator=generator).tolist() for length in range(6, 6 + n)]
 
 
-def _novices(builder: VariantBuilder) -> dict[int, torch.Tensor]:
-    stats = collect_statistics(builder, _prompts(), batch_size=2)
-    return {layer: s.novices() for layer, s in stats.router.items()}
+KINDS = ("novice", "low-rank")
+RANK = 3
+
+
+def _novices(builder: VariantBuilder, kind: str = "novice", prompts: int = 5) -> dict[int, NoviceTable]:
+    """Every expert's novice per layer, from calibration on the prompts (low-rank: rank `RANK`)."""
+    rank = RANK if kind == "low-rank" else None
+    stats = collect_statistics(builder, _prompts(prompts), batch_size=2, low_rank=rank)
+    return {layer: NoviceTable(s.novices(), s.low_rank) for layer, s in stats.router.items()}
 
 
 def _kept(builder: VariantBuilder) -> dict[int, tuple[int, ...]]:
@@ -58,16 +65,42 @@ def _kept(builder: VariantBuilder) -> dict[int, tuple[int, ...]]:
     return {layer: ((0, 1, 2), (1, 5, 6))[i % 2] for i, layer in enumerate(sorted(builder.sparse_layers))}
 
 
-def _selection(builder: VariantBuilder, tables: dict[int, torch.Tensor]) -> Selection:
+def _selection(builder: VariantBuilder, tables: dict[int, NoviceTable]) -> Selection:
     kept = _kept(builder)
-    return Selection("moe_experts", kept, novices={layer: pruned_rows(tables[layer], k) for layer, k in kept.items()})
+    pruned = {layer: [e for e in range(8) if e not in k] for layer, k in kept.items()}
+    return Selection(
+        "moe_experts",
+        kept,
+        novices={layer: tables[layer].novices[rows] for layer, rows in pruned.items()},
+        low_rank={layer: tables[layer].low_rank.rows(rows) for layer, rows in pruned.items() if tables[layer].low_rank},
+    )
 
 
-def test_novices_are_each_experts_mean_output_on_the_tokens_routed_to_it(tiny) -> None:
+def _substitute(table: NoviceTable, expert: int, x: torch.Tensor) -> torch.Tensor:
+    """f_j(x) = n_j + ((x - m_j) U_j) V_j^T, written out."""
+    value = table.novices[expert].double()
+    if table.low_rank is not None:
+        maps = table.low_rank
+        centred = x.double() - maps.means[expert].double()
+        value = value + maps.outputs[expert].double() @ (maps.inputs[expert].double().T @ centred)
+    return value
+
+
+def _reduced_rank_ridge(x: torch.Tensor, y: torch.Tensor, rank: int) -> torch.Tensor:
+    """[H, H]: the primal ridge solution of centred y on centred x (as augmented least squares), projected on the
+    top `rank` right singular vectors of its fitted values."""
+    xc, yc = (x - x.mean(0)).double(), (y - y.mean(0)).double()
+    ridge = RIDGE * float(xc.square().sum()) / x.shape[1] + 1e-12
+    augmented = torch.cat([xc, ridge**0.5 * torch.eye(x.shape[1], dtype=xc.dtype)])
+    b = torch.linalg.lstsq(augmented, torch.cat([yc, torch.zeros(x.shape[1], y.shape[1], dtype=yc.dtype)])).solution
+    top = torch.linalg.svd(xc @ b).Vh[:rank].T
+    return b @ top @ top.T
+
+
+def test_novices_are_each_experts_mean_output_and_low_rank_fit_on_the_tokens_routed_to_it(tiny) -> None:
     builder = tiny["qwen2_moe"]
     model = builder.build()
-    sums = {layer: torch.zeros(8, builder.config.hidden_size, dtype=torch.float64) for layer in builder.sparse_layers}
-    counts = {layer: torch.zeros(8) for layer in builder.sparse_layers}
+    pairs = {layer: {e: ([], []) for e in range(8)} for layer in builder.sparse_layers}
 
     def hook(layer: int):
         experts = model.get_submodule(builder.sparse_layers[layer].prefix).experts
@@ -79,8 +112,8 @@ def test_novices_are_each_experts_mean_output_on_the_tokens_routed_to_it(tiny) -
             for t in range(hidden.shape[0]):
                 for e in index[t].tolist():
                     gate, up = gate_up[e, :half] @ hidden[t], gate_up[e, half:] @ hidden[t]
-                    sums[layer][e] += down[e] @ (torch.nn.functional.silu(gate) * up)
-                    counts[layer][e] += 1
+                    pairs[layer][e][0].append(hidden[t])
+                    pairs[layer][e][1].append(down[e] @ (torch.nn.functional.silu(gate) * up))
 
         return on_experts
 
@@ -89,18 +122,37 @@ def test_novices_are_each_experts_mean_output_on_the_tokens_routed_to_it(tiny) -
         for layer, info in builder.sparse_layers.items()
     ]
     with torch.no_grad():
-        for ids in _prompts():
+        for ids in _prompts(12):
             model(torch.tensor([ids]))
     for handle in handles:
         handle.remove()
-    novices = _novices(builder)
+    tables = _novices(builder, "low-rank", prompts=12)
     for layer in builder.sparse_layers:
-        assert bool((counts[layer] > 0).all()), "every expert is routed to at least once on these prompts"
-        expected = (sums[layer] / counts[layer][:, None]).float()
-        torch.testing.assert_close(novices[layer], expected, rtol=1e-4, atol=1e-5)
+        for expert, (inputs, outputs) in pairs[layer].items():
+            assert RANK < len(inputs) < SAMPLES_PER_EXPERT, "every token is in the sample, and enough for the fit"
+            x, y = torch.stack(inputs), torch.stack(outputs)
+            torch.testing.assert_close(tables[layer].novices[expert], y.mean(0).float(), rtol=1e-4, atol=1e-5)
+            maps = tables[layer].low_rank
+            torch.testing.assert_close(maps.means[expert], x.mean(0).float(), rtol=1e-4, atol=1e-5)
+            product = maps.inputs[expert].double() @ maps.outputs[expert].double().T
+            torch.testing.assert_close(product, _reduced_rank_ridge(x, y, RANK), rtol=1e-3, atol=1e-4)
+            assert float(product.norm()) > 0
 
 
-def _reference(builder: VariantBuilder, kept: dict[int, tuple[int, ...]], tables: dict[int, torch.Tensor]):
+def test_the_token_sample_is_uniform_and_bounded() -> None:
+    samples = ExpertSamples(num_experts=2, capacity=100, seed=1)
+    for start in range(0, 10_000, 500):  # expert 0 sees tokens 0..9999 in order, expert 1 only the first 50
+        ids = torch.arange(start, start + 500, dtype=torch.float32)
+        experts = torch.where(ids < 50, torch.tensor(1), torch.tensor(0))
+        rows = ids[:, None].expand(-1, 4)
+        samples.add(experts, rows, rows)
+    kept = torch.stack(samples.inputs[0])[:, 0]
+    assert len(samples.inputs[0]) == 100 and samples.seen[0] == 10_000 - 50
+    assert 4_000 < float(kept.mean()) < 6_000 and float(kept.max()) > 9_000  # spread over the whole stream
+    assert len(samples.inputs[1]) == 50
+
+
+def _reference(builder: VariantBuilder, kept: dict[int, tuple[int, ...]], tables: dict[int, NoviceTable]):
     """The full model whose experts modules answer each token's choices one by one: w * E_j(x) for a kept j (the
     experts module's forward run on that token alone, for that expert alone, at weight 1), else w * novice_j."""
     model = builder.build()
@@ -117,7 +169,7 @@ def _reference(builder: VariantBuilder, kept: dict[int, tuple[int, ...]], tables
                             hidden[t : t + 1], torch.tensor([[e]]), torch.ones(1, 1, dtype=hidden.dtype)
                         )[0]
                     else:
-                        one = tables[layer][e]
+                        one = _substitute(tables[layer], e, hidden[t]).to(hidden.dtype)
                     row = row + w * one
                 rows.append(row)
             return torch.stack(rows)
@@ -129,10 +181,11 @@ def _reference(builder: VariantBuilder, kept: dict[int, tuple[int, ...]], tables
     return model
 
 
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("name", FAMILIES)
-def test_a_variant_with_novices_is_the_full_router_with_novices_for_its_pruned_experts(tiny, name) -> None:
+def test_a_variant_with_novices_is_the_full_router_with_novices_for_its_pruned_experts(tiny, name, kind) -> None:
     builder = tiny[name]
-    tables = _novices(builder)
+    tables = _novices(builder, kind)
     selection = _selection(builder, tables)
     x = torch.tensor([_prompts()[-1]])
     with torch.no_grad():
@@ -155,34 +208,47 @@ def test_a_variant_with_novices_is_the_full_router_with_novices_for_its_pruned_e
         zeros = {layer: torch.zeros_like(rows) for layer, rows in selection.novices.items()}
         silent = builder.build(Selection("moe_experts", _kept(builder), novices=zeros))(x).logits
         assert not torch.allclose(got, silent, atol=1e-3)
+        if kind == "low-rank":  # and the maps matter: the novices alone do not compute it
+            constant = builder.build(Selection("moe_experts", _kept(builder), novices=dict(selection.novices)))
+            assert not torch.allclose(got, constant(x).logits, atol=1e-4)
 
 
-@pytest.mark.parametrize("name", ["qwen3_moe", "deepseek_v3"])
-def test_pool_rows_with_novices_equal_their_variant_with_only_kept_experts_resident(tiny, name) -> None:
+@pytest.mark.parametrize(
+    ("name", "kind"), [("qwen3_moe", "novice"), ("deepseek_v3", "novice"), ("qwen3_moe", "low-rank")]
+)
+def test_pool_rows_with_novices_equal_their_variant_with_only_kept_experts_resident(tiny, name, kind) -> None:
     builder = tiny[name]
-    tables = _novices(builder)
-    selection = _selection(builder, tables)
+    selection = _selection(builder, _novices(builder, kind))
+    other = _selection(builder, _novices(builder, "low-rank"))  # a second pattern with (low-rank) novices
     plain = {layer: (0, 1, 4, 5) for layer in builder.sparse_layers}  # a plain route sharing some experts
     union = {layer: len(set(_kept(builder)[layer]) | set(plain[layer])) for layer in builder.sparse_layers}
     pool = ExpertPool(PooledModel(builder, slots=max(union.values())))
     counts = {layer: info.num_experts for layer, info in builder.sparse_layers.items()}
     kept = builder.kept_experts(selection)
-    novice_route = RowRoute("novice", kept, novices=novice_tables(selection.novices, kept, counts, builder.device,
-                                                                   builder.dtype))  # fmt: skip
+
+    def route(label: str, chosen: Selection) -> RowRoute:
+        tables = novice_tables(chosen.novices, chosen.low_rank, kept, counts, builder.device, builder.dtype)
+        return RowRoute(label, kept, novices=tables)
+
     leases = [
-        pool.acquire(VariantKey("novice"), novice_route),
+        pool.acquire(VariantKey("novice"), route("novice", selection)),
         pool.acquire(VariantKey("plain"), RowRoute("plain", plain)),
+        pool.acquire(VariantKey("other"), route("other", other)),
     ]
-    x = torch.randint(3, 64, (3, 8), generator=torch.Generator().manual_seed(3))
-    routes = [leases[0].route, leases[1].route, leases[0].route]
+    x = torch.randint(3, 64, (4, 8), generator=torch.Generator().manual_seed(3))
+    routes = [leases[0].route, leases[1].route, leases[0].route, leases[2].route]
     with torch.no_grad(), pool.pooled.rows(routes):
         mixed = pool.pooled.model(x).logits
     with torch.no_grad():
-        expected_novice = builder.build(selection)(x[[0, 2]]).logits
-        expected_plain = builder.build(Selection("moe_experts", plain))(x[1:2]).logits
-    torch.testing.assert_close(mixed[[0, 2]], expected_novice, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(mixed[1:2], expected_plain, rtol=1e-5, atol=1e-5)
-    for layer in builder.sparse_layers:  # the novice route's pruned experts never needed a slot
+        expected = {
+            "novice": builder.build(selection)(x[[0, 2]]).logits,
+            "plain": builder.build(Selection("moe_experts", plain))(x[1:2]).logits,
+            "other": builder.build(other)(x[3:]).logits,
+        }
+    torch.testing.assert_close(mixed[[0, 2]], expected["novice"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(mixed[1:2], expected["plain"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(mixed[3:], expected["other"], rtol=1e-5, atol=1e-5)
+    for layer in builder.sparse_layers:  # the novice routes' pruned experts never needed a slot
         resident = set((pool.pooled.slot_of[layer] >= 0).nonzero().flatten().tolist())
         assert resident <= set(kept[layer]) | set(plain[layer])
     for lease in leases:
@@ -191,16 +257,20 @@ def test_pool_rows_with_novices_equal_their_variant_with_only_kept_experts_resid
 
 def test_a_pattern_stores_its_novices_in_its_tensor_file(tiny, tmp_path) -> None:
     builder = tiny["qwen3_moe"]
-    selection = _selection(builder, _novices(builder))
+    selection = _selection(builder, _novices(builder, "low-rank"))
     pattern = TaskPattern("t", selection, {}, "reap", {"substitute": "novice"}, "fp", 0.0, 5)
     store = PatternStore(tmp_path / "store")
     store.add(pattern)
     loaded = PatternStore(tmp_path / "store").get("t")
-    assert loaded.selection.substitute == "novice"
+    assert loaded.selection.substitute == "low-rank"
     for layer, rows in selection.novices.items():
         assert torch.equal(loaded.selection.novices[layer], rows)
+        for part in ("means", "inputs", "outputs"):
+            assert torch.equal(
+                getattr(loaded.selection.low_rank[layer], part), getattr(selection.low_rank[layer], part)
+            )
     document = json.loads((tmp_path / "store" / "patterns" / "t.json").read_text())
-    assert document["selection"]["substitute"] == "novice"
+    assert document["selection"]["substitute"] == "low-rank"
     # the document alone cannot stand for the pattern: its novices are in the tensor file
     with pytest.raises(SelectionError, match="tensor file"):
         Selection.from_json(document["selection"])
@@ -216,10 +286,11 @@ def test_a_pattern_stores_its_novices_in_its_tensor_file(tiny, tmp_path) -> None
     assert not (tmp_path / "export").exists()
 
 
-def test_refinement_scores_candidates_with_novices(tiny) -> None:
+@pytest.mark.parametrize("kind", KINDS)
+def test_refinement_scores_candidates_with_novices(tiny, kind) -> None:
     """The reconstruction error and the answer loss with novices are those of the variant with novices."""
     builder = tiny["qwen3_moe"]
-    tables = _novices(builder)
+    tables = _novices(builder, kind)
     layer = max(builder.sparse_layers)
     model = builder.build()
     block = model.get_submodule(builder.sparse_layers[layer].prefix)
@@ -271,3 +342,18 @@ def test_a_recipe_with_novices_keeps_every_pruned_experts_novice(tiny) -> None:
     assert refused.value.param == "substitute"
     with pytest.raises(RecipeError, match="unknown substitute"):
         PatternRecipe.for_model(True, substitute="merge")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_variant_bytes_of_a_pattern_with_novices_equal_what_its_build_holds(tiny, kind) -> None:
+    builder = tiny["deepseek_v3"]
+    selection = _selection(builder, _novices(builder, kind))
+    full = builder.build()
+    held = {tensor.untyped_storage().data_ptr() for tensor in [*full.parameters(), *full.buffers()]}
+    variant = builder.build(selection)
+    owned = {
+        tensor.untyped_storage().data_ptr(): tensor.untyped_storage().nbytes()
+        for tensor in [*variant.parameters(), *variant.buffers()]
+        if tensor.untyped_storage().data_ptr() not in held
+    }
+    assert builder.variant_bytes(selection) == sum(owned.values()) > 0

@@ -215,3 +215,20 @@ def test_calibration_with_novices_stores_them_and_export_refuses_the_pattern(tmp
     with pytest.raises(SystemExit) as usage:
         main([*args, "--prompts", prompts, "--substitute", "mean", "--replace"])
     assert usage.value.code == 2 and "invalid choice: 'mean'" in capsys.readouterr().err
+
+
+def test_calibration_with_low_rank_novices_stores_their_maps(tmp_path, capsys) -> None:
+    prompts = _write_prompts(tmp_path / "sort.jsonl", "sort", 12, seed=7)
+    store = tmp_path / "s"
+    args = ["calibrate", "--model", str(DEMO_MOE), "--store", str(store), "--name", "sort", "--quiet"]
+    assert main([*args, "--prompts", prompts, "--keep-experts", "4", "--substitute", "low-rank",
+                 "--substitute-rank", "4"]) == 0  # fmt: skip
+    pattern = PatternStore(store).get("sort")
+    assert pattern.parameters["substitute"] == "low-rank" and pattern.parameters["substitute_rank"] == 4
+    for layer, maps in pattern.selection.low_rank.items():
+        assert maps.inputs.shape == maps.outputs.shape == (12, 128, 4)
+        assert maps.means.shape == pattern.selection.novices[layer].shape == (12, 128)
+    capsys.readouterr()
+    assert main([*args, "--prompts", prompts, "--substitute", "low-rank", "--substitute-rank", "0", "--replace"]) == 2
+    error = capsys.readouterr().err
+    assert "rank is 1 to 1024" in error and len(error.strip().splitlines()) == 1

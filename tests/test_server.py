@@ -724,20 +724,23 @@ def test_calibration_jobs_that_could_not_run_are_refused_before_202(server, extr
     assert "doomed" not in server.runtime.store.names()
 
 
-def test_a_pattern_with_novices_is_calibrated_by_a_job_and_shares_the_pools_batches(server, client, direct) -> None:
-    """A quarter of the experts with novices: calibrated through the admin API, then served from the expert pool
-    while another pattern's requests run in the same batches, each answer its own variant's."""
+def test_a_pattern_with_low_rank_novices_is_calibrated_by_a_job_and_shares_the_pools_batches(
+    server, client, direct
+) -> None:
+    """A quarter of the experts, the rest low-rank novices: calibrated through the admin API, then served from the
+    expert pool while another pattern's requests run in the same batches, each answer its own variant's."""
     assert isinstance(server.runtime.leases, PoolLeases)
     examples = get_task("upper").examples(24, seed=4343)
     body = {"name": "upper-novice", "prompts": [{"prompt": e.prompt, "response": e.answer} for e in examples],
-            "keep": 0.25, "substitute": "novice"}  # fmt: skip
+            "keep": 0.25, "substitute": "low-rank", "substitute_rank": 4}  # fmt: skip
     job = wait_for_job(server, admin(server, "POST", "/patterns", json=body).json()["id"])
     assert job["status"] == "succeeded", job
-    assert job["result"]["parameters"]["substitute"] == "novice"
-    assert job["result"]["selection"]["substitute"] == "novice"
+    assert job["result"]["parameters"]["substitute"] == "low-rank"
+    assert job["result"]["selection"]["substitute"] == "low-rank"
     stored = server.runtime.store.get("upper-novice")
     assert all(len(kept) == 4 for kept in stored.selection.layers.values())
     assert all(rows.shape == (12, 128) for rows in stored.selection.novices.values())
+    assert all(maps.inputs.shape == (12, 128, 4) for maps in stored.selection.low_rank.values())
     upper = [e.prompt for e in get_task("upper").examples(4, EVAL_SEED)]
     sort = [e.prompt for e in get_task("sort").examples(4, EVAL_SEED)]
     expected = direct(stored.selection, upper) + direct("sort", sort)
@@ -748,6 +751,8 @@ def test_a_pattern_with_novices_is_calibrated_by_a_job_and_shares_the_pools_batc
     assert expected[:4] != direct(Selection("moe_experts", dict(stored.selection.layers)), upper)
     refused = admin(server, "POST", "/patterns", json={"name": "x2", "prompts": ["a"], "substitute": "merge"})
     assert refused.status_code == 400 and refused.json()["error"]["param"] == "substitute"
+    rank = admin(server, "POST", "/patterns", json={"name": "x2", "prompts": ["a"], "substitute_rank": 0})
+    assert rank.status_code == 400 and rank.json()["error"]["param"] == "substitute_rank"
     assert admin(server, "DELETE", "/patterns/upper-novice").status_code == 200
 
 

@@ -54,6 +54,7 @@ async def register_pattern(body: RegisterPatternRequest, request: Request) -> di
             refine=body.refine,
             target=body.target,
             substitute=body.substitute,
+            rank=body.substitute_rank,
         )
     except RecipeError as error:
         raise InvalidRequest(str(error), param=error.param) from None

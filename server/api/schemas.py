@@ -259,11 +259,13 @@ class RegisterPatternRequest(BaseModel):
     refine: Literal["none", "local", "e2e"] = Field(
         default="none", description="MoE: swap experts by layer-local error (local) or by answer loss (e2e)"
     )
-    substitute: Literal["none", "novice"] = Field(
+    substitute: Literal["none", "novice", "low-rank"] = Field(
         default="none",
-        description="MoE: what a pruned expert's choice gets: nothing (none), or its novice, its mean output on "
-        "the calibration tokens routed to it (novice)",
+        description="MoE: what a pruned expert's choice gets: nothing (none), its novice, its mean output on "
+        "the calibration tokens routed to it (novice), or the novice plus a low-rank linear map of the token "
+        "(low-rank)",
     )
+    substitute_rank: int | None = Field(default=None, ge=1, le=1024, description="low-rank: the map's rank (16)")
     keep: float | str | None = Field(
         default=None,
         description="MoE: share of experts kept per layer, or 'auto': the fewest experts whose answers to held-out "

@@ -32,7 +32,7 @@ from transformers import PreTrainedModel
 from server.model.layer_stream import LayerStream, Progress
 from server.model.local_refinement import BlockCapture, BlockReconstruction, Kept, SearchOptions, token_budget
 from server.model.masking import RouterMasks
-from server.model.novices import NoviceMasks
+from server.model.novices import NoviceMasks, NoviceTable
 from server.model.variant import VariantBuilder
 
 IGNORE = -100
@@ -73,7 +73,7 @@ class AnswerLoss:
         model: PreTrainedModel | None = None,
         batch_size: int = 32,
         objective: str = "divergence",
-        novices: Mapping[int, torch.Tensor] | None = None,
+        novices: Mapping[int, NoviceTable] | None = None,
     ) -> None:
         if objective not in OBJECTIVES:
             raise ValueError(f"unknown answer-loss objective {objective!r}; expected one of {', '.join(OBJECTIVES)}")
@@ -181,7 +181,7 @@ def refine_by_answer_loss(
     progress: Progress | None = None,
     model: PreTrainedModel | None = None,
     move_budget: bool = False,
-    novices: Mapping[int, torch.Tensor] | None = None,
+    novices: Mapping[int, NoviceTable] | None = None,
 ) -> AnswerLossSearch:
     """Choose among `candidates` (named selections) by the answer loss, then swap experts layer by layer while
     the loss drops. `answer_starts[i]` is where the answer of exchange i begins in its token ids; `tiebreak`
@@ -217,7 +217,7 @@ def refine_by_answer_loss(
     )
 
 
-def _on_model(tables: Mapping[int, torch.Tensor], model: nn.Module) -> dict[int, torch.Tensor]:
+def _on_model(tables: Mapping[int, NoviceTable], model: nn.Module) -> dict[int, NoviceTable]:
     """Novice tables on the model's device, in its dtype."""
     parameter = next(model.parameters())
     return {layer: table.to(parameter.device, parameter.dtype) for layer, table in tables.items()}
@@ -275,7 +275,8 @@ class _SwapSearch:
         before it do not change)."""
         if layer not in self._reconstructions:
             experts = self.builder.sparse_layers[layer].num_experts
-            budget = token_budget(self.options, experts, int(self.builder.config.hidden_size))
+            hidden = int(self.builder.config.hidden_size)
+            budget = token_budget(self.options, experts, hidden, self.loss.novices is not None)
             x, y = self.loss.capture(layer, budget)
             block = self.loss.model.get_submodule(self.loss.sparse[layer])
             novices = self.loss.novices[layer] if self.loss.novices is not None else None

@@ -21,6 +21,7 @@ from torch import nn
 
 from pattern_store.expert_scores import ExpertStatistics
 from pattern_store.seap import ChannelStatistics
+from pattern_store.substitutes import ExpertSamples, samples_per_expert
 from server.model.families import Family
 from server.model.layer_stream import LayerStream, Progress, StreamedLayers
 from server.model.masking import router_of
@@ -122,14 +123,15 @@ class MoeObserver:
         real = self.stream.current.real.to(hidden.device)
         hidden, top_index, top_weights, routed = hidden[real], top_index[real], top_weights[real], output[real]
         k = top_index.shape[-1]
-        outputs = expert_outputs(self.experts, hidden.repeat_interleave(k, dim=0), top_index.reshape(-1))
+        rows = hidden.repeat_interleave(k, dim=0)
+        outputs = expert_outputs(self.experts, rows, top_index.reshape(-1))
         norms = outputs.float().norm(dim=-1).view(-1, k)  # [T, k]
         if self.residual is None:
             raise RuntimeError("the MoE block ran before its layer norm: cannot read the residual stream")
         residual = self.stream_scale * self.residual.reshape(-1, self.residual.shape[-1])[real].float()
         added = self.residual_multiplier * routed.float()
         change = 1.0 - torch.nn.functional.cosine_similarity(residual, residual + added, dim=-1)
-        self.stats.update_outputs(top_weights, top_index, norms, change, outputs)
+        self.stats.update_outputs(top_weights, top_index, norms, change, outputs, rows)
 
     def close(self) -> None:
         for handle in self.handles:
@@ -153,13 +155,22 @@ class DenseObserver:
 
 
 def _observe(
-    builder: VariantBuilder, streamed: StreamedLayers, index: int, stats: CalibrationStatistics, threshold: float
+    builder: VariantBuilder,
+    streamed: StreamedLayers,
+    index: int,
+    stats: CalibrationStatistics,
+    threshold: float,
+    sampled: bool = False,
 ) -> MoeObserver | DenseObserver | None:
-    """Hooks that feed layer `index`'s statistics while it runs (None for a dense layer of a MoE model)."""
+    """Hooks that feed layer `index`'s statistics while it runs (None for a dense layer of a MoE model);
+    `sampled`: keep a sample of each expert's tokens for its low-rank novice."""
     model = streamed.model
     if index in builder.sparse_layers:
         sparse = builder.sparse_layers[index]
         stats.router[index] = ExpertStatistics(sparse.num_experts, threshold)
+        if sampled:
+            capacity = samples_per_expert(sparse.num_experts, int(builder.config.hidden_size))
+            stats.router[index].samples = ExpertSamples(sparse.num_experts, capacity, seed=index)
         block = model.get_submodule(sparse.prefix)
         layer = model.model.layers[index]
         return MoeObserver(layer, block, stats.router[index], streamed.stream, builder.family)
@@ -179,8 +190,10 @@ def collect_statistics(
     progress: Progress | None = None,
     after_layer: Callable[[int], None] | None = None,
     answer_starts: Sequence[int] | None = None,
+    low_rank: int | None = None,
 ) -> CalibrationStatistics:
-    """Statistics of `token_ids` (one list of ids per prompt), layer by layer.
+    """Statistics of `token_ids` (one list of ids per prompt), layer by layer. `low_rank`: also fit every
+    expert's low-rank novice of that rank (on a sample of its tokens, when its layer is done).
 
     `progress(n)` is called with the number of layers done so far; `after_layer(l)` right after layer
     l's weights are freed (tests use it to watch memory). `answer_starts`: where each prompt's answer
@@ -190,10 +203,12 @@ def collect_statistics(
     kind = "moe_experts" if builder.family.kind == "moe" else "dense_channels"
     stats = CalibrationStatistics(kind=kind, prompts=len(token_ids), tokens=streamed.stream.tokens)
     for index in streamed.layers(progress, after_layer):
-        observer = _observe(builder, streamed, index, stats, threshold)
+        observer = _observe(builder, streamed, index, stats, threshold, sampled=low_rank is not None)
         try:
             streamed.stream.run_layer(index)
         finally:
             if observer is not None:
                 observer.close()
+        if low_rank is not None and index in stats.router:
+            stats.router[index].fit_low_rank(low_rank)
     return stats

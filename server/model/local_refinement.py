@@ -28,7 +28,7 @@ from server.model.calibrate import expert_outputs
 from server.model.families import Family
 from server.model.layer_stream import LayerStream, Progress, StreamedLayers
 from server.model.masking import RouterMasks, full_router, restricted_router
-from server.model.novices import NoviceMasks, substituted_mask
+from server.model.novices import NoviceMasks, NoviceTable, substituted_mask
 from server.model.variant import VariantBuilder
 
 Kept = tuple[int, ...]
@@ -77,10 +77,9 @@ class BlockReconstruction:
         layer: int,
         inputs: torch.Tensor,  # [N, H]: the MoE block's input (after its layer norm)
         target: torch.Tensor,  # [N, H]: the routed experts' output with every expert
-        novices: torch.Tensor | None = None,  # [E, H]: each expert's novice, when pruned choices get novices
+        novices: NoviceTable | None = None,  # every expert's novice, when pruned choices get novices
     ) -> None:
         self.block, self.family, self.config, self.layer = block, family, config, layer
-        self.novices = novices.float().to(inputs.device) if novices is not None else None
         self.inputs = inputs
         self.target = target.float()
         self.num_experts = int(block.experts.num_experts)
@@ -90,6 +89,8 @@ class BlockReconstruction:
         with torch.inference_mode():
             outputs = expert_outputs(block.experts, inputs.repeat_interleave(self.num_experts, dim=0), ids)
         self.outputs = outputs.float().view(n, self.num_experts, -1)  # [N, E, H]
+        #: [N, E, H]: every expert's novice on every token (a constant, or with a low-rank map of the token)
+        self.novices = None if novices is None else novices.to(inputs.device, torch.float32).values(inputs.float())
         self.scale = float(self.target.square().sum()) or 1.0
         self._errors: dict[Kept, float] = {}
 
@@ -117,7 +118,8 @@ class BlockReconstruction:
         chosen = self.outputs.gather(1, index[..., None].expand(-1, -1, self.outputs.shape[-1]))  # [N, k, H]
         if self.novices is not None and len(kept) < self.num_experts:  # pruned choices answered by novices
             substituted = substituted_mask(kept, self.num_experts, index.device)[index]
-            chosen = torch.where(substituted[..., None], self.novices[index], chosen)
+            novices = self.novices.gather(1, index[..., None].expand(-1, -1, self.novices.shape[-1]))
+            chosen = torch.where(substituted[..., None], novices, chosen)
         approx = (weights.float()[..., None] * chosen).sum(1)
         return float((approx - self.target).square().sum()) / self.scale
 
@@ -206,9 +208,11 @@ class BlockCapture:
         return inputs, targets
 
 
-def token_budget(options: SearchOptions, num_experts: int, hidden: int) -> int:
-    """Tokens whose every-expert outputs fit the cache budget (float32)."""
-    return max(1, min(options.max_tokens, options.max_cache_bytes // (num_experts * hidden * 4)))
+def token_budget(options: SearchOptions, num_experts: int, hidden: int, novices: bool = False) -> int:
+    """Tokens whose every-expert outputs (and with `novices`, every expert's novice) fit the cache budget
+    (float32)."""
+    copies = 2 if novices else 1
+    return max(1, min(options.max_tokens, options.max_cache_bytes // (copies * num_experts * hidden * 4)))
 
 
 def refine_locally(
@@ -220,7 +224,7 @@ def refine_locally(
     batch_size: int = 16,
     progress: Progress | None = None,
     after_layer: Callable[[int], None] | None = None,
-    novices: Mapping[int, torch.Tensor] | None = None,
+    novices: Mapping[int, NoviceTable] | None = None,
 ) -> dict[int, LayerSearch]:
     """Layer-local refinement in a layer-streamed pass (a model larger than memory works).
 
@@ -250,7 +254,7 @@ def _refine_layer(
     starts: Mapping[str, Mapping[int, Sequence[int]]],
     tiebreak: torch.Tensor,
     options: SearchOptions,
-    novices: torch.Tensor | None = None,
+    novices: NoviceTable | None = None,
 ) -> LayerSearch:
     """Search sparse layer `index` (its weights read) on the tokens that reach it, then run it with the refined
     selection: the next layer sees this layer's refined output."""
@@ -259,7 +263,8 @@ def _refine_layer(
     inputs = [batch.hidden for batch in stream.batches]
     with BlockCapture(block, stream) as capture:
         stream.run_layer(index)
-    x, y = capture.sample(token_budget(options, sparse.num_experts, int(builder.config.hidden_size)), seed=index)
+    budget = token_budget(options, sparse.num_experts, int(builder.config.hidden_size), novices is not None)
+    x, y = capture.sample(budget, seed=index)
     del capture
     reconstruction = BlockReconstruction(block, builder.family, builder.config, index, x, y, novices)
     losses = {method: reconstruction.error(tuple(sorted(selection[index]))) for method, selection in starts.items()}

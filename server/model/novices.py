@@ -1,40 +1,132 @@
 """Novices: what a pruned expert's choice gets when the router may still choose it (MoNE, ICLR 2026).
 
 A pattern with novices keeps its routers whole: every token goes to the experts the full router chooses, with
-the full router's gate weights. A chosen kept expert runs; a chosen pruned expert j adds g_j(x) * n_j instead,
-its novice: the mean of E_j(x) over the calibration tokens the full router sent to it (`ExpertStatistics.novices`).
-A pruned expert then costs one vector of the hidden size, not a slot, and the router's choice, which the
-pruning would otherwise redirect to a kept expert, is left as the model was trained to make it.
+the full router's gate weights. A chosen kept expert runs; a chosen pruned expert j adds g_j(x) * f_j(x)
+instead, its novice: the mean of E_j(x) over the calibration tokens the full router sent to it
+(`ExpertStatistics.novices`), f_j(x) = n_j, or with a low-rank novice also a rank-r linear map of the token,
+f_j(x) = n_j + ((x - m_j) U_j) V_j^T (`pattern_store.substitutes`). A pruned expert then costs one vector (or
+2 r + 2) of the hidden size, not a slot, and the router's choice, which the pruning would otherwise redirect to
+a kept expert, is left as the model was trained to make it.
 
-Three places run it, each with the same `novice_term`:
+Three places run it, each through one `NoviceTable` (its `term`):
 - `NoviceExperts`: a built variant's experts module (its kept experts, and a table of novices);
 - `NoviceMasks`: hooks that make a model holding every expert answer as a selection with novices would (the
   refinements score candidates this way);
-- the expert pool (`pooled`), per row of a mixed batch.
+- the expert pool (`pooled`), per row of a mixed batch (the rows' tables stacked).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from pattern_store.substitutes import LowRankMaps
 
-def novice_table(novices: torch.Tensor, kept: Sequence[int], num_experts: int) -> torch.Tensor:
-    """[E, H]: the novices of the pruned experts (`novices` [E - K, H], rows in ascending expert id) in their
-    experts' rows, zeros in the kept experts' rows."""
-    pruned = [e for e in range(num_experts) if e not in set(kept)]
-    if novices.shape[0] != len(pruned):
-        raise ValueError(f"{novices.shape[0]} novices for {len(pruned)} pruned experts")
-    table = torch.zeros((num_experts, novices.shape[1]), dtype=novices.dtype, device=novices.device)
-    table[pruned] = novices
-    return table
+
+@dataclass(frozen=True)
+class NoviceTable:
+    """One novice per row (a row per expert, or per route and expert when stacked): `novices` [N, H], and the
+    low-rank maps [N, H, r] when the novices are low-rank. Kept experts' rows are zeros (never read)."""
+
+    novices: torch.Tensor
+    low_rank: LowRankMaps | None = None
+
+    @classmethod
+    def of_pruned(
+        cls, novices: torch.Tensor, kept: Sequence[int], num_experts: int, low_rank: LowRankMaps | None = None
+    ) -> NoviceTable:
+        """The table of one layer from its pruned experts' rows (`novices` [E - K, H], `low_rank` [E - K, ...],
+        in ascending expert id): each in its expert's row."""
+        pruned = [e for e in range(num_experts) if e not in set(kept)]
+        if novices.shape[0] != len(pruned):
+            raise ValueError(f"{novices.shape[0]} novices for {len(pruned)} pruned experts")
+
+        def spread(rows: torch.Tensor) -> torch.Tensor:
+            table = torch.zeros((num_experts, *rows.shape[1:]), dtype=rows.dtype, device=rows.device)
+            table[pruned] = rows
+            return table
+
+        maps = None if low_rank is None else LowRankMaps(*(spread(t) for t in _parts(low_rank)))
+        return cls(spread(novices), maps)
+
+    @classmethod
+    def stacked(cls, tables: Sequence[NoviceTable]) -> NoviceTable:
+        """Several tables as one, rows of the second after the first's (a batch's routes). Low-rank maps of
+        different ranks are padded with zeros to the largest."""
+        novices = torch.cat([table.novices for table in tables])
+        if all(table.low_rank is None for table in tables):
+            return cls(novices)
+        rank = max(table.low_rank.rank for table in tables if table.low_rank is not None)
+        parts = [_padded(table, rank) for table in tables]
+        return cls(novices, LowRankMaps(*(torch.cat(part) for part in zip(*parts, strict=True))))
+
+    def to(self, device: torch.device | str, dtype: torch.dtype) -> NoviceTable:
+        return NoviceTable(
+            self.novices.to(device, dtype), None if self.low_rank is None else self.low_rank.to(device, dtype)
+        )
+
+    @property
+    def rows(self) -> int:
+        return int(self.novices.shape[0])
+
+    def term(
+        self, hidden: torch.Tensor, weights: torch.Tensor, index: torch.Tensor, substituted: torch.Tensor
+    ) -> torch.Tensor:
+        """[T, H]: over each token's chosen experts a novice answers (`substituted` [T, k]), gate weight (`weights`
+        [T, k]) x the novice of row `index` [T, k] of this table, for the tokens `hidden` [T, H]. The constant
+        part is one matrix product (weights scattered into [T, N]); the low-rank part runs per row chosen."""
+        chosen = weights.masked_fill(~substituted, 0.0).to(self.novices.dtype)
+        dense = torch.zeros((index.shape[0], self.rows), dtype=self.novices.dtype, device=self.novices.device)
+        out = dense.scatter_add_(1, index, chosen) @ self.novices
+        if self.low_rank is None:
+            return out
+        maps = self.low_rank
+        for row in index[substituted].unique().tolist():
+            tokens, slot = ((index == row) & substituted).nonzero(as_tuple=True)
+            x = hidden[tokens].to(maps.means.dtype) - maps.means[row]
+            out.index_add_(0, tokens, chosen[tokens, slot, None] * ((x @ maps.inputs[row]) @ maps.outputs[row].T))
+        return out
+
+    def values(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[T, N, H]: every row's novice for every token (what the layer-local refinement compares)."""
+        out = self.novices.unsqueeze(0).expand(hidden.shape[0], -1, -1)
+        if self.low_rank is None:
+            return out
+        maps = self.low_rank
+        x = hidden.to(maps.means.dtype).unsqueeze(1) - maps.means.unsqueeze(0)  # [T, N, H]
+        inner = torch.einsum("tnh,nhr->tnr", x, maps.inputs)
+        return out + torch.einsum("tnr,nhr->tnh", inner, maps.outputs)
+
+
+def _parts(maps: LowRankMaps) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return maps.means, maps.inputs, maps.outputs
+
+
+def _padded(table: NoviceTable, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A table's low-rank parts at `rank` (zeros where it has none or a lower rank)."""
+    rows, hidden = table.novices.shape
+    like = {"dtype": table.novices.dtype, "device": table.novices.device}
+    if table.low_rank is None:
+        return (
+            torch.zeros(rows, hidden, **like),
+            torch.zeros(rows, hidden, rank, **like),
+            torch.zeros(rows, hidden, rank, **like),
+        )
+    maps = table.low_rank
+    pad = rank - maps.rank
+
+    def widen(t: torch.Tensor) -> torch.Tensor:
+        return torch.cat([t, torch.zeros(*t.shape[:-1], pad, dtype=t.dtype, device=t.device)], -1) if pad else t
+
+    return maps.means, widen(maps.inputs), widen(maps.outputs)
 
 
 def pruned_rows(table: torch.Tensor, kept: Sequence[int]) -> torch.Tensor:
-    """The inverse of `novice_table`: the rows of the pruned experts, in ascending id."""
+    """The rows of a per-expert tensor ([E, ...]) for the pruned experts, in ascending id."""
     keep = set(kept)
     return table[[e for e in range(table.shape[0]) if e not in keep]]
 
@@ -46,29 +138,19 @@ def substituted_mask(kept: Sequence[int], num_experts: int, device: torch.device
     return mask
 
 
-def novice_term(
-    weights: torch.Tensor, index: torch.Tensor, substituted: torch.Tensor, table: torch.Tensor
-) -> torch.Tensor:
-    """[T, H]: sum over each token's chosen experts that a novice stands in for of gate weight x novice.
-
-    `weights`, `index` [T, k]: the router's gate weights and chosen experts; `substituted` [T, k] marks the
-    choices a novice answers; `table` [E, H] (or [R*E, H] with `index` offset by each token's route). The
-    weights are scattered into [T, E] and multiplied by the table: one matrix product, no [T, k, H] tensor."""
-    chosen = weights.masked_fill(~substituted, 0.0).to(table.dtype)
-    dense = torch.zeros((index.shape[0], table.shape[0]), dtype=table.dtype, device=table.device)
-    return dense.scatter_add_(1, index, chosen) @ table
-
-
 def novice_tables(
     novices: Mapping[int, torch.Tensor],
+    low_rank: Mapping[int, LowRankMaps],
     kept: Mapping[int, Sequence[int]],
     num_experts: Mapping[int, int],
     device: torch.device,
     dtype: torch.dtype,
-) -> dict[int, torch.Tensor]:
-    """Per layer with novices, its `novice_table` on `device` in `dtype` (what a row of the pool reads)."""
+) -> dict[int, NoviceTable]:
+    """Per layer with novices, its table on `device` in `dtype` (what a variant or a row of the pool reads),
+    from a selection's pruned rows."""
     return {
-        layer: novice_table(rows.to(device, dtype), kept[layer], num_experts[layer]) for layer, rows in novices.items()
+        layer: NoviceTable.of_pruned(rows, kept[layer], num_experts[layer], low_rank.get(layer)).to(device, dtype)
+        for layer, rows in novices.items()
     }
 
 
@@ -77,22 +159,32 @@ class NoviceExperts(nn.Module):
     novices of the others. Called, as the block calls its experts, with the full router's choices (expert ids)
     and gate weights: a kept choice runs its expert, a pruned one adds its novice."""
 
-    def __init__(self, experts: nn.Module, kept: Sequence[int], table: torch.Tensor) -> None:
+    def __init__(self, experts: nn.Module, kept: Sequence[int], table: NoviceTable) -> None:
         super().__init__()
         self.experts = experts
-        num_experts = table.shape[0]
-        position = torch.full((num_experts,), -1, dtype=torch.long, device=table.device)
-        position[list(kept)] = torch.arange(len(kept), device=table.device)
+        num_experts = table.rows
+        device = table.novices.device
+        position = torch.full((num_experts,), -1, dtype=torch.long, device=device)
+        position[list(kept)] = torch.arange(len(kept), device=device)
         self.register_buffer("position", position, persistent=False)
-        self.register_buffer("table", table, persistent=False)
+        # the table's tensors as buffers: they move with the model, and count as what the variant holds
+        self.register_buffer("novices", table.novices, persistent=False)
+        for part in ("means", "inputs", "outputs"):
+            value = getattr(table.low_rank, part) if table.low_rank is not None else None
+            self.register_buffer(part, value, persistent=False)
         self.num_experts = num_experts
+
+    @property
+    def table(self) -> NoviceTable:
+        low_rank = LowRankMaps(self.means, self.inputs, self.outputs) if self.means is not None else None
+        return NoviceTable(self.novices, low_rank)
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> Any:
         position = self.position[top_k_index]
         substituted = position < 0
         # a substituted choice runs a kept expert at weight 0 (every family's experts code takes any index)
         routed = self.experts(hidden_states, position.clamp_min(0), top_k_weights.masked_fill(substituted, 0.0))
-        term = novice_term(top_k_weights, top_k_index, substituted, self.table)
+        term = self.table.term(hidden_states, top_k_weights, top_k_index, substituted)
         return routed + term.to(routed.dtype)
 
 
@@ -102,14 +194,13 @@ class NoviceMasks:
     by its novice (the router chooses as the full model's does). The same interface as `masking.RouterMasks`,
     so the refinements score candidates with either."""
 
-    def __init__(self, model: nn.Module, routers: Mapping[int, str], tables: Mapping[int, torch.Tensor]) -> None:
-        """`routers`: each sparse layer's MoE block name; `tables`: each layer's novices [E, H] (`novice_table`
-        over no kept expert: every expert's novice)."""
+    def __init__(self, model: nn.Module, routers: Mapping[int, str], tables: Mapping[int, NoviceTable]) -> None:
+        """`routers`: each sparse layer's MoE block name; `tables`: each layer's novices of every expert."""
         self.experts = {index: model.get_submodule(prefix).experts for index, prefix in routers.items()}
         self.tables = dict(tables)
         self._current: dict[int, torch.Tensor] = {}
         self._handles: list[Any] = []
-        self._pending: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._pending: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     def apply(self, selection: Mapping[int, Sequence[int]]) -> None:
         """Substitute novices for the experts each named layer does not keep (layers not named keep all)."""
@@ -118,8 +209,8 @@ class NoviceMasks:
             if layer not in self.experts:
                 raise KeyError(f"layer {layer} has no routed experts")
             table = self.tables[layer]
-            if len(set(kept)) < table.shape[0]:
-                current[layer] = substituted_mask(kept, table.shape[0], table.device)
+            if len(set(kept)) < table.rows:
+                current[layer] = substituted_mask(kept, table.rows, table.novices.device)
         self._current = current
 
     def _before(self, layer: int) -> Callable[[nn.Module, tuple[Any, ...]], Any]:
@@ -129,7 +220,7 @@ class NoviceMasks:
                 return None
             hidden, index, weights = args[0], args[1], args[2]
             chosen = substituted[index]
-            self._pending[layer] = (weights, index, chosen)
+            self._pending[layer] = (hidden, weights, index, chosen)
             return (hidden, index, weights.masked_fill(chosen, 0.0), *args[3:])
 
         return hook
@@ -139,8 +230,7 @@ class NoviceMasks:
             pending = self._pending.pop(layer, None)
             if pending is None:
                 return None
-            weights, index, chosen = pending
-            return output + novice_term(weights, index, chosen, self.tables[layer]).to(output.dtype)
+            return output + self.tables[layer].term(*pending).to(output.dtype)
 
         return hook
 

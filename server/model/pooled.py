@@ -30,7 +30,7 @@ from server.model.coverage_meter import CoverageMeter, CoverageSample
 from server.model.layout import SparseLayer
 from server.model.masking import RouterMasks, router_of
 from server.model.module_tree import meta_model, set_tensor
-from server.model.novices import novice_term
+from server.model.novices import NoviceTable
 from server.model.quantized_slots import (
     AUTO,
     QUANTIZED_TENSORS,
@@ -100,9 +100,9 @@ class RowRoute:
     kept: Mapping[int, tuple[int, ...]] = field(default_factory=dict)
     revision: str = ""  # which stored revision of the pattern (live coverage starts again on a new one)
     calibrated: float | None = None  # the coverage the pattern recorded at calibration (`coverage_meter`)
-    #: per layer whose pruned choices get novices, its [E, H] `novices.novice_table` (on the pool's device):
-    #: those layers route as the full router does, and a pruned choice adds gate weight x novice
-    novices: Mapping[int, torch.Tensor] = field(default_factory=dict, compare=False, hash=False, repr=False)
+    #: per layer whose pruned choices get novices, its `novices.NoviceTable` (on the pool's device): those
+    #: layers route as the full router does, and a pruned choice adds gate weight x novice
+    novices: Mapping[int, NoviceTable] = field(default_factory=dict, compare=False, hash=False, repr=False)
 
     @property
     def masked(self) -> Mapping[int, tuple[int, ...]]:
@@ -129,6 +129,8 @@ class PooledModel:
             for index, layer in self.layers.items()
         }
         self.route_masks = RouteMaskTable(self.layers, device)
+        #: what live coverage compares the full router's choice with: the kept experts, novices or not
+        self.coverage_masks = RouteMaskTable(self.layers, device, every_kept=True)
         #: samples the full router's choices beside the masked ones (None: off, nothing extra runs)
         self.coverage: CoverageMeter | None = None
         self._restricted_routers = RouterMasks(
@@ -182,10 +184,14 @@ class PooledModel:
         meter draws; a captured graph passes False)."""
         previous = getattr(self._local, "batch", None)
         meter = self.coverage
-        sampled = meter is not None and masks.pruning and (meter.draw() if sample is None else sample)
+        pruning = masks.pruning or bool(masks.novice_layers)
+        sampled = meter is not None and pruning and (meter.draw() if sample is None else sample)
         coverage = CoverageSample(masks.routes, attention_mask) if sampled else None
+        # rows with novices route unmasked; their coverage is still that of the experts they keep
+        kept = BatchMasks(masks.routes, self.coverage_masks) if sampled and masks.novice_layers else masks
         previous_terms = getattr(self._local, "novice_terms", None)
         self._local.batch, self._local.coverage, self._local.novice_terms = masks, coverage, {}
+        self._local.kept = kept
         try:
             yield
         finally:
@@ -220,7 +226,7 @@ class PooledModel:
             coverage: CoverageSample | None = getattr(self._local, "coverage", None)
             if coverage is not None:  # the full router's own choice, for the patterns' live coverage
                 _, full_weights, full_experts = full_router(hidden_states, *arguments)
-                coverage.add(layer, full_weights, full_experts, batch.tokens(layer, count))
+                coverage.add(layer, full_weights, full_experts, self._local.kept.tokens(layer, count))
             single = batch.single.masked.get(layer) if batch.single is not None and not self.masked_only else None
             if single is not None:
                 restricted, ids = self._restricted(layer, single)
@@ -239,8 +245,8 @@ class PooledModel:
             # run, `_adding_novices`) and runs slot 0 at weight 0 in place of an expert that may not be resident
             row_of_token, substitutes, stacked = novices
             substituted = substitutes[row_of_token].gather(1, experts)
-            flat = (row_of_token[:, None] * substitutes.shape[1] + experts).clamp_max(stacked.shape[0] - 1)
-            self._local.novice_terms[layer] = novice_term(weights, flat, substituted, stacked)
+            flat = (row_of_token[:, None] * substitutes.shape[1] + experts).clamp_max(stacked.rows - 1)
+            self._local.novice_terms[layer] = (stacked, weights, flat, substituted)
             return logits, weights.masked_fill(substituted, 0.0), _slots(table, experts, substituted)
 
         return forward
@@ -250,8 +256,12 @@ class PooledModel:
 
         def hook(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> Any:
             terms = getattr(self._local, "novice_terms", None)
-            term = terms.pop(layer, None) if terms is not None else None
-            return None if term is None else output + term.to(output.dtype).reshape(output.shape)
+            pending = terms.pop(layer, None) if terms is not None else None
+            if pending is None:
+                return None
+            table, weights, flat, substituted = pending
+            term = table.term(args[0].reshape(-1, args[0].shape[-1]), weights, flat, substituted)
+            return output + term.to(output.dtype).reshape(output.shape)
 
         return hook
 

@@ -26,20 +26,27 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from server.model.layout import SparseLayer
+from server.model.novices import NoviceTable
 
 CACHED_ROUTES = 512
 """Routes whose mask tensors are kept (one [sparse layers, experts] boolean each)."""
+STACKED_TABLES = 64
+"""Stacks of several routes' novice tables kept per (layer, routes), for the decode steps that reuse them."""
 
 
 class RouteMaskTable:
-    """Each route's pruned experts as one boolean tensor [sparse layers, experts] (True: pruned), made once."""
+    """Each route's pruned experts as one boolean tensor [sparse layers, experts] (True: pruned), made once.
+    By default the experts its router may not choose (`RowRoute.masked`: a layer with novices masks nothing);
+    `every_kept`: the experts it does not keep (what live coverage measures, novices or not)."""
 
-    def __init__(self, layers: Mapping[int, SparseLayer], device: torch.device) -> None:
+    def __init__(self, layers: Mapping[int, SparseLayer], device: torch.device, every_kept: bool = False) -> None:
+        self.every_kept = every_kept
         self.position = {index: position for position, index in enumerate(sorted(layers))}
         self.width = max(layer.num_experts for layer in layers.values())
         self.counts = {index: layer.num_experts for index, layer in layers.items()}
         self.device = device
         self._cache: OrderedDict[int, tuple[Any, torch.Tensor]] = OrderedDict()
+        self._stacked: OrderedDict[tuple[int, tuple[int, ...]], tuple[list[Any], NoviceTable]] = OrderedDict()
         self._lock = threading.Lock()  # every decoding thread shares the table
 
     def pruned(self, route: Any) -> torch.Tensor:
@@ -55,7 +62,7 @@ class RouteMaskTable:
         mask = torch.zeros((len(self.position), self.width), dtype=torch.bool)
         for index, position in self.position.items():
             mask[position, self.counts[index] :] = True  # a narrower layer's columns past its experts
-            kept = route.masked.get(index)
+            kept = (route.kept if self.every_kept else route.masked).get(index)
             if kept is not None:
                 mask[position, : self.counts[index]] = True
                 mask[position, list(kept)] = False
@@ -64,6 +71,24 @@ class RouteMaskTable:
         while len(self._cache) > CACHED_ROUTES:
             self._cache.popitem(last=False)
         return mask
+
+    def stacked(self, layer: int, routes: Sequence[Any], tables: Sequence[NoviceTable]) -> NoviceTable:
+        """The novice tables of `routes` at `layer` as one (one route's: its own, nothing copied), kept for the
+        steps that follow: a decode step over the same rows reads the same stack."""
+        if len(tables) == 1:
+            return tables[0]
+        key = (layer, tuple(id(route) for route in routes))
+        with self._lock:
+            found = self._stacked.get(key)
+            if found is not None and all(a is b for a, b in zip(found[0], routes, strict=True)):
+                self._stacked.move_to_end(key)
+                return found[1]
+        table = NoviceTable.stacked(tables)
+        with self._lock:
+            self._stacked[key] = (list(routes), table)  # the routes are held, so their ids are not reused
+            while len(self._stacked) > STACKED_TABLES:
+                self._stacked.popitem(last=False)
+        return table
 
 
 class BatchMasks:
@@ -77,11 +102,12 @@ class BatchMasks:
         self.table = table
         distinct = {id(route): route for route in self.routes}
         #: the sparse layers some row prunes: the others' routers run as they are
-        self.pruned_layers: set[int] = {layer for route in distinct.values() for layer in route.masked}
+        chosen_from = (lambda route: route.kept) if table.every_kept else (lambda route: route.masked)
+        self.pruned_layers: set[int] = {layer for route in distinct.values() for layer in chosen_from(route)}
         self.pruning = bool(self.pruned_layers)
         #: the sparse layers where some row's pruned choices get novices
         self.novice_layers: set[int] = {layer for route in distinct.values() for layer in route.novices}
-        self._novices: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._novices: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, NoviceTable]] = {}
         self.single = next(iter(distinct.values())) if self.pruning and len(distinct) == 1 else None
         self._per_row: torch.Tensor | None = None
         self._tokens: dict[int, torch.Tensor] = {}
@@ -116,23 +142,24 @@ class BatchMasks:
             self._tokens[count] = found
         return found[self.table.position[layer], :, : self.table.counts[layer]]
 
-    def novices(self, layer: int, count: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    def novices(self, layer: int, count: int) -> tuple[torch.Tensor, torch.Tensor, NoviceTable] | None:
         """For sparse layer `layer` and `count` tokens (rows x sequence length, row-major), None when no row has
         novices there, else: each token's novice route [count] (the routes with novices here numbered 0..R-1, R
         for the rows without), which experts each of them substitutes [R + 1, E] (the last row none), and
-        their novice tables stacked [R * E, H]."""
+        their novice tables stacked (R * E rows)."""
         if layer not in self.novice_layers:
             return None
         key = (layer, count)
         if key not in self._novices:
             numbered: dict[int, int] = {}
-            tables = []
+            tables, novice_routes = [], []
             for route in self.routes:
                 if layer in route.novices and id(route) not in numbered:
                     numbered[id(route)] = len(tables)
                     tables.append(route.novices[layer])
+                    novice_routes.append(route)
             experts = self.table.counts[layer]
-            device = tables[0].device
+            device = tables[0].novices.device
             substitutes = torch.zeros((len(tables) + 1, experts), dtype=torch.bool, device=device)
             for route in self.routes:
                 if id(route) in numbered:
@@ -140,7 +167,7 @@ class BatchMasks:
                     substitutes[numbered[id(route)], list(route.kept[layer])] = False
             rows = torch.tensor([numbered.get(id(route), len(tables)) for route in self.routes], device=device)
             row_of_token = rows.repeat_interleave(count // len(self.routes))
-            self._novices[key] = (row_of_token, substitutes, torch.cat(tables))
+            self._novices[key] = (row_of_token, substitutes, self.table.stacked(layer, novice_routes, tables))
         return self._novices[key]
 
 

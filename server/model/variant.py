@@ -29,7 +29,7 @@ from server.model.families import Family, family_for
 from server.model.layout import DenseLayer, LayerExperts, ModelLayout, SparseLayer
 from server.model.masking import configure_router, router_of
 from server.model.module_tree import compute_buffers, computed_buffer_names, meta_model, set_tensor
-from server.model.novices import NoviceExperts, novice_table
+from server.model.novices import NoviceExperts, novice_tables
 from server.model.sizing import VariantSizes
 from server.model.tensor_reader import Backbone, TensorReader
 
@@ -124,7 +124,7 @@ class VariantBuilder:
             )
             model = meta_model(config)
             assigned = _assign_experts(self, model, plan, selection.novices)
-            return _attach_novices(self, self.complete(model, assigned), plan, selection.novices)
+            return _attach_novices(self, self.complete(model, assigned), plan, selection)
         else:
             model = meta_model(copy.deepcopy(self.config))  # a variant's config is its own (export edits it)
             assigned = _assign_channels(self, model, self.layout.dense_plan(selection))
@@ -202,14 +202,15 @@ def _assign_experts(
 
 
 def _attach_novices(
-    builder: VariantBuilder, model: PreTrainedModel, plan: dict[int, LayerExperts], novices: Mapping[int, torch.Tensor]
+    builder: VariantBuilder, model: PreTrainedModel, plan: dict[int, LayerExperts], selection: Selection
 ) -> PreTrainedModel:
     """Wrap each layer with novices in `NoviceExperts` (once every tensor is in place: the wrapper renames them)."""
-    for index, rows in novices.items():
-        layer = builder.sparse_layers[index]
-        block = model.get_submodule(layer.prefix)
-        table = novice_table(rows.to(builder.device, builder.dtype), plan[index].kept, layer.num_experts)
-        block.experts = NoviceExperts(block.experts, plan[index].kept, table)
+    kept = {index: layer.kept for index, layer in plan.items()}
+    counts = {index: layer.num_experts for index, layer in builder.sparse_layers.items()}
+    tables = novice_tables(selection.novices, selection.low_rank, kept, counts, builder.device, builder.dtype)
+    for index, table in tables.items():
+        block = model.get_submodule(builder.sparse_layers[index].prefix)
+        block.experts = NoviceExperts(block.experts, kept[index], table)
     return model
 
 
