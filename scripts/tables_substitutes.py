@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from tables_pruning import TASKS, _levels, _mean, _pct, relative
 
+from pattern_store.recipes import DEFAULT_RANK
+
 from _results import load
 
 #: the low-rank recipe the README's headline quotes (`eval_pruning.py`'s row)
@@ -56,23 +58,26 @@ def pruning_low_rank() -> str:
     settings = report["settings"]
     lines = [
         f"Greedy exact match (%) on {settings['examples_per_task']} held-out examples per task of the evaluation "
-        f"seed; rank {report.get('rank', 16)}. Memory: the kept experts and the low-rank novices, as a share of all "
-        "the experts",
+        f"seed; rank {DEFAULT_RANK} (the default). Memory: the kept experts and the novices (or low-rank novices), "
+        "as a share of all the experts; slowest: the seconds the slowest task's pattern took to calibrate",
         "",
-        "| model | kept | recipe | " + " | ".join(TASKS) + " | mean | of full | worst task | memory |",
-        "|---|---|---|" + "---|" * (len(TASKS) + 4),
+        "| model | kept | recipe | " + " | ".join(TASKS) + " | mean | of full | worst task | memory | slowest s |",
+        "|---|---|---|" + "---|" * (len(TASKS) + 5),
     ]
     for name, model in report["models"].items():
         full = model["full"]
-        lines.append(_full_row(name, full, 2))
+        lines.append(_full_row(name, full, 3))
         for key in _levels(model):
             block = model[key]
             for recipe, values in block["methods"].items():
                 share, worst = relative(values, full)
-                memory = (block["kept_expert_bytes"] + block["low_rank_bytes"]) / block["all_expert_bytes"]
+                extra = block["low_rank_bytes"] if "low-rank" in recipe else block["novice_bytes"]
+                memory = (block["kept_expert_bytes"] + extra) / block["all_expert_bytes"]
+                slowest = max(block["refinement_seconds"][recipe].values())
                 lines.append(
                     f"| {name} | {block['experts_kept']}/{block['of']} | {recipe} | "
                     + " | ".join(_pct(values[t]) for t in TASKS)
-                    + f" | **{_pct(_mean(values))}** | {_pct(share)} | {_pct(worst)} | {100 * memory:.1f}% |"
+                    + f" | **{_pct(_mean(values))}** | {_pct(share)} | {_pct(worst)} | {100 * memory:.1f}% | "
+                    f"{slowest:.0f} |"
                 )
     return "\n".join(lines) + "\n"
