@@ -79,7 +79,7 @@ class AnswerLoss:
             raise ValueError(f"unknown answer-loss objective {objective!r}; expected one of {', '.join(OBJECTIVES)}")
         self.model = model if model is not None else builder.build()
         self.sparse = {index: layer.prefix for index, layer in builder.sparse_layers.items()}
-        #: per layer [E, H] when pruned choices get novices (candidates are scored with them)
+        #: per layer, every expert's novice when pruned choices get them (candidates are scored with them)
         self.novices = dict(novices) if novices is not None else None
         self.masks: RouterMasks | NoviceMasks = (
             RouterMasks(self.model, builder.family, builder.config, self.sparse)
