@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -605,7 +606,11 @@ def test_a_server_on_an_unread_checkpoint_says_why_in_one_line_without_a_traceba
     config["quantization_config"] = {"quant_method": "awq", "bits": 4}
     (model / "config.json").write_text(json.dumps(config))
     with caplog.at_level(logging.ERROR, logger="taskmoe.app"), TestClient(create_app(ServerConfig(model=model))) as c:
+        deadline = time.monotonic() + 60  # the model loads in the background: /health is 200 until it fails
         health = c.get("/health")
+        while health.status_code == 200 and time.monotonic() < deadline:
+            time.sleep(0.1)
+            health = c.get("/health")
     assert health.status_code == 503
     assert "quant_method 'awq' is not a format taskmoe reads" in health.text
     failures = [record for record in caplog.records if "failed" in record.getMessage()]
