@@ -33,7 +33,6 @@ from server.expert_pool import ExpertPool, PoolLease
 from server.metrics import Metrics
 from server.model.checkpoint import model_identity
 from server.model.coverage_meter import CoverageMeter
-from server.model.novices import novice_tables
 from server.model.pooled import PooledModel, RowRoute, pool_expert_format, slot_expert_bytes
 from server.model.quantized_slots import SlotFormat
 from server.model.variant import VariantBuilder
@@ -268,15 +267,7 @@ class PoolLeases:
             if route is None:
                 calibrated = self.selections.calibrated_coverage(choice)
                 chosen = selection()
-                kept = self.builder.kept_experts(chosen)
-                novices = novice_tables(
-                    chosen.novices if chosen is not None else {},
-                    chosen.low_rank if chosen is not None else {},
-                    kept,
-                    {index: layer.num_experts for index, layer in self.builder.sparse_layers.items()},
-                    self.builder.device,
-                    self.builder.dtype,
-                )
+                kept, novices = self.builder.kept_experts(chosen), self.builder.novice_tables(chosen)
                 route = RowRoute(key.label, kept, key.revision, calibrated, novices)
                 if len(self._routes) >= self.MAX_ROUTES:
                     self._routes.clear()

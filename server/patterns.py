@@ -41,7 +41,7 @@ from server.model.answer_loss_refinement import refine_by_answer_loss
 from server.model.calibrate import CalibrationStatistics, collect_statistics
 from server.model.checkpoint import model_fingerprint, model_identity
 from server.model.local_refinement import SearchOptions, refine_locally
-from server.model.novices import NoviceTable, pruned_rows
+from server.model.novices import NoviceTable
 from server.model.pruning import (
     PrunedSelection,
     dense_selection,
@@ -402,10 +402,6 @@ def _novice_tables(stats: CalibrationStatistics, recipe: PatternRecipe) -> dict[
     }
 
 
-def _pruned(kept: list[int], num_experts: int) -> list[int]:
-    return [e for e in range(num_experts) if e not in set(kept)]
-
-
 def _kept_selection(
     builder: VariantBuilder, kept: dict[int, list[int]], novices: dict[int, NoviceTable] | None
 ) -> Selection:
@@ -415,11 +411,9 @@ def _kept_selection(
         index: experts for index, experts in kept.items() if len(experts) < builder.sparse_layers[index].num_experts
     }
     if novices is not None:  # the router keeps every expert: any kept set routes, pruned choices get novices
-        rows = {i: pruned_rows(novices[i].novices, e) for i, e in pruned.items()}
-        maps = {
-            i: novices[i].low_rank.rows(_pruned(e, novices[i].rows)) for i, e in pruned.items() if novices[i].low_rank
-        }
-        return Selection("moe_experts", kept, novices=rows, low_rank=maps)
+        parts = {index: novices[index].pruned_part(experts) for index, experts in pruned.items()}
+        maps = {index: part.low_rank for index, part in parts.items() if part.low_rank is not None}
+        return Selection("moe_experts", kept, novices={i: part.novices for i, part in parts.items()}, low_rank=maps)
     for index, experts in pruned.items():
         builder.family.routing_overrides(builder.config, index, experts)
     return Selection("moe_experts", kept)

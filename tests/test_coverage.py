@@ -205,8 +205,11 @@ def test_live_coverage_is_the_full_routers_mass_on_the_served_hidden_states(chec
     layers = sorted(builder.sparse_layers)
     routes = {name: RowRoute(name, {layer: KEPT[name] for layer in layers}, "r1", 0.9) for name in KEPT}
     hidden_size = int(builder.config.hidden_size)
+    pruned = 8 - len(KEPT["a"])
     tables = {
-        layer: NoviceTable(torch.randn(8, hidden_size, generator=torch.Generator().manual_seed(layer)))
+        layer: NoviceTable.of_pruned(
+            torch.randn(pruned, hidden_size, generator=torch.Generator().manual_seed(layer)), KEPT["a"], 8
+        )
         for layer in layers
     }
     routes["novices"] = RowRoute("novices", routes["a"].kept, "r1", 0.9, tables)

@@ -93,6 +93,7 @@ class BlockReconstruction:
         self.novices = None if novices is None else novices.to(inputs.device, torch.float32).values(inputs.float())
         self.scale = float(self.target.square().sum()) or 1.0
         self._errors: dict[Kept, float] = {}
+        self._full: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def error(self, kept: Kept) -> float:
         """Relative squared error of the routed output when only `kept` may be chosen; inf if the routing rule
@@ -106,7 +107,7 @@ class BlockReconstruction:
         if len(kept) < int(self.config.num_experts_per_tok):
             return math.inf
         if len(kept) == self.num_experts or self.novices is not None:
-            _, weights, index = full_router(self.block, self.family)(self.inputs)
+            weights, index = self._full_choice()
         else:
             try:
                 overrides = self.family.routing_overrides(self.config, self.layer, kept)
@@ -122,6 +123,14 @@ class BlockReconstruction:
             chosen = torch.where(substituted[..., None], novices, chosen)
         approx = (weights.float()[..., None] * chosen).sum(1)
         return float((approx - self.target).square().sum()) / self.scale
+
+    def _full_choice(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The full router's gate weights and choices on the sampled tokens, run once: the same for every
+        candidate that keeps every expert or answers its pruned choices by novices."""
+        if self._full is None:
+            _, weights, index = full_router(self.block, self.family)(self.inputs)
+            self._full = (weights, index)
+        return self._full
 
     def _group(self, expert: int) -> int:
         return expert * self.groups // self.num_experts

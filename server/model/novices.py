@@ -34,6 +34,8 @@ class NoviceTable:
 
     novices: torch.Tensor
     low_rank: LowRankMaps | None = None
+    #: [E] bool, a layer's table of one pattern (`of_pruned`): the experts its novices stand in for
+    substituted: torch.Tensor | None = None
 
     @classmethod
     def of_pruned(
@@ -41,7 +43,7 @@ class NoviceTable:
     ) -> NoviceTable:
         """The table of one layer from its pruned experts' rows (`novices` [E - K, H], `low_rank` [E - K, ...],
         in ascending expert id): each in its expert's row."""
-        pruned = [e for e in range(num_experts) if e not in set(kept)]
+        pruned = pruned_experts(kept, num_experts)
         if novices.shape[0] != len(pruned):
             raise ValueError(f"{novices.shape[0]} novices for {len(pruned)} pruned experts")
 
@@ -51,7 +53,13 @@ class NoviceTable:
             return table
 
         maps = None if low_rank is None else LowRankMaps(*(spread(t) for t in _parts(low_rank)))
-        return cls(spread(novices), maps)
+        return cls(spread(novices), maps, substituted_mask(kept, num_experts, novices.device))
+
+    def pruned_part(self, kept: Sequence[int]) -> NoviceTable:
+        """The inverse of `of_pruned`: the rows of the experts outside `kept`, in ascending id (what a pattern
+        stores)."""
+        rows = pruned_experts(kept, self.rows)
+        return NoviceTable(self.novices[rows], None if self.low_rank is None else self.low_rank.rows(rows))
 
     @classmethod
     def stacked(cls, tables: Sequence[NoviceTable]) -> NoviceTable:
@@ -66,7 +74,9 @@ class NoviceTable:
 
     def to(self, device: torch.device | str, dtype: torch.dtype) -> NoviceTable:
         return NoviceTable(
-            self.novices.to(device, dtype), None if self.low_rank is None else self.low_rank.to(device, dtype)
+            self.novices.to(device, dtype),
+            None if self.low_rank is None else self.low_rank.to(device, dtype),
+            None if self.substituted is None else self.substituted.to(device),
         )
 
     @property
@@ -125,10 +135,15 @@ def _padded(table: NoviceTable, rank: int) -> tuple[torch.Tensor, torch.Tensor, 
     return maps.means, widen(maps.inputs), widen(maps.outputs)
 
 
+def pruned_experts(kept: Sequence[int], num_experts: int) -> list[int]:
+    """The experts of a layer of `num_experts` that `kept` leaves out, in ascending id."""
+    keep = set(kept)
+    return [e for e in range(num_experts) if e not in keep]
+
+
 def pruned_rows(table: torch.Tensor, kept: Sequence[int]) -> torch.Tensor:
     """The rows of a per-expert tensor ([E, ...]) for the pruned experts, in ascending id."""
-    keep = set(kept)
-    return table[[e for e in range(table.shape[0]) if e not in keep]]
+    return table[pruned_experts(kept, table.shape[0])]
 
 
 def substituted_mask(kept: Sequence[int], num_experts: int, device: torch.device | None = None) -> torch.Tensor:

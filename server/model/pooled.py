@@ -189,13 +189,14 @@ class PooledModel:
         coverage = CoverageSample(masks.routes, attention_mask) if sampled else None
         # rows with novices route unmasked; their coverage is still that of the experts they keep
         kept = BatchMasks(masks.routes, self.coverage_masks) if sampled and masks.novice_layers else masks
-        previous_terms = getattr(self._local, "novice_terms", None)
-        self._local.batch, self._local.coverage, self._local.novice_terms = masks, coverage, {}
-        self._local.kept = kept
+        saved = tuple(getattr(self._local, name, None) for name in ("novice_terms", "kept"))
+        self._local.batch, self._local.coverage = masks, coverage
+        self._local.novice_terms, self._local.kept = {}, kept
         try:
             yield
         finally:
-            self._local.batch, self._local.coverage, self._local.novice_terms = previous, None, previous_terms
+            self._local.batch, self._local.coverage = previous, None
+            self._local.novice_terms, self._local.kept = saved
         if coverage is not None and meter is not None:
             meter.finish(coverage)
 

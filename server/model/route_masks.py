@@ -158,13 +158,9 @@ class BatchMasks:
                     numbered[id(route)] = len(tables)
                     tables.append(route.novices[layer])
                     novice_routes.append(route)
-            experts = self.table.counts[layer]
             device = tables[0].novices.device
-            substitutes = torch.zeros((len(tables) + 1, experts), dtype=torch.bool, device=device)
-            for route in self.routes:
-                if id(route) in numbered:
-                    substitutes[numbered[id(route)]] = True
-                    substitutes[numbered[id(route)], list(route.kept[layer])] = False
+            none = torch.zeros(self.table.counts[layer], dtype=torch.bool, device=device)  # the rows without
+            substitutes = torch.stack([*(table.substituted for table in tables), none])
             rows = torch.tensor([numbered.get(id(route), len(tables)) for route in self.routes], device=device)
             row_of_token = rows.repeat_interleave(count // len(self.routes))
             self._novices[key] = (row_of_token, substitutes, self.table.stacked(layer, novice_routes, tables))

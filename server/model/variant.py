@@ -29,7 +29,7 @@ from server.model.families import Family, family_for
 from server.model.layout import DenseLayer, LayerExperts, ModelLayout, SparseLayer
 from server.model.masking import configure_router, router_of
 from server.model.module_tree import compute_buffers, computed_buffer_names, meta_model, set_tensor
-from server.model.novices import NoviceExperts, novice_tables
+from server.model.novices import NoviceExperts, NoviceTable, novice_tables
 from server.model.sizing import VariantSizes
 from server.model.tensor_reader import Backbone, TensorReader
 
@@ -95,6 +95,14 @@ class VariantBuilder:
     def kept_experts(self, selection: Selection | None) -> dict[int, tuple[int, ...]]:
         """Per sparse layer that a MoE selection prunes, its kept experts, checked (see `ModelLayout`)."""
         return self.layout.kept_experts(selection)
+
+    def novice_tables(self, selection: Selection | None) -> dict[int, NoviceTable]:
+        """Per layer whose pruned experts have novices, its table on this builder's device and in its dtype."""
+        if selection is None or not selection.novices:
+            return {}
+        counts = {index: layer.num_experts for index, layer in self.sparse_layers.items()}
+        kept = self.kept_experts(selection)
+        return novice_tables(selection.novices, selection.low_rank, kept, counts, self.device, self.dtype)
 
     # -- sizing (computed, nothing read) -----------------------------------------------------------
 
@@ -174,9 +182,8 @@ def _variant_config(config: PretrainedConfig, family: Family, plan: dict[int, La
 def _assign_experts(
     builder: VariantBuilder, model: nn.Module, plan: dict[int, LayerExperts], novices: Mapping[int, torch.Tensor]
 ) -> set[str]:
-    """Read the kept experts (projections and any biases) and their router slices into `model` (with `novices`,
-    the whole router, and the experts module wrapped to answer pruned choices by them); returns the names
-    assigned."""
+    """Read the kept experts (projections and any biases) and their router slices into `model` (the whole router
+    in the layers with `novices`); returns the names assigned."""
     assigned = set()
     family = builder.family
     for index, layer_plan in plan.items():
@@ -205,12 +212,9 @@ def _attach_novices(
     builder: VariantBuilder, model: PreTrainedModel, plan: dict[int, LayerExperts], selection: Selection
 ) -> PreTrainedModel:
     """Wrap each layer with novices in `NoviceExperts` (once every tensor is in place: the wrapper renames them)."""
-    kept = {index: layer.kept for index, layer in plan.items()}
-    counts = {index: layer.num_experts for index, layer in builder.sparse_layers.items()}
-    tables = novice_tables(selection.novices, selection.low_rank, kept, counts, builder.device, builder.dtype)
-    for index, table in tables.items():
+    for index, table in builder.novice_tables(selection).items():
         block = model.get_submodule(builder.sparse_layers[index].prefix)
-        block.experts = NoviceExperts(block.experts, kept[index], table)
+        block.experts = NoviceExperts(block.experts, plan[index].kept, table)
     return model
 
 
