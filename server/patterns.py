@@ -196,6 +196,10 @@ class PatternRecipe:
             raise RecipeError(f"keep is a share of the experts in (0, 1] or {KEEP_AUTO!r}, not {keep!r}", "keep")
         if target is not None and not auto:
             raise RecipeError(f"target sets the quality of keep={KEEP_AUTO!r}; give keep={KEEP_AUTO!r} too", "target")
+        if rank is not None and substitute != LOW_RANK:
+            raise RecipeError(
+                f"substitute_rank sets a low-rank novice's rank; give substitute {LOW_RANK!r} too", "substitute_rank"
+            )
         recipe = cls(
             method=method or (DEFAULT_MOE_METHOD if moe else "seap"),
             keep_ratio=None if keep_experts or auto else (DEFAULT_KEEP if keep is None else float(keep)),

@@ -232,3 +232,6 @@ def test_calibration_with_low_rank_novices_stores_their_maps(tmp_path, capsys) -
     assert main([*args, "--prompts", prompts, "--substitute", "low-rank", "--substitute-rank", "0", "--replace"]) == 2
     error = capsys.readouterr().err
     assert "rank is 1 to 1024" in error and len(error.strip().splitlines()) == 1
+    assert main([*args, "--prompts", prompts, "--substitute", "novice", "--substitute-rank", "4", "--replace"]) == 2
+    error = capsys.readouterr().err
+    assert "give substitute 'low-rank' too" in error and len(error.strip().splitlines()) == 1
