@@ -22,6 +22,7 @@ from pattern_store.recipes import (  # names only, no torch
     SUBSTITUTES,
     suggestion_refinement,
 )
+from server.keep_search import HELD_OUT_EVERY, held_out_needed
 
 
 class CliError(Exception):
@@ -213,8 +214,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     if searched:
         print(
             f"keep {KEEP_AUTO}: {searched['experts']} of {searched['of']} experts per layer; their answers matched the "
-            f"full model's on {100 * searched['estimate']:.1f}% of {searched['held_out']} held-out prompts "
-            f"(target {100 * searched['target']:.1f}%; tried {searched['tried']})"
+            f"full model's on {searched['matched']} of {searched['held_out']} held-out prompts, an estimated "
+            f"{100 * searched['estimate']:.1f}% (target {100 * searched['target']:.1f}%; "
+            f"shares tried {searched['tried']})"
         )
     print(
         f"stored pattern {args.name!r} in {args.store}: {pattern.kind}, method {recipe.method}"
@@ -656,8 +658,9 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument(
         "--target",
         type=float,
-        help=f"--keep {KEEP_AUTO}: the share of held-out answers that must match the full model's "
-        f"(default {DEFAULT_TARGET})",
+        help=f"--keep {KEEP_AUTO}: the share of held-out answers that must match the full model's, estimated as "
+        f"(matched + 1) / (held out + 2), so a target near 1 needs many prompts (default {DEFAULT_TARGET}: at least "
+        f"{HELD_OUT_EVERY * held_out_needed(DEFAULT_TARGET)} prompts, every {HELD_OUT_EVERY}th held out)",
     )
     calibrate.add_argument("--threshold", type=float, default=0.0, help="TCESS confidence threshold r (default 0)")
     calibrate.add_argument("--sparsity", type=float, default=0.2, help="dense: global channel sparsity (default 0.2)")

@@ -239,7 +239,7 @@ class PatternAdmin:
             self._check_keep(recipe)
         if recipe.keep_auto:
             try:
-                held_out_indices(len(texts))
+                held_out_indices(len(texts), recipe.target)
             except ValueError as error:
                 raise InvalidRequest(str(error), param="prompts") from None
             self._check_whole_model_fits(keep_auto=True)

@@ -36,7 +36,7 @@ from pattern_store.recipes import (
     SUBSTITUTES,
 )
 from pattern_store.selection import Selection
-from server.keep_search import agreement, candidate_counts, held_out_indices, search_keep
+from server.keep_search import candidate_counts, held_out_indices, matches, search_keep
 from server.model.answer_loss_refinement import refine_by_answer_loss
 from server.model.calibrate import CalibrationStatistics, collect_statistics
 from server.model.checkpoint import model_fingerprint, model_identity
@@ -233,9 +233,9 @@ class PatternRecipe:
             raise RecipeError(f"unknown refinement {self.refine!r}; expected one of {', '.join(REFINEMENTS)}", "refine")
         if moe and self.budget == LOSS_BUDGET and self.refine != "e2e":
             raise RecipeError(f"budget {LOSS_BUDGET!r} is moved by the answer loss: it needs refine 'e2e'", "budget")
-        if self.target is not None and not 0 < self.target <= 1:
-            raise RecipeError("target is the share of held-out answers that must match the full model's, in (0, 1]",
-                              "target")  # fmt: skip
+        if self.target is not None and not 0 < self.target < 1:
+            raise RecipeError("target is the share of held-out answers that must match the full model's, in (0, 1) "
+                              "(keep every expert for all of them)", "target")  # fmt: skip
         if self.target is not None and not moe:
             raise RecipeError(f"keep={KEEP_AUTO!r} chooses how many experts to keep; a dense model has none", "keep")
         if self.substitute not in SUBSTITUTES:
@@ -566,7 +566,7 @@ def _auto_kept_pattern(
 ) -> tuple[TaskPattern, CalibrationStatistics]:
     """`--keep auto`: statistics on the prompts not held out, then the fewest experts whose answers to the
     held-out prompts match the full model's at least `recipe.target` of the time (`keep_search`)."""
-    held = set(held_out_indices(len(calibration.token_ids)))
+    held = set(held_out_indices(len(calibration.token_ids), recipe.target))
     pairs = list(zip(calibration.token_ids, calibration.answer_starts, strict=True))
     fit = CalibrationSet([ids for i, (ids, _) in enumerate(pairs) if i not in held],
                          [start for i, (_, start) in enumerate(pairs) if i not in held])  # fmt: skip
@@ -578,11 +578,11 @@ def _auto_kept_pattern(
     counts = candidate_counts(layer.num_experts, int(builder.config.num_experts_per_tok),
                               builder.family.balanced_groups(builder.config))  # fmt: skip
 
-    def evaluate(count: int) -> tuple[PrunedSelection, dict[str, Any], float]:
+    def evaluate(count: int) -> tuple[PrunedSelection, dict[str, Any], int]:
         fixed = dataclasses.replace(recipe, keep_ratio=None, keep_experts=count, target=None)
         pruned, record = select_experts(builder, stats, fixed, fit)
         answers = _greedy_answers(builder.build(pruned.selection), prompts, eos)
-        return pruned, record, agreement(answers, reference)
+        return pruned, record, matches(answers, reference)
 
     pruned, record, search = search_keep(
         counts, evaluate, float(recipe.target or 1.0), len(prompts),

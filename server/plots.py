@@ -208,7 +208,7 @@ def _draw_grid(ax: Axes, drawn: _Drawn) -> None:
     covered = f", coverage {coverage['mass']:.2f}" if isinstance(coverage, dict) and "mass" in coverage else ""
     searched = drawn.pattern.parameters.get("keep_search")
     if isinstance(searched, dict) and "estimate" in searched:  # `--keep auto`: what the count was chosen for
-        covered += f", keep auto: {100 * searched['estimate']:.0f}% of answers kept"
+        covered += f", keep auto: an estimated {100 * searched['estimate']:.0f}% of answers kept"
     ax.set_title(
         f"{drawn.pattern.name}: keeps {len(drawn.kept)}/{total} ({100 * len(drawn.kept) / total:.0f}%){covered}",
         fontsize=9,

@@ -711,6 +711,7 @@ def test_long_inputs_are_refused_or_cut_before_tokenizing(server) -> None:
         ({"keep": "auto"}, "prompts"),  # one prompt: nothing to hold out
         ({"target": 0.9}, "target"),  # a target without keep 'auto'
         ({"keep": "auto", "target": 1.5}, "target"),
+        ({"keep": "auto", "target": 1.0}, "target"),  # no number of held-out prompts shows every answer kept
         ({"budget": "loss"}, "budget"),  # moved by the answer loss: needs refine e2e
         ({"prompts": ["Sort: 3, 1 \ud800"]}, "prompts"),
         ({"examples": ["ok", "bad \udfff"]}, "examples"),
@@ -759,10 +760,13 @@ def test_a_pattern_with_low_rank_novices_is_calibrated_by_a_job_and_shares_the_p
 def test_a_job_with_keep_auto_stores_the_count_it_chose_and_its_estimate(server) -> None:
     body = {"name": "auto", "prompts": [e.prompt for e in get_task("sort").examples(16, 98)], "keep": "auto",
             "target": 0.9}  # fmt: skip
-    job = wait_for_job(server, admin(server, "POST", "/patterns", json=body).json()["id"])
+    too_few = admin(server, "POST", "/patterns", json=body)  # 4 held out: at most (4 + 1) / (4 + 2) = 0.83
+    assert _error(too_few, 400)["param"] == "prompts" and "at least 32 prompts" in too_few.json()["error"]["message"]
+    job = wait_for_job(server, admin(server, "POST", "/patterns", json={**body, "target": 0.8}).json()["id"])
     assert job["status"] == "succeeded", job
     searched = server.runtime.store.get("auto").parameters["keep_search"]
-    assert searched["target"] == 0.9 and searched["held_out"] == 4 and searched["estimate"] >= 0.9
+    assert searched["target"] == 0.8 and searched["held_out"] == 4 and searched["estimate"] >= 0.8
+    assert searched["matched"] == 4 and searched["estimate"] == pytest.approx(5 / 6)
     assert 2 <= searched["experts"] <= searched["of"] == 16
     assert admin(server, "DELETE", "/patterns/auto").status_code == 200
 
