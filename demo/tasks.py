@@ -11,6 +11,11 @@ import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+CHOICE_SEED = 8_100
+"""The choice split: prompts on which the project decides its defaults and rules (recipes, substitutes, the keep
+search), never the calibration's (`demo.calibration.CALIBRATION_SEED`) nor the reported evaluation's
+(`demo.evaluate.EVAL_SEED`)."""
+
 __all__ = [
     "TASKS",
     "TASK_NAMES",

@@ -25,13 +25,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-DIAGNOSIS_SEED = 8100  # neither the calibration seed (7000) nor the evaluation seed
-
 
 def main(argv: list[str] | None = None) -> int:
     from demo.calibration import calibration_texts
     from demo.evaluate import greedy_answers
-    from demo.tasks import get_task
+    from demo.tasks import CHOICE_SEED, get_task
     from pattern_store.selection import Selection
     from pattern_store.store import PatternStore
     from server.model.calibrate import collect_statistics
@@ -49,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     builder = VariantBuilder(args.model, dtype="float32")
     tokenizer = load_tokenizer(args.model)
     task = get_task(args.task)
-    examples = task.examples(args.n, DIAGNOSIS_SEED)
+    examples = task.examples(args.n, CHOICE_SEED)
     prompts = [e.prompt for e in examples]
     kept = {
         layer: list(experts)
@@ -65,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     full, pattern = right(None, everything), right(kept, everything)
     failing = [i for i in everything if full[i] and not pattern[i]]
     report: dict[str, Any] = {
-        "model": args.model.name, "task": args.task, "n": args.n, "seed": DIAGNOSIS_SEED,
+        "model": args.model.name, "task": args.task, "n": args.n, "seed": CHOICE_SEED,
         "full_right": sum(full), "pattern_right": sum(pattern), "failing": len(failing),
         "kept_per_layer": {str(layer): len(experts) for layer, experts in kept.items()},
     }  # fmt: skip

@@ -4,11 +4,12 @@
                                      [--out bench/results/keep_auto.json]
 
 For each MoE demo model and task, a pattern is calibrated with `--keep auto` (the default recipe otherwise:
-REAP, uniform budget; `--refine` and `--budget` to change it) on the task's calibration exchanges (seed 7000, the demo's
-calibration seed; every fourth is held out by the search itself). Then the chosen variant answers `-n`
-examples of the evaluation seed (`--seed 8100`: the choice split, where the search's rules are decided),
-which neither the statistics nor the search saw, and its accuracy is set against the full model's: the
-measured retention, beside the search's estimate (from the held-out answers that matched the full model's).
+REAP, uniform budget, no substitutes; `--refine`, `--budget` and `--substitute` to change it) on the task's
+calibration exchanges (seed 7000, the demo's calibration seed; every fourth is held out by the search
+itself). Then the chosen variant answers `-n` examples of the evaluation seed (`--seed 8100`: the choice
+split, where the search's rules are decided), which neither the statistics nor the search saw, and its
+accuracy is set against the full model's: the measured retention, beside the search's estimate (from the
+held-out answers that matched the full model's). Two `--only` runs with the same settings compose in one file.
 Targets (issue 22): every task at least T retained on the evaluation, fewer than half the experts on at least
 half the tasks, the estimate within 1.5 points of the measurement, at most 5 minutes of calibration per
 pattern.
@@ -35,7 +36,7 @@ MAX_SECONDS = 300
 
 
 def evaluate_model(
-    model_dir: Path, n: int, prompts: int, target: float, refine: str, budget: str, seed: int
+    model_dir: Path, n: int, prompts: int, target: float, refine: str, budget: str, substitute: str, seed: int
 ) -> dict[str, Any]:
     from tqdm import tqdm
 
@@ -47,7 +48,9 @@ def evaluate_model(
 
     builder = VariantBuilder(model_dir, dtype="float32")
     tokenizer = load_tokenizer(model_dir)
-    recipe = PatternRecipe.for_model(True, keep="auto", target=target, refine=refine, budget=budget)
+    recipe = PatternRecipe.for_model(
+        True, keep="auto", target=target, refine=refine, budget=budget, substitute=substitute
+    )
     full = builder.build()
     tasks: dict[str, Any] = {}
     for task in tqdm(TASK_NAMES, desc=f"{model_dir.name} keep auto", unit="task"):
@@ -112,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--target", type=float, default=0.99)
     parser.add_argument("--refine", choices=("none", "local", "e2e"), default="none")
     parser.add_argument("--budget", choices=("uniform", "adaptive", "loss"), default="uniform")
+    parser.add_argument("--substitute", choices=("none", "novice", "low-rank"), default="none")
     parser.add_argument("--seed", type=int, default=EVAL_SEED, help=f"evaluation examples' seed (default {EVAL_SEED})")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "keep_auto.json")
     args = parser.parse_args(argv)
@@ -122,17 +126,24 @@ def main(argv: list[str] | None = None) -> int:
             "target": args.target,
             "refine": args.refine,
             "budget": args.budget,
+            "substitute": args.substitute,
             "seed": args.seed,
         },
         "models": {},
     }
     for name in [args.only] if args.only else MODELS:
         tasks = evaluate_model(
-            args.models / name, args.n, args.prompts, args.target, args.refine, args.budget, args.seed
+            args.models / name, args.n, args.prompts, args.target, args.refine, args.budget, args.substitute, args.seed
         )
         report["models"][name] = {"tasks": tasks, "verdict": verdict(tasks, args.target)}
         print(name, json.dumps(report["models"][name]["verdict"]["met"]))
     report["measured"] = measured()
+    previous = json.loads(args.out.read_text()) if args.only and args.out.is_file() else {}
+    earlier = {"substitute": "none", **previous.get("settings", {})}  # files from before --substitute
+    if earlier == report["settings"]:  # runs of two models with one setting compose
+        report["models"] = {**previous["models"], **report["models"]}
+        report["measured"] |= {"only": args.only, "rest": previous["measured"]}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n")
     print(f"wrote {args.out}")
     return 0

@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 from demo.calibration import calibration_texts
 from demo.evaluate import task_accuracy
-from demo.tasks import TASK_NAMES, get_task
+from demo.tasks import CHOICE_SEED, TASK_NAMES, get_task
 from pattern_store.selection import Selection
 from server.model.calibrate import collect_statistics, expert_outputs
 from server.model.novices import pruned_rows
@@ -50,7 +50,6 @@ from server.patterns import calibration_set, load_tokenizer, max_context
 from _measured import measured
 
 ROOT = Path(__file__).resolve().parents[1]
-CHOICE_SEED = 8100
 MODELS = ("demo-moe", "demo-moe-fine")
 RANKS = (4, 16)
 SUBSTITUTES = ("none", "novice", *(f"low-rank {r}" for r in RANKS), "merge")

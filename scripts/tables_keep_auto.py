@@ -3,6 +3,8 @@ chooses per demo task, and whether the search's estimate holds on the evaluation
 
 from __future__ import annotations
 
+from demo.tasks import CHOICE_SEED
+
 from _results import Report, load
 
 
@@ -10,15 +12,32 @@ def _percent(value: float | None) -> str:
     return "" if value is None else f"{100 * value:.1f}%"
 
 
+def _estimate(row: dict) -> str:
+    """The estimate, with the held-out answers it came from where the file has them (rule of succession)."""
+    if "matched" not in row:  # the raw share of matching answers (the search before the rule of succession)
+        return _percent(row["estimate"])
+    return f"{_percent(row['estimate'])} ({row['matched']} of {row['held_out']})"
+
+
 def keep_auto(report: Report | None = None) -> str:
     report = report if report is not None else load("keep_auto.json")
     settings = report["settings"]
     target = settings["target"]
+    seed = settings.get("seed")
+    split = "the choice split (seed 8100)" if seed == CHOICE_SEED else "the evaluation seed"
+    substitute = settings.get("substitute", "none")
+    rule = (
+        "(matched + 1) / (held out + 2)"
+        if any("matched" in row for entry in report["models"].values() for row in entry["tasks"].values())
+        else "the share of held-out answers equal to the full model's"
+    )
     lines = [
         f"`--keep auto --target {target}`, refinement `{settings['refine']}`, budget "
-        f"`{settings.get('budget', 'uniform')}`, on {settings['prompts']} calibration "
-        f"exchanges per task (a quarter held out by the search); accuracy on {settings['n']} examples of the "
-        "evaluation seed, which neither the statistics nor the search saw.",
+        f"`{settings.get('budget', 'uniform')}`"
+        + (f", substitute `{substitute}`" if substitute != "none" else "")
+        + f", on {settings['prompts']} calibration exchanges per task (a quarter held out by the search; "
+        f"estimate: {rule}); accuracy on {settings['n']} examples of {split}, which neither the statistics "
+        "nor the search saw.",
         "",
         "| model | task | experts kept | estimate (held-out answers as the full model's) | accuracy | full model "
         "| retained | estimate - retained, points | seconds |",
@@ -28,7 +47,7 @@ def keep_auto(report: Report | None = None) -> str:
         for task, row in entry["tasks"].items():
             error = "" if row["estimate_error"] is None else f"{100 * row['estimate_error']:+.1f}"
             lines.append(
-                f"| {model} | {task} | {row['experts']} of {row['of']} | {_percent(row['estimate'])} | "
+                f"| {model} | {task} | {row['experts']} of {row['of']} | {_estimate(row)} | "
                 f"{_percent(row['accuracy'])} | {_percent(row['full_accuracy'])} | {_percent(row['retention'])} | "
                 f"{error} | {row['seconds']:.0f} |"
             )
