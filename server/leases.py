@@ -275,8 +275,18 @@ class PoolLeases:
             return _PooledLease(self.pool.acquire(key, route), self.decoder, self.pool)
 
     def forget(self, name: str) -> None:
-        for label in self.selections.labels_with(name):
+        """`name` was replaced or removed: its routes (and those of the unions with it) go, and with them their
+        novice tables on the device (a lease in use holds its own route until it ends)."""
+        labels = set(self.selections.labels_with(name))
+        for label in labels:
             self.pool.forget(label)
+        for key in list(self._routes):  # a snapshot: requests add routes meanwhile
+            if key.label in labels:
+                self._routes.pop(key, None)
+
+    def novice_bytes(self) -> int:
+        """The novice tables of the routes known (on the pool's device, outside `--cache-budget`)."""
+        return sum(table.nbytes for route in list(self._routes.values()) for table in route.novices.values())
 
     def evict(self, label: str) -> int | None:
         """Free the slots of the pattern's experts that nothing pins (0 when all are in use); None: never
@@ -295,6 +305,7 @@ class PoolLeases:
             "budget_bytes": self.budget,
             "backbone_bytes": self.builder.backbone_bytes,
             "resident_bytes": pool["resident_bytes"],
+            "novice_bytes": self.novice_bytes(),
             "evictions": pool["evicted_experts"],
             "data": pool.pop("patterns"),
             "pool": pool,

@@ -255,6 +255,35 @@ def test_pool_rows_with_novices_equal_their_variant_with_only_kept_experts_resid
         pool.release(lease)
 
 
+def test_a_patterns_table_holds_only_its_pruned_experts_rows_and_stacks_by_route_and_expert() -> None:
+    """The pool's tables: one row per pruned expert (a kept expert costs nothing), indexed by expert id, and
+    stacked as route x experts + id; the reference is written out choice by choice."""
+    generator = torch.Generator().manual_seed(5)
+    experts, hidden = 8, 6
+    kept = {"a": [0, 3, 5], "b": [1, 2]}
+    rows = {name: torch.randn(experts - len(k), hidden, generator=generator) for name, k in kept.items()}
+    tables = {name: NoviceTable.of_pruned(rows[name], kept[name], experts) for name in kept}
+    assert tables["a"].rows == 5 and tables["a"].width == experts
+    assert tables["a"].nbytes == 5 * hidden * 4 + experts * (8 + 1)  # rows, row map (int64), substituted (bool)
+    stacked = NoviceTable.stacked([tables["a"], tables["b"]])
+    assert stacked.rows == 11 and stacked.width == 2 * experts
+    route_of_token = torch.tensor([0, 1, 0, 1, 1])
+    chosen = torch.randint(0, experts, (5, 2), generator=generator)
+    weights = torch.rand(5, 2, generator=generator)
+    substituted = torch.stack([tables["ab"[r]].substituted[chosen[t]] for t, r in enumerate(route_of_token.tolist())])
+    hidden_states = torch.randn(5, hidden, generator=generator)
+    got = stacked.term(hidden_states, weights, route_of_token[:, None] * experts + chosen, substituted)
+    expected = torch.zeros(5, hidden)
+    for token, route in enumerate(route_of_token.tolist()):
+        name = "ab"[route]
+        pruned = [e for e in range(experts) if e not in kept[name]]
+        for slot, expert in enumerate(chosen[token].tolist()):
+            if expert in pruned:
+                expected[token] += weights[token, slot] * rows[name][pruned.index(expert)]
+    torch.testing.assert_close(got, expected)
+    assert torch.equal(tables["b"].pruned_part(kept["b"]).novices, rows["b"])  # what a pattern stores, back
+
+
 def test_a_pattern_stores_its_novices_in_its_tensor_file(tiny, tmp_path) -> None:
     builder = tiny["qwen3_moe"]
     selection = _selection(builder, _novices(builder, "low-rank"))

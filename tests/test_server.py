@@ -750,11 +750,16 @@ def test_a_pattern_with_low_rank_novices_is_calibrated_by_a_job_and_shares_the_p
         got = list(threads.map(lambda r: chat(client, r[0], model=r[1], max_tokens=32)[0], requests))
     assert [response.choices[0].message.content for response in got] == expected
     assert expected[:4] != direct(Selection("moe_experts", dict(stored.selection.layers)), upper)
+    # the pool holds its novice tables, one row per pruned expert (12 of 16: a novice, a mean, 4 + 4 map
+    # columns, float32) and two maps of every expert (row, bool), until the pattern goes
+    tables = sum(rows.numel() * (2 + 2 * 4) * 4 + 16 * 9 for rows in stored.selection.novices.values())
+    assert admin(server, "GET", "/cache").json()["novice_bytes"] == tables
     refused = admin(server, "POST", "/patterns", json={"name": "x2", "prompts": ["a"], "substitute": "merge"})
     assert refused.status_code == 400 and refused.json()["error"]["param"] == "substitute"
     rank = admin(server, "POST", "/patterns", json={"name": "x2", "prompts": ["a"], "substitute_rank": 0})
     assert rank.status_code == 400 and rank.json()["error"]["param"] == "substitute_rank"
     assert admin(server, "DELETE", "/patterns/upper-novice").status_code == 200
+    assert admin(server, "GET", "/cache").json()["novice_bytes"] == 0
 
 
 def test_a_job_with_keep_auto_stores_the_count_it_chose_and_its_estimate(server) -> None:

@@ -29,66 +29,93 @@ from pattern_store.substitutes import LowRankMaps
 
 @dataclass(frozen=True)
 class NoviceTable:
-    """One novice per row (a row per expert, or per route and expert when stacked): `novices` [N, H], and the
-    low-rank maps [N, H, r] when the novices are low-rank. Kept experts' rows are zeros (never read)."""
+    """Novices by row: `novices` [N, H], and the low-rank maps [N, H, r] when the novices are low-rank. `term`
+    takes indices (a layer's expert ids, or route x experts + id when stacked) that `row_of` maps to rows;
+    without it an index is its row (a table of every expert, as calibration makes). A pattern's table holds
+    only its pruned experts' rows (`of_pruned`): at DeepSeek-V3's size a low-rank row is 0.5 MB, and a table of
+    every expert would spend that on the kept ones too."""
 
     novices: torch.Tensor
     low_rank: LowRankMaps | None = None
     #: [E] bool, a layer's table of one pattern (`of_pruned`): the experts its novices stand in for
     substituted: torch.Tensor | None = None
+    #: [indices] int64: each index's row (a kept expert's points at any row: its weight is zero there)
+    row_of: torch.Tensor | None = None
 
     @classmethod
     def of_pruned(
         cls, novices: torch.Tensor, kept: Sequence[int], num_experts: int, low_rank: LowRankMaps | None = None
     ) -> NoviceTable:
         """The table of one layer from its pruned experts' rows (`novices` [E - K, H], `low_rank` [E - K, ...],
-        in ascending expert id): each in its expert's row."""
+        in ascending expert id): those rows, and each pruned expert's index pointing at its own."""
         pruned = pruned_experts(kept, num_experts)
         if novices.shape[0] != len(pruned):
             raise ValueError(f"{novices.shape[0]} novices for {len(pruned)} pruned experts")
-
-        def spread(rows: torch.Tensor) -> torch.Tensor:
-            table = torch.zeros((num_experts, *rows.shape[1:]), dtype=rows.dtype, device=rows.device)
-            table[pruned] = rows
-            return table
-
-        maps = None if low_rank is None else LowRankMaps(*(spread(t) for t in _parts(low_rank)))
-        return cls(spread(novices), maps, substituted_mask(kept, num_experts, novices.device))
+        if not pruned:  # nothing to stand in for: one zero row, so that every index has a row to point at
+            novices = novices.new_zeros((1, *novices.shape[1:]))
+            low_rank = None
+        row_of = torch.zeros(num_experts, dtype=torch.long, device=novices.device)
+        row_of[pruned] = torch.arange(len(pruned), device=novices.device)
+        return cls(novices, low_rank, substituted_mask(kept, num_experts, novices.device), row_of)
 
     def pruned_part(self, kept: Sequence[int]) -> NoviceTable:
-        """The inverse of `of_pruned`: the rows of the experts outside `kept`, in ascending id (what a pattern
-        stores)."""
-        rows = pruned_experts(kept, self.rows)
+        """The rows of the experts outside `kept`, in ascending id (what a pattern stores)."""
+        pruned = pruned_experts(kept, self.width)
+        rows = pruned if self.row_of is None else self.row_of[pruned].tolist()
         return NoviceTable(self.novices[rows], None if self.low_rank is None else self.low_rank.rows(rows))
 
     @classmethod
     def stacked(cls, tables: Sequence[NoviceTable]) -> NoviceTable:
-        """Several tables as one, rows of the second after the first's (a batch's routes). Low-rank maps of
-        different ranks are padded with zeros to the largest."""
+        """Several tables as one, rows and indices of the second after the first's (a batch's routes). Low-rank
+        maps of different ranks are padded with zeros to the largest."""
         novices = torch.cat([table.novices for table in tables])
+        offsets = [0]
+        for table in tables[:-1]:
+            offsets.append(offsets[-1] + table.rows)
+        row_of = torch.cat([table.rows_of_indices() + offset for table, offset in zip(tables, offsets, strict=True)])
         if all(table.low_rank is None for table in tables):
-            return cls(novices)
+            return cls(novices, row_of=row_of)
         rank = max(table.low_rank.rank for table in tables if table.low_rank is not None)
         parts = [_padded(table, rank) for table in tables]
-        return cls(novices, LowRankMaps(*(torch.cat(part) for part in zip(*parts, strict=True))))
+        return cls(novices, LowRankMaps(*(torch.cat(part) for part in zip(*parts, strict=True))), row_of=row_of)
 
     def to(self, device: torch.device | str, dtype: torch.dtype) -> NoviceTable:
         return NoviceTable(
             self.novices.to(device, dtype),
             None if self.low_rank is None else self.low_rank.to(device, dtype),
             None if self.substituted is None else self.substituted.to(device),
+            None if self.row_of is None else self.row_of.to(device),
         )
 
     @property
     def rows(self) -> int:
         return int(self.novices.shape[0])
 
+    @property
+    def width(self) -> int:
+        """How many indices `term` takes: a layer's experts (times the routes when stacked)."""
+        return self.rows if self.row_of is None else int(self.row_of.shape[0])
+
+    @property
+    def nbytes(self) -> int:
+        """What the table holds on its device."""
+        parts = [self.novices, self.substituted, self.row_of, *(_parts(self.low_rank) if self.low_rank else ())]
+        return sum(part.numel() * part.element_size() for part in parts if part is not None)
+
+    def rows_of_indices(self) -> torch.Tensor:
+        """[width] int64: each index's row."""
+        if self.row_of is not None:
+            return self.row_of
+        return torch.arange(self.rows, device=self.novices.device)
+
     def term(
         self, hidden: torch.Tensor, weights: torch.Tensor, index: torch.Tensor, substituted: torch.Tensor
     ) -> torch.Tensor:
         """[T, H]: over each token's chosen experts a novice answers (`substituted` [T, k]), gate weight (`weights`
-        [T, k]) x the novice of row `index` [T, k] of this table, for the tokens `hidden` [T, H]. The constant
+        [T, k]) x the novice of index `index` [T, k] of this table, for the tokens `hidden` [T, H]. The constant
         part is one matrix product (weights scattered into [T, N]); the low-rank part runs per row chosen."""
+        if self.row_of is not None:
+            index = self.row_of[index]
         chosen = weights.masked_fill(~substituted, 0.0).to(self.novices.dtype)
         dense = torch.zeros((index.shape[0], self.rows), dtype=self.novices.dtype, device=self.novices.device)
         out = dense.scatter_add_(1, index, chosen) @ self.novices
@@ -102,14 +129,14 @@ class NoviceTable:
         return out
 
     def values(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[T, N, H]: every row's novice for every token (what the layer-local refinement compares)."""
+        """[T, width, H]: every index's novice for every token (what the layer-local refinement compares)."""
         out = self.novices.unsqueeze(0).expand(hidden.shape[0], -1, -1)
-        if self.low_rank is None:
-            return out
-        maps = self.low_rank
-        x = hidden.to(maps.means.dtype).unsqueeze(1) - maps.means.unsqueeze(0)  # [T, N, H]
-        inner = torch.einsum("tnh,nhr->tnr", x, maps.inputs)
-        return out + torch.einsum("tnr,nhr->tnh", inner, maps.outputs)
+        if self.low_rank is not None:
+            maps = self.low_rank
+            x = hidden.to(maps.means.dtype).unsqueeze(1) - maps.means.unsqueeze(0)  # [T, N, H]
+            inner = torch.einsum("tnh,nhr->tnr", x, maps.inputs)
+            out = out + torch.einsum("tnr,nhr->tnh", inner, maps.outputs)
+        return out if self.row_of is None else out[:, self.row_of]
 
 
 def _parts(maps: LowRankMaps) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -177,13 +204,14 @@ class NoviceExperts(nn.Module):
     def __init__(self, experts: nn.Module, kept: Sequence[int], table: NoviceTable) -> None:
         super().__init__()
         self.experts = experts
-        num_experts = table.rows
+        num_experts = table.width
         device = table.novices.device
         position = torch.full((num_experts,), -1, dtype=torch.long, device=device)
         position[list(kept)] = torch.arange(len(kept), device=device)
         self.register_buffer("position", position, persistent=False)
         # the table's tensors as buffers: they move with the model, and count as what the variant holds
         self.register_buffer("novices", table.novices, persistent=False)
+        self.register_buffer("row_of", table.row_of, persistent=False)
         for part in ("means", "inputs", "outputs"):
             value = getattr(table.low_rank, part) if table.low_rank is not None else None
             self.register_buffer(part, value, persistent=False)
@@ -192,7 +220,7 @@ class NoviceExperts(nn.Module):
     @property
     def table(self) -> NoviceTable:
         low_rank = LowRankMaps(self.means, self.inputs, self.outputs) if self.means is not None else None
-        return NoviceTable(self.novices, low_rank)
+        return NoviceTable(self.novices, low_rank, row_of=self.row_of)
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> Any:
         position = self.position[top_k_index]
@@ -224,8 +252,8 @@ class NoviceMasks:
             if layer not in self.experts:
                 raise KeyError(f"layer {layer} has no routed experts")
             table = self.tables[layer]
-            if len(set(kept)) < table.rows:
-                current[layer] = substituted_mask(kept, table.rows, table.novices.device)
+            if len(set(kept)) < table.width:
+                current[layer] = substituted_mask(kept, table.width, table.novices.device)
         self._current = current
 
     def _before(self, layer: int) -> Callable[[nn.Module, tuple[Any, ...]], Any]:

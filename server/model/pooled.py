@@ -246,7 +246,7 @@ class PooledModel:
             # run, `_adding_novices`) and runs slot 0 at weight 0 in place of an expert that may not be resident
             row_of_token, substitutes, stacked = novices
             substituted = substitutes[row_of_token].gather(1, experts)
-            flat = (row_of_token[:, None] * substitutes.shape[1] + experts).clamp_max(stacked.rows - 1)
+            flat = (row_of_token[:, None] * substitutes.shape[1] + experts).clamp_max(stacked.width - 1)
             self._local.novice_terms[layer] = (stacked, weights, flat, substituted)
             return logits, weights.masked_fill(substituted, 0.0), _slots(table, experts, substituted)
 

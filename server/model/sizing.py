@@ -46,18 +46,20 @@ class VariantSizes:
                 # as stored (selection biases), or in the target dtype (router weights and biases)
                 share = info.nbytes if tensor.keep_dtype else info.nbytes // info.element_size * self.item
                 per_expert += share // max(1, info.shape[tensor.dim])
-            if index in selection.novices:  # the whole router, and a table of every expert's novice (and map)
+            if index in selection.novices:  # the whole router, and a table of the pruned experts' novices (and maps)
                 total += (layer.num_experts - len(plan.kept)) * (per_expert - layer.expert_elements * self.item)
-                total += self._novice_bytes(selection, index, layer.num_experts)
+                total += self._novice_bytes(selection, index, layer.num_experts, len(plan.kept))
             total += len(plan.kept) * per_expert
         return total
 
-    def _novice_bytes(self, selection: Selection, index: int, num_experts: int) -> int:
-        """A layer's `NoviceExperts` tables: novices [E, H] (with low-rank maps: means [E, H], U and V [E, H, r])
-        in the target dtype, and the expert-to-position map [E] (int64)."""
+    def _novice_bytes(self, selection: Selection, index: int, num_experts: int, kept: int) -> int:
+        """A layer's `NoviceExperts` tables: the pruned experts' novices [E - K, H] (with low-rank maps: means
+        [E - K, H], U and V [E - K, H, r]) in the target dtype, and two maps of [E] (int64): the expert's
+        position among the kept, and its row in the table."""
         maps = selection.low_rank.get(index)
         vectors = 1 if maps is None else 2 + 2 * int(maps.inputs.shape[-1])
-        return num_experts * (vectors * self.hidden * self.item + 8)
+        rows = max(1, num_experts - kept)
+        return rows * vectors * self.hidden * self.item + num_experts * (8 + 8)
 
     def _dense_bytes(self, selection: Selection) -> int:
         total = 0
