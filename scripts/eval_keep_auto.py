@@ -73,11 +73,29 @@ def evaluate_model(
             "accuracy": accuracy,
             "retention": retention,
             "estimate_error": None if retention is None else searched["estimate"] - min(retention, 1.0),
+            "memory": memory_share(builder, pattern.selection),
             "seconds": round(seconds, 1),
         }
         tqdm.write(f"  {task}: {searched['experts']}/{searched['of']} experts, estimate {searched['estimate']:.3f}, "
                    f"accuracy {accuracy:.3f} of {full_accuracy:.3f}, {seconds:.0f} s")  # fmt: skip
     return tasks
+
+
+def memory_share(builder: Any, selection: Any) -> float:
+    """What the pattern's experts and substitutes take, as a share of every expert's bytes (float32): the kept
+    experts, and per pruned expert its novice and, low-rank, its mean and maps ((2 r + 2) vectors)."""
+    hidden = int(builder.config.hidden_size)
+    total = kept = 0
+    for index, layer in builder.sparse_layers.items():
+        per_expert = builder.sizes.expert_bytes(index)
+        total += layer.num_experts * per_expert
+        chosen = selection.layers.get(index, range(layer.num_experts))
+        kept += len(chosen) * per_expert
+        if index in selection.novices:
+            maps = selection.low_rank.get(index)
+            vectors = 1 if maps is None else 2 + 2 * int(maps.inputs.shape[-1])
+            kept += (layer.num_experts - len(chosen)) * hidden * 4 * vectors
+    return kept / total
 
 
 def verdict(tasks: dict[str, Any], target: float) -> dict[str, Any]:

@@ -19,6 +19,14 @@ def _estimate(row: dict) -> str:
     return f"{_percent(row['estimate'])} ({row['matched']} of {row['held_out']})"
 
 
+def _memory(row: dict, substitute: str) -> str:
+    """The experts' memory the pattern takes; a file from before the field: the kept share (exact for a
+    pattern without substitutes and one count in every layer)."""
+    if "memory" in row:
+        return _percent(row["memory"])
+    return _percent(row["experts"] / row["of"]) if substitute == "none" else ""
+
+
 def keep_auto(report: Report | None = None) -> str:
     report = report if report is not None else load("keep_auto.json")
     settings = report["settings"]
@@ -39,15 +47,16 @@ def keep_auto(report: Report | None = None) -> str:
         f"estimate: {rule}); accuracy on {settings['n']} examples of {split}, which neither the statistics "
         "nor the search saw.",
         "",
-        "| model | task | experts kept | estimate (held-out answers as the full model's) | accuracy | full model "
-        "| retained | estimate - retained, points | seconds |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| model | task | experts kept | memory (of all experts) | estimate (held-out answers as the full model's) "
+        "| accuracy | full model | retained | estimate - retained, points | seconds |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for model, entry in report["models"].items():
         for task, row in entry["tasks"].items():
             error = "" if row["estimate_error"] is None else f"{100 * row['estimate_error']:+.1f}"
             lines.append(
-                f"| {model} | {task} | {row['experts']} of {row['of']} | {_estimate(row)} | "
+                f"| {model} | {task} | {row['experts']} of {row['of']} | {_memory(row, substitute)} | "
+                f"{_estimate(row)} | "
                 f"{_percent(row['accuracy'])} | {_percent(row['full_accuracy'])} | {_percent(row['retention'])} | "
                 f"{error} | {row['seconds']:.0f} |"
             )
