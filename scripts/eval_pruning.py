@@ -195,6 +195,20 @@ def evaluate_dense(model_dir: Path, n: int, prompts_per_task: int) -> dict[str, 
     return result
 
 
+def _with_rows(earlier: dict[str, Any], measured: dict[str, Any]) -> dict[str, Any]:
+    """A model's keep levels measured for some recipes, with the rows of the other recipes an earlier run of
+    the same file measured kept beside them (the per-recipe tables of each level merged)."""
+    merged = dict(measured)
+    for key, block in measured.items():
+        before = earlier.get(key)
+        if not key.startswith("keep_") or not isinstance(before, dict):
+            continue
+        merged[key] = {**before, **block}
+        for part in ("methods", "refinement_seconds", "experts_per_layer"):
+            merged[key][part] = {**before.get(part, {}), **block.get(part, {})}
+    return merged
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", type=Path, default=Path("models"))
@@ -206,7 +220,8 @@ def main(argv: list[str] | None = None) -> int:
         "--recipes",
         nargs="+",
         choices=[label for label, *_ in REFINED],
-        help="only these recipe rows (no scoring rows, no cross-task matrix; give another --out)",
+        help="only these recipe rows (no scoring rows, no cross-task matrix; give another --out; with --only, the "
+        "file's other rows of the model stay)",
     )
     parser.add_argument("--out", type=Path, default=Path("bench/results/pruning.json"))
     args = parser.parse_args(argv)
@@ -239,8 +254,14 @@ def main(argv: list[str] | None = None) -> int:
         if "dense" in previous and "dense" not in report:
             report["dense"] = previous["dense"]
         models = previous.get("models", {})  # a model measured here keeps its other keep levels
+        if args.recipes:  # and with --recipes, its other recipes' rows
+            report["models"] = {name: _with_rows(models.get(name, {}), m) for name, m in report["models"].items()}
         report["models"] = {**models, **{name: {**models.get(name, {}), **m} for name, m in report["models"].items()}}
         report["measured"] |= {"only": args.only, "rest": previous.get("measured")}
+        if args.recipes:
+            report["measured"]["recipes"] = args.recipes
+            earlier = previous.get("recipes", [])
+            report["recipes"] = [*earlier, *(recipe for recipe in args.recipes if recipe not in earlier)]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n")
     print(f"wrote {args.out}; render the docs' tables with: python scripts/render_docs.py")
