@@ -22,10 +22,12 @@ def _git(*args: str) -> str:
 
 def measured() -> dict[str, str]:
     """{"commit": HEAD, with "+dirty" when tracked files differ from it (as `git describe --dirty`), "date": UTC
-    ISO date-time}. Without git (an unpacked copy), the commit is "unknown" rather than a guess."""
+    ISO date-time}. Result files (`bench/results/`) do not count: a benchmark running beside another in one
+    checkout sees the other's output, not other code. Without git (an unpacked copy), the commit is "unknown"
+    rather than a guess."""
     try:
         commit = _git("rev-parse", "HEAD")
-        if _git("status", "--porcelain", "--untracked-files=no"):
+        if _git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)bench/results"):
             commit += "+dirty"
     except (OSError, subprocess.CalledProcessError):
         commit = "unknown"
