@@ -158,9 +158,11 @@ def main(argv: list[str] | None = None) -> int:
     report["measured"] = measured()
     previous = json.loads(args.out.read_text()) if args.only and args.out.is_file() else {}
     earlier = {"substitute": "none", **previous.get("settings", {})}  # files from before --substitute
-    if earlier == report["settings"]:  # runs of two models with one setting compose
+    if previous and earlier == report["settings"]:  # runs of two models with one setting compose
         report["models"] = {**previous["models"], **report["models"]}
-        report["measured"] |= {"only": args.only, "rest": previous["measured"]}
+        report["measured"] |= {"only": args.only, "rest": previous.get("measured")}
+    elif previous:
+        print(f"{args.out} held results of other settings ({previous.get('settings')}): replaced, not composed")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n")
     print(f"wrote {args.out}")

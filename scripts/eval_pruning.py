@@ -206,6 +206,10 @@ def _with_rows(earlier: dict[str, Any], measured: dict[str, Any]) -> dict[str, A
         merged[key] = {**before, **block}
         for part in ("methods", "refinement_seconds", "experts_per_layer"):
             merged[key][part] = {**before.get(part, {}), **block.get(part, {})}
+        if not block.get("cross_task"):  # this run measured no cross-task matrix: the earlier one stays
+            for part in ("cross_task", "cross_task_recipe"):
+                if part in before:
+                    merged[key][part] = before[part]
     return merged
 
 
@@ -260,8 +264,11 @@ def main(argv: list[str] | None = None) -> int:
         report["measured"] |= {"only": args.only, "rest": previous.get("measured")}
         if args.recipes:
             report["measured"]["recipes"] = args.recipes
-            earlier = previous.get("recipes", [])
-            report["recipes"] = [*earlier, *(recipe for recipe in args.recipes if recipe not in earlier)]
+            if "recipes" in previous:  # a file of some recipes' rows gains these; a whole file stays whole
+                earlier = previous["recipes"]
+                report["recipes"] = [*earlier, *(recipe for recipe in args.recipes if recipe not in earlier)]
+            else:
+                report.pop("recipes", None)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n")
     print(f"wrote {args.out}; render the docs' tables with: python scripts/render_docs.py")

@@ -163,8 +163,9 @@ SECTIONS: dict[str, Section] = {
     "coverage": Section(coverage, ("coverage.json",)),
     "coverage-summary": Section(coverage_summary, ("coverage.json",)),
     "keep-auto": Section(keep_auto, ("keep_auto.json",)),
-    "keep-auto-moved": Section(lambda: keep_auto(load("keep_auto_moved.json")), ("keep_auto_moved.json",)),
+    "keep-auto-choice": Section(lambda: keep_auto(load("keep_auto_choice.json")), ("keep_auto_choice.json",)),
     "keep-auto-512": Section(lambda: keep_auto(load("keep_auto_512.json")), ("keep_auto_512.json",)),
+    "keep-auto-low-rank": Section(lambda: keep_auto(load("keep_auto_low_rank.json")), ("keep_auto_low_rank.json",)),
     "headline": Section(
         headline,
         ("pruning.json", "pruning_low_rank.json", "routing.json", "variants.json", "server.json"),

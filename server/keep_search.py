@@ -50,7 +50,7 @@ class KeepSearch:
     estimate: float  # the chosen selection's agreement with the full model, by the rule of succession
     held_out: int
     matched: int  # the chosen selection's held-out answers that equal the full model's
-    tried: dict[int, float] = field(default_factory=dict)  # expert count -> agreement
+    tried: dict[int, float] = field(default_factory=dict)  # expert count -> raw share of matching answers
     seconds: float = 0.0
 
     def record(self) -> dict[str, Any]:
@@ -88,8 +88,11 @@ def held_out_needed(target: float) -> int:
     """The fewest held-out prompts whose estimate can reach `target` (all of them matching)."""
     if not 0 < target < 1:
         raise ValueError(f"a target of keep auto is a share in (0, 1), got {target}")
-    needed = max(MIN_HELD_OUT, math.ceil((2 * target - 1) / (1 - target) - 1e-9))
-    while estimated_agreement(needed, needed) < target:  # the division's rounding, never more than a step
+    needed = max(MIN_HELD_OUT, math.ceil((2 * target - 1) / (1 - target)))
+    # the division rounds: a step either way settles it on the fewest
+    while needed > MIN_HELD_OUT and estimated_agreement(needed - 1, needed - 1) >= target:
+        needed -= 1
+    while estimated_agreement(needed, needed) < target:
         needed += 1
     return needed
 

@@ -259,6 +259,7 @@ class PoolLeases:
                 static_length=static_length(config, pooled),
             )
         self._routes: dict[VariantKey, RowRoute] = {}
+        self._routes_lock = threading.Lock()  # a replace's purge against a request adding its route
 
     def acquire(self, choice: Choice) -> Lease:
         key, selection = self.selections.of(choice)
@@ -269,9 +270,10 @@ class PoolLeases:
                 chosen = selection()
                 kept, novices = self.builder.kept_experts(chosen), self.builder.novice_tables(chosen)
                 route = RowRoute(key.label, kept, key.revision, calibrated, novices)
-                if len(self._routes) >= self.MAX_ROUTES:
-                    self._routes.clear()
-                self._routes[key] = route
+                with self._routes_lock:
+                    if len(self._routes) >= self.MAX_ROUTES:
+                        self._routes.clear()
+                    self._routes[key] = route
             return _PooledLease(self.pool.acquire(key, route), self.decoder, self.pool)
 
     def forget(self, name: str) -> None:
@@ -280,13 +282,15 @@ class PoolLeases:
         labels = set(self.selections.labels_with(name))
         for label in labels:
             self.pool.forget(label)
-        for key in list(self._routes):  # a snapshot: requests add routes meanwhile
-            if key.label in labels:
-                self._routes.pop(key, None)
+        with self._routes_lock:
+            for key in [key for key in self._routes if key.label in labels]:
+                del self._routes[key]
 
     def novice_bytes(self) -> int:
         """The novice tables of the routes known (on the pool's device, outside `--cache-budget`)."""
-        return sum(table.nbytes for route in list(self._routes.values()) for table in route.novices.values())
+        with self._routes_lock:
+            routes = list(self._routes.values())
+        return sum(table.nbytes for route in routes for table in route.novices.values())
 
     def evict(self, label: str) -> int | None:
         """Free the slots of the pattern's experts that nothing pins (0 when all are in use); None: never

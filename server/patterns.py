@@ -417,7 +417,8 @@ def _kept_selection(
     if novices is not None:  # the router keeps every expert: any kept set routes, pruned choices get novices
         parts = {index: novices[index].pruned_part(experts) for index, experts in pruned.items()}
         maps = {index: part.low_rank for index, part in parts.items() if part.low_rank is not None}
-        return Selection("moe_experts", kept, novices={i: part.novices for i, part in parts.items()}, low_rank=maps)
+        # only the pruned layers are named: novices stand in for every layer named, a layer not named keeps all
+        return Selection("moe_experts", pruned, novices={i: p.novices for i, p in parts.items()}, low_rank=maps)
     for index, experts in pruned.items():
         builder.family.routing_overrides(builder.config, index, experts)
     return Selection("moe_experts", kept)

@@ -98,7 +98,7 @@ def test_a_stamp_names_the_checkout(scripts, tmp_path) -> None:
         pytest.skip("no git checkout")
     stamp = scripts["_measured"].measured()
     assert stamp["commit"].removesuffix("+dirty") == _git("rev-parse", "HEAD").stdout.strip()
-    changed = [line[3:] for line in _git("status", "--porcelain", "--untracked-files=no").stdout.splitlines()]
+    changed = _git("diff", "--name-only", "HEAD").stdout.split()  # tracked files that differ, staged or not
     code = [path for path in changed if not path.startswith("bench/results/")]  # results are outputs, not code
     assert stamp["commit"].endswith("+dirty") == bool(code)
     taken = datetime.datetime.fromisoformat(stamp["date"])

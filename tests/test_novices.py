@@ -24,10 +24,10 @@ from server.model.answer_loss_refinement import AnswerLoss
 from server.model.calibrate import collect_statistics
 from server.model.export import ExportError, export_variant
 from server.model.local_refinement import BlockReconstruction
-from server.model.novices import NoviceMasks, NoviceTable, novice_tables, pruned_rows
+from server.model.novices import NoviceMasks, NoviceTable, batch_term, novice_tables, pruned_rows
 from server.model.pooled import PooledModel, RowRoute
 from server.model.variant import VariantBuilder
-from server.patterns import CalibrationSet, PatternRecipe, RecipeError, select_experts
+from server.patterns import CalibrationSet, PatternRecipe, RecipeError, _kept_selection, select_experts
 
 from tiny_models import moe_configs, save_random_model
 
@@ -255,9 +255,39 @@ def test_pool_rows_with_novices_equal_their_variant_with_only_kept_experts_resid
         pool.release(lease)
 
 
-def test_a_patterns_table_holds_only_its_pruned_experts_rows_and_stacks_by_route_and_expert() -> None:
-    """The pool's tables: one row per pruned expert (a kept expert costs nothing), indexed by expert id, and
-    stacked as route x experts + id; the reference is written out choice by choice."""
+def test_a_layer_that_keeps_every_expert_beside_layers_with_novices_routes_as_it_is(tiny) -> None:
+    """An adaptive or moved budget may give a layer all its experts; with novices elsewhere the pattern names
+    only the pruned layers, builds, and answers as the reference (and its size is what the build holds)."""
+    builder = tiny["qwen3_moe"]
+    tables = _novices(builder, "low-rank")
+    first, *rest = sorted(builder.sparse_layers)
+    kept = {first: list(range(8)), **{layer: list(_kept(builder)[layer]) for layer in rest}}
+    selection = _kept_selection(builder, kept, tables)
+    assert set(selection.layers) == set(selection.novices) == set(rest)
+    x = torch.tensor([_prompts()[-1]])
+    with torch.no_grad():
+        expected = _reference(builder, {**_kept(builder), first: tuple(range(8))}, tables)(x).logits
+        variant = builder.build(selection)
+        torch.testing.assert_close(variant(x).logits, expected, rtol=1e-4, atol=1e-5)
+    assert builder.variant_bytes(selection) == _owned_bytes(builder, variant)
+
+
+def _owned_bytes(builder: VariantBuilder, variant) -> int:
+    """What a variant holds beyond the backbone a full model shares (its storages that are not the full model's)."""
+    full = builder.build()
+    held = {tensor.untyped_storage().data_ptr() for tensor in [*full.parameters(), *full.buffers()]}
+    owned = {
+        tensor.untyped_storage().data_ptr(): tensor.untyped_storage().nbytes()
+        for tensor in [*variant.parameters(), *variant.buffers()]
+        if tensor.untyped_storage().data_ptr() not in held
+    }
+    return sum(owned.values())
+
+
+def test_a_patterns_table_holds_only_its_pruned_experts_rows_and_a_batch_reads_each_rows_own() -> None:
+    """The pool's tables: one row per pruned expert (a kept expert costs nothing), indexed by expert id; a batch
+    whose tokens follow two patterns and none reads each token's own table. The reference is written out
+    choice by choice."""
     generator = torch.Generator().manual_seed(5)
     experts, hidden = 8, 6
     kept = {"a": [0, 3, 5], "b": [1, 2]}
@@ -265,16 +295,18 @@ def test_a_patterns_table_holds_only_its_pruned_experts_rows_and_stacks_by_route
     tables = {name: NoviceTable.of_pruned(rows[name], kept[name], experts) for name in kept}
     assert tables["a"].rows == 5 and tables["a"].width == experts
     assert tables["a"].nbytes == 5 * hidden * 4 + experts * (8 + 1)  # rows, row map (int64), substituted (bool)
-    stacked = NoviceTable.stacked([tables["a"], tables["b"]])
-    assert stacked.rows == 11 and stacked.width == 2 * experts
-    route_of_token = torch.tensor([0, 1, 0, 1, 1])
+    route_of_token = torch.tensor([0, 1, 0, 2, 1])  # 2: a row without novices
     chosen = torch.randint(0, experts, (5, 2), generator=generator)
     weights = torch.rand(5, 2, generator=generator)
-    substituted = torch.stack([tables["ab"[r]].substituted[chosen[t]] for t, r in enumerate(route_of_token.tolist())])
+    none = torch.zeros(experts, dtype=torch.bool)
+    masks = [tables["a"].substituted, tables["b"].substituted, none]
+    substituted = torch.stack([masks[r][chosen[t]] for t, r in enumerate(route_of_token.tolist())])
     hidden_states = torch.randn(5, hidden, generator=generator)
-    got = stacked.term(hidden_states, weights, route_of_token[:, None] * experts + chosen, substituted)
+    got = batch_term([tables["a"], tables["b"]], route_of_token, hidden_states, weights, chosen, substituted)
     expected = torch.zeros(5, hidden)
     for token, route in enumerate(route_of_token.tolist()):
+        if route == 2:
+            continue
         name = "ab"[route]
         pruned = [e for e in range(experts) if e not in kept[name]]
         for slot, expert in enumerate(chosen[token].tolist()):
@@ -282,6 +314,8 @@ def test_a_patterns_table_holds_only_its_pruned_experts_rows_and_stacks_by_route
                 expected[token] += weights[token, slot] * rows[name][pruned.index(expert)]
     torch.testing.assert_close(got, expected)
     assert torch.equal(tables["b"].pruned_part(kept["b"]).novices, rows["b"])  # what a pattern stores, back
+    with pytest.raises(ValueError, match="no novice"):
+        tables["b"].pruned_part([1])  # expert 2 has no novice in b's table
 
 
 def test_a_pattern_stores_its_novices_in_its_tensor_file(tiny, tmp_path) -> None:
@@ -377,12 +411,4 @@ def test_a_recipe_with_novices_keeps_every_pruned_experts_novice(tiny) -> None:
 def test_variant_bytes_of_a_pattern_with_novices_equal_what_its_build_holds(tiny, kind) -> None:
     builder = tiny["deepseek_v3"]
     selection = _selection(builder, _novices(builder, kind))
-    full = builder.build()
-    held = {tensor.untyped_storage().data_ptr() for tensor in [*full.parameters(), *full.buffers()]}
-    variant = builder.build(selection)
-    owned = {
-        tensor.untyped_storage().data_ptr(): tensor.untyped_storage().nbytes()
-        for tensor in [*variant.parameters(), *variant.buffers()]
-        if tensor.untyped_storage().data_ptr() not in held
-    }
-    assert builder.variant_bytes(selection) == sum(owned.values()) > 0
+    assert builder.variant_bytes(selection) == _owned_bytes(builder, builder.build(selection)) > 0

@@ -30,16 +30,16 @@ from pattern_store.substitutes import LowRankMaps
 @dataclass(frozen=True)
 class NoviceTable:
     """Novices by row: `novices` [N, H], and the low-rank maps [N, H, r] when the novices are low-rank. `term`
-    takes indices (a layer's expert ids, or route x experts + id when stacked) that `row_of` maps to rows;
-    without it an index is its row (a table of every expert, as calibration makes). A pattern's table holds
-    only its pruned experts' rows (`of_pruned`): at DeepSeek-V3's size a low-rank row is 0.5 MB, and a table of
-    every expert would spend that on the kept ones too."""
+    takes a layer's expert ids, which `row_of` maps to rows; without it an expert's id is its row (a table of
+    every expert, as calibration makes). A pattern's table holds only its pruned experts' rows (`of_pruned`):
+    at DeepSeek-V3's size a low-rank row is 0.5 MB, and a table of every expert would spend that on the kept
+    ones too."""
 
     novices: torch.Tensor
     low_rank: LowRankMaps | None = None
     #: [E] bool, a layer's table of one pattern (`of_pruned`): the experts its novices stand in for
     substituted: torch.Tensor | None = None
-    #: [indices] int64: each index's row (a kept expert's points at any row: its weight is zero there)
+    #: [E] int64: each expert's row (a kept expert's points at any row: `term` weighs it zero)
     row_of: torch.Tensor | None = None
 
     @classmethod
@@ -51,9 +51,8 @@ class NoviceTable:
         pruned = pruned_experts(kept, num_experts)
         if novices.shape[0] != len(pruned):
             raise ValueError(f"{novices.shape[0]} novices for {len(pruned)} pruned experts")
-        if not pruned:  # nothing to stand in for: one zero row, so that every index has a row to point at
-            novices = novices.new_zeros((1, *novices.shape[1:]))
-            low_rank = None
+        if not pruned:
+            raise ValueError("a layer that keeps every expert has no novices")
         row_of = torch.zeros(num_experts, dtype=torch.long, device=novices.device)
         row_of[pruned] = torch.arange(len(pruned), device=novices.device)
         return cls(novices, low_rank, substituted_mask(kept, num_experts, novices.device), row_of)
@@ -61,23 +60,10 @@ class NoviceTable:
     def pruned_part(self, kept: Sequence[int]) -> NoviceTable:
         """The rows of the experts outside `kept`, in ascending id (what a pattern stores)."""
         pruned = pruned_experts(kept, self.width)
+        if self.substituted is not None and not bool(self.substituted[pruned].all()):
+            raise ValueError("the table has no novice for some of the experts outside kept")
         rows = pruned if self.row_of is None else self.row_of[pruned].tolist()
         return NoviceTable(self.novices[rows], None if self.low_rank is None else self.low_rank.rows(rows))
-
-    @classmethod
-    def stacked(cls, tables: Sequence[NoviceTable]) -> NoviceTable:
-        """Several tables as one, rows and indices of the second after the first's (a batch's routes). Low-rank
-        maps of different ranks are padded with zeros to the largest."""
-        novices = torch.cat([table.novices for table in tables])
-        offsets = [0]
-        for table in tables[:-1]:
-            offsets.append(offsets[-1] + table.rows)
-        row_of = torch.cat([table.rows_of_indices() + offset for table, offset in zip(tables, offsets, strict=True)])
-        if all(table.low_rank is None for table in tables):
-            return cls(novices, row_of=row_of)
-        rank = max(table.low_rank.rank for table in tables if table.low_rank is not None)
-        parts = [_padded(table, rank) for table in tables]
-        return cls(novices, LowRankMaps(*(torch.cat(part) for part in zip(*parts, strict=True))), row_of=row_of)
 
     def to(self, device: torch.device | str, dtype: torch.dtype) -> NoviceTable:
         return NoviceTable(
@@ -93,7 +79,7 @@ class NoviceTable:
 
     @property
     def width(self) -> int:
-        """How many indices `term` takes: a layer's experts (times the routes when stacked)."""
+        """The layer's experts: the ids `term` takes."""
         return self.rows if self.row_of is None else int(self.row_of.shape[0])
 
     @property
@@ -102,17 +88,11 @@ class NoviceTable:
         parts = [self.novices, self.substituted, self.row_of, *(_parts(self.low_rank) if self.low_rank else ())]
         return sum(part.numel() * part.element_size() for part in parts if part is not None)
 
-    def rows_of_indices(self) -> torch.Tensor:
-        """[width] int64: each index's row."""
-        if self.row_of is not None:
-            return self.row_of
-        return torch.arange(self.rows, device=self.novices.device)
-
     def term(
         self, hidden: torch.Tensor, weights: torch.Tensor, index: torch.Tensor, substituted: torch.Tensor
     ) -> torch.Tensor:
         """[T, H]: over each token's chosen experts a novice answers (`substituted` [T, k]), gate weight (`weights`
-        [T, k]) x the novice of index `index` [T, k] of this table, for the tokens `hidden` [T, H]. The constant
+        [T, k]) x the novice of expert `index` [T, k], for the tokens `hidden` [T, H]. The constant
         part is one matrix product (weights scattered into [T, N]); the low-rank part runs per row chosen."""
         if self.row_of is not None:
             index = self.row_of[index]
@@ -129,7 +109,8 @@ class NoviceTable:
         return out
 
     def values(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[T, width, H]: every index's novice for every token (what the layer-local refinement compares)."""
+        """[T, E, H]: every expert's novice for every token (what the layer-local refinement compares; with
+        `row_of`, a kept expert's entry is some pruned expert's novice, never weighed)."""
         out = self.novices.unsqueeze(0).expand(hidden.shape[0], -1, -1)
         if self.low_rank is not None:
             maps = self.low_rank
@@ -143,25 +124,6 @@ def _parts(maps: LowRankMaps) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     return maps.means, maps.inputs, maps.outputs
 
 
-def _padded(table: NoviceTable, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A table's low-rank parts at `rank` (zeros where it has none or a lower rank)."""
-    rows, hidden = table.novices.shape
-    like = {"dtype": table.novices.dtype, "device": table.novices.device}
-    if table.low_rank is None:
-        return (
-            torch.zeros(rows, hidden, **like),
-            torch.zeros(rows, hidden, rank, **like),
-            torch.zeros(rows, hidden, rank, **like),
-        )
-    maps = table.low_rank
-    pad = rank - maps.rank
-
-    def widen(t: torch.Tensor) -> torch.Tensor:
-        return torch.cat([t, torch.zeros(*t.shape[:-1], pad, dtype=t.dtype, device=t.device)], -1) if pad else t
-
-    return maps.means, widen(maps.inputs), widen(maps.outputs)
-
-
 def pruned_experts(kept: Sequence[int], num_experts: int) -> list[int]:
     """The experts of a layer of `num_experts` that `kept` leaves out, in ascending id."""
     keep = set(kept)
@@ -171,6 +133,27 @@ def pruned_experts(kept: Sequence[int], num_experts: int) -> list[int]:
 def pruned_rows(table: torch.Tensor, kept: Sequence[int]) -> torch.Tensor:
     """The rows of a per-expert tensor ([E, ...]) for the pruned experts, in ascending id."""
     return table[pruned_experts(kept, table.shape[0])]
+
+
+def batch_term(
+    tables: Sequence[NoviceTable],
+    route_of_token: torch.Tensor,
+    hidden: torch.Tensor,
+    weights: torch.Tensor,
+    index: torch.Tensor,
+    substituted: torch.Tensor,
+) -> torch.Tensor:
+    """`NoviceTable.term` for a batch whose tokens follow different tables: token t reads table
+    `route_of_token[t]` (`len(tables)`: none, its term is zero). One term per table over its own tokens, added
+    in place: no table is copied to stack them (at DeepSeek-V3's size a low-rank pattern's tables are GBs)."""
+    if len(tables) == 1 and bool((route_of_token == 0).all()):
+        return tables[0].term(hidden, weights, index, substituted)
+    out = torch.zeros(hidden.shape, dtype=tables[0].novices.dtype, device=hidden.device)
+    for route, table in enumerate(tables):
+        tokens = (route_of_token == route).nonzero().flatten()
+        if tokens.numel():
+            out.index_add_(0, tokens, table.term(hidden[tokens], weights[tokens], index[tokens], substituted[tokens]))
+    return out
 
 
 def substituted_mask(kept: Sequence[int], num_experts: int, device: torch.device | None = None) -> torch.Tensor:
@@ -188,11 +171,12 @@ def novice_tables(
     device: torch.device,
     dtype: torch.dtype,
 ) -> dict[int, NoviceTable]:
-    """Per layer with novices, its table on `device` in `dtype` (what a variant or a row of the pool reads),
-    from a selection's pruned rows."""
+    """Per layer with novices that prunes (`kept`: those layers' kept experts), its table on `device` in `dtype`
+    (what a variant or a row of the pool reads), from a selection's pruned rows."""
     return {
         layer: NoviceTable.of_pruned(rows, kept[layer], num_experts[layer], low_rank.get(layer)).to(device, dtype)
         for layer, rows in novices.items()
+        if layer in kept  # a layer that keeps every expert (its novices, if named, are empty) routes as it is
     }
 
 

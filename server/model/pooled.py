@@ -30,7 +30,7 @@ from server.model.coverage_meter import CoverageMeter, CoverageSample
 from server.model.layout import SparseLayer
 from server.model.masking import RouterMasks, router_of
 from server.model.module_tree import meta_model, set_tensor
-from server.model.novices import NoviceTable
+from server.model.novices import NoviceTable, batch_term
 from server.model.quantized_slots import (
     AUTO,
     QUANTIZED_TENSORS,
@@ -244,10 +244,9 @@ class PooledModel:
                 return logits, weights, _slots(table, experts)
             # rows whose pattern has novices here: a pruned choice adds gate weight x novice (after the experts
             # run, `_adding_novices`) and runs slot 0 at weight 0 in place of an expert that may not be resident
-            row_of_token, substitutes, stacked = novices
-            substituted = substitutes[row_of_token].gather(1, experts)
-            flat = (row_of_token[:, None] * substitutes.shape[1] + experts).clamp_max(stacked.width - 1)
-            self._local.novice_terms[layer] = (stacked, weights, flat, substituted)
+            route_of_token, substitutes, tables = novices
+            substituted = substitutes[route_of_token].gather(1, experts)
+            self._local.novice_terms[layer] = (tables, route_of_token, weights, experts, substituted)
             return logits, weights.masked_fill(substituted, 0.0), _slots(table, experts, substituted)
 
         return forward
@@ -260,8 +259,10 @@ class PooledModel:
             pending = terms.pop(layer, None) if terms is not None else None
             if pending is None:
                 return None
-            table, weights, flat, substituted = pending
-            term = table.term(args[0].reshape(-1, args[0].shape[-1]), weights, flat, substituted)
+            tables, route_of_token, weights, experts, substituted = pending
+            term = batch_term(
+                tables, route_of_token, args[0].reshape(-1, args[0].shape[-1]), weights, experts, substituted
+            )
             return output + term.to(output.dtype).reshape(output.shape)
 
         return hook

@@ -17,6 +17,7 @@ tokens of each row. The masks are tensors (`BatchMasks`), so a captured CUDA gra
 from __future__ import annotations
 
 import threading
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -30,8 +31,6 @@ from server.model.novices import NoviceTable
 
 CACHED_ROUTES = 512
 """Routes whose mask tensors are kept (one [sparse layers, experts] boolean each)."""
-STACKED_TABLES = 64
-"""Stacks of several routes' novice tables kept per (layer, routes), for the decode steps that reuse them."""
 
 
 class RouteMaskTable:
@@ -45,8 +44,9 @@ class RouteMaskTable:
         self.width = max(layer.num_experts for layer in layers.values())
         self.counts = {index: layer.num_experts for index, layer in layers.items()}
         self.device = device
-        self._cache: OrderedDict[int, tuple[Any, torch.Tensor]] = OrderedDict()
-        self._stacked: OrderedDict[tuple[int, tuple[int, ...]], tuple[list[Any], NoviceTable]] = OrderedDict()
+        # by the route's id, with a weak reference to it: the cache never keeps a replaced pattern's route (and its
+        # novice tables) alive, and a dead route's reused id is never taken for it
+        self._cache: OrderedDict[int, tuple[weakref.ref, torch.Tensor]] = OrderedDict()
         self._lock = threading.Lock()  # every decoding thread shares the table
 
     def pruned(self, route: Any) -> torch.Tensor:
@@ -56,7 +56,7 @@ class RouteMaskTable:
 
     def _pruned(self, route: Any) -> torch.Tensor:
         found = self._cache.get(id(route))
-        if found is not None and found[0] is route:
+        if found is not None and found[0]() is route:
             self._cache.move_to_end(id(route))
             return found[1]
         mask = torch.zeros((len(self.position), self.width), dtype=torch.bool)
@@ -67,28 +67,10 @@ class RouteMaskTable:
                 mask[position, : self.counts[index]] = True
                 mask[position, list(kept)] = False
         mask = mask.to(self.device)
-        self._cache[id(route)] = (route, mask)  # the route is held, so its id is not reused while cached
+        self._cache[id(route)] = (weakref.ref(route), mask)
         while len(self._cache) > CACHED_ROUTES:
             self._cache.popitem(last=False)
         return mask
-
-    def stacked(self, layer: int, routes: Sequence[Any], tables: Sequence[NoviceTable]) -> NoviceTable:
-        """The novice tables of `routes` at `layer` as one (one route's: its own, nothing copied), kept for the
-        steps that follow: a decode step over the same rows reads the same stack."""
-        if len(tables) == 1:
-            return tables[0]
-        key = (layer, tuple(id(route) for route in routes))
-        with self._lock:
-            found = self._stacked.get(key)
-            if found is not None and all(a is b for a, b in zip(found[0], routes, strict=True)):
-                self._stacked.move_to_end(key)
-                return found[1]
-        table = NoviceTable.stacked(tables)
-        with self._lock:
-            self._stacked[key] = (list(routes), table)  # the routes are held, so their ids are not reused
-            while len(self._stacked) > STACKED_TABLES:
-                self._stacked.popitem(last=False)
-        return table
 
 
 class BatchMasks:
@@ -107,7 +89,7 @@ class BatchMasks:
         self.pruning = bool(self.pruned_layers)
         #: the sparse layers where some row's pruned choices get novices
         self.novice_layers: set[int] = {layer for route in distinct.values() for layer in route.novices}
-        self._novices: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, NoviceTable]] = {}
+        self._novices: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, list[NoviceTable]]] = {}
         self.single = next(iter(distinct.values())) if self.pruning and len(distinct) == 1 else None
         self._per_row: torch.Tensor | None = None
         self._tokens: dict[int, torch.Tensor] = {}
@@ -142,28 +124,27 @@ class BatchMasks:
             self._tokens[count] = found
         return found[self.table.position[layer], :, : self.table.counts[layer]]
 
-    def novices(self, layer: int, count: int) -> tuple[torch.Tensor, torch.Tensor, NoviceTable] | None:
+    def novices(self, layer: int, count: int) -> tuple[torch.Tensor, torch.Tensor, list[NoviceTable]] | None:
         """For sparse layer `layer` and `count` tokens (rows x sequence length, row-major), None when no row has
         novices there, else: each token's novice route [count] (the routes with novices here numbered 0..R-1, R
         for the rows without), which experts each of them substitutes [R + 1, E] (the last row none), and
-        their novice tables stacked (R * E rows)."""
+        their novice tables (R)."""
         if layer not in self.novice_layers:
             return None
         key = (layer, count)
         if key not in self._novices:
             numbered: dict[int, int] = {}
-            tables, novice_routes = [], []
+            tables = []
             for route in self.routes:
                 if layer in route.novices and id(route) not in numbered:
                     numbered[id(route)] = len(tables)
                     tables.append(route.novices[layer])
-                    novice_routes.append(route)
             device = tables[0].novices.device
             none = torch.zeros(self.table.counts[layer], dtype=torch.bool, device=device)  # the rows without
             substitutes = torch.stack([*(table.substituted for table in tables), none])
             rows = torch.tensor([numbered.get(id(route), len(tables)) for route in self.routes], device=device)
-            row_of_token = rows.repeat_interleave(count // len(self.routes))
-            self._novices[key] = (row_of_token, substitutes, self.table.stacked(layer, novice_routes, tables))
+            route_of_token = rows.repeat_interleave(count // len(self.routes))
+            self._novices[key] = (route_of_token, substitutes, tables)
         return self._novices[key]
 
 

@@ -46,7 +46,8 @@ class VariantSizes:
                 # as stored (selection biases), or in the target dtype (router weights and biases)
                 share = info.nbytes if tensor.keep_dtype else info.nbytes // info.element_size * self.item
                 per_expert += share // max(1, info.shape[tensor.dim])
-            if index in selection.novices:  # the whole router, and a table of the pruned experts' novices (and maps)
+            if index in selection.novices and len(plan.kept) < layer.num_experts:  # the whole router, and a table
+                # of the pruned experts' novices (and maps)
                 total += (layer.num_experts - len(plan.kept)) * (per_expert - layer.expert_elements * self.item)
                 total += self._novice_bytes(selection, index, layer.num_experts, len(plan.kept))
             total += len(plan.kept) * per_expert
@@ -58,8 +59,7 @@ class VariantSizes:
         position among the kept, and its row in the table."""
         maps = selection.low_rank.get(index)
         vectors = 1 if maps is None else 2 + 2 * int(maps.inputs.shape[-1])
-        rows = max(1, num_experts - kept)
-        return rows * vectors * self.hidden * self.item + num_experts * (8 + 8)
+        return (num_experts - kept) * vectors * self.hidden * self.item + num_experts * (8 + 8)
 
     def _dense_bytes(self, selection: Selection) -> int:
         total = 0
