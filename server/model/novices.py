@@ -12,7 +12,7 @@ Three places run it, each through one `NoviceTable` (its `term`):
 - `NoviceExperts`: a built variant's experts module (its kept experts, and a table of novices);
 - `NoviceMasks`: hooks that make a model holding every expert answer as a selection with novices would (the
   refinements score candidates this way);
-- the expert pool (`pooled`), per row of a mixed batch (the rows' tables stacked).
+- the expert pool (`pooled`), per row of a mixed batch (`batch_term`: each route's own table over its rows).
 """
 
 from __future__ import annotations
