@@ -9,7 +9,9 @@ full router's gate weight.
 
 from __future__ import annotations
 
+import gc
 import json
+import weakref
 
 import pytest
 import torch
@@ -316,6 +318,25 @@ def test_a_patterns_table_holds_only_its_pruned_experts_rows_and_a_batch_reads_e
     assert torch.equal(tables["b"].pruned_part(kept["b"]).novices, rows["b"])  # what a pattern stores, back
     with pytest.raises(ValueError, match="no novice"):
         tables["b"].pruned_part([1])  # expert 2 has no novice in b's table
+
+
+def test_a_pool_that_served_a_novice_route_does_not_keep_its_tables_once_the_route_is_gone(tiny) -> None:
+    """The pool's mask caches hold routes weakly: when a pattern is removed and its requests end, its novice
+    tables (GBs at DeepSeek-V3's size) are freed, not kept until the caches turn over."""
+    builder = tiny["qwen3_moe"]
+    selection = _selection(builder, _novices(builder, "low-rank"))
+    pool = ExpertPool(PooledModel(builder, slots=4))
+    route = RowRoute("novice", builder.kept_experts(selection), novices=builder.novice_tables(selection))
+    lease = pool.acquire(VariantKey("novice"), route)
+    plain = pool.acquire(VariantKey("plain"), RowRoute("plain", {layer: (0, 1) for layer in builder.sparse_layers}))
+    with torch.no_grad(), pool.pooled.rows([lease.route, plain.route]):  # a mixed batch: the masks are cached
+        pool.pooled.model(torch.randint(3, 64, (2, 5)))
+    pool.release(lease)
+    pool.forget("novice")
+    tables = [weakref.ref(table) for table in route.novices.values()]  # (their tensors are the selection's)
+    del route, lease
+    gc.collect()
+    assert tables and all(table() is None for table in tables)
 
 
 def test_a_pattern_stores_its_novices_in_its_tensor_file(tiny, tmp_path) -> None:
