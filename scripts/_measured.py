@@ -60,6 +60,6 @@ def describe(stamp: dict[str, str]) -> str:
     if "from" in stamp:
         text += " (the commit that recorded it)"
     if "only" in stamp:  # a run of part of a benchmark: the rest of the file is the earlier run's
-        rows = f" ({', '.join(stamp['recipes'])})" if stamp.get("recipes") else ""
+        rows = f" (rows {'; '.join(stamp['recipes'])})" if stamp.get("recipes") else ""
         text += f" for {stamp['only']}{rows}" + (f", the rest {describe(stamp['rest'])}" if stamp.get("rest") else "")
     return text
