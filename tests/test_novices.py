@@ -304,7 +304,8 @@ def test_a_patterns_table_holds_only_its_pruned_experts_rows_and_a_batch_reads_e
     masks = [tables["a"].substituted, tables["b"].substituted, none]
     substituted = torch.stack([masks[r][chosen[t]] for t, r in enumerate(route_of_token.tolist())])
     hidden_states = torch.randn(5, hidden, generator=generator)
-    got = batch_term([tables["a"], tables["b"]], route_of_token, hidden_states, weights, chosen, substituted)
+    tokens = [(route_of_token == route).nonzero().flatten() for route in (0, 1)]
+    got = batch_term([tables["a"], tables["b"]], tokens, hidden_states, weights, chosen, substituted)
     expected = torch.zeros(5, hidden)
     for token, route in enumerate(route_of_token.tolist()):
         if route == 2:

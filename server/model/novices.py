@@ -137,22 +137,22 @@ def pruned_rows(table: torch.Tensor, kept: Sequence[int]) -> torch.Tensor:
 
 def batch_term(
     tables: Sequence[NoviceTable],
-    route_of_token: torch.Tensor,
+    tokens_of_table: Sequence[torch.Tensor] | None,
     hidden: torch.Tensor,
     weights: torch.Tensor,
     index: torch.Tensor,
     substituted: torch.Tensor,
 ) -> torch.Tensor:
-    """`NoviceTable.term` for a batch whose tokens follow different tables: token t reads table
-    `route_of_token[t]` (`len(tables)`: none, its term is zero). One term per table over its own tokens, added
-    in place: no table is copied to stack them (at DeepSeek-V3's size a low-rank pattern's tables are GBs)."""
-    if len(tables) == 1 and bool((route_of_token == 0).all()):
+    """`NoviceTable.term` for a batch whose tokens follow different tables: `tokens_of_table[i]` the tokens that
+    read table i (the others' term is zero; None: every token reads the only table). The token lists come from
+    the host (`BatchMasks.novices`), so the decode step does not wait on the device to split its tokens. One
+    term per table over its own tokens, added in place: no table is copied to stack them (at DeepSeek-V3's size
+    a low-rank pattern's tables are GBs)."""
+    if tokens_of_table is None:
         return tables[0].term(hidden, weights, index, substituted)
     out = torch.zeros(hidden.shape, dtype=tables[0].novices.dtype, device=hidden.device)
-    for route, table in enumerate(tables):
-        tokens = (route_of_token == route).nonzero().flatten()
-        if tokens.numel():
-            out.index_add_(0, tokens, table.term(hidden[tokens], weights[tokens], index[tokens], substituted[tokens]))
+    for table, tokens in zip(tables, tokens_of_table, strict=True):
+        out.index_add_(0, tokens, table.term(hidden[tokens], weights[tokens], index[tokens], substituted[tokens]))
     return out
 
 

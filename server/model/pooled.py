@@ -244,9 +244,8 @@ class PooledModel:
                 return logits, weights, _slots(table, experts)
             # rows whose pattern has novices here: a pruned choice adds gate weight x novice (after the experts
             # run, `_adding_novices`) and runs slot 0 at weight 0 in place of an expert that may not be resident
-            route_of_token, substitutes, tables = novices
-            substituted = substitutes[route_of_token].gather(1, experts)
-            self._local.novice_terms[layer] = (tables, route_of_token, weights, experts, substituted)
+            substituted = novices.substitutes[novices.route_of_token].gather(1, experts)
+            self._local.novice_terms[layer] = (novices, weights, experts, substituted)
             return logits, weights.masked_fill(substituted, 0.0), _slots(table, experts, substituted)
 
         return forward
@@ -259,10 +258,9 @@ class PooledModel:
             pending = terms.pop(layer, None) if terms is not None else None
             if pending is None:
                 return None
-            tables, route_of_token, weights, experts, substituted = pending
-            term = batch_term(
-                tables, route_of_token, args[0].reshape(-1, args[0].shape[-1]), weights, experts, substituted
-            )
+            novices, weights, experts, substituted = pending
+            hidden = args[0].reshape(-1, args[0].shape[-1])
+            term = batch_term(novices.tables, novices.tokens, hidden, weights, experts, substituted)
             return output + term.to(output.dtype).reshape(output.shape)
 
         return hook

@@ -20,6 +20,7 @@ import threading
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -89,7 +90,7 @@ class BatchMasks:
         self.pruning = bool(self.pruned_layers)
         #: the sparse layers where some row's pruned choices get novices
         self.novice_layers: set[int] = {layer for route in distinct.values() for layer in route.novices}
-        self._novices: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, list[NoviceTable]]] = {}
+        self._novices: dict[tuple[int, int], NoviceRows] = {}
         self.single = next(iter(distinct.values())) if self.pruning and len(distinct) == 1 else None
         self._per_row: torch.Tensor | None = None
         self._tokens: dict[int, torch.Tensor] = {}
@@ -124,11 +125,9 @@ class BatchMasks:
             self._tokens[count] = found
         return found[self.table.position[layer], :, : self.table.counts[layer]]
 
-    def novices(self, layer: int, count: int) -> tuple[torch.Tensor, torch.Tensor, list[NoviceTable]] | None:
+    def novices(self, layer: int, count: int) -> NoviceRows | None:
         """For sparse layer `layer` and `count` tokens (rows x sequence length, row-major), None when no row has
-        novices there, else: each token's novice route [count] (the routes with novices here numbered 0..R-1, R
-        for the rows without), which experts each of them substitutes [R + 1, E] (the last row none), and
-        their novice tables (R)."""
+        novices there, else the rows' `NoviceRows`."""
         if layer not in self.novice_layers:
             return None
         key = (layer, count)
@@ -142,10 +141,27 @@ class BatchMasks:
             device = tables[0].novices.device
             none = torch.zeros(self.table.counts[layer], dtype=torch.bool, device=device)  # the rows without
             substitutes = torch.stack([*(table.substituted for table in tables), none])
-            rows = torch.tensor([numbered.get(id(route), len(tables)) for route in self.routes], device=device)
-            route_of_token = rows.repeat_interleave(count // len(self.routes))
-            self._novices[key] = (route_of_token, substitutes, tables)
+            rows = [numbered.get(id(route), len(tables)) for route in self.routes]
+            per_row = count // len(self.routes)
+            route_of_token = torch.tensor(rows, device=device).repeat_interleave(per_row)
+            tokens = None
+            if any(row != 0 for row in rows):
+                grid = torch.arange(count).view(len(rows), per_row)
+                tokens = [grid[[i for i, row in enumerate(rows) if row == n]].flatten().to(device)
+                          for n in range(len(tables))]  # fmt: skip
+            self._novices[key] = NoviceRows(route_of_token, substitutes, tables, tokens)
         return self._novices[key]
+
+
+@dataclass(frozen=True)
+class NoviceRows:
+    """The novices of one sparse layer's tokens in a batch: the routes with novices there numbered 0..R-1."""
+
+    route_of_token: torch.Tensor  # [tokens]: each token's route (R for the rows without novices)
+    substitutes: torch.Tensor  # [R + 1, E] bool: which experts each route's novices stand in for (the last: none)
+    tables: list[NoviceTable]  # the R routes' tables
+    #: per route, its tokens (from the host: no device sync to split them); None when every token reads route 0
+    tokens: list[torch.Tensor] | None
 
 
 class MaskedRouting(TorchFunctionMode):
