@@ -19,7 +19,7 @@ from pathlib import Path
 
 from tables_core import core_cpu, gpu_check
 from tables_coverage import coverage, coverage_summary
-from tables_keep_auto import keep_auto
+from tables_keep_auto import keep_auto, keep_auto_seconds
 from tables_models import demo_models, supported_models, unsupported_models
 from tables_pruning import (
     MOVED,
@@ -166,6 +166,7 @@ SECTIONS: dict[str, Section] = {
     "keep-auto-choice": Section(lambda: keep_auto(load("keep_auto_choice.json")), ("keep_auto_choice.json",)),
     "keep-auto-512": Section(lambda: keep_auto(load("keep_auto_512.json")), ("keep_auto_512.json",)),
     "keep-auto-low-rank": Section(lambda: keep_auto(load("keep_auto_low_rank.json")), ("keep_auto_low_rank.json",)),
+    "keep-auto-seconds": Section(keep_auto_seconds, ("keep_auto_seconds.json",)),
     "headline": Section(
         headline,
         ("pruning.json", "pruning_low_rank.json", "routing.json", "variants.json", "server.json"),

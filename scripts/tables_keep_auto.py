@@ -73,3 +73,26 @@ def keep_auto(report: Report | None = None) -> str:
             tasks = ", ".join(verdict[listed]) if listed else f"slowest {verdict['slowest_seconds']:.0f} s"
             lines.append(f"| {model} | {label} | {'met' if verdict['met'][key] else 'missed'} | {tasks} |")
     return "\n".join(lines) + "\n"
+
+
+def keep_auto_seconds(report: Report | None = None) -> str:
+    """`scripts/bench_keep_auto_time.py`: each pattern's wall time through `taskmoe calibrate` alone."""
+    report = report if report is not None else load("keep_auto_seconds.json")
+    settings, limit = report["settings"], report["limit_seconds"]
+    lines = [
+        f"`taskmoe calibrate --keep auto --target {settings['target']} --refine {settings['refine']}`"
+        + (f" `--substitute {settings['substitute']}`" if settings["substitute"] != "none" else "")
+        + f" on {settings['prompts']} calibration exchanges per task, one pattern at a time on a quiet machine "
+        "(wall seconds, loading included, torch's default threads).",
+        "",
+        "| model | task | experts kept | seconds |",
+        "|---|---|---|---|",
+    ]
+    for model, entry in report["models"].items():
+        for task, row in entry["tasks"].items():
+            over = " (over)" if row["seconds"] > limit else ""
+            lines.append(f"| {model} | {task} | {row['experts']} of {row['of']} | {row['seconds']:.0f}{over} |")
+    lines += ["", f"| model | at most {limit / 60:.0f} minutes a pattern | slowest |", "|---|---|---|"]
+    for model, entry in report["models"].items():
+        lines.append(f"| {model} | {'met' if entry['met'] else 'missed'} | {entry['slowest_seconds']:.0f} s |")
+    return "\n".join(lines) + "\n"
